@@ -1,0 +1,27 @@
+"""Name -> estimator class registry. Entries are imported lazily so that ``import screpair``
+stays light (the torch methods import torch only when used)."""
+
+from __future__ import annotations
+
+import importlib
+
+from ._base import BaseImputer
+
+_METHODS: dict[str, str] = {
+    "knn": "screpair.methods.knn:KNNImputer",
+    "alra": "screpair.methods.alra:ALRAImputer",
+}
+
+
+def available_methods() -> list[str]:
+    """Names accepted by :func:`screpair.impute` and ``screpair impute --method``."""
+    return sorted(_METHODS)
+
+
+def get_method(name: str) -> type[BaseImputer]:
+    """The estimator class registered under ``name``."""
+    if name not in _METHODS:
+        msg = f"unknown method {name!r}; available methods: {', '.join(available_methods())}."
+        raise ValueError(msg)
+    module, cls = _METHODS[name].split(":")
+    return getattr(importlib.import_module(module), cls)

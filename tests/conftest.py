@@ -1,0 +1,48 @@
+"""Shared fixtures: small in-memory simulations with ground truth (no files, no network)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run slow tests")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
+
+
+@pytest.fixture(params=["dense", "csr"])
+def array_type(request):
+    """Parametrise a test over dense and CSR inputs (scanpy's ARRAY_TYPES idea)."""
+    return np.asarray if request.param == "dense" else sp.csr_matrix
+
+
+@pytest.fixture
+def counts_adata():
+    """A small Poisson-gamma count matrix with two cell groups (100 cells x 40 genes)."""
+    rng = np.random.default_rng(0)
+    n_obs, n_vars = 100, 40
+    group = np.repeat([0, 1], n_obs // 2)
+    base = rng.gamma(2.0, 2.0, size=n_vars)
+    fold = np.where(rng.random(n_vars) < 0.3, 4.0, 1.0)
+    mean = np.where(group[:, None] == 1, base * fold, base) * rng.lognormal(0, 0.3, (n_obs, 1))
+    x = rng.poisson(rng.gamma(5.0, mean / 5.0)).astype(np.float32)
+    ad = AnnData(
+        X=sp.csr_matrix(x),
+        obs={"group": [f"g{g}" for g in group]},
+        var={"gene_ids": [f"ENSG{i:05d}" for i in range(n_vars)]},
+    )
+    ad.obs_names = [f"cell{i}" for i in range(n_obs)]
+    ad.var_names = [f"GENE{i}" for i in range(n_vars)]
+    ad.layers["counts"] = ad.X.copy()
+    return ad
