@@ -10,6 +10,7 @@ from ._base import BaseImputer
 _METHODS: dict[str, str] = {
     "knn": "screpair.methods.knn:KNNImputer",
     "alra": "screpair.methods.alra:ALRAImputer",
+    "cnn": "screpair.methods.cnn:CNNImputer",
 }
 
 

@@ -1,0 +1,221 @@
+"""Peer methods and trivial baselines for the benchmark, as :class:`BaseImputer` estimators.
+
+- ``raw``: no imputation (the observed counts), the reference every method must beat;
+- ``gene_mean``: each gene's mean of its non-zero ``log1p(CPM)`` values, mapped back to counts
+  (issue 5's trivial baseline);
+- ``magic``: MAGIC (van Dijk et al. 2018) via ``magic-impute``, defaults, on ``log1p(CPM)``;
+- ``scvi``: scVI (Lopez et al. 2018) via ``scvi-tools``, defaults, CPU.
+
+The peers import their package lazily; a missing package raises ``ImportError`` with a note on
+how to install it (the benchmark records the run as skipped).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Self
+
+import numpy as np
+import scipy.sparse as sp
+
+from .._utils import RNGLike, as_rng, get_counts, library_size, to_dense, torch_seed, var_names
+from ..methods._base import BaseImputer, Posterior
+
+#: name -> estimator class, for the benchmark runner (checked before the method registry).
+PEERS: dict[str, type[BaseImputer]] = {}
+
+
+def _register(cls: type[BaseImputer]) -> type[BaseImputer]:
+    PEERS[cls.name] = cls
+    return cls
+
+
+def _cpm_log(x: np.ndarray, lib: np.ndarray) -> np.ndarray:
+    return np.log1p(x / np.where(lib == 0, 1.0, lib)[:, None] * 1e6)
+
+
+def _from_cpm_log(v: np.ndarray, lib: np.ndarray) -> np.ndarray:
+    return np.clip(np.expm1(v), 0.0, None) * lib[:, None] / 1e6
+
+
+@_register
+class RawImputer(BaseImputer):
+    """No imputation: returns the observed counts (baseline)."""
+
+    name = "raw"
+    transductive = True
+
+    def __init__(self, *, rng: RNGLike = None):
+        self.rng = rng
+
+    def fit(self, data, *, layer: str | None = None) -> Self:
+        x = get_counts(data, layer)
+        self.var_names_ = var_names(data)
+        self.n_obs_ = x.shape[0]
+        return self
+
+    def posterior(self, data, *, layer: str | None = None) -> Posterior:
+        self._check_fitted()
+        x = get_counts(data, layer)
+        return Posterior(mean=to_dense(x))
+
+
+@_register
+class GeneMeanImputer(BaseImputer):
+    """Every entry set to its gene's mean non-zero ``log1p(CPM)`` value, on the count scale.
+
+    ``mean_g = mean over cells with x_cg > 0 of log1p(x_cg / L_c * 1e6)``; the prediction is
+    ``expm1(mean_g) * L_c / 1e6`` (so that scoring on ``log1p(CPM)`` gives back ``mean_g``).
+    """
+
+    name = "gene_mean"
+    transductive = True
+
+    def __init__(self, *, rng: RNGLike = None):
+        self.rng = rng
+
+    def fit(self, data, *, layer: str | None = None) -> Self:
+        x = to_dense(get_counts(data, layer))
+        lib = library_size(x)
+        lg = _cpm_log(x, lib)
+        nz = x > 0
+        with np.errstate(invalid="ignore"):
+            mean = np.where(nz, lg, 0.0).sum(0) / nz.sum(0)
+        self.gene_log_mean_ = np.nan_to_num(mean, nan=0.0)
+        self.var_names_ = var_names(data)
+        self.n_obs_ = x.shape[0]
+        return self
+
+    def posterior(self, data, *, layer: str | None = None) -> Posterior:
+        self._check_fitted()
+        x = get_counts(data, layer)
+        lib = library_size(x)
+        v = np.broadcast_to(self.gene_log_mean_, x.shape)
+        return Posterior(mean=_from_cpm_log(v, lib))
+
+
+@_register
+class MagicImputer(BaseImputer):
+    """MAGIC 3 (``magic.MAGIC`` defaults: knn=5, t=3, decay=1, n_pca=100) on ``log1p(CPM)``.
+
+    The smoothed log values are mapped back to counts with ``expm1(v) * L / 1e6`` at each cell's
+    observed library size ``L``.
+
+    Parameters
+    ----------
+    knn, t, n_pca
+        MAGIC parameters (``None`` keeps MAGIC's default).
+    rng
+        Seed for MAGIC's ``random_state``.
+    """
+
+    name = "magic"
+    transductive = True
+
+    def __init__(self, *, knn: int | None = None, t: int | str | None = None,
+                 n_pca: int | None = None, rng: RNGLike = None):
+        self.knn, self.t, self.n_pca, self.rng = knn, t, n_pca, rng
+
+    def fit(self, data, *, layer: str | None = None) -> Self:
+        try:
+            import magic
+        except ImportError as e:
+            e.add_note("The `magic` peer needs magic-impute: `pip install 'screpair[bench]'` "
+                       "or `pip install magic-impute`.")
+            raise
+        x = to_dense(get_counts(data, layer))
+        lib = library_size(x)
+        kw = {k: v for k, v in {"knn": self.knn, "t": self.t, "n_pca": self.n_pca}.items()
+              if v is not None}
+        seed = int(as_rng(self.rng).integers(2**31))
+        op = magic.MAGIC(random_state=seed, verbose=0, n_jobs=1, **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # third-party chatter (graphtools, sklearn)
+            smooth = np.asarray(op.fit_transform(_cpm_log(x, lib)), dtype=np.float64)
+        self.imputed_ = _from_cpm_log(smooth, lib)
+        self.var_names_ = var_names(data)
+        self.n_obs_ = x.shape[0]
+        return self
+
+    def posterior(self, data, *, layer: str | None = None) -> Posterior:
+        self._check_fitted()
+        self._check_same_cells(data.shape[0])
+        return Posterior(mean=self.imputed_)
+
+
+@contextlib.contextmanager
+def _quiet_scvi():
+    names = ["scvi", "lightning", "lightning.pytorch", "pytorch_lightning", "lightning.fabric"]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lvl in zip(loggers, levels, strict=True):
+            lg.setLevel(lvl)
+
+
+@_register
+class ScviImputer(BaseImputer):
+    """scVI (``scvi.model.SCVI`` defaults) on CPU; output ``get_normalized_expression() * L``.
+
+    ``get_normalized_expression`` gives each cell's expected expression proportions (rows sum to
+    1); multiplying by the observed library size ``L`` puts them on the count scale.
+
+    Parameters
+    ----------
+    max_epochs
+        Training epochs; ``None`` keeps scvi-tools' default (``min(round(20000 / n_cells * 400),
+        400)``). Small values make quick test runs.
+    n_latent
+        Latent dimension (``None``: scvi's default, 10).
+    rng
+        Seed; torch's global RNG is seeded inside a ``torch.random.fork_rng`` block, so the
+        caller's global state is restored afterwards.
+    """
+
+    name = "scvi"
+    transductive = True
+
+    def __init__(self, *, max_epochs: int | None = None, n_latent: int | None = None,
+                 rng: RNGLike = None):
+        self.max_epochs, self.n_latent, self.rng = max_epochs, n_latent, rng
+
+    def fit(self, data, *, layer: str | None = None) -> Self:
+        try:
+            import scvi
+        except ImportError as e:
+            e.add_note("The `scvi` peer needs scvi-tools: `pip install 'screpair[bench]'` "
+                       "or `pip install scvi-tools`.")
+            raise
+        import torch
+        from anndata import AnnData
+
+        x = get_counts(data, layer)
+        lib = library_size(x)
+        ad = AnnData(X=sp.csr_matrix(x, dtype=np.float32))
+        seed = torch_seed(as_rng(self.rng))
+        kw = {} if self.n_latent is None else {"n_latent": self.n_latent}
+        with _quiet_scvi(), torch.random.fork_rng():
+            torch.manual_seed(seed)
+            scvi.model.SCVI.setup_anndata(ad)
+            model = scvi.model.SCVI(ad, **kw)
+            model.train(max_epochs=self.max_epochs, accelerator="cpu", devices=1,
+                        enable_progress_bar=False)
+            rho = np.asarray(model.get_normalized_expression(ad, library_size=1.0,
+                                                              return_numpy=True), dtype=np.float64)
+        self.imputed_ = rho * lib[:, None]
+        self.var_names_ = var_names(data)
+        self.n_obs_ = x.shape[0]
+        return self
+
+    def posterior(self, data, *, layer: str | None = None) -> Posterior:
+        self._check_fitted()
+        self._check_same_cells(data.shape[0])
+        return Posterior(mean=self.imputed_)

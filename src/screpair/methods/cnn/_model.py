@@ -1,0 +1,546 @@
+"""``CNNImputer``: cnnImpute (Zhang et al., Sci Rep 14:3946, 2024) as a screpair estimator."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from ..._logging import get_logger, log_task
+from ..._utils import (
+    Data,
+    RNGLike,
+    as_rng,
+    check_var_names,
+    get_counts,
+    library_size,
+    torch_seed,
+    var_names,
+)
+from .._base import BaseImputer, Posterior
+from .._torch import (
+    LossOutput,
+    TrainConfig,
+    dense_rows,
+    import_torch,
+    load_model,
+    resolve_device,
+    row_batches,
+    save_model,
+    split_cells,
+    train_loop,
+)
+from ._select import Group, build_groups
+
+logger = get_logger(__name__)
+
+_SCALE = 1e6  # counts per million, as in the paper
+_MIN_INPUTS = 10  # shortest input that survives two conv(k=3) + maxpool(2) blocks with room
+
+
+def _fingerprint(x) -> str:
+    h = hashlib.sha1(str(x.shape).encode())
+    if sp.issparse(x):
+        for a in (x.indptr, x.indices, x.data):
+            h.update(np.ascontiguousarray(a).tobytes())
+    else:
+        h.update(np.ascontiguousarray(x).tobytes())
+    return h.hexdigest()
+
+
+def normalize(x, lib: np.ndarray, *, log: bool = True) -> sp.csr_matrix | np.ndarray:
+    """Counts -> ``log1p(x / L * 1e6)`` (or without the log), keeping sparsity; float32."""
+    scale = np.divide(_SCALE, lib, out=np.zeros_like(lib, dtype=np.float64), where=lib > 0)
+    if sp.issparse(x):
+        out = sp.csr_matrix(sp.diags(scale) @ x, dtype=np.float32)
+        if log:
+            out.data = np.log1p(out.data)
+        return out
+    out = (np.asarray(x, np.float64) * scale[:, None]).astype(np.float32)
+    return np.log1p(out) if log else out
+
+
+def to_counts(pred: np.ndarray, lib: np.ndarray, *, log: bool = True) -> np.ndarray:
+    """Inverse of :func:`normalize` at each cell's observed library size ``lib`` (non-negative)."""
+    pred = np.maximum(np.asarray(pred, np.float64), 0.0)
+    val = np.expm1(pred) if log else pred
+    return val * (np.asarray(lib, np.float64)[:, None] / _SCALE)
+
+
+class CNNImputer(BaseImputer):
+    """cnnImpute: convolutional networks predict the likely dropouts from correlated genes.
+
+    1. Dropout probabilities of the zero entries come from :mod:`screpair.dropout` (density-peak
+       clustering on a t-SNE embedding, then a per-cluster gamma-normal mixture); an entry is
+       *missing* when its probability exceeds ``threshold``.
+    2. Counts are normalized to counts per million and ``log1p``-transformed (``log=False``:
+       cnnImpute_nl, no log).
+    3. Genes with a missing entry are *targets*, split into subsets of at most ``subset_size``;
+       each subset's inputs are, per target, the ``n_top`` most correlated genes outside the
+       subset whose missing fraction is at most ``max_missing_frac`` (see :mod:`._select`).
+    4. One CNN per subset (:class:`._module.GroupedCNN`: all subsets train at once as one batched
+       network), trained on 90% of the cells with a masked MSE (only observed target entries count;
+       padding and missing entries are masked out), Adam, early stopping on the other 10%.
+    5. Predictions replace **only** the missing entries; every other value is returned exactly.
+
+    Parameters
+    ----------
+    threshold
+        Dropout-probability threshold T above which a zero is missing (paper: 0.5).
+    log
+        Work on ``log1p(CPM)`` (cnnImpute) or on CPM (cnnImpute_nl).
+    correlation
+        ``"global"``: one set of subset networks, input genes chosen by correlation over all cells,
+        trained on all cells. ``"cluster"``: as the original code, separate networks per cell
+        cluster, each with input genes chosen by the correlation **within** the cluster and
+        trained/applied on that cluster's cells only. The clusters are those of the dropout model
+        (or ``obs[groupby]``).
+    groupby
+        ``obs`` column with cell cluster labels, used for the dropout model (instead of its own
+        clustering) and for ``correlation="cluster"``.
+    dropout_layer
+        Read the dropout probabilities from ``layers[dropout_layer]`` of an AnnData input instead of
+        fitting the dropout model (e.g. after :func:`screpair.dropout_probability`).
+    subset_size
+        Targets per subset network N (paper: 512).
+    min_subsets
+        Split the targets into at least this many subsets, so that small gene sets still have
+        input genes outside each subset (with a single subset holding every target, no gene
+        would be left to read from).
+    n_top
+        Input genes per target (paper: 5).
+    max_missing_frac
+        Largest missing fraction of an input gene P (paper: 0.5).
+    n_ensemble
+        Number of independent target partitions, trained together and averaged (1 = paper).
+    n_filters, kernel_size, n_hidden, dropout
+        Network architecture (paper: 16, 3, 1024, 0.3).
+    n_epochs, batch_size, lr, patience, val_frac, device, progress
+        Training (paper: 150 epochs max, batch 32, Adam lr 1e-4, patience 5, 10% validation).
+        ``device="auto"`` uses a GPU when one is available.
+    cluster_kwargs, dropout_kwargs
+        Extra keyword arguments for :func:`screpair.dropout.cluster_cells` and
+        :func:`screpair.dropout.fit_dropout`.
+    rng
+        Seed or ``numpy.random.Generator`` (clustering, split, initialisation, batches, dropout).
+
+    Attributes
+    ----------
+    var_names_
+        Genes the model was fitted on.
+    groups_
+        The subset networks (:class:`._select.Group`: targets, inputs, cluster).
+    module_
+        The trained :class:`._module.GroupedCNN`.
+    history_
+        ``DataFrame`` with columns epoch, train_loss, val_loss, seconds.
+    dropout_prob_
+        Dropout probabilities of the fitted cells (CSR).
+    labels_
+        Cell cluster labels of the fitted cells.
+
+    Examples
+    --------
+    >>> import screpair
+    >>> adata = screpair.simulate.splat(n_obs=200, n_vars=100, rng=0)  # doctest: +SKIP
+    >>> screpair.impute(adata, "cnn", n_epochs=5, layer="counts")  # doctest: +SKIP
+    >>> adata.layers["cnn"]  # doctest: +SKIP
+    """
+
+    name: ClassVar[str] = "cnn"
+    transductive: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        *,
+        threshold: float = 0.5,
+        log: bool = True,
+        correlation: str = "global",
+        groupby: str | None = None,
+        dropout_layer: str | None = None,
+        subset_size: int = 512,
+        min_subsets: int = 4,
+        n_top: int = 5,
+        max_missing_frac: float = 0.5,
+        n_ensemble: int = 1,
+        n_filters: int = 16,
+        kernel_size: int = 3,
+        n_hidden: int = 1024,
+        dropout: float = 0.3,
+        n_epochs: int = 150,
+        batch_size: int = 32,
+        lr: float = 1e-4,
+        patience: int = 5,
+        val_frac: float = 0.1,
+        device: str = "auto",
+        progress: bool = True,
+        cluster_kwargs: dict | None = None,
+        dropout_kwargs: dict | None = None,
+        rng: RNGLike = None,
+    ):
+        self.threshold = threshold
+        self.log = log
+        self.correlation = correlation
+        self.groupby = groupby
+        self.dropout_layer = dropout_layer
+        self.subset_size = subset_size
+        self.min_subsets = min_subsets
+        self.n_top = n_top
+        self.max_missing_frac = max_missing_frac
+        self.n_ensemble = n_ensemble
+        self.n_filters = n_filters
+        self.kernel_size = kernel_size
+        self.n_hidden = n_hidden
+        self.dropout = dropout
+        self.n_epochs = n_epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.patience = patience
+        self.val_frac = val_frac
+        self.device = device
+        self.progress = progress
+        self.cluster_kwargs = cluster_kwargs
+        self.dropout_kwargs = dropout_kwargs
+        self.rng = rng
+
+    # ------------------------------------------------------------------ checks and inputs
+    def _check_params(self) -> None:
+        if self.correlation not in ("global", "cluster"):
+            msg = f"correlation must be 'global' or 'cluster', got {self.correlation!r}."
+            raise ValueError(msg)
+        if not 0.0 <= self.threshold < 1.0:
+            msg = f"threshold must be in [0, 1), got {self.threshold!r}."
+            raise ValueError(msg)
+        for name in ("subset_size", "min_subsets", "n_top", "n_ensemble", "batch_size", "n_epochs"):
+            if int(getattr(self, name)) < 1:
+                msg = f"{name} must be a positive integer, got {getattr(self, name)!r}."
+                raise ValueError(msg)
+
+    def _obs_labels(self, data: Data) -> np.ndarray | None:
+        if self.groupby is None:
+            return None
+        if not isinstance(data, AnnData) or self.groupby not in data.obs:
+            msg = f"groupby={self.groupby!r} must name a column of adata.obs."
+            raise KeyError(msg)
+        return np.asarray(data.obs[self.groupby].astype(str))
+
+    def _dropout(self, data: Data, x, rng: np.random.Generator) -> tuple[sp.csr_matrix, np.ndarray | None]:
+        """Dropout probabilities (CSR, zero at observed non-zeros) and cluster labels."""
+        labels = self._obs_labels(data)
+        if self.dropout_layer is not None:
+            if not isinstance(data, AnnData) or self.dropout_layer not in data.layers:
+                msg = f"dropout_layer={self.dropout_layer!r} must name a layer of the AnnData input."
+                raise KeyError(msg)
+            prob = sp.csr_matrix(data.layers[self.dropout_layer], dtype=np.float64)
+            if prob.shape != x.shape:
+                msg = f"layer {self.dropout_layer!r} has shape {prob.shape}, counts have {x.shape}."
+                raise ValueError(msg)
+        else:
+            from ...dropout import cluster_cells, fit_dropout
+
+            if labels is None:
+                with log_task("clustering cells for the dropout model", logger):
+                    res = cluster_cells(x, rng=rng, **(self.cluster_kwargs or {}))
+                labels = np.asarray(res.labels)
+            codes = pd.factorize(labels, sort=True)[0]
+            with log_task("fitting dropout probabilities", logger):
+                prob = sp.csr_matrix(fit_dropout(x, codes, **(self.dropout_kwargs or {})).prob)
+        observed = (x != 0) if sp.issparse(x) else sp.csr_matrix(np.asarray(x) != 0)
+        prob = sp.csr_matrix(prob - prob.multiply(observed))  # observed values are never missing
+        prob.eliminate_zeros()
+        return prob, (None if labels is None else np.asarray(labels).astype(str))
+
+    def _missing(self, prob: sp.csr_matrix) -> sp.csr_matrix:
+        m = sp.csr_matrix(prob > self.threshold)
+        m.eliminate_zeros()
+        return m
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, data: Data, *, layer: str | None = None) -> Self:
+        """Fit the dropout model, choose targets and inputs, and train the subset networks.
+
+        Parameters
+        ----------
+        data
+            AnnData (raw counts in ``X`` or ``layers[layer]``) or a cells x genes count matrix.
+        layer
+            Layer holding the counts.
+
+        Returns
+        -------
+        ``self``.
+        """
+        self._check_params()
+        torch = import_torch()
+        rng = as_rng(self.rng)
+        x = get_counts(data, layer)
+        self.var_names_ = var_names(data)
+        n_cells, n_genes = x.shape
+        lib = library_size(x)
+        xlog = normalize(x, lib, log=self.log)
+        prob, labels = self._dropout(data, x, rng)
+        missing = self._missing(prob)
+        self.dropout_prob_, self.labels_ = prob, labels
+        self._fit_key = _fingerprint(x)
+
+        with log_task("selecting targets and input genes", logger):
+            self.groups_, self.clusters_ = self._select(xlog, missing, labels, rng)
+        if not self.groups_:
+            logger.info("cnn: no entry has dropout probability > %g; nothing to impute", self.threshold)
+        self._build_index()
+        self.device_ = resolve_device(self.device)
+        config = TrainConfig(
+            n_epochs=self.n_epochs,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            patience=self.patience,
+            val_frac=self.val_frac,
+            device=self.device,
+            progress=self.progress,
+        )
+        self.module_ = self._make_module(torch_seed(rng))
+        if not self.groups_:
+            self.history_ = pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "seconds"])
+            return self
+        train_idx, val_idx = split_cells(n_cells, self.val_frac, rng)
+        gen = torch.Generator(self.device_).manual_seed(torch_seed(rng))
+        self.module_.generator = gen
+        cell_cluster = self._cell_cluster(labels, n_cells)
+
+        def loss_fn(rows: np.ndarray, training: bool) -> LossOutput:
+            xin, y, mask = self._batch(xlog, missing, cell_cluster, rows)
+            pred = self.module_(xin)
+            se = (pred - y) ** 2 * mask
+            return LossOutput(loss=se.sum() / mask.sum().clamp_min(1.0))
+
+        with log_task(f"training {len(self.groups_)} subset CNN(s)", logger):
+            self.history_ = train_loop(self.module_, loss_fn, train_idx, val_idx, config, rng, desc="cnn")
+        self.module_.generator = None
+        return self
+
+    def _select(self, xlog, missing: sp.csr_matrix, labels, rng) -> tuple[list[Group], list[str]]:
+        groups: list[Group] = []
+        n = xlog.shape[0]
+        if self.correlation == "cluster":
+            if labels is None:
+                msg = "correlation='cluster' needs cluster labels (from the dropout model or groupby)."
+                raise ValueError(msg)
+            clusters = sorted(set(labels))
+            parts = [(i, np.flatnonzero(labels == c)) for i, c in enumerate(clusters)]
+        else:
+            clusters, parts = [], [(-1, None)]
+        kw = dict(
+            subset_size=self.subset_size,
+            min_subsets=self.min_subsets,
+            n_top=self.n_top,
+            max_missing_frac=self.max_missing_frac,
+        )
+        for cid, cells in parts:
+            sub_missing = missing if cells is None else missing[cells]
+            n_sub = n if cells is None else len(cells)
+            counts = np.bincount(sp.csr_matrix(sub_missing).indices, minlength=xlog.shape[1])
+            targets = np.flatnonzero(counts > 0)
+            if not len(targets):
+                continue
+            frac = counts / max(n_sub, 1)
+            for rep in range(int(self.n_ensemble)):
+                groups += build_groups(
+                    xlog, frac, targets, cells=cells, cluster=cid, rng=None if rep == 0 else rng, **kw
+                )
+        return groups, clusters
+
+    def _build_index(self) -> None:
+        """Padded index arrays: inputs (G x I) and targets (G x O); padding points at column
+        ``n_genes`` (a zero column for inputs; masked out of the loss for targets)."""
+        n_genes = len(self.var_names_)
+        g = len(self.groups_)
+        n_in = max([_MIN_INPUTS, *(len(gr.inputs) for gr in self.groups_)])
+        n_out = max([1, *(len(gr.targets) for gr in self.groups_)])
+        inputs = np.full((g, n_in), n_genes, dtype=np.int64)
+        targets = np.full((g, n_out), n_genes, dtype=np.int64)
+        for i, gr in enumerate(self.groups_):
+            inputs[i, : len(gr.inputs)] = gr.inputs
+            targets[i, : len(gr.targets)] = gr.targets
+        self.input_index_, self.target_index_ = inputs, targets
+        self.group_cluster_ = np.array([gr.cluster for gr in self.groups_], dtype=np.int64)
+
+    def _make_module(self, seed: int):
+        torch = import_torch()
+        from ._module import GroupedCNN
+
+        g, n_in = self.input_index_.shape
+        module = GroupedCNN(
+            max(g, 1),
+            n_in,
+            self.target_index_.shape[1],
+            n_filters=self.n_filters,
+            kernel_size=self.kernel_size,
+            n_hidden=self.n_hidden,
+            dropout=self.dropout,
+        )
+        module.reset_parameters(torch.Generator().manual_seed(seed))
+        return module.to(self.device_ if hasattr(self, "device_") else "cpu")
+
+    def _cell_cluster(self, labels, n_cells: int) -> np.ndarray:
+        if self.correlation != "cluster":
+            return np.full(n_cells, -1, dtype=np.int64)
+        lookup = {c: i for i, c in enumerate(self.clusters_)}
+        unknown = sorted(set(labels) - set(lookup))
+        if unknown:
+            msg = (
+                f"cluster label(s) {unknown[:3]} were not seen in fit; with correlation='cluster' "
+                "transform needs the fitted cells or `groupby` labels from the fitted clusters."
+            )
+            raise ValueError(msg)
+        return np.array([lookup[c] for c in labels], dtype=np.int64)
+
+    def _batch(self, xlog, missing, cell_cluster, rows):
+        """Inputs (B, G, I), targets (B, G, O) and loss mask (B, G, O) for cells ``rows``."""
+        torch = import_torch()
+        dev = self.device_
+        xb = dense_rows(xlog, rows, dev)
+        xb = torch.cat([xb, xb.new_zeros(len(rows), 1)], dim=1)
+        mb = dense_rows(missing, rows, dev, dtype=torch.bool)
+        mb = torch.cat([mb, mb.new_ones(len(rows), 1)], dim=1)  # padding column counts as missing
+        in_idx = torch.as_tensor(self.input_index_, device=dev)
+        tg_idx = torch.as_tensor(self.target_index_, device=dev)
+        xin = xb[:, in_idx]
+        y = xb[:, tg_idx]
+        mask = ~mb[:, tg_idx]
+        if self.correlation == "cluster":
+            own = torch.as_tensor(cell_cluster[rows], device=dev)[:, None] == torch.as_tensor(
+                self.group_cluster_, device=dev
+            )[None, :]
+            mask = mask & own[:, :, None]
+        return xin, y, mask.to(xin.dtype)
+
+    # ------------------------------------------------------------------ predict
+    def _predict_missing(self, xlog, missing, cell_cluster) -> np.ndarray:
+        """Mean prediction (normalized scale) of every gene of every cell; ``nan`` where no
+        subset network predicts that entry."""
+        torch = import_torch()
+        n_cells, n_genes = xlog.shape
+        out = np.full((n_cells, n_genes), np.nan, dtype=np.float64)
+        if not self.groups_:
+            return out
+        self.module_.eval()
+        dev = self.device_
+        tg_idx = torch.as_tensor(self.target_index_, device=dev)
+        with torch.inference_mode():
+            for rows in row_batches(np.arange(n_cells), max(self.batch_size, 256)):
+                xin, _, _ = self._batch(xlog, missing, cell_cluster, rows)
+                pred = self.module_(xin)  # (B, G, O)
+                valid = (tg_idx < n_genes)[None].expand_as(pred)
+                if self.correlation == "cluster":
+                    own = torch.as_tensor(cell_cluster[rows], device=dev)[:, None] == torch.as_tensor(
+                        self.group_cluster_, device=dev
+                    )[None, :]
+                    valid = valid & own[:, :, None]
+                w = valid.to(torch.float64)
+                idx = tg_idx[None].expand_as(pred).reshape(len(rows), -1)
+                tot = torch.zeros(len(rows), n_genes + 1, dtype=torch.float64, device=dev)
+                cnt = torch.zeros_like(tot)
+                tot.scatter_add_(1, idx, (pred.to(torch.float64) * w).reshape(len(rows), -1))
+                cnt.scatter_add_(1, idx, w.reshape(len(rows), -1))
+                mean = (tot / cnt)[:, :n_genes]
+                out[rows] = mean.cpu().numpy()
+        return out
+
+    def posterior(self, data: Data, *, layer: str | None = None) -> Posterior:
+        """Imputed counts: predictions at the missing entries, the input everywhere else.
+
+        Parameters
+        ----------
+        data
+            Cells x genes counts with the genes of the fitted model (same order).
+        layer
+            Layer holding the counts.
+
+        Returns
+        -------
+        :class:`~screpair.methods.Posterior` with ``mean`` (dense float64, count scale) and
+        ``dropout_prob`` (CSR).
+        """
+        self._check_fitted("module_")
+        check_var_names(self.var_names_, data)
+        x = get_counts(data, layer)
+        lib = library_size(x)
+        xlog = normalize(x, lib, log=self.log)
+        if _fingerprint(x) == self._fit_key and self.dropout_layer is None:
+            prob, labels = self.dropout_prob_, self.labels_
+        else:
+            prob, labels = self._dropout(data, x, as_rng(self.rng))
+        missing = self._missing(prob)
+        cell_cluster = self._cell_cluster(labels, x.shape[0]) if self.correlation == "cluster" else (
+            np.full(x.shape[0], -1, dtype=np.int64)
+        )
+        with log_task("predicting missing entries", logger):
+            pred = self._predict_missing(xlog, missing, cell_cluster)
+        mean = x.toarray() if sp.issparse(x) else np.array(x, dtype=np.float64)
+        m = missing.tocoo()
+        vals = pred[m.row, m.col]
+        ok = np.isfinite(vals)
+        r, c = m.row[ok], m.col[ok]
+        if self.log:
+            mean[r, c] = np.expm1(np.maximum(vals[ok], 0.0)) * lib[r] / _SCALE
+        else:
+            mean[r, c] = np.maximum(vals[ok], 0.0) * lib[r] / _SCALE
+        return Posterior(mean=mean, dropout_prob=prob)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> None:
+        """Write ``config.json`` (parameters, genes, subsets) and ``weights.pt`` into ``path``."""
+        self._check_fitted("module_")
+        torch = import_torch()
+        from .._api import jsonable
+
+        state = {k: v.detach().cpu() for k, v in self.module_.state_dict().items()}
+        state["_index.inputs"] = torch.as_tensor(self.input_index_)
+        state["_index.targets"] = torch.as_tensor(self.target_index_)
+        state["_index.cluster"] = torch.as_tensor(self.group_cluster_)
+        params = {k: v for k, v in self.get_params(deep=False).items() if k != "rng"}
+        save_model(
+            path,
+            config=jsonable(params),
+            state_dict=state,
+            var_names=self.var_names_,
+            extra={"clusters": list(self.clusters_), "history": self.history_.to_dict(orient="list")},
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: str | None = None) -> CNNImputer:
+        """Load a model written by :meth:`save` (``device`` overrides the saved one)."""
+        import inspect
+
+        meta, state = load_model(path)
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        params: dict[str, Any] = {
+            k: (None if v == "None" else v) for k, v in meta["config"].items() if k in accepted
+        }
+        if device is not None:
+            params["device"] = device
+        est = cls(**params)
+        est.var_names_ = pd.Index(meta["var_names"])
+        est.input_index_ = state.pop("_index.inputs").numpy()
+        est.target_index_ = state.pop("_index.targets").numpy()
+        est.group_cluster_ = state.pop("_index.cluster").numpy()
+        n_genes = len(est.var_names_)
+        est.groups_ = [
+            Group(targets=t[t < n_genes], inputs=i[i < n_genes], cluster=int(c))
+            for i, t, c in zip(est.input_index_, est.target_index_, est.group_cluster_, strict=True)
+        ]
+        extra = meta.get("extra", {})
+        est.clusters_ = list(extra.get("clusters", []))
+        est.history_ = pd.DataFrame(extra.get("history", {}))
+        est.device_ = resolve_device(est.device)
+        est.module_ = est._make_module(0)
+        est.module_.load_state_dict(state)
+        est.module_.eval()
+        est._fit_key = None
+        est.dropout_prob_, est.labels_ = None, None
+        return est

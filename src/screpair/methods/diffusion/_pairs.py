@@ -1,0 +1,352 @@
+"""Shared data pipeline and estimator base for the profile-repair methods (diffusion, DAE, VAE).
+
+Pipeline (DiffRepairer, Xiao et al. 2025):
+
+1. counts are scaled to 10,000 per cell (``L`` = each cell's observed library size over all
+   genes) and ``log1p``-transformed;
+2. the top ``n_top_genes`` highly variable genes (dispersion-based, :func:`screpair.pp.highly_variable_genes`,
+   chosen once at ``fit``) are modelled; every other gene is returned unchanged;
+3. training pairs: the clean profile ``x0`` and ``n_views`` pseudo-degraded versions
+   ``c = simulate.degrade(x0)`` per cell, the damage parameters (3' bias, dropout rate, noise sd)
+   drawn per cell and per view uniformly from :class:`PairConfig`'s ranges (mild to severe);
+   the degraded counts are normalized and log-transformed exactly as real input would be;
+4. the log values are standardized per gene with the clean training data's mean and sd;
+5. the repaired log profile is mapped back to the count scale with ``expm1(.) * L / 1e4``
+   (``L`` the observed library size of the input cell), clipped at 0.
+
+Subclasses implement the network, the loss for a batch of pairs, and the prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from ..._logging import get_logger, log_task
+from ..._utils import (
+    Data,
+    RNGLike,
+    as_rng,
+    check_var_names,
+    get_counts,
+    library_size,
+    torch_seed,
+    var_names,
+)
+from .._base import BaseImputer, Posterior
+from .._torch import (
+    LossOutput,
+    TrainConfig,
+    config_dict,
+    import_torch,
+    load_model,
+    resolve_device,
+    save_model,
+    split_cells,
+    train_loop,
+)
+
+logger = get_logger(__name__)
+
+TARGET_SUM = 1e4
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairConfig:
+    """How training pairs (clean ``x0``, degraded ``c``) are made.
+
+    Attributes
+    ----------
+    n_top_genes
+        Highly variable genes modelled (5,000 in the paper); the others are returned unchanged.
+    n_views
+        Degraded versions made per training cell.
+    bias_3p, dropout_rate, noise_sd
+        ``(low, high)`` ranges; each cell and view draws its damage uniformly from them and passes
+        it to :func:`screpair.simulate.degrade`. The defaults span no damage to severe damage.
+    """
+
+    n_top_genes: int = 5000
+    n_views: int = 2
+    bias_3p: tuple[float, float] = (0.0, 0.6)
+    dropout_rate: tuple[float, float] = (0.0, 0.5)
+    noise_sd: tuple[float, float] = (0.0, 0.4)
+
+
+def log_normalize(x, genes: np.ndarray, lib: np.ndarray | None = None) -> np.ndarray:
+    """``log1p(x / L * 1e4)`` restricted to columns ``genes`` (dense float32; ``L`` over all genes)."""
+    lib = library_size(x) if lib is None else lib
+    f = np.where(lib > 0, TARGET_SUM / np.where(lib > 0, lib, 1.0), 0.0)
+    sub = x[:, genes]
+    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+    return np.log1p(sub * f[:, None]).astype(np.float32)
+
+
+def to_counts(log_values: np.ndarray, lib: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`log_normalize`: ``max(expm1(v), 0) * L / 1e4``."""
+    return np.maximum(np.expm1(log_values), 0.0) * (lib[:, None] / TARGET_SUM)
+
+
+def _draw(rng: np.random.Generator, bounds, n: int, name: str) -> np.ndarray:
+    lo, hi = (float(b) for b in bounds)
+    if not 0 <= lo <= hi:
+        msg = f"{name} range must satisfy 0 <= low <= high, got {tuple(bounds)}."
+        raise ValueError(msg)
+    return rng.uniform(lo, hi, size=n)
+
+
+def degrade_counts(x, cfg: PairConfig, rng: np.random.Generator, gene_length=None):
+    """One degraded copy of the count matrix ``x`` with per-cell damage drawn from ``cfg``."""
+    from ... import simulate
+
+    n = x.shape[0]
+    params = {
+        "bias_3p": _draw(rng, cfg.bias_3p, n, "bias_3p"),
+        "dropout_rate": _draw(rng, cfg.dropout_rate, n, "dropout_rate"),
+        "noise_sd": _draw(rng, cfg.noise_sd, n, "noise_sd"),
+    }
+    out = simulate.degrade(AnnData(X=sp.csr_matrix(x)), **params, gene_length=gene_length, rng=rng)
+    m = out.layers["counts"] if "counts" in out.layers else out.X
+    return sp.csr_matrix(m, dtype=np.float64)
+
+
+def make_pairs(
+    x, genes: np.ndarray, cfg: PairConfig, rng: np.random.Generator, gene_length=None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Clean log profiles ``(n, g)`` and degraded ones ``(n_views, n, g)`` on the ``genes`` columns."""
+    clean = log_normalize(x, genes)
+    views = np.empty((cfg.n_views, *clean.shape), dtype=np.float32)
+    for v in range(cfg.n_views):
+        views[v] = log_normalize(degrade_counts(x, cfg, rng, gene_length), genes)
+    return clean, views
+
+
+@contextlib.contextmanager
+def _seeded_torch(seed: int, device) -> Iterator[None]:
+    """Seed torch's default generator inside a fork, so the caller's global state is restored."""
+    torch = import_torch()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class PairImputer(BaseImputer):
+    """Base estimator for methods trained on (clean, degraded) pairs; see the module docstring.
+
+    Subclasses define ``_build_module(n_genes)``, ``_loss(module, x0, c, generator)`` (a scalar
+    tensor) and ``_sample(module, c, n_samples, generator)`` (``(n_samples, batch, genes)``
+    predictions in standardized log space), and list their config classes in ``_configs``.
+    """
+
+    _configs: ClassVar[dict[str, type]] = {"pairs": PairConfig, "train": TrainConfig}
+    _predict_batch: ClassVar[int] = 256
+
+    # ---- hooks -------------------------------------------------------------------------------
+    def _build_module(self, n_genes: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _loss(self, module, x0, c, generator):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _sample(self, module, c, n_samples: int, generator):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _n_samples(self) -> int:
+        return 1
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _set_extra_state(self, extra: dict[str, Any]) -> None:
+        return None
+
+    # ---- helpers -----------------------------------------------------------------------------
+    def _pairs_cfg(self) -> PairConfig:
+        return self.pairs if self.pairs is not None else PairConfig()
+
+    def _train_cfg(self) -> TrainConfig:
+        return self.train if self.train is not None else TrainConfig()
+
+    def _standardize(self, v: np.ndarray) -> np.ndarray:
+        return ((v - self.gene_mean_) / self.gene_scale_).astype(np.float32)
+
+    def _unstandardize(self, z: np.ndarray) -> np.ndarray:
+        return z * self.gene_scale_ + self.gene_mean_
+
+    @staticmethod
+    def _gene_length(data: Data, genes=None):
+        if isinstance(data, AnnData) and "gene_length" in data.var:
+            gl = data.var["gene_length"].to_numpy(dtype=np.float64)
+            return gl if genes is None else gl[genes]
+        return None
+
+    # ---- estimator API -----------------------------------------------------------------------
+    def fit(self, data: Data, *, layer: str | None = None) -> Self:
+        """Make training pairs from ``data``'s (clean) profiles and train the network.
+
+        Parameters
+        ----------
+        data
+            Cells x genes raw counts (AnnData, ndarray or sparse); the clean reference.
+        layer
+            Layer with the counts for an AnnData; ``None`` reads ``X``.
+
+        Returns
+        -------
+        The fitted estimator, with ``var_names_``, ``hvg_`` (bool mask over genes),
+        ``gene_mean_``/``gene_scale_`` (standardization of the log values), ``module_`` and
+        ``history_`` (one row per epoch).
+        """
+        from ... import pp
+
+        torch = import_torch()
+        pcfg, tcfg = self._pairs_cfg(), self._train_cfg()
+        rng = as_rng(self.rng)
+        x = get_counts(data, layer)
+        names = var_names(data)
+        n_top = int(pcfg.n_top_genes)
+        if n_top < 1:
+            msg = f"n_top_genes must be positive, got {n_top}."
+            raise ValueError(msg)
+        if x.shape[1] <= n_top:
+            hvg = np.ones(x.shape[1], dtype=bool)
+        else:
+            hvg = np.asarray(pp.highly_variable_genes(x, n_top_genes=n_top), dtype=bool)
+        genes = np.flatnonzero(hvg)
+        with log_task(f"making {pcfg.n_views} degraded view(s) of {x.shape[0]} cells", logger):
+            clean, views = make_pairs(x, genes, pcfg, rng, self._gene_length(data))
+        self.gene_mean_ = clean.mean(0).astype(np.float32)
+        self.gene_scale_ = np.maximum(clean.std(0), 0.05).astype(np.float32)
+        clean_z = self._standardize(clean)
+        views_z = self._standardize(views)
+        self.clip_ = (float(clean_z.min()) - 1.0, float(clean_z.max()) + 1.0)
+
+        device = resolve_device(tcfg.device)
+        n = x.shape[0]
+        train_cells, val_cells = split_cells(n, tcfg.val_frac, rng)
+        n_views = views.shape[0]
+        # pair index p -> (view p // n, cell p % n); validation uses only the first view
+        train_idx = (np.arange(n_views)[:, None] * n + train_cells[None]).ravel()
+        val_idx = val_cells
+        x0_all = torch.from_numpy(clean_z)
+        c_all = torch.from_numpy(views_z.reshape(n_views * n, -1))
+        seed = torch_seed(rng)
+        gen = torch.Generator(device=device).manual_seed(seed)
+
+        def loss_fn(rows, training):
+            rows_t = torch.as_tensor(rows, dtype=torch.long)
+            x0 = x0_all[rows_t % n].to(device)
+            c = c_all[rows_t].to(device)
+            g = gen if training else torch.Generator(device=device).manual_seed(int(rows[0]))
+            return LossOutput(loss=self._loss(module, x0, c, g))
+
+        with _seeded_torch(seed, device):
+            module = self._build_module(len(genes)).to(device)
+            with log_task(f"training {self.name} on {len(train_idx)} pairs", logger):
+                history = train_loop(
+                    module, loss_fn, train_idx, val_idx, tcfg, rng, desc=f"{self.name}"
+                )
+        self.var_names_ = names
+        self.hvg_ = hvg
+        self.module_ = module.cpu().eval()
+        self.history_ = history
+        self.device_ = str(device)
+        return self
+
+    def posterior(self, data: Data, *, layer: str | None = None) -> Posterior:
+        """Repair ``data``'s profiles.
+
+        Returns
+        -------
+        :class:`~screpair.methods.Posterior` with ``mean`` (dense, count scale: the HVGs repaired,
+        the other genes as observed) and, for methods drawing several samples, ``var`` (the sample
+        variance on the count scale; 0 for genes outside the HVG set).
+        """
+        torch = import_torch()
+        self._check_fitted()
+        check_var_names(self.var_names_, data)
+        x = get_counts(data, layer, require_integer=False)
+        genes = np.flatnonzero(self.hvg_)
+        lib = library_size(x)
+        c = self._standardize(log_normalize(x, genes, lib))
+        n_samples = self._n_samples()
+        device = resolve_device(self._train_cfg().device)
+        module = self.module_.to(device)
+        gen = torch.Generator(device=device).manual_seed(torch_seed(as_rng(self.rng)))
+        mean = x.toarray() if sp.issparse(x) else np.array(x)
+        mean = mean.astype(np.float32)
+        var = np.zeros_like(mean) if n_samples > 1 else None
+        with log_task(f"repairing {x.shape[0]} cells with {self.name}", logger), torch.inference_mode():
+            for start in range(0, x.shape[0], self._predict_batch):
+                stop = min(start + self._predict_batch, x.shape[0])
+                cb = torch.from_numpy(c[start:stop]).to(device)
+                z = self._sample(module, cb, n_samples, gen).float().cpu().numpy()
+                counts = to_counts(self._unstandardize(z), lib[start:stop])
+                mean[start:stop, genes] = counts.mean(0)
+                if var is not None:
+                    var[start:stop, genes] = counts.var(0, ddof=1)
+        self.module_ = module.cpu()
+        return Posterior(mean=mean, var=var)
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def _params_json(self) -> dict[str, Any]:
+        out = {}
+        for k, v in self.get_params(deep=False).items():
+            if dataclasses.is_dataclass(v):
+                out[k] = config_dict(v)
+            elif k == "rng":
+                out[k] = v if isinstance(v, int) else None
+            else:
+                out[k] = v
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write ``config.json`` (parameters, version, var_names) and ``weights.pt`` into ``path``."""
+        torch = import_torch()
+        self._check_fitted()
+        state = {
+            "module": self.module_.state_dict(),
+            "hvg": torch.from_numpy(self.hvg_.astype(np.uint8)),
+            "gene_mean": torch.from_numpy(self.gene_mean_),
+            "gene_scale": torch.from_numpy(self.gene_scale_),
+            "clip": torch.tensor(self.clip_, dtype=torch.float64),
+        }
+        extra = {"class": type(self).__name__, **self._extra_state()}
+        save_model(path, config=self._params_json(), state_dict=state, var_names=self.var_names_, extra=extra)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Self:
+        """Load a model written by :meth:`save` (``transform`` then checks the gene names)."""
+        meta, state = load_model(path)
+        extra = meta.get("extra", {})
+        if extra.get("class") != cls.__name__:
+            msg = f"{path} holds a {extra.get('class')!r} model, not a {cls.__name__}."
+            raise ValueError(msg)
+        params = dict(meta["config"])
+        for k, typ in cls._configs.items():
+            if params.get(k) is not None:
+                fields = params[k]
+                params[k] = typ(**{f: tuple(v) if isinstance(v, list) else v for f, v in fields.items()})
+        est = cls(**params)
+        est.var_names_ = pd.Index(meta["var_names"])
+        est.hvg_ = state["hvg"].numpy().astype(bool)
+        est.gene_mean_ = state["gene_mean"].numpy()
+        est.gene_scale_ = state["gene_scale"].numpy()
+        est.clip_ = tuple(float(v) for v in state["clip"])
+        est._set_extra_state(extra)
+        torch = import_torch()
+        with _seeded_torch(0, torch.device("cpu")):  # the init is overwritten; keep global state
+            est.module_ = est._build_module(int(est.hvg_.sum()))
+        est.module_.load_state_dict(state["module"])
+        est.module_.eval()
+        return est

@@ -1,0 +1,33 @@
+"""Simulators with ground truth.
+
+- :func:`splat`: the Splat model of Splatter (Zappia et al. 2017), with named :data:`PRESETS`;
+- :func:`degrade`: RNA-degradation damage (3' bias, dropout, noise) of clean counts, as in the
+  DiffRepairer paper; :func:`degrade_log` is the same damage on log-normalized arrays;
+- :func:`mask`: the masked-value protocol of cnnImpute/DeepImpute;
+- :func:`mcv_split`: molecular cross-validation by binomial thinning (Batson et al. 2019).
+
+:func:`splat`, :func:`degrade` and :func:`mask` return an AnnData with the same layers: ``counts``
+(observed, also in ``X``), ``true_counts`` (truth) and ``dropout_mask`` (entries whose true count
+was zeroed).
+"""
+
+
+
+from ._splat import PRESETS, SplatParams, dropout_probability, simulate_splat, splat
+
+#: Alias following the style guide's name.
+splat_like = splat
+
+__all__ = [
+    "PRESETS",
+    "DegradeOutput",
+    "SplatParams",
+    "degrade",
+    "degrade_log",
+    "dropout_probability",
+    "mask",
+    "mcv_split",
+    "simulate_splat",
+    "splat",
+    "splat_like",
+]
