@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Iterator
 
@@ -33,8 +34,9 @@ def configure_cli_logging(verbosity: int) -> None:
     level = logging.ERROR if verbosity < 0 else logging.INFO if verbosity == 0 else logging.DEBUG
     log = logging.getLogger("screpair")
     log.setLevel(level)
-    if not any(getattr(h, "_screpair_cli", False) for h in log.handlers):
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("screpair: %(message)s"))
-        handler._screpair_cli = True  # type: ignore[attr-defined]
-        log.addHandler(handler)
+    for h in [h for h in log.handlers if getattr(h, "_screpair_cli", False)]:
+        log.removeHandler(h)  # replace: sys.stderr may have changed since the last call
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("screpair: %(message)s"))
+    handler._screpair_cli = True  # type: ignore[attr-defined]
+    log.addHandler(handler)

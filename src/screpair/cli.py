@@ -99,15 +99,11 @@ def _cmd_impute(args) -> int:
 
 
 def _write_result(adata, path: str, key: str) -> None:
-    """Write ``adata``; text formats get the ``key`` layer as their matrix."""
+    """Write ``adata``: ``.h5ad`` keeps every slot; text formats get the ``key`` layer."""
     import screpair
 
-    if Path(path).name.lower().endswith((".h5ad",)):
-        screpair.write(adata, path)
-    else:
-        out = adata.copy()
-        out.X = out.layers[key]
-        screpair.write(out, path)
+    is_h5ad = Path(path).name.lower().endswith(".h5ad")
+    screpair.write(adata, path, layer=None if is_h5ad else key)
 
 
 # --------------------------------------------------------------------------- info
@@ -201,12 +197,180 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- simulate
+
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser("simulate", help="simulate Splat counts with known truth (true_counts, dropout_mask)")
+    p.add_argument("output", help="output file (.h5ad keeps the truth layers; .csv writes the observed counts)")
+    p.add_argument("--preset", choices=["default", "cnnimpute"], default="default",
+                   help="base parameters: Splatter's defaults, or the cnnImpute paper's 2000 x 4000 setting")
+    p.add_argument("--n-obs", type=int, default=None, help="number of cells (default: the preset's)")
+    p.add_argument("--n-vars", type=int, default=None, help="number of genes (default: the preset's)")
+    p.add_argument("--group-prob", default=None, help="comma-separated group probabilities, e.g. 0.3,0.7")
+    p.add_argument("--lib-loc", type=float, default=None, help="log-normal library size meanlog")
+    p.add_argument("--dropout-mid", type=float, default=None, help="logistic dropout midpoint")
+    p.add_argument("--dropout-shape", type=float, default=None, help="logistic dropout shape")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    _common(p)
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.replace(":", ",").split(",") if v.strip())
+    except ValueError:
+        msg = f"{flag} takes numbers separated by commas, got {text!r}."
+        raise CLIError(msg) from None
+
+
+def _cmd_simulate(args) -> int:
+    import time
+
+    import screpair
+    from . import simulate
+
+    start = time.perf_counter()
+    group_prob = None if args.group_prob is None else _floats(args.group_prob, "--group-prob")
+    sim = simulate.splat(args.n_obs, args.n_vars, preset=args.preset, group_prob=group_prob,
+                         lib_loc=args.lib_loc, dropout_mid=args.dropout_mid,
+                         dropout_shape=args.dropout_shape, rng=args.seed)
+    seconds = time.perf_counter() - start
+    screpair.write(sim, args.output)
+    truth = sim.layers["true_counts"]
+    dropped = sim.layers["dropout_mask"].nnz / max(truth.nnz, 1)
+    print(f"simulated ({args.preset!r}, {sim.obs['group'].nunique()} groups, seed {args.seed}): "
+          f"{_summary_line(sim)}; {dropped:.1%} of non-zero true counts dropped "
+          f"-> {args.output} ({seconds:.1f} s to simulate)")
+    return 0
+
+
+# --------------------------------------------------------------------------- degrade
+
+
+def _add_degrade(sub) -> None:
+    p = sub.add_parser("degrade", help="damage clean counts like degraded RNA (3' bias, dropout, noise)")
+    p.add_argument("input", help="clean counts: .h5ad, 10x directory or .h5, .csv/.tsv")
+    p.add_argument("output", help="output file (.h5ad keeps true_counts / dropout_mask)")
+    rng_help = "a number, or LOW,HIGH to draw each cell's value uniformly"
+    p.add_argument("--bias-3p", default="0", help=f"3' bias intensity >= 0: {rng_help}")
+    p.add_argument("--dropout-rate", default="0", help=f"dropout probability in [0, 1]: {rng_help}")
+    p.add_argument("--noise-sd", default="0", help=f"Gaussian noise sd on log1p(CP10k): {rng_help}")
+    p.add_argument("--gene-length", default=None,
+                   help="var column with transcript lengths (default: var['gene_length'] or stand-in lengths)")
+    p.add_argument("--rounding", choices=["stochastic", "nearest", "none"], default="stochastic",
+                   help="how degraded values become counts")
+    p.add_argument("--layer", default=None, help="layer holding the clean counts (default: X)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None,
+                   help="text input: cells in rows (--transpose) or genes in rows (--no-transpose); default: auto")
+    _common(p)
+
+
+def _cell_param(text: str, flag: str) -> float | tuple[float, float]:
+    vals = _floats(text, flag)
+    if len(vals) == 1:
+        return vals[0]
+    if len(vals) == 2:
+        return vals
+    msg = f"{flag} takes a number or LOW,HIGH, got {text!r}."
+    raise CLIError(msg)
+
+
+def _cmd_degrade(args) -> int:
+    import screpair
+    from . import simulate
+
+    adata = screpair.read(args.input, transpose=args.transpose)
+    deg = simulate.degrade(adata, layer=args.layer,
+                           bias_3p=_cell_param(args.bias_3p, "--bias-3p"),
+                           dropout_rate=_cell_param(args.dropout_rate, "--dropout-rate"),
+                           noise_sd=_cell_param(args.noise_sd, "--noise-sd"),
+                           gene_length=args.gene_length, rounding=args.rounding, rng=args.seed)
+    screpair.write(deg, args.output)
+    clean, damaged = deg.layers["true_counts"].sum(), deg.layers["counts"].sum()
+    print(f"degraded (seed {args.seed}): {_summary_line(deg)}; {damaged / max(clean, 1):.1%} of the "
+          f"clean counts kept, {deg.layers['dropout_mask'].nnz} non-zero entries dropped -> {args.output}")
+    return 0
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def _add_benchmark(sub) -> None:
+    p = sub.add_parser("benchmark", help="compare methods and peers on datasets and protocols")
+    p.add_argument("--data", required=True, help="comma-separated .h5ad files (raw counts in X)")
+    p.add_argument("--methods", default="raw,knn,alra",
+                   help="comma-separated: registered methods and peers raw, gene_mean, magic, scvi")
+    p.add_argument("--protocol", default="masked",
+                   help="comma-separated: masked, mcv, clustering, deg, dropout, degrade")
+    p.add_argument("--seeds", default="0", help="comma-separated integer seeds")
+    p.add_argument("--out", required=True, help="output folder (results.csv, summary.md, PNGs)")
+    p.add_argument("--label-key", default=None, help="obs column of cell labels (default: auto)")
+    p.add_argument("--config", default=None,
+                   help='JSON/TOML: {"method_params": {"scvi": {"max_epochs": 5}}, "protocol_params": {...}}')
+    p.add_argument("--scvi-max-epochs", type=int, default=None, help="scVI epochs (default: scvi's)")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write PNGs")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="progress bar over jobs")
+    _common(p)
+
+
+def _names(text: str, flag: str) -> list[str]:
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    if not vals:
+        msg = f"{flag} needs at least one value."
+        raise CLIError(msg)
+    return vals
+
+
+def _cmd_benchmark(args) -> int:
+    import shlex
+
+    from .evaluate import run_benchmark
+
+    cfg = _load_config(args.config)
+    method_params = {k: dict(v) for k, v in cfg.get("method_params", {}).items()}
+    protocol_params = {k: dict(v) for k, v in cfg.get("protocol_params", {}).items()}
+    if args.scvi_max_epochs is not None:
+        method_params.setdefault("scvi", {})["max_epochs"] = args.scvi_max_epochs
+    protocols = _names(args.protocol, "--protocol")
+    if args.label_key:
+        for proto in protocols:
+            protocol_params.setdefault(proto, {})["label_key"] = args.label_key
+    try:
+        seeds = [int(v) for v in _names(args.seeds, "--seeds")]
+    except ValueError:
+        msg = f"--seeds takes integers separated by commas, got {args.seeds!r}."
+        raise CLIError(msg) from None
+    parts = ["screpair", "benchmark", "--data", args.data, "--methods", args.methods,
+             "--protocol", args.protocol, "--seeds", args.seeds, "--out", args.out]
+    for flag, value in (("--label-key", args.label_key), ("--config", args.config),
+                        ("--scvi-max-epochs", args.scvi_max_epochs)):
+        if value is not None:
+            parts += [flag, str(value)]
+    command = shlex.join(parts)
+    res = run_benchmark(_names(args.data, "--data"), _names(args.methods, "--methods"), protocols,
+                        seeds, args.out, method_params=method_params,
+                        protocol_params=protocol_params, plots=args.plots,
+                        progress=args.progress and not args.quiet, command=command)
+    n_ok = int((res.groupby(["dataset", "protocol", "method", "seed"])["status"].first() == "ok").sum())
+    n_jobs = res.groupby(["dataset", "protocol", "method", "seed"]).ngroups
+    print(f"benchmark: {n_ok}/{n_jobs} jobs ok -> {args.out}/results.csv, summary.md")
+    for _, r in res[res["status"] != "ok"].iterrows():
+        print(f"  {r['status']}: {r['dataset']}/{r['protocol']}/{r['method']}/seed {r['seed']}: "
+              f"{r['error']}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 _COMMANDS = {
     "impute": (_add_impute, _cmd_impute),
     "info": (_add_info, _cmd_info),
     "demo": (_add_demo, _cmd_demo),
+    "simulate": (_add_simulate, _cmd_simulate),
+    "degrade": (_add_degrade, _cmd_degrade),
+    "benchmark": (_add_benchmark, _cmd_benchmark),
 }
 
 
