@@ -46,3 +46,31 @@ def counts_adata():
     ad.var_names = [f"GENE{i}" for i in range(n_vars)]
     ad.layers["counts"] = ad.X.copy()
     return ad
+
+
+@pytest.fixture(scope="session")
+def sim():
+    """Splat simulation with ground truth (issue 3), shared by the whole session: do not modify it,
+    take ``sim.copy()`` first.
+
+    200 cells x 100 genes in three groups (``obs['group']``), about 60% zeros, about 40% of the
+    non-zero true counts dropped. Layers ``counts`` (observed, also ``X``), ``true_counts`` and
+    ``dropout_mask``; genes or cells left with no observed counts are removed, so no input
+    warning is raised (≈ 99 genes remain).
+    """
+    from screpair import simulate
+
+    ad = simulate.splat(
+        n_obs=200,
+        n_vars=100,
+        group_prob=(0.3, 0.3, 0.4),
+        de_prob=0.3,
+        de_fac_loc=0.5,
+        lib_loc=7.0,
+        dropout_mid=1.0,
+        rng=0,
+    )
+    x = ad.layers["counts"]
+    keep_genes = np.bincount(x.indices, minlength=ad.n_vars) > 0
+    keep_cells = np.diff(x.indptr) > 0
+    return ad[keep_cells, keep_genes].copy()

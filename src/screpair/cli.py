@@ -227,6 +227,7 @@ def _cmd_simulate(args) -> int:
     import time
 
     import screpair
+
     from . import simulate
 
     start = time.perf_counter()
@@ -278,6 +279,7 @@ def _cell_param(text: str, flag: str) -> float | tuple[float, float]:
 
 def _cmd_degrade(args) -> int:
     import screpair
+
     from . import simulate
 
     adata = screpair.read(args.input, transpose=args.transpose)

@@ -11,8 +11,8 @@
 was zeroed).
 """
 
-
-
+from ._degrade import DegradeOutput, default_gene_length, degrade, degrade_log, log_normalize
+from ._mask import mask, mcv_split
 from ._splat import PRESETS, SplatParams, dropout_probability, simulate_splat, splat
 
 #: Alias following the style guide's name.
@@ -22,9 +22,11 @@ __all__ = [
     "PRESETS",
     "DegradeOutput",
     "SplatParams",
+    "default_gene_length",
     "degrade",
     "degrade_log",
     "dropout_probability",
+    "log_normalize",
     "mask",
     "mcv_split",
     "simulate_splat",

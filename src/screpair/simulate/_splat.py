@@ -56,7 +56,7 @@ class SplatParams:
 
     Per-group parameters (``de_*``) accept a scalar or one value per group; ``dropout_mid`` and
     ``dropout_shape`` accept a scalar (``"experiment"``), one value per group (``"group"``) or one
-    per cell (``"cell"``).
+    per cell (``"cell"``); a scalar is shared by all groups or cells.
     """
 
     n_obs: int = 100
@@ -189,7 +189,7 @@ def splat(
     >>> sim = simulate.splat(n_obs=50, n_vars=30, group_prob=(0.5, 0.5), lib_loc=6, rng=0)
     >>> sim.layers["true_counts"].shape
     (50, 30)
-    >>> cnn = simulate.splat(preset="cnnimpute", rng=0)  # 2000 x 4000, five groups
+    >>> cnn = simulate.splat(preset="cnnimpute", rng=0)  # doctest: +SKIP
     """
     if preset not in PRESETS:
         msg = f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}."
@@ -216,7 +216,9 @@ def splat(
         "dropout_mid": dropout_mid,
         "dropout_shape": dropout_shape,
     }
-    params = dataclasses.replace(PRESETS[preset], **{k: v for k, v in given.items() if v is not None})
+    params = dataclasses.replace(
+        PRESETS[preset], **{k: v for k, v in given.items() if v is not None}
+    )
     return simulate_splat(params, keep_intermediates=keep_intermediates, rng=rng, preset=preset)
 
 
@@ -288,12 +290,13 @@ def _dropout_curve(p: SplatParams, groups: np.ndarray, n_groups: int):
     check_range("dropout_mid", mid, -np.inf)
     check_range("dropout_shape", shape, -np.inf)
     expected = {"experiment": 1, "group": n_groups, "cell": p.n_obs}[p.dropout_type]
-    if mid.size != expected or shape.size != expected:
+    if mid.size not in (1, expected) or shape.size not in (1, expected):
         msg = (
             f"dropout_type={p.dropout_type!r} needs dropout_mid and dropout_shape of length "
-            f"{expected}, got {mid.size} and {shape.size}."
+            f"{expected} (or 1), got {mid.size} and {shape.size}."
         )
         raise ValueError(msg)
+    mid, shape = np.broadcast_to(mid, (expected,)), np.broadcast_to(shape, (expected,))
     if p.dropout_type == "experiment":
         return np.repeat(mid, p.n_obs), np.repeat(shape, p.n_obs)
     if p.dropout_type == "group":
