@@ -10,7 +10,11 @@ from ._base import BaseImputer
 _METHODS: dict[str, str] = {
     "knn": "screpair.methods.knn:KNNImputer",
     "alra": "screpair.methods.alra:ALRAImputer",
+    "saver": "screpair.methods.saver:SaverImputer",
     "cnn": "screpair.methods.cnn:CNNImputer",
+    "diffusion": "screpair.methods.diffusion:DiffusionImputer",
+    "dae": "screpair.methods.autoencoder:DAEImputer",
+    "vae": "screpair.methods.autoencoder:VAEImputer",
 }
 
 
