@@ -364,6 +364,40 @@ def _cmd_benchmark(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- dropout
+
+
+def _add_dropout(sub) -> None:
+    p = sub.add_parser("dropout", help="dropout probability of every zero (cnnImpute/scImpute)")
+    p.add_argument("input", help="input counts: .h5ad, 10x directory or .h5, .csv/.tsv")
+    p.add_argument("output", help="output .h5ad (adds layers['dropout_prob'] and the fitted parameters)")
+    p.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
+    p.add_argument("--groupby", default=None,
+                   help="obs column of cell labels (default: cluster with t-SNE + ADPclust)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="probability above which a zero counts as missing (default 0.5)")
+    p.add_argument("--key-added", default="dropout_prob", help="name of the output layer")
+    p.add_argument("--seed", type=int, default=0, help="random seed for the clustering")
+    p.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None,
+                   help="text input: cells in rows (--transpose) or genes in rows (--no-transpose); default: auto")
+    _common(p)
+
+
+def _cmd_dropout(args) -> int:
+    import screpair
+
+    adata = screpair.read(args.input, transpose=args.transpose)
+    screpair.dropout_probability(adata, layer=args.layer, groupby=args.groupby,
+                                 threshold=args.threshold, key_added=args.key_added, rng=args.seed)
+    info = adata.uns[args.key_added]
+    screpair.write(adata, args.output)
+    print(f"dropout probabilities for {_summary_line(adata)}: {len(info['clusters'])} clusters "
+          f"(obs[{info['groupby']!r}]), {info['missing_fraction_of_zeros']:.1%} of zeros missing "
+          f"(p > {args.threshold:g}) -> {args.output} (layers[{args.key_added!r}], "
+          f"{info['seconds']:.1f} s)")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 _COMMANDS = {
@@ -373,6 +407,7 @@ _COMMANDS = {
     "simulate": (_add_simulate, _cmd_simulate),
     "degrade": (_add_degrade, _cmd_degrade),
     "benchmark": (_add_benchmark, _cmd_benchmark),
+    "dropout": (_add_dropout, _cmd_dropout),
 }
 
 

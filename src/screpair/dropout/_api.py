@@ -1,0 +1,263 @@
+"""AnnData functions: :func:`cluster` and :func:`dropout_probability` (scanpy contract)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._logging import get_logger
+from .._utils import RNGLike, get_counts
+from ._cluster import cluster_cells
+from ._em import fit_dropout
+
+logger = get_logger(__name__)
+
+_PARAMS = ("eta", "alpha", "beta", "mu", "sigma", "zero_prob")
+
+
+def _prepare(adata: AnnData, copy: bool, fn: str) -> AnnData:
+    if not isinstance(adata, AnnData):
+        msg = f"{fn} expects an AnnData, got {type(adata).__name__}; wrap arrays with AnnData(X)."
+        raise TypeError(msg)
+    if copy:
+        return adata.copy()
+    if adata.is_view:
+        msg = "adata is a view; pass `copy=True` or call `adata = adata.copy()` first."
+        raise ValueError(msg)
+    return adata
+
+
+def cluster(
+    adata: AnnData,
+    *,
+    layer: str | None = None,
+    key_added: str = "screpair_cluster",
+    copy: bool = False,
+    rng: RNGLike = 0,
+    perplexity: float | None = None,
+    n_clusters: int | Sequence[int] = range(2, 11),
+    n_pcs: int = 10,
+    target_sum: float | None = 1e4,
+    n_top_genes: int | None = 2000,
+    scale: bool = True,
+    n_jobs: int = 1,
+) -> AnnData | None:
+    """Cluster cells as cnnImpute does (log2 CPM, 3-D t-SNE, ADPclust, k-means).
+
+    See :func:`screpair.dropout.cluster_cells` for the method.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with raw counts in ``X`` or ``layers[layer]``.
+    layer
+        Layer holding the raw counts; ``None`` uses ``X``.
+    key_added
+        Name of the ``obs`` column (and ``uns`` entry) written.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+    rng
+        Seed or Generator.
+    perplexity
+        t-SNE perplexity; ``None``: 30, or 5 for at most 30 cells.
+    n_clusters
+        Candidate numbers of clusters (ADPclust picks one by silhouette), or one number.
+    n_pcs
+        Principal components fed to t-SNE (cnnImpute: 50).
+    target_sum
+        Library size cells are scaled to before ``log2(. + 1)`` (cnnImpute: 1e6, CPM; ``None``:
+        the median library size).
+    n_top_genes
+        Highly-variable genes embedded (``None``: all, as cnnImpute).
+    scale
+        Scale genes to unit variance before PCA (cnnImpute: no). The defaults depart from
+        cnnImpute's preprocessing to separate groups better; see
+        :func:`screpair.dropout.cluster_cells`.
+    n_jobs
+        t-SNE threads.
+
+    Returns
+    -------
+    ``None``, or a copy when ``copy=True``. Writes
+
+    - ``.obs[key_added]``: cluster labels (categorical ``"0"``, ``"1"``, …);
+    - ``.obsm["X_tsne"]``: the 3-D t-SNE embedding;
+    - ``.uns[key_added]``: ``{"params", "layer", "version", "centers", "n_clusters", "silhouette",
+      "bandwidth", "seconds"}``.
+
+    Examples
+    --------
+    >>> from screpair import simulate, dropout
+    >>> sim = simulate.splat(n_obs=60, n_vars=200, group_prob=(0.5, 0.5), de_prob=0.3, rng=0)
+    >>> dropout.cluster(sim, rng=0)
+    >>> sim.obsm["X_tsne"].shape
+    (60, 3)
+    """
+    adata = _prepare(adata, copy, "cluster")
+    x = get_counts(adata, layer)
+    params = {
+        "perplexity": perplexity,
+        "n_clusters": n_clusters,
+        "n_pcs": n_pcs,
+        "target_sum": target_sum,
+        "n_top_genes": n_top_genes,
+        "scale": scale,
+        "n_jobs": n_jobs,
+    }
+    _cluster_into(adata, x, layer=layer, key_added=key_added, rng=rng, **params)
+    return adata if copy else None
+
+
+def _cluster_into(adata: AnnData, x, *, layer, key_added: str, rng: RNGLike, **params) -> None:
+    """Run :func:`cluster_cells` on ``x`` and write its result into ``adata``."""
+    from .. import __version__
+    from ..methods._api import jsonable
+
+    start = time.perf_counter()
+    res = cluster_cells(x, rng=rng, **params)
+    seconds = time.perf_counter() - start
+    cats = [str(i) for i in range(res.n_clusters)]
+    adata.obs[key_added] = pd.Categorical.from_codes(res.labels, categories=cats)
+    adata.obsm["X_tsne"] = res.embedding
+    params = {"rng": rng, **params}
+    adata.uns[key_added] = {
+        "params": jsonable({k: list(v) if isinstance(v, range) else v for k, v in params.items()}),
+        "layer": jsonable(layer),
+        "version": __version__,
+        "centers": np.asarray(res.centers, dtype=np.int64),
+        "n_clusters": int(res.n_clusters),
+        "silhouette": float(res.silhouette),
+        "bandwidth": float(res.bandwidth),
+        "seconds": float(seconds),
+    }
+
+
+def dropout_probability(
+    adata: AnnData,
+    *,
+    layer: str | None = None,
+    groupby: str | None = None,
+    threshold: float = 0.5,
+    key_added: str = "dropout_prob",
+    copy: bool = False,
+    rng: RNGLike = 0,
+    cluster_key: str = "screpair_cluster",
+    invalid_fill: float = 0.0,
+    max_iter: int = 100,
+    **cluster_kwargs,
+) -> AnnData | None:
+    """Dropout probability of every zero count (scImpute's mixture per cluster, as in cnnImpute).
+
+    Clusters the cells with :func:`cluster` unless ``groupby`` names an ``obs`` column of labels,
+    then fits scImpute's gamma-normal mixture for every gene in every cluster on
+    ``log10(CPM + 1.01)`` (see :func:`screpair.dropout.fit_dropout`). An entry is *missing* (a likely
+    dropout) when its probability exceeds ``threshold``. Observed non-zero counts are never missing.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with raw counts in ``X`` or ``layers[layer]``.
+    layer
+        Layer holding the raw counts; ``None`` uses ``X``.
+    groupby
+        ``obs`` column of cell labels to use instead of clustering.
+    threshold
+        Probability above which a zero counts as missing (recorded, and used for the summary).
+    key_added
+        Name of the layer written, and prefix of the ``varm``/``uns`` entries.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+    rng
+        Seed or Generator for the clustering.
+    cluster_key
+        ``obs`` column written by the clustering (when ``groupby`` is ``None``).
+    invalid_fill
+        Probability for zeros of genes without a usable fit in a cluster (0.0: not missing, as in
+        scImpute and cnnImpute; 1.0: all missing).
+    max_iter
+        EM iteration limit (scImpute: 100).
+    **cluster_kwargs
+        Passed to :func:`cluster` (``perplexity``, ``n_clusters``, ``n_pcs``, ``target_sum``,
+        ``n_jobs``).
+
+    Returns
+    -------
+    ``None``, or a copy when ``copy=True``. Writes
+
+    - ``.layers[key_added]``: dropout probabilities (CSR float32; stored only at zero counts);
+    - ``.varm[f"{key_added}_{name}"]`` for ``name`` in eta, alpha, beta, mu, sigma, zero_prob:
+      per-gene, per-cluster parameters (DataFrame, one column per cluster; NaN where no fit);
+    - ``.uns[key_added]``: ``{"params", "layer", "version", "groupby", "threshold", "clusters",
+      "valid_fraction", "status_counts", "n_missing", "missing_fraction_of_zeros", "seconds"}``;
+    - when ``groupby`` is ``None``: what :func:`cluster` writes (``obs[cluster_key]``,
+      ``obsm["X_tsne"]``, ``uns[cluster_key]``).
+
+    Examples
+    --------
+    >>> from screpair import simulate, dropout
+    >>> sim = simulate.splat(n_obs=60, n_vars=200, group_prob=(0.5, 0.5), rng=0)
+    >>> dropout.dropout_probability(sim, groupby="group")
+    >>> sim.layers["dropout_prob"].shape
+    (60, 200)
+    """
+    from .. import __version__
+    from ..methods._api import jsonable
+
+    adata = _prepare(adata, copy, "dropout_probability")
+    if not 0.0 <= threshold <= 1.0:
+        msg = f"threshold must be in [0, 1], got {threshold}."
+        raise ValueError(msg)
+    x = get_counts(adata, layer)
+    start = time.perf_counter()
+    if groupby is None:
+        _cluster_into(adata, x, layer=layer, key_added=cluster_key, rng=rng, **cluster_kwargs)
+        labels_key = cluster_key
+    else:
+        if cluster_kwargs:
+            msg = (
+                f"clustering parameters {sorted(cluster_kwargs)} are unused when groupby is given."
+            )
+            raise TypeError(msg)
+        if groupby not in adata.obs:
+            msg = f"groupby={groupby!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
+            raise KeyError(msg)
+        labels_key = groupby
+    fit = fit_dropout(x, adata.obs[labels_key], max_iter=max_iter, invalid_fill=invalid_fill)
+    seconds = time.perf_counter() - start
+
+    adata.layers[key_added] = fit.prob
+    cols = [str(c) for c in fit.clusters]
+    for name in _PARAMS:
+        adata.varm[f"{key_added}_{name}"] = pd.DataFrame(
+            getattr(fit, name).T, index=adata.var_names, columns=cols
+        )
+    n_zero = x.shape[0] * x.shape[1] - (x.nnz if hasattr(x, "nnz") else np.count_nonzero(x))
+    n_missing = int((fit.prob.data > threshold).sum())
+    params = {
+        "groupby": groupby,
+        "threshold": threshold,
+        "rng": rng,
+        "cluster_key": cluster_key,
+        "invalid_fill": invalid_fill,
+        "max_iter": max_iter,
+        **cluster_kwargs,
+    }
+    adata.uns[key_added] = {
+        "params": jsonable({k: list(v) if isinstance(v, range) else v for k, v in params.items()}),
+        "layer": jsonable(layer),
+        "version": __version__,
+        "groupby": labels_key,
+        "threshold": float(threshold),
+        "clusters": np.asarray(cols, dtype=object),
+        "valid_fraction": fit.valid.mean(axis=1),
+        "status_counts": fit.status_counts(),
+        "n_missing": n_missing,
+        "missing_fraction_of_zeros": float(n_missing / n_zero) if n_zero else 0.0,
+        "seconds": float(seconds),
+    }
+    logger.info("%d of %d zeros are likely dropouts (p > %.2f)", n_missing, n_zero, threshold)
+    return adata if copy else None
