@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
@@ -142,7 +141,8 @@ def impute(
     else:
         sub_x = x[np.flatnonzero(cells)][:, np.flatnonzero(genes)]
     obs = adata.obs.iloc[np.flatnonzero(cells)].copy()
-    var = pd.DataFrame(index=names[genes])
+    var = adata.var.iloc[np.flatnonzero(genes)].copy()  # methods may read columns (gene_length)
+    var.index = names[genes]
     sub = AnnData(X=sub_x, obs=obs, var=var)
 
     start = time.perf_counter()

@@ -77,6 +77,9 @@ class TrainConfig:
         ``"auto"`` (GPU when present), ``"cpu"``, ``"cuda"``, ...
     progress
         Show a tqdm bar over epochs.
+    max_seconds
+        Optional wall-clock budget: training stops after the epoch that exceeds it (the best
+        weights are restored as for early stopping). ``None`` means no limit.
     """
 
     n_epochs: int = 100
@@ -87,6 +90,7 @@ class TrainConfig:
     val_frac: float = 0.1
     device: str = "auto"
     progress: bool = True
+    max_seconds: float | None = None
 
 
 def split_cells(n: int, val_frac: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +144,12 @@ def train_loop(
     torch = import_torch()
     from tqdm.auto import tqdm
 
-    opt = torch.optim.Adam(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    params = list(module.parameters())
+    # fused Adam: one kernel for all parameters (2-3x faster steps for large models on CPU)
+    fused = bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64) for p in params
+    )
+    opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
     best, best_state, wait = np.inf, None, 0
     rows = []
     bar = tqdm(range(config.n_epochs), desc=desc, disable=not config.progress, leave=False)
@@ -176,6 +185,9 @@ def train_loop(
             if config.patience and wait >= config.patience:
                 logger.info("%s: early stop at epoch %d (best %.4g)", desc, epoch + 1, best)
                 break
+        if config.max_seconds is not None and rows[-1][3] >= config.max_seconds:
+            logger.info("%s: time budget reached after epoch %d", desc, epoch + 1)
+            break
     bar.close()
     if best_state is not None:
         module.load_state_dict(best_state)

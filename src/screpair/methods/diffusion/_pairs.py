@@ -10,7 +10,8 @@ Pipeline (DiffRepairer, Xiao et al. 2025):
    ``c = simulate.degrade(x0)`` per cell, the damage parameters (3' bias, dropout rate, noise sd)
    drawn per cell and per view uniformly from :class:`PairConfig`'s ranges (mild to severe);
    the degraded counts are normalized and log-transformed exactly as real input would be;
-4. the log values are standardized per gene with the clean training data's mean and sd;
+4. the log values are centred per gene (clean training mean) and divided by the overall sd of
+   the centred clean values (one scale for all genes, robust to rarely detected genes);
 5. the repaired log profile is mapped back to the count scale with ``expm1(.) * L / 1e4``
    (``L`` the observed library size of the input cell), clipped at 0.
 
@@ -34,7 +35,6 @@ from anndata import AnnData
 from ..._logging import get_logger, log_task
 from ..._utils import (
     Data,
-    RNGLike,
     as_rng,
     check_var_names,
     get_counts,
@@ -171,11 +171,31 @@ class PairImputer(BaseImputer):
         return None
 
     # ---- helpers -----------------------------------------------------------------------------
+    def _config(self, name: str):
+        """The ``name`` config: the default when ``None``; a dict (e.g. from a CLI config file)
+        is turned into the config class."""
+        typ, value = self._configs[name], getattr(self, name)
+        if value is None:
+            return typ()
+        if isinstance(value, dict):
+            try:
+                return typ(**value)
+            except TypeError as e:
+                msg = f"invalid {name!r} settings for {typ.__name__}: {e}"
+                raise TypeError(msg) from None
+        if not isinstance(value, typ):
+            msg = f"{name} must be a {typ.__name__} or a dict, got {type(value).__name__}."
+            raise TypeError(msg)
+        return value
+
     def _pairs_cfg(self) -> PairConfig:
-        return self.pairs if self.pairs is not None else PairConfig()
+        return self._config("pairs")
 
     def _train_cfg(self) -> TrainConfig:
-        return self.train if self.train is not None else TrainConfig()
+        return self._config("train")
+
+    def _module_cfg(self):
+        return self._config("module")
 
     def _standardize(self, v: np.ndarray) -> np.ndarray:
         return ((v - self.gene_mean_) / self.gene_scale_).astype(np.float32)
@@ -225,11 +245,16 @@ class PairImputer(BaseImputer):
         genes = np.flatnonzero(hvg)
         with log_task(f"making {pcfg.n_views} degraded view(s) of {x.shape[0]} cells", logger):
             clean, views = make_pairs(x, genes, pcfg, rng, self._gene_length(data))
+        # centred per gene, scaled by one overall sd: a per-gene sd would blow up rarely
+        # detected genes (sd ~ 0 in the reference) when a degraded cell does express them
         self.gene_mean_ = clean.mean(0).astype(np.float32)
-        self.gene_scale_ = np.maximum(clean.std(0), 0.05).astype(np.float32)
+        sd = float((clean - self.gene_mean_).std())
+        self.gene_scale_ = np.full(len(genes), max(sd, 1e-3), dtype=np.float32)
         clean_z = self._standardize(clean)
         views_z = self._standardize(views)
-        self.clip_ = (float(clean_z.min()) - 1.0, float(clean_z.max()) + 1.0)
+        # plausible range of a repaired log value: [0, max over the reference + 0.5]
+        top = float(clean.max()) + 0.5
+        self.clip_ = self._standardize(np.stack([np.zeros(len(genes)), np.full(len(genes), top)]))
 
         device = resolve_device(tcfg.device)
         n = x.shape[0]
@@ -286,7 +311,10 @@ class PairImputer(BaseImputer):
         mean = x.toarray() if sp.issparse(x) else np.array(x)
         mean = mean.astype(np.float32)
         var = np.zeros_like(mean) if n_samples > 1 else None
-        with log_task(f"repairing {x.shape[0]} cells with {self.name}", logger), torch.inference_mode():
+        with (
+            log_task(f"repairing {x.shape[0]} cells with {self.name}", logger),
+            torch.inference_mode(),
+        ):
             for start in range(0, x.shape[0], self._predict_batch):
                 stop = min(start + self._predict_batch, x.shape[0])
                 cb = torch.from_numpy(c[start:stop]).to(device)
@@ -319,10 +347,16 @@ class PairImputer(BaseImputer):
             "hvg": torch.from_numpy(self.hvg_.astype(np.uint8)),
             "gene_mean": torch.from_numpy(self.gene_mean_),
             "gene_scale": torch.from_numpy(self.gene_scale_),
-            "clip": torch.tensor(self.clip_, dtype=torch.float64),
+            "clip": torch.from_numpy(np.asarray(self.clip_, dtype=np.float32)),
         }
         extra = {"class": type(self).__name__, **self._extra_state()}
-        save_model(path, config=self._params_json(), state_dict=state, var_names=self.var_names_, extra=extra)
+        save_model(
+            path,
+            config=self._params_json(),
+            state_dict=state,
+            var_names=self.var_names_,
+            extra=extra,
+        )
 
     @classmethod
     def load(cls, path: str | Path) -> Self:
@@ -336,13 +370,15 @@ class PairImputer(BaseImputer):
         for k, typ in cls._configs.items():
             if params.get(k) is not None:
                 fields = params[k]
-                params[k] = typ(**{f: tuple(v) if isinstance(v, list) else v for f, v in fields.items()})
+                params[k] = typ(
+                    **{f: tuple(v) if isinstance(v, list) else v for f, v in fields.items()}
+                )
         est = cls(**params)
         est.var_names_ = pd.Index(meta["var_names"])
         est.hvg_ = state["hvg"].numpy().astype(bool)
         est.gene_mean_ = state["gene_mean"].numpy()
         est.gene_scale_ = state["gene_scale"].numpy()
-        est.clip_ = tuple(float(v) for v in state["clip"])
+        est.clip_ = state["clip"].numpy()
         est._set_extra_state(extra)
         torch = import_torch()
         with _seeded_torch(0, torch.device("cpu")):  # the init is overwritten; keep global state

@@ -12,6 +12,11 @@ Conventions (Ho et al. 2020; Song et al. 2021; diffusers ``DDIMScheduler``):
   ``sigma = eta sqrt((1 - abar_s) / (1 - abar_t) (1 - abar_t / abar_s))`` and
   ``x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z``.
   ``eta = 0`` is deterministic DDIM; ``eta = 1`` over all ``n_steps`` timesteps is ancestral DDPM.
+
+The network's output is the noise ``eps`` (``prediction_type="epsilon"``, the paper's choice) or
+the velocity ``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0`` (``"v_prediction"``, Salimans & Ho
+2022), which weighs the high-noise steps more evenly; :meth:`NoiseSchedule.target` gives the
+training target and :meth:`NoiseSchedule.step` converts either to ``eps``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ if TYPE_CHECKING:
     import torch
 
 BETA_SCHEDULES = ("cosine", "linear")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 def make_betas(n_steps: int, beta_schedule: str = "cosine") -> np.ndarray:
@@ -73,6 +79,8 @@ class NoiseSchedule:
         Number of training diffusion steps ``T``.
     beta_schedule
         ``"cosine"`` (default) or ``"linear"``; see :func:`make_betas`.
+    prediction_type
+        What the network predicts: ``"epsilon"`` (default) or ``"v_prediction"``.
 
     Examples
     --------
@@ -81,19 +89,28 @@ class NoiseSchedule:
     >>> x0, eps = torch.zeros(2, 3), torch.ones(2, 3)
     >>> x_t = s.add_noise(x0, eps, torch.tensor([999, 999]))
     >>> for t in s.timesteps(10):
-    ...     x_t = s.step(eps, t, x_t).prev
+    ...     x_t = s.step(eps, t, x_t, n_inference=10).prev
     >>> bool(torch.allclose(x_t, x0, atol=1e-4))
     True
     """
 
-    def __init__(self, n_steps: int = 1000, beta_schedule: str = "cosine"):
+    def __init__(
+        self, n_steps: int = 1000, beta_schedule: str = "cosine", prediction_type: str = "epsilon"
+    ):
+        if prediction_type not in PREDICTION_TYPES:
+            msg = f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}."
+            raise ValueError(msg)
         self.n_steps = int(n_steps)
         self.beta_schedule = beta_schedule
+        self.prediction_type = prediction_type
         self.betas = make_betas(self.n_steps, beta_schedule)
         self.alphas_cumprod = np.cumprod(1.0 - self.betas)
 
     def __repr__(self) -> str:
-        return f"NoiseSchedule(n_steps={self.n_steps}, beta_schedule={self.beta_schedule!r})"
+        return (
+            f"NoiseSchedule(n_steps={self.n_steps}, beta_schedule={self.beta_schedule!r}, "
+            f"prediction_type={self.prediction_type!r})"
+        )
 
     def _abar(self, t, like: torch.Tensor) -> torch.Tensor:
         """``abar_t`` gathered for integer timesteps ``t`` (``t < 0`` gives 1), shaped to broadcast."""
@@ -116,6 +133,13 @@ class NoiseSchedule:
         a = self._abar(t, x0)
         return a.sqrt() * x0 + (1.0 - a).sqrt() * noise
 
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """Training target of the network at ``(x0, noise, t)``: ``noise`` or ``v``."""
+        if self.prediction_type == "epsilon":
+            return noise
+        a = self._abar(t, x0)
+        return a.sqrt() * noise - (1.0 - a).sqrt() * x0
+
     def timesteps(self, n: int) -> np.ndarray:
         """``n`` inference timesteps, descending, "trailing" spacing (first is ``n_steps - 1``).
 
@@ -125,26 +149,28 @@ class NoiseSchedule:
         if not 1 <= n <= self.n_steps:
             msg = f"number of inference steps must be in [1, {self.n_steps}], got {n}."
             raise ValueError(msg)
-        return np.unique(np.round(np.arange(self.n_steps, 0, -self.n_steps / n)).astype(int) - 1)[::-1]
+        return np.unique(np.round(np.arange(self.n_steps, 0, -self.n_steps / n)).astype(int) - 1)[
+            ::-1
+        ]
 
     def step(
         self,
-        eps_hat: torch.Tensor,
+        model_output: torch.Tensor,
         t: int,
         x_t: torch.Tensor,
         *,
         prev_t: int | None = None,
         n_inference: int | None = None,
         eta: float = 0.0,
-        clip: tuple[float, float] | None = None,
+        clip: tuple[float | torch.Tensor, float | torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> StepOutput:
         """One reverse step from timestep ``t`` to ``prev_t``.
 
         Parameters
         ----------
-        eps_hat
-            Predicted noise at ``(x_t, t)``.
+        model_output
+            The network's prediction at ``(x_t, t)``: the noise, or ``v`` (``prediction_type``).
         t
             Current timestep (an int shared by the batch).
         x_t
@@ -158,7 +184,8 @@ class NoiseSchedule:
         eta
             Stochasticity: 0 deterministic DDIM, 1 DDPM-like ancestral sampling.
         clip
-            Optional ``(low, high)`` range for ``x0_hat``; the noise estimate is made consistent
+            Optional ``(low, high)`` bounds for ``x0_hat`` (numbers, or tensors broadcasting
+            against the sample, e.g. per-gene bounds); the noise estimate is made consistent
             with the clipped ``x0_hat`` (as diffusers does when thresholding).
         generator
             Source of the fresh noise ``z`` when ``eta > 0``.
@@ -174,9 +201,15 @@ class NoiseSchedule:
                 prev_t = int(later[0]) if len(later) else -1
         a_t = self._abar(t, x_t)
         a_s = self._abar(prev_t, x_t)
-        x0_hat = (x_t - (1.0 - a_t).sqrt() * eps_hat) / a_t.sqrt()
+        if self.prediction_type == "epsilon":
+            eps_hat = model_output
+            x0_hat = (x_t - (1.0 - a_t).sqrt() * eps_hat) / a_t.sqrt()
+        else:  # x0 = sqrt(abar) x_t - sqrt(1 - abar) v, eps = sqrt(abar) v + sqrt(1 - abar) x_t
+            eps_hat = a_t.sqrt() * model_output + (1.0 - a_t).sqrt() * x_t
+            x0_hat = a_t.sqrt() * x_t - (1.0 - a_t).sqrt() * model_output
         if clip is not None:
-            x0_hat = x0_hat.clamp(clip[0], clip[1])
+            low, high = (torch.as_tensor(b, dtype=x_t.dtype, device=x_t.device) for b in clip)
+            x0_hat = torch.minimum(torch.maximum(x0_hat, low), high)
             eps_hat = (x_t - a_t.sqrt() * x0_hat) / (1.0 - a_t).sqrt()
         var = (1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)
         sigma = eta * var.clamp_min(0.0).sqrt()

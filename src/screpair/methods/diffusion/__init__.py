@@ -1,0 +1,34 @@
+"""DiffRepairer: conditional diffusion repair of degraded profiles (``method="diffusion"``).
+
+- :class:`NoiseSchedule` (``_schedule.py``): DDPM/DDIM noise math, no network;
+- :class:`EpsNet` (``_module.py``): the transformer noise predictor (pure ``nn.Module``);
+- :class:`DiffusionImputer` (``_model.py``): the estimator (data, training, repair, save/load);
+- ``_pairs.py``: the (clean, degraded) pair pipeline shared with the ``dae``/``vae`` baselines.
+
+torch is imported only when :class:`EpsNet` or a fitted model is used.
+"""
+
+from __future__ import annotations
+
+from ._model import DiffusionConfig, DiffusionImputer
+from ._pairs import PairConfig, PairImputer
+from ._schedule import NoiseSchedule, StepOutput, make_betas
+
+__all__ = [
+    "DiffusionConfig",
+    "DiffusionImputer",
+    "NoiseSchedule",
+    "PairConfig",
+    "PairImputer",
+    "StepOutput",
+    "make_betas",
+]
+
+
+def __getattr__(name: str):
+    if name == "EpsNet":
+        from ._module import EpsNet
+
+        return EpsNet
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)

@@ -1,0 +1,176 @@
+"""DiffRepairer: conditional diffusion transformer that repairs degraded expression profiles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..._utils import RNGLike
+from .._torch import TrainConfig, import_torch
+from ._pairs import PairConfig, PairImputer
+from ._schedule import NoiseSchedule
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    """Network and noise-schedule settings of :class:`DiffusionImputer`.
+
+    Attributes
+    ----------
+    patch_size
+        Genes per token. The default 250 gives 20 tokens for 5,000 genes, which keeps training
+        (about 10 min for 2,700 cells) and DDIM repair (about 1 min) affordable on a 2-core CPU;
+        ``patch_size=1`` is the paper's one token per gene (only practical on a GPU and with few
+        genes). See :mod:`screpair.methods.diffusion._module` for the token design.
+    d_model, n_layers, n_heads, dim_feedforward, dropout
+        Transformer encoder (the paper: 256-d tokens, 4 layers, multi-head attention).
+    n_steps, beta_schedule, prediction_type
+        Training diffusion steps, beta schedule and network target (:class:`NoiseSchedule`).
+        The default target is ``"v_prediction"`` (``v = sqrt(abar) eps - sqrt(1 - abar) x0``, an
+        invertible reparameterization of the paper's noise prediction; the sampler converts it
+        to ``eps``). ``"epsilon"`` is the paper's literal choice; on small simulations (200 cells,
+        40 epochs) it gave a 10x larger log-scale MSE than ``v`` with the same network, because
+        the eps loss barely trains the high-noise steps that a few-step DDIM sampler relies on.
+    """
+
+    patch_size: int = 250
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    dim_feedforward: int = 512
+    dropout: float = 0.0
+    n_steps: int = 1000
+    beta_schedule: str = "cosine"
+    prediction_type: str = "v_prediction"
+
+
+class DiffusionImputer(PairImputer):
+    """DiffRepairer (Xiao et al., Biology 14:1652, 2025): conditional DDPM for profile repair.
+
+    A transformer predicts the noise in ``x_t`` given the timestep and the degraded profile ``c``
+    (standard epsilon-MSE); repair runs the reverse process with DDIM from pure noise, conditioned
+    on the observed profile, ``n_samples`` times: the mean of the samples is the repaired profile
+    and their variance the uncertainty. Trained on pairs made by degrading clean profiles with
+    :func:`screpair.simulate.degrade` (see :mod:`screpair.methods.diffusion._pairs` for the
+    pipeline: 1e4 normalization, log1p, top HVGs, per-gene standardization, count scale out).
+
+    Use it inductively (``fit(reference).transform(degraded)``, the paper's setting; gene names
+    are checked), or through ``screpair.impute(adata, method="diffusion")``, which trains on pairs
+    made from the observed profiles and repairs those same profiles.
+
+    Parameters
+    ----------
+    module
+        Network and schedule settings (:class:`DiffusionConfig`).
+    train
+        Training settings (:class:`~screpair.methods._torch.TrainConfig`).
+    pairs
+        Training-pair settings (:class:`~screpair.methods.diffusion.PairConfig`).
+    n_samples
+        Reverse-process samples per cell; with ``n_samples >= 2`` the sample variance is returned.
+    n_inference_steps
+        DDIM steps at repair time.
+    eta
+        DDIM stochasticity (0: deterministic given the starting noise; 1: DDPM-like).
+    rng
+        Seed or ``numpy.random.Generator`` (pair making, split, initialization, noise).
+
+    Examples
+    --------
+    >>> import screpair
+    >>> from screpair.methods._torch import TrainConfig
+    >>> ad = screpair.simulate.splat(n_obs=60, n_vars=40, rng=0)
+    >>> est = DiffusionImputer(
+    ...     module=DiffusionConfig(patch_size=10, d_model=16, n_layers=1, n_heads=2, dim_feedforward=16),
+    ...     train=TrainConfig(n_epochs=1, progress=False), n_samples=2, n_inference_steps=2, rng=0,
+    ... )
+    >>> est.fit(ad, layer="true_counts").transform(ad, layer="counts").shape
+    (60, 40)
+    """
+
+    name: ClassVar[str] = "diffusion"
+    _configs: ClassVar[dict[str, type]] = {
+        "module": DiffusionConfig,
+        "pairs": PairConfig,
+        "train": TrainConfig,
+    }
+
+    def __init__(
+        self,
+        *,
+        module: DiffusionConfig | None = None,
+        train: TrainConfig | None = None,
+        pairs: PairConfig | None = None,
+        n_samples: int = 2,
+        n_inference_steps: int = 4,
+        eta: float = 0.0,
+        rng: RNGLike = None,
+    ):
+        self.module = module
+        self.train = train
+        self.pairs = pairs
+        self.n_samples = n_samples
+        self.n_inference_steps = n_inference_steps
+        self.eta = eta
+        self.rng = rng
+
+    def _schedule(self) -> NoiseSchedule:
+        cfg = self._module_cfg()
+        return NoiseSchedule(
+            n_steps=cfg.n_steps,
+            beta_schedule=cfg.beta_schedule,
+            prediction_type=cfg.prediction_type,
+        )
+
+    def _build_module(self, n_genes: int):
+        from ._module import EpsNet
+
+        cfg = self._module_cfg()
+        return EpsNet(
+            n_genes,
+            patch_size=cfg.patch_size,
+            d_model=cfg.d_model,
+            n_layers=cfg.n_layers,
+            n_heads=cfg.n_heads,
+            dim_feedforward=cfg.dim_feedforward,
+            dropout=cfg.dropout,
+        )
+
+    def _loss(self, module, x0, c, generator):
+        torch = import_torch()
+        sched = self._schedule()
+        t = torch.randint(0, sched.n_steps, (x0.shape[0],), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        pred = module(sched.add_noise(x0, noise, t), t, c)
+        return torch.nn.functional.mse_loss(pred, sched.target(x0, noise, t))
+
+    def _n_samples(self) -> int:
+        if int(self.n_samples) < 1:
+            msg = f"n_samples must be >= 1, got {self.n_samples}."
+            raise ValueError(msg)
+        return int(self.n_samples)
+
+    def _sample(self, module, c, n_samples: int, generator):
+        """DDIM reverse process from pure noise, ``n_samples`` per cell: ``(S, B, G)``."""
+        torch = import_torch()
+        sched = self._schedule()
+        b, g = c.shape
+        cond = c.repeat(n_samples, 1)
+        x = torch.randn(cond.shape, generator=generator, device=c.device, dtype=c.dtype)
+        clip = torch.as_tensor(self.clip_, device=c.device, dtype=c.dtype)
+        n_inf = int(self.n_inference_steps)
+        ts = sched.timesteps(n_inf)
+        for i, t in enumerate(ts):
+            prev_t = int(ts[i + 1]) if i + 1 < len(ts) else -1
+            tt = torch.full((cond.shape[0],), int(t), device=c.device, dtype=torch.long)
+            eps = module(x, tt, cond)
+            x = sched.step(
+                eps,
+                int(t),
+                x,
+                prev_t=prev_t,
+                eta=float(self.eta),
+                clip=(clip[0], clip[1]),
+                generator=generator,
+            ).prev
+        return x.reshape(n_samples, b, g)

@@ -1,0 +1,153 @@
+"""DAE and VAE baselines (``method="dae"`` / ``"vae"``) on the diffusion method's pair pipeline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from anndata import AnnData
+from sklearn.exceptions import NotFittedError
+
+import screpair
+from screpair.methods._torch import TrainConfig
+from screpair.methods.autoencoder import AEConfig, DAEImputer, VAEImputer
+from screpair.methods.autoencoder._module import DenoisingAE, VariationalAE
+from screpair.methods.diffusion import PairConfig
+from screpair.methods.diffusion._pairs import log_normalize
+
+N_TOP = 40
+CLASSES = [DAEImputer, VAEImputer]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny networks run faster on one thread, and much faster on a loaded shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny(cls, **kw):
+    params = {
+        "module": AEConfig(hidden=64, latent=8, dropout=0.1, kl_weight=0.1),
+        "train": TrainConfig(n_epochs=8, batch_size=32, lr=3e-3, patience=0, progress=False),
+        "pairs": PairConfig(n_top_genes=N_TOP, n_views=2),
+        "rng": 0,
+    }
+    params.update(kw)
+    return cls(**params)
+
+
+@pytest.fixture(scope="module")
+def ref_and_degraded():
+    ref = screpair.simulate.splat(n_obs=150, n_vars=60, lib_loc=8, dropout_type="none", rng=0)
+    deg = screpair.simulate.degrade(
+        ref, layer="true_counts", bias_3p=0.5, dropout_rate=0.3, noise_sd=0.2, rng=1
+    )
+    return ref, deg
+
+
+@pytest.fixture(scope="module", params=CLASSES, ids=lambda c: c.name)
+def fitted(request, ref_and_degraded):
+    ref, _ = ref_and_degraded
+    return _tiny(request.param).fit(ref, layer="true_counts")
+
+
+def _log_mse(counts, clean, genes):
+    return float(np.mean((log_normalize(counts, genes) - log_normalize(clean, genes)) ** 2))
+
+
+def test_modules_shapes():
+    torch.manual_seed(0)  # test-local init only
+    c = torch.randn(5, 30)
+    dae = DenoisingAE(30, hidden=16, latent=4)
+    assert dae(c).shape == (5, 30)
+    vae = VariationalAE(30, hidden=16, latent=4).eval()
+    x_hat, mu, logvar = vae(c, torch.Generator().manual_seed(0))
+    assert x_hat.shape == (5, 30) and mu.shape == (5, 4) and logvar.shape == (5, 4)
+    # without a generator the decoder sees z = mu (deterministic)
+    np.testing.assert_array_equal(vae(c)[0].detach().numpy(), vae.decoder(mu).detach().numpy())
+
+
+def test_beats_degraded_input(fitted, ref_and_degraded):
+    ref, deg = ref_and_degraded
+    post = fitted.posterior(deg, layer="counts")
+    hvg = np.flatnonzero(fitted.hvg_)
+    clean = ref.layers["true_counts"]
+    before = _log_mse(deg.layers["counts"], clean, hvg)
+    after = _log_mse(post.mean, clean, hvg)
+    assert after < 0.2 * before, (before, after)  # measured: 6.6 -> 0.48 (both)
+    assert np.all(np.isfinite(post.mean)) and post.mean.min() >= 0
+    assert post.var is None
+    other = np.flatnonzero(~fitted.hvg_)
+    np.testing.assert_array_equal(post.mean[:, other], deg.layers["counts"][:, other].toarray())
+
+
+def test_save_load_identical(fitted, ref_and_degraded, tmp_path):
+    _, deg = ref_and_degraded
+    fitted.save(tmp_path / "m")
+    loaded = type(fitted).load(tmp_path / "m")
+    np.testing.assert_allclose(
+        loaded.transform(deg, layer="counts"), fitted.transform(deg, layer="counts"), rtol=1e-6
+    )
+    other = VAEImputer if isinstance(fitted, DAEImputer) else DAEImputer
+    with pytest.raises(ValueError, match=type(fitted).__name__):
+        other.load(tmp_path / "m")
+
+
+def test_var_names_checked(fitted, ref_and_degraded):
+    _, deg = ref_and_degraded
+    bad = deg[:, ::-1].copy()
+    with pytest.raises(ValueError, match="order"):
+        fitted.transform(bad, layer="counts")
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.name)
+def test_not_fitted(cls, ref_and_degraded):
+    with pytest.raises(NotFittedError):
+        _tiny(cls).transform(ref_and_degraded[1], layer="counts")
+
+
+@pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.name)
+def test_seeded(cls, ref_and_degraded):
+    ref, deg = ref_and_degraded
+    state = torch.get_rng_state()
+    tr = TrainConfig(n_epochs=2, patience=0, progress=False)
+    a = _tiny(cls, train=tr).fit(ref, layer="true_counts").transform(deg, layer="counts")
+    assert torch.equal(state, torch.get_rng_state())
+    b = _tiny(cls, train=tr).fit(ref, layer="true_counts").transform(deg, layer="counts")
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dae", "vae"])
+def test_impute_registered(name, ref_and_degraded):
+    _, deg = ref_and_degraded
+    ad = AnnData(X=deg.layers["counts"].copy())
+    ad.var_names = deg.var_names
+    screpair.impute(
+        ad,
+        name,
+        rng=0,
+        train=TrainConfig(n_epochs=2, patience=0, progress=False),
+        pairs=PairConfig(n_top_genes=N_TOP, n_views=1),
+    )
+    assert ad.layers[name].shape == ad.shape
+    assert f"{name}_var" not in ad.layers
+    assert np.all(ad.layers[name] >= 0)
+
+
+def test_dict_configs_as_from_a_cli_config_file(ref_and_degraded):
+    ref, deg = ref_and_degraded
+    est = DAEImputer(
+        module={"hidden": 16, "latent": 4},
+        train={"n_epochs": 1, "progress": False},
+        pairs={"n_top_genes": 20, "n_views": 1},
+        rng=0,
+    ).fit(ref, layer="true_counts")
+    assert est.module_.encoder[0].out_features == 16
+    assert int(est.hvg_.sum()) == 20
+    with pytest.raises(TypeError, match="AEConfig"):
+        DAEImputer(module={"width": 3}).fit(ref, layer="true_counts")
+    with pytest.raises(TypeError, match="module must be"):
+        DAEImputer(module=3).fit(ref, layer="true_counts")

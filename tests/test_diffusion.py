@@ -1,0 +1,329 @@
+"""DiffRepairer (``method="diffusion"``): noise schedule, network shapes, estimator end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from anndata import AnnData
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+
+import screpair
+from screpair.methods._torch import TrainConfig
+from screpair.methods.diffusion import (
+    DiffusionConfig,
+    DiffusionImputer,
+    NoiseSchedule,
+    PairConfig,
+    make_betas,
+)
+from screpair.methods.diffusion._module import EpsNet, timestep_embedding
+from screpair.methods.diffusion._pairs import log_normalize, to_counts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny networks run faster on one thread, and much faster on a loaded shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule (no network)
+
+
+def test_linear_betas_golden():
+    b = make_betas(1000, "linear")
+    abar = np.cumprod(1 - b)
+    assert b[0] == pytest.approx(1e-4, abs=1e-12)
+    assert b[-1] == pytest.approx(0.02, abs=1e-12)
+    # by hand: beta_1 = 1e-4 + 0.0199 / 999, abar_1 = (1 - 1e-4)(1 - beta_1)
+    assert abar[1] == pytest.approx(0.9999 * (1 - (1e-4 + 0.0199 / 999)), abs=1e-12)
+    assert abar[1] == pytest.approx(0.99978009207207, abs=1e-12)
+    # Ho et al. (2020): abar_T ~ 4.04e-5 for T = 1000
+    assert abar[999] == pytest.approx(4.0358e-05, rel=1e-4)
+
+
+def test_cosine_alpha_bar_golden():
+    s = NoiseSchedule(1000, "cosine")
+    abar = s.alphas_cumprod
+
+    def f(u):
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    # abar[t] = f((t + 1) / T) / f(0) wherever beta is not clipped
+    for t in (0, 99, 499, 899):
+        assert abar[t] == pytest.approx(f((t + 1) / 1000) / f(0), rel=1e-10)
+    assert abar[499] == pytest.approx(0.49384359044, abs=1e-10)
+    assert abar[0] == pytest.approx(0.99995871578, abs=1e-10)
+    assert s.betas.max() == pytest.approx(0.999, abs=1e-12)  # the last beta is clipped
+    assert np.all(np.diff(abar) < 0)
+
+
+def test_timesteps_trailing():
+    s = NoiseSchedule(1000)
+    np.testing.assert_array_equal(s.timesteps(10), np.arange(999, 0, -100))
+    np.testing.assert_array_equal(s.timesteps(1000), np.arange(999, -1, -1))
+    np.testing.assert_array_equal(s.timesteps(1), [999])
+    with pytest.raises(ValueError, match="inference steps"):
+        s.timesteps(0)
+
+
+def test_schedule_errors():
+    with pytest.raises(ValueError, match="beta_schedule"):
+        make_betas(10, "quadratic")
+    with pytest.raises(ValueError, match="positive"):
+        make_betas(0)
+    with pytest.raises(ValueError, match="prediction_type"):
+        NoiseSchedule(10, prediction_type="sample")
+
+
+@pytest.mark.parametrize("beta_schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_add_noise_then_exact_prediction_gives_x0(beta_schedule, prediction_type):
+    s = NoiseSchedule(1000, beta_schedule, prediction_type)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 11, generator=g, dtype=torch.float64)
+    eps = torch.randn(6, 11, generator=g, dtype=torch.float64)
+    t = torch.tensor([0, 10, 250, 500, 900, 999])
+    x_t = s.add_noise(x0, eps, t)
+    # closed form, by hand, for one row
+    a = s.alphas_cumprod[250]
+    np.testing.assert_allclose(
+        x_t[2].numpy(), math.sqrt(a) * x0[2].numpy() + math.sqrt(1 - a) * eps[2].numpy(), atol=1e-12
+    )
+    target = s.target(x0, eps, t)
+    for i, ti in enumerate(t.tolist()):
+        out = s.step(target[i : i + 1], ti, x_t[i : i + 1])
+        np.testing.assert_allclose(out.x0_hat.numpy(), x0[i : i + 1].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("n_inference", [1, 4, 10, 50])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_with_exact_noise_returns_x0(n_inference, prediction_type):
+    s = NoiseSchedule(1000, "cosine", prediction_type)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    eps = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    runs = []
+    for _ in range(2):
+        x = s.add_noise(x0, eps, 999)
+        for t in s.timesteps(n_inference):
+            # an oracle network: the exact target for the current sample
+            model_out = s.target(x0, eps, int(t))
+            x = s.step(model_out, int(t), x, n_inference=n_inference).prev
+        runs.append(x)
+    np.testing.assert_allclose(runs[0].numpy(), x0.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(runs[0].numpy(), runs[1].numpy())  # deterministic (eta = 0)
+
+
+def test_ddpm_step_variance_is_posterior_beta_tilde():
+    s = NoiseSchedule(1000, "linear")
+    x0 = torch.zeros(1, 5, dtype=torch.float64)
+    eps = torch.ones(1, 5, dtype=torch.float64)
+    t = 500
+    x_t = s.add_noise(x0, eps, t)
+    det = s.step(eps, t, x_t, eta=0.0).prev
+    out = s.step(eps, t, x_t, eta=1.0, generator=torch.Generator().manual_seed(3)).prev
+    z = torch.randn(1, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    a_t, a_s, beta = s.alphas_cumprod[t], s.alphas_cumprod[t - 1], s.betas[t]
+    sigma = math.sqrt((1 - a_s) / (1 - a_t) * beta)  # DDPM's beta-tilde, by hand
+    mean = math.sqrt(a_s) * 0.0 + math.sqrt(1 - a_s - sigma**2) * 1.0
+    np.testing.assert_allclose(out.numpy(), mean + sigma * z.numpy(), atol=1e-10)
+    np.testing.assert_allclose(det.numpy(), math.sqrt(1 - a_s), atol=1e-10)
+
+
+def test_step_clip_bounds_x0_hat():
+    s = NoiseSchedule(1000)
+    x_t = torch.full((2, 3), 5.0)
+    out = s.step(torch.zeros(2, 3), 999, x_t, clip=(-1.0, 2.0))
+    assert float(out.x0_hat.max()) <= 2.0 + 1e-6
+    assert float(out.x0_hat.min()) >= -1.0 - 1e-6
+    # per-gene (tensor) bounds broadcast over the batch
+    low, high = torch.tensor([0.0, -1.0, 1.0]), torch.tensor([1.0, 0.0, 3.0])
+    out = s.step(torch.zeros(2, 3), 999, x_t, clip=(low, high))
+    np.testing.assert_allclose(out.x0_hat.numpy(), [[1.0, 0.0, 3.0]] * 2, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# network
+
+
+@pytest.mark.parametrize(("n_genes", "patch_size", "n_tokens"), [(23, 5, 5), (20, 5, 4), (7, 1, 7)])
+def test_epsnet_shapes(n_genes, patch_size, n_tokens):
+    net = EpsNet(
+        n_genes, patch_size=patch_size, d_model=16, n_layers=2, n_heads=2, dim_feedforward=32
+    )
+    assert net.n_tokens == n_tokens
+    x = torch.randn(4, n_genes)
+    t = torch.tensor([0, 1, 500, 999])
+    out = net(x, t, torch.randn(4, n_genes))
+    assert out.shape == (4, n_genes)
+    assert torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="condition"):
+        net(x, t)
+    with pytest.raises(ValueError, match="shape"):
+        net(torch.randn(4, n_genes + 1), t, torch.randn(4, n_genes + 1))
+
+
+def test_epsnet_uses_condition_and_timestep():
+    torch.manual_seed(0)  # test-local init; library code never seeds globally
+    net = EpsNet(12, patch_size=4, d_model=16, n_layers=1, n_heads=2, dim_feedforward=16).eval()
+    x, c = torch.randn(2, 12), torch.randn(2, 12)
+    t = torch.tensor([10, 10])
+    base = net(x, t, c)
+    assert (net(x, t, c + 1.0) - base).abs().max() > 1e-4
+    assert (net(x, torch.tensor([900, 900]), c) - base).abs().max() > 1e-4
+    emb = timestep_embedding(torch.tensor([0, 5]), 8)
+    assert emb.shape == (2, 8)
+    np.testing.assert_allclose(emb[0].numpy(), [1, 1, 1, 1, 0, 0, 0, 0], atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# estimator
+
+N_TOP = 40
+TINY = DiffusionConfig(
+    patch_size=8,
+    d_model=32,
+    n_layers=2,
+    n_heads=2,
+    dim_feedforward=64,
+    prediction_type="v_prediction",
+)
+
+
+def _tiny(**kw):
+    params = {
+        "module": TINY,
+        "train": TrainConfig(n_epochs=8, batch_size=64, lr=2e-3, patience=0, progress=False),
+        "pairs": PairConfig(n_top_genes=N_TOP, n_views=2),
+        "n_samples": 3,
+        "n_inference_steps": 4,
+        "rng": 0,
+    }
+    params.update(kw)
+    return DiffusionImputer(**params)
+
+
+@pytest.fixture(scope="module")
+def ref_and_degraded():
+    ref = screpair.simulate.splat(n_obs=150, n_vars=60, lib_loc=8, dropout_type="none", rng=0)
+    deg = screpair.simulate.degrade(
+        ref, layer="true_counts", bias_3p=0.5, dropout_rate=0.3, noise_sd=0.2, rng=1
+    )
+    return ref, deg
+
+
+@pytest.fixture(scope="module")
+def fitted(ref_and_degraded):
+    ref, _ = ref_and_degraded
+    return _tiny().fit(ref, layer="true_counts")
+
+
+def _log_mse(counts, clean, genes):
+    return float(np.mean((log_normalize(counts, genes) - log_normalize(clean, genes)) ** 2))
+
+
+def test_fit_transform_beats_degraded_input(fitted, ref_and_degraded):
+    ref, deg = ref_and_degraded
+    post = fitted.posterior(deg, layer="counts")
+    hvg = np.flatnonzero(fitted.hvg_)
+    assert len(hvg) == N_TOP
+    clean = ref.layers["true_counts"]
+    before = _log_mse(deg.layers["counts"], clean, hvg)
+    after = _log_mse(post.mean, clean, hvg)
+    assert after < 0.2 * before, (before, after)  # measured: 6.6 -> 0.59
+    assert np.all(np.isfinite(post.mean)) and post.mean.min() >= 0
+    # genes outside the HVG set come back exactly as observed
+    other = np.flatnonzero(~fitted.hvg_)
+    np.testing.assert_array_equal(post.mean[:, other], deg.layers["counts"][:, other].toarray())
+    assert post.var.shape == post.mean.shape
+    assert post.var.min() >= 0
+    np.testing.assert_array_equal(post.var[:, other], 0.0)
+    assert post.var[:, hvg].max() > 0
+    assert list(fitted.history_.columns) == ["epoch", "train_loss", "val_loss", "seconds"]
+    assert len(fitted.history_) == 8
+
+
+def test_count_scale_round_trip():
+    rng = np.random.default_rng(0)
+    x = rng.poisson(3.0, size=(5, 9)).astype(float)
+    lib = x.sum(1)
+    np.testing.assert_allclose(to_counts(log_normalize(x, np.arange(9), lib), lib), x, rtol=1e-5)
+
+
+def test_reproducible_and_no_global_torch_state(ref_and_degraded, fitted):
+    ref, deg = ref_and_degraded
+    state = torch.get_rng_state()
+    est = _tiny(train=TrainConfig(n_epochs=2, patience=0, progress=False), n_samples=2)
+    a = est.fit(ref, layer="true_counts").transform(deg, layer="counts")
+    assert torch.equal(state, torch.get_rng_state())
+    b = _tiny(train=TrainConfig(n_epochs=2, patience=0, progress=False), n_samples=2)
+    b = b.fit(ref, layer="true_counts").transform(deg, layer="counts")
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # transform itself is repeatable for an int seed
+    np.testing.assert_array_equal(
+        fitted.transform(deg, layer="counts"), fitted.transform(deg, layer="counts")
+    )
+
+
+def test_save_load_identical(fitted, ref_and_degraded, tmp_path):
+    _, deg = ref_and_degraded
+    fitted.save(tmp_path / "m")
+    loaded = DiffusionImputer.load(tmp_path / "m")
+    assert loaded.get_params()["module"] == TINY
+    np.testing.assert_allclose(
+        loaded.transform(deg, layer="counts"), fitted.transform(deg, layer="counts"), rtol=1e-6
+    )
+    from screpair.methods.autoencoder import DAEImputer
+
+    with pytest.raises(ValueError, match="DiffusionImputer"):
+        DAEImputer.load(tmp_path / "m")
+
+
+def test_var_names_checked(fitted, ref_and_degraded):
+    _, deg = ref_and_degraded
+    bad = deg.copy()
+    bad.var_names = [f"x{i}" for i in range(bad.n_vars)]
+    with pytest.raises(ValueError, match="genes differ"):
+        fitted.transform(bad, layer="counts")
+    with pytest.raises(ValueError, match="genes"):
+        fitted.transform(deg.layers["counts"][:, :10])
+
+
+def test_not_fitted_and_clone(ref_and_degraded):
+    _, deg = ref_and_degraded
+    est = _tiny()
+    with pytest.raises(NotFittedError):
+        est.transform(deg, layer="counts")
+    c = clone(est)
+    assert c.get_params() == est.get_params()
+
+
+def test_impute_writes_mean_and_variance(ref_and_degraded):
+    _, deg = ref_and_degraded
+    ad = AnnData(X=deg.layers["counts"].copy(), var=deg.var[[]].copy())
+    ad.layers["counts"] = ad.X.copy()
+    out = screpair.impute(
+        ad,
+        "diffusion",
+        layer="counts",
+        copy=True,
+        rng=0,
+        module=TINY,
+        train=TrainConfig(n_epochs=2, patience=0, progress=False),
+        pairs=PairConfig(n_top_genes=N_TOP, n_views=1),
+        n_samples=2,
+        n_inference_steps=2,
+    )
+    assert "diffusion" not in ad.layers
+    assert out.layers["diffusion"].shape == ad.shape
+    assert out.layers["diffusion_var"].shape == ad.shape
+    assert np.all(out.layers["diffusion"] >= 0)
+    assert out.uns["diffusion"]["method"] == "diffusion"
