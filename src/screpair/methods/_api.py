@@ -143,7 +143,11 @@ def impute(
     obs = adata.obs.iloc[np.flatnonzero(cells)].copy()
     var = adata.var.iloc[np.flatnonzero(genes)].copy()  # methods may read columns (gene_length)
     var.index = names[genes]
-    sub = AnnData(X=sub_x, obs=obs, var=var)
+    rows, cols = np.flatnonzero(cells), np.flatnonzero(genes)
+    layers = {  # other layers travel along (e.g. a precomputed dropout_prob), read-only
+        k: v if cells.all() and genes.all() else v[rows][:, cols] for k, v in adata.layers.items()
+    }
+    sub = AnnData(X=sub_x, obs=obs, var=var, layers=layers)
 
     start = time.perf_counter()
     with log_task(f"imputing {sub.n_obs} cells x {sub.n_vars} genes with {est.name!r}", logger):

@@ -144,6 +144,23 @@ class CNNImputer(BaseImputer):
     labels_
         Cell cluster labels of the fitted cells.
 
+    Notes
+    -----
+    Where this differs from the paper's description or the original code, and why:
+
+    - targets are split into at least ``min_subsets`` subsets (balanced sizes) so that a data set
+      with fewer than ~1,000 targets still has input genes outside each subset (the paper's single
+      512-gene subset would leave no inputs at all on the 61-381-gene masked benchmarks);
+    - the output layer is linear (clipped at 0 when predicting) and its bias starts at each
+      target's mean observed value on the training cells (a zero start needs hundreds of epochs at
+      lr 1e-4 to reach log1p(CPM) values of 5-10);
+    - duplicates among the input genes are removed (the original code keeps them), which is what
+      the issue specifies and shortens the input from up to 2,560 to ~800 genes on pbmc3k;
+    - the original code's second block uses global average pooling; the issue's (paper's)
+      architecture with two max-pool + batch-norm blocks is used here;
+    - ``correlation="global"`` (default) trains one set of networks on all cells; the original
+      code's per-cluster networks are ``correlation="cluster"``.
+
     Examples
     --------
     >>> import screpair
@@ -229,12 +246,16 @@ class CNNImputer(BaseImputer):
             raise KeyError(msg)
         return np.asarray(data.obs[self.groupby].astype(str))
 
-    def _dropout(self, data: Data, x, rng: np.random.Generator) -> tuple[sp.csr_matrix, np.ndarray | None]:
+    def _dropout(
+        self, data: Data, x, rng: np.random.Generator
+    ) -> tuple[sp.csr_matrix, np.ndarray | None]:
         """Dropout probabilities (CSR, zero at observed non-zeros) and cluster labels."""
         labels = self._obs_labels(data)
         if self.dropout_layer is not None:
             if not isinstance(data, AnnData) or self.dropout_layer not in data.layers:
-                msg = f"dropout_layer={self.dropout_layer!r} must name a layer of the AnnData input."
+                msg = (
+                    f"dropout_layer={self.dropout_layer!r} must name a layer of the AnnData input."
+                )
                 raise KeyError(msg)
             prob = sp.csr_matrix(data.layers[self.dropout_layer], dtype=np.float64)
             if prob.shape != x.shape:
@@ -291,7 +312,9 @@ class CNNImputer(BaseImputer):
         with log_task("selecting targets and input genes", logger):
             self.groups_, self.clusters_ = self._select(xlog, missing, labels, rng)
         if not self.groups_:
-            logger.info("cnn: no entry has dropout probability > %g; nothing to impute", self.threshold)
+            logger.info(
+                "cnn: no entry has dropout probability > %g; nothing to impute", self.threshold
+            )
         self._build_index()
         self.device_ = resolve_device(self.device)
         config = TrainConfig(
@@ -311,6 +334,7 @@ class CNNImputer(BaseImputer):
         gen = torch.Generator(self.device_).manual_seed(torch_seed(rng))
         self.module_.generator = gen
         cell_cluster = self._cell_cluster(labels, n_cells)
+        self._init_output_bias(xlog, missing, cell_cluster, train_idx)
 
         def loss_fn(rows: np.ndarray, training: bool) -> LossOutput:
             xin, y, mask = self._batch(xlog, missing, cell_cluster, rows)
@@ -319,7 +343,9 @@ class CNNImputer(BaseImputer):
             return LossOutput(loss=se.sum() / mask.sum().clamp_min(1.0))
 
         with log_task(f"training {len(self.groups_)} subset CNN(s)", logger):
-            self.history_ = train_loop(self.module_, loss_fn, train_idx, val_idx, config, rng, desc="cnn")
+            self.history_ = train_loop(
+                self.module_, loss_fn, train_idx, val_idx, config, rng, desc="cnn"
+            )
         self.module_.generator = None
         return self
 
@@ -350,9 +376,38 @@ class CNNImputer(BaseImputer):
             frac = counts / max(n_sub, 1)
             for rep in range(int(self.n_ensemble)):
                 groups += build_groups(
-                    xlog, frac, targets, cells=cells, cluster=cid, rng=None if rep == 0 else rng, **kw
+                    xlog,
+                    frac,
+                    targets,
+                    cells=cells,
+                    cluster=cid,
+                    rng=None if rep == 0 else rng,
+                    **kw,
                 )
         return groups, clusters
+
+    def _init_output_bias(self, xlog, missing, cell_cluster, train_idx) -> None:
+        """Start each output at its target's mean observed value over the training cells.
+
+        With the paper's learning rate (1e-4) a zero-initialised output bias needs hundreds of
+        epochs to reach log1p(CPM) values of 5-10; starting from the per-gene mean (the best
+        constant predictor under the masked loss) lets the network spend its epochs on the
+        cell-to-cell variation. Computed from training cells only.
+        """
+        torch = import_torch()
+        n_genes = xlog.shape[1]
+        means = np.zeros((len(self.groups_), self.target_index_.shape[1]))
+        for cid in np.unique(self.group_cluster_):
+            cells = train_idx if cid < 0 else train_idx[cell_cluster[train_idx] == cid]
+            if not len(cells):
+                continue
+            tot = np.asarray(xlog[cells].sum(0), dtype=np.float64).ravel()
+            n_obs = len(cells) - np.asarray(missing[cells].sum(0)).ravel()
+            mu = np.append(np.divide(tot, n_obs, out=np.zeros(n_genes), where=n_obs > 0), 0.0)
+            rows = self.group_cluster_ == cid
+            means[rows] = mu[self.target_index_[rows]]
+        with torch.no_grad():
+            self.module_.b2.copy_(torch.as_tensor(means[:, None, :], dtype=self.module_.b2.dtype))
 
     def _build_index(self) -> None:
         """Padded index arrays: inputs (G x I) and targets (G x O); padding points at column
@@ -374,7 +429,15 @@ class CNNImputer(BaseImputer):
         from ._module import GroupedCNN
 
         g, n_in = self.input_index_.shape
-        module = GroupedCNN(
+        # layer constructors draw default inits from torch's global RNG: keep it untouched (all
+        # weights are then re-drawn from our own generator)
+        with torch.random.fork_rng(devices=[]):
+            module = self._new_module(GroupedCNN, g, n_in)
+        module.reset_parameters(torch.Generator().manual_seed(seed))
+        return module.to(self.device_ if hasattr(self, "device_") else "cpu")
+
+    def _new_module(self, cls, g: int, n_in: int):
+        return cls(
             max(g, 1),
             n_in,
             self.target_index_.shape[1],
@@ -383,8 +446,6 @@ class CNNImputer(BaseImputer):
             n_hidden=self.n_hidden,
             dropout=self.dropout,
         )
-        module.reset_parameters(torch.Generator().manual_seed(seed))
-        return module.to(self.device_ if hasattr(self, "device_") else "cpu")
 
     def _cell_cluster(self, labels, n_cells: int) -> np.ndarray:
         if self.correlation != "cluster":
@@ -413,9 +474,10 @@ class CNNImputer(BaseImputer):
         y = xb[:, tg_idx]
         mask = ~mb[:, tg_idx]
         if self.correlation == "cluster":
-            own = torch.as_tensor(cell_cluster[rows], device=dev)[:, None] == torch.as_tensor(
-                self.group_cluster_, device=dev
-            )[None, :]
+            own = (
+                torch.as_tensor(cell_cluster[rows], device=dev)[:, None]
+                == torch.as_tensor(self.group_cluster_, device=dev)[None, :]
+            )
             mask = mask & own[:, :, None]
         return xin, y, mask.to(xin.dtype)
 
@@ -437,9 +499,10 @@ class CNNImputer(BaseImputer):
                 pred = self.module_(xin)  # (B, G, O)
                 valid = (tg_idx < n_genes)[None].expand_as(pred)
                 if self.correlation == "cluster":
-                    own = torch.as_tensor(cell_cluster[rows], device=dev)[:, None] == torch.as_tensor(
-                        self.group_cluster_, device=dev
-                    )[None, :]
+                    own = (
+                        torch.as_tensor(cell_cluster[rows], device=dev)[:, None]
+                        == torch.as_tensor(self.group_cluster_, device=dev)[None, :]
+                    )
                     valid = valid & own[:, :, None]
                 w = valid.to(torch.float64)
                 idx = tg_idx[None].expand_as(pred).reshape(len(rows), -1)
@@ -476,8 +539,10 @@ class CNNImputer(BaseImputer):
         else:
             prob, labels = self._dropout(data, x, as_rng(self.rng))
         missing = self._missing(prob)
-        cell_cluster = self._cell_cluster(labels, x.shape[0]) if self.correlation == "cluster" else (
-            np.full(x.shape[0], -1, dtype=np.int64)
+        cell_cluster = (
+            self._cell_cluster(labels, x.shape[0])
+            if self.correlation == "cluster"
+            else (np.full(x.shape[0], -1, dtype=np.int64))
         )
         with log_task("predicting missing entries", logger):
             pred = self._predict_missing(xlog, missing, cell_cluster)
@@ -509,7 +574,10 @@ class CNNImputer(BaseImputer):
             config=jsonable(params),
             state_dict=state,
             var_names=self.var_names_,
-            extra={"clusters": list(self.clusters_), "history": self.history_.to_dict(orient="list")},
+            extra={
+                "clusters": list(self.clusters_),
+                "history": self.history_.to_dict(orient="list"),
+            },
         )
 
     @classmethod

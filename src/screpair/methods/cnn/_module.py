@@ -78,7 +78,9 @@ class GroupedCNN(nn.Module):
             fan_in = conv.in_channels // conv.groups * conv.kernel_size[0]
             fan_out = conv.out_channels // conv.groups * conv.kernel_size[0]
             bound = math.sqrt(6.0 / (fan_in + fan_out))
-            conv.weight.copy_(torch.rand(conv.weight.shape, generator=generator) * 2 * bound - bound)
+            conv.weight.copy_(
+                torch.rand(conv.weight.shape, generator=generator) * 2 * bound - bound
+            )
             conv.bias.zero_()
         for w in (self.w1, self.w2):
             std = math.sqrt(2.0 / (w.shape[1] + w.shape[2]))

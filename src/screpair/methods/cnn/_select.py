@@ -65,7 +65,9 @@ def pearson_columns(x, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.clip(cov / np.sqrt(np.outer(sa, sb)), -1.0, 1.0)
 
 
-def top_inputs(corr: np.ndarray, candidates: np.ndarray, subset: np.ndarray, n_top: int = 5) -> np.ndarray:
+def top_inputs(
+    corr: np.ndarray, candidates: np.ndarray, subset: np.ndarray, n_top: int = 5
+) -> np.ndarray:
     """Input genes of one subset from a (targets x candidates) correlation matrix.
 
     Parameters
