@@ -1,0 +1,469 @@
+"""The benchmark runner: datasets x protocols x methods x seeds -> tidy CSV, markdown, plots.
+
+Everything runs in this process. Each job (dataset, protocol, method, seed) is timed and its peak
+memory sampled; a failing method is recorded as ``failed`` with its error and the run goes on, a
+peer whose package is missing as ``skipped``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._logging import get_logger, log_task
+from .._utils import to_dense
+from ._metrics import GREATER_IS_BETTER
+from ._peers import PEERS
+from ._protocols import Protocol, Task, get_protocol
+
+logger = get_logger(__name__)
+
+COLUMNS = ["dataset", "protocol", "method", "seed", "metric", "value", "seconds", "peak_mem_mb",
+           "status", "error"]
+
+
+# --------------------------------------------------------------------------- memory
+def _rss_mb() -> float:
+    """Resident set size of this process in MiB (Linux /proc, else psutil, else NaN)."""
+    try:
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, AttributeError):
+        try:
+            import psutil
+
+            return psutil.Process().memory_info().rss / 2**20
+        except ImportError:
+            return float("nan")
+
+
+class PeakMemory:
+    """Context manager measuring a job's peak extra memory in MiB.
+
+    ``peak_mb`` is the larger of (a) the peak of Python/numpy allocations made inside the block
+    (:mod:`tracemalloc`, which numpy reports to) and (b) the highest resident set size sampled every
+    ``interval`` s minus the RSS on entry (catches torch/BLAS buffers that tracemalloc does not
+    see, but not memory the process had already reserved before).
+    """
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self.peak_mb = float("nan")
+
+    def __enter__(self) -> PeakMemory:
+        import tracemalloc
+
+        self._own_trace = not tracemalloc.is_tracing()
+        if self._own_trace:
+            tracemalloc.start()
+        tracemalloc.reset_peak()
+        self._traced0 = tracemalloc.get_traced_memory()[0]
+        self._start = _rss_mb()
+        self._max = self._start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._max = max(self._max, _rss_mb())
+
+    def __exit__(self, *exc) -> None:
+        import tracemalloc
+
+        self._stop.set()
+        self._thread.join()
+        self._max = max(self._max, _rss_mb())
+        traced = (tracemalloc.get_traced_memory()[1] - self._traced0) / 2**20
+        if self._own_trace:
+            tracemalloc.stop()
+        rss = self._max - self._start if np.isfinite(self._max - self._start) else 0.0
+        self.peak_mb = float(max(rss, traced, 0.0))
+
+
+# --------------------------------------------------------------------------- methods
+def make_method(name: str, *, rng: int = 0, params: Mapping | None = None):
+    """Estimator for a benchmark method: a peer/baseline (``raw``, ``gene_mean``, ``magic``,
+    ``scvi``) or any name in the screpair method registry."""
+    from ..methods import make_estimator
+
+    params = dict(params or {})
+    if name in PEERS:
+        params.setdefault("rng", rng)
+        return PEERS[name](**params)
+    return make_estimator(name, rng=rng, **params)
+
+
+def run_method(name: str, adata: AnnData, *, rng: int = 0, params: Mapping | None = None):
+    """Fit ``name`` on ``adata`` (counts in X) and return ``(imputed ndarray, Posterior)``."""
+    est = make_method(name, rng=rng, params=params)
+    post = est.fit(adata).posterior(adata)
+    mean = np.asarray(to_dense(post.mean), dtype=np.float64)
+    if mean.shape != adata.shape:
+        msg = f"method {name!r} returned shape {mean.shape}, expected {adata.shape}."
+        raise ValueError(msg)
+    if not np.all(np.isfinite(mean)):
+        msg = f"method {name!r} returned non-finite values."
+        raise ValueError(msg)
+    return np.clip(mean, 0.0, None), post
+
+
+# --------------------------------------------------------------------------- datasets
+def _load_datasets(datasets) -> dict[str, AnnData]:
+    if isinstance(datasets, AnnData):
+        return {"data": datasets}
+    if isinstance(datasets, Mapping):
+        out = {}
+        for k, v in datasets.items():
+            out[str(k)] = v if isinstance(v, AnnData) else _read(v)
+        return out
+    if isinstance(datasets, (str, os.PathLike)):
+        datasets = [datasets]
+    out = {}
+    for p in datasets:
+        name = Path(p).name
+        for suffix in (".h5ad", ".gz"):
+            name = name.removesuffix(suffix)
+        out[name] = _read(p)
+    return out
+
+
+def _read(path) -> AnnData:
+    import anndata
+
+    p = Path(path)
+    if not p.exists():
+        msg = f"dataset not found: {path}"
+        raise FileNotFoundError(msg)
+    return anndata.read_h5ad(p)
+
+
+@dataclass
+class _Job:
+    dataset: str
+    protocol: str
+    method: str
+    seed: int
+
+
+# --------------------------------------------------------------------------- runner
+def run_benchmark(
+    datasets,
+    methods: Sequence[str],
+    protocols: Sequence[str | Protocol] = ("masked",),
+    seeds: Sequence[int] = (0,),
+    out_dir: str | os.PathLike | None = None,
+    *,
+    method_params: Mapping[str, Mapping] | None = None,
+    protocol_params: Mapping[str, Mapping] | None = None,
+    plots: bool = True,
+    progress: bool = True,
+    command: str | None = None,
+) -> pd.DataFrame:
+    """Run every method on every dataset, protocol and seed and write the results.
+
+    Parameters
+    ----------
+    datasets
+        ``.h5ad`` paths, a mapping ``name -> AnnData | path``, or one AnnData. Raw counts in ``X``.
+    methods
+        Method names: any registered screpair method (:func:`screpair.available_methods`) or a
+        peer/baseline: ``raw``, ``gene_mean``, ``magic``, ``scvi``.
+    protocols
+        Protocol names (``masked``, ``mcv``, ``clustering``, ``deg``, ``dropout``, ``degrade``) or
+        :class:`~screpair.evaluate.Protocol` instances.
+    seeds
+        Seeds; each seeds both the protocol's randomness (the mask, the MCV split) and the method.
+    out_dir
+        Folder for ``results.csv``, ``summary.md`` and the PNG plots; ``None`` writes nothing.
+    method_params
+        Per-method parameters, e.g. ``{"scvi": {"max_epochs": 5}}``.
+    protocol_params
+        Per-protocol parameters, e.g. ``{"clustering": {"label_key": "cell_type"}}``.
+    plots
+        Write PNG plots (matplotlib, Agg backend).
+    progress
+        Show one tqdm bar over the jobs.
+    command
+        The command line that regenerates the run, quoted at the top of ``summary.md``.
+
+    Returns
+    -------
+    The tidy results: one row per (dataset, protocol, method, seed, metric) with columns
+    ``dataset, protocol, method, seed, metric, value, seconds, peak_mem_mb, status, error``
+    (``status``: ``ok``, ``failed`` or ``skipped``; failed/skipped jobs have one row with an empty
+    metric and the error message).
+    """
+    from tqdm.auto import tqdm
+
+    method_params = dict(method_params or {})
+    protocol_params = dict(protocol_params or {})
+    data = _load_datasets(datasets)
+    protos = {}
+    for p in protocols:
+        proto = get_protocol(p, **dict(protocol_params.get(p if isinstance(p, str) else p.name, {})))
+        protos[proto.name] = proto
+    methods = list(dict.fromkeys(methods))
+    seeds = [int(s) for s in seeds]
+    jobs = [_Job(d, p, m, s) for d in data for p in protos for s in seeds for m in methods]
+
+    rows: list[dict] = []
+    embeddings: dict[tuple[str, str], np.ndarray] = {}
+    labels: dict[str, np.ndarray] = {}
+    task: Task | None = None
+    task_key = None
+    task_error: str | None = None
+    bar = tqdm(jobs, desc="benchmark", unit="job", disable=not progress)
+    for job in bar:
+        bar.set_postfix_str(f"{job.dataset}/{job.protocol}/{job.method}/seed{job.seed}")
+        proto = protos[job.protocol]
+        key = (job.dataset, job.protocol, job.seed)
+        if key != task_key:
+            task_key, task, task_error = key, None, None
+            try:
+                with log_task(f"preparing {job.protocol} on {job.dataset} (seed {job.seed})", logger):
+                    task = proto.prepare(data[job.dataset], rng=job.seed)
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                task_error = f"protocol preparation failed: {type(e).__name__}: {e}"
+                logger.warning("%s/%s seed %s: %s", job.dataset, job.protocol, job.seed, task_error)
+        base = {"dataset": job.dataset, "protocol": job.protocol, "method": job.method,
+                "seed": job.seed}
+        if task is None:
+            rows.append({**base, "metric": "", "value": np.nan, "seconds": np.nan,
+                         "peak_mem_mb": np.nan, "status": "failed", "error": task_error})
+            continue
+        try:
+            with log_task(f"{job.method} on {job.dataset}/{job.protocol} (seed {job.seed})",
+                          logger), PeakMemory() as mem:
+                start = time.perf_counter()
+                imputed, post = run_method(job.method, task.adata, rng=job.seed,
+                                           params=method_params.get(job.method))
+                seconds = time.perf_counter() - start
+            scores = proto.score(task, imputed, post)
+        except ImportError as e:
+            rows.append({**base, "metric": "", "value": np.nan, "seconds": np.nan,
+                         "peak_mem_mb": np.nan, "status": "skipped",
+                         "error": _one_line(e, with_notes=True)})
+            logger.warning("skipping %s: %s", job.method, rows[-1]["error"])
+            continue
+        except Exception as e:  # noqa: BLE001 - a failing method must not stop the run
+            rows.append({**base, "metric": "", "value": np.nan, "seconds": np.nan,
+                         "peak_mem_mb": np.nan, "status": "failed", "error": _one_line(e)})
+            logger.warning("%s failed on %s/%s seed %s: %s", job.method, job.dataset,
+                           job.protocol, job.seed, rows[-1]["error"])
+            logger.debug("%s", traceback.format_exc())
+            continue
+        for metric, value in scores.items():
+            rows.append({**base, "metric": metric, "value": float(value), "seconds": seconds,
+                         "peak_mem_mb": mem.peak_mb, "status": "ok", "error": ""})
+        if plots and job.seed == seeds[0]:
+            emb = proto.embedding(task, imputed)
+            if emb is not None:
+                embeddings[(job.dataset, job.method)] = emb
+                labels[job.dataset] = task.truth.get("labels")
+                if "raw" not in methods and (job.dataset, "raw") not in embeddings:
+                    embeddings[(job.dataset, "raw")] = proto.embedding(task, task.adata.X)
+    bar.close()
+    results = pd.DataFrame(rows, columns=COLUMNS)
+    if out_dir is not None:
+        write_outputs(results, out_dir, embeddings=embeddings, labels=labels, plots=plots,
+                      command=command)
+    return results
+
+
+def _one_line(e: BaseException, *, with_notes: bool = False) -> str:
+    text = f"{type(e).__name__}: {e}"
+    if with_notes:
+        text += "".join(f" {n}" for n in getattr(e, "__notes__", []))
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------- summaries
+def summarize(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sd and number of seeds per (dataset, protocol, method, metric), plus the method's
+    rank among the methods of that (dataset, protocol, metric) (1 = best; ties share the
+    average rank; direction from :data:`~screpair.evaluate.GREATER_IS_BETTER`)."""
+    ok = results[(results["status"] == "ok") & results["metric"].astype(bool)]
+    cols = ["dataset", "protocol", "method", "metric"]
+    if ok.empty:
+        return pd.DataFrame(columns=[*cols, "mean", "sd", "n", "seconds", "peak_mem_mb", "rank"])
+    g = ok.groupby(cols, sort=False)
+    summ = g["value"].agg(mean="mean", sd="std", n="count").reset_index()
+    summ["sd"] = summ["sd"].fillna(0.0)
+    summ = summ.merge(g[["seconds", "peak_mem_mb"]].mean().reset_index(), on=cols)
+
+    sign = summ["metric"].map(lambda m: -1.0 if GREATER_IS_BETTER.get(m, True) else 1.0)
+    summ["rank"] = (summ["mean"] * sign).groupby(
+        [summ["dataset"], summ["protocol"], summ["metric"]], sort=False
+    ).rank(method="average")
+    return summ
+
+
+def _fmt(mean: float, sd: float) -> str:
+    if not np.isfinite(mean):
+        return "nan"
+    digits = 3 if abs(mean) < 100 else 1
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def markdown_summary(results: pd.DataFrame, *, command: str | None = None) -> str:
+    """Markdown report: per dataset and protocol a table of methods x metrics (mean ± sd over
+    seeds, rank in brackets), the mean rank, time and peak memory; then an overall mean-rank table
+    and the failed/skipped jobs."""
+    summ = summarize(results)
+    lines = ["# screpair benchmark", ""]
+    if command:
+        lines += ["Regenerate with:", "", "```", command, "```", ""]
+    seeds = sorted(results["seed"].unique().tolist())
+    lines += [f"Seeds: {', '.join(map(str, seeds))}. Values are mean ± sd over seeds; "
+              "(rank) is the method's rank on that metric (1 = best). Arrows: ↑ higher is better, "
+              "↓ lower is better.", ""]
+    for (dataset, protocol), block in summ.groupby(["dataset", "protocol"], sort=False):
+        metrics = list(dict.fromkeys(block["metric"]))
+        head = [f"{m} {'↑' if GREATER_IS_BETTER.get(m, True) else '↓'}" for m in metrics]
+        lines += [f"## {dataset} · {protocol}", "",
+                  "| method | " + " | ".join(head) + " | mean rank | seconds | peak MB |",
+                  "|---" * (len(metrics) + 4) + "|"]
+        by_method = block.groupby("method", sort=False)
+        order = by_method["rank"].mean().sort_values().index
+        for method in order:
+            mb = block[block["method"] == method].set_index("metric")
+            cells = [f"{_fmt(mb.at[m, 'mean'], mb.at[m, 'sd'])} ({mb.at[m, 'rank']:g})"
+                     if m in mb.index else "–" for m in metrics]
+            lines.append(f"| {method} | " + " | ".join(cells)
+                         + f" | {mb['rank'].mean():.2f} | {mb['seconds'].mean():.1f}"
+                         f" | {mb['peak_mem_mb'].mean():.0f} |")
+        lines.append("")
+    if not summ.empty:
+        overall = summ.groupby("method")["rank"].agg(["mean", "count"]).sort_values("mean")
+        lines += ["## Overall mean rank", "", "| method | mean rank | n scores |", "|---|---|---|"]
+        lines += [f"| {m} | {r['mean']:.2f} | {int(r['count'])} |" for m, r in overall.iterrows()]
+        lines.append("")
+    bad = results[results["status"] != "ok"]
+    if not bad.empty:
+        lines += ["## Failed or skipped", "", "| dataset | protocol | method | seed | status | error |",
+                  "|---|---|---|---|---|---|"]
+        for _, r in bad.iterrows():
+            err = str(r["error"]).replace("|", "\\|")[:300]
+            lines.append(f"| {r['dataset']} | {r['protocol']} | {r['method']} | {r['seed']} "
+                         f"| {r['status']} | {err} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- plots
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def write_outputs(results: pd.DataFrame, out_dir, *, embeddings=None, labels=None,
+                  plots: bool = True, command: str | None = None) -> dict[str, list[Path]]:
+    """Write ``results.csv``, ``summary.md`` and (``plots=True``) the PNGs into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, list[Path]] = {"csv": [], "md": [], "png": []}
+    csv = out / "results.csv"
+    results.to_csv(csv, index=False)
+    written["csv"].append(csv)
+    md = out / "summary.md"
+    md.write_text(markdown_summary(results, command=command))
+    written["md"].append(md)
+    if plots:
+        written["png"] += plot_results(results, out, embeddings=embeddings or {},
+                                       labels=labels or {})
+    return written
+
+
+def _tight(fig) -> None:
+    """``fig.tight_layout()`` without matplotlib's "could not fit" warning for crowded figures."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+
+
+def plot_results(results: pd.DataFrame, out_dir, *, embeddings=None, labels=None) -> list[Path]:
+    """Metric bars per dataset and protocol, a rank heatmap, and 2-D embeddings by label."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    files: list[Path] = []
+    summ = summarize(results)
+    for (dataset, protocol), block in summ.groupby(["dataset", "protocol"], sort=False):
+        metrics = list(dict.fromkeys(block["metric"]))
+        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
+        for ax, metric in zip(axes[0], metrics, strict=True):
+            b = block[block["metric"] == metric]
+            ax.bar(b["method"], b["mean"], yerr=b["sd"], capsize=3, color="C0")
+            arrow = "↑" if GREATER_IS_BETTER.get(metric, True) else "↓"
+            ax.set_title(f"{metric} {arrow}", fontsize=9)
+            ax.tick_params(axis="x", rotation=45, labelsize=8)
+        fig.suptitle(f"{dataset} · {protocol}", fontsize=10)
+        _tight(fig)
+        path = out / f"bars_{_safe(dataset)}_{_safe(protocol)}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+    if not summ.empty:
+        summ = summ.assign(experiment=summ["dataset"] + "/" + summ["protocol"] + "/" + summ["metric"])
+        heat = summ.pivot_table(index="method", columns="experiment", values="rank", sort=False)
+        label_h = 0.07 * max(len(str(c)) for c in heat.columns)  # rotated x labels, inches
+        fig, ax = plt.subplots(figsize=(max(4, 0.45 * heat.shape[1] + 2),
+                                        0.45 * heat.shape[0] + 1.5 + label_h))
+        im = ax.imshow(heat.to_numpy(dtype=float), cmap="viridis_r", aspect="auto")
+        ax.set_xticks(range(heat.shape[1]), heat.columns, rotation=90, fontsize=7)
+        ax.set_yticks(range(heat.shape[0]), heat.index, fontsize=8)
+        for i in range(heat.shape[0]):
+            for j in range(heat.shape[1]):
+                v = heat.iat[i, j]
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=6, color="w")
+        fig.colorbar(im, ax=ax, label="rank (1 = best)")
+        ax.set_title("rank per experiment")
+        _tight(fig)
+        path = out / "rank_heatmap.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+    datasets = dict.fromkeys(d for d, _ in (embeddings or {}))
+    for dataset in datasets:
+        embs = {m: e for (d, m), e in embeddings.items() if d == dataset}
+        order = (["raw"] if "raw" in embs else []) + [m for m in embs if m != "raw"]
+        y = labels.get(dataset)
+        fig, axes = plt.subplots(1, len(order), figsize=(3.2 * len(order), 3.2), squeeze=False)
+        cats = pd.unique(y) if y is not None else None
+        for ax, m in zip(axes[0], order, strict=True):
+            e = embs[m]
+            if cats is None:
+                ax.scatter(e[:, 0], e[:, 1], s=3)
+            else:
+                for i, c in enumerate(cats):
+                    sel = y == c
+                    ax.scatter(e[sel, 0], e[sel, 1], s=3, color=plt.cm.tab20(i % 20), label=str(c))
+            ax.set_title(m, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        if cats is not None and len(cats) <= 20:
+            axes[0][-1].legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5))
+        fig.suptitle(f"{dataset}: PCA of log1p(CP10k), coloured by label", fontsize=10)
+        _tight(fig)
+        path = out / f"embedding_{_safe(dataset)}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+    return files

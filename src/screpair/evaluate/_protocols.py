@@ -1,0 +1,523 @@
+"""Evaluation protocols: how a dataset is turned into a method's input and how the output is scored.
+
+A protocol has two steps, so that the (random) preparation is shared by every method of a seed:
+
+- ``prepare(adata, *, rng) -> Task``: the AnnData the method sees (raw counts in ``X``, no empty
+  cells or genes) and whatever the score needs (held-out truth, labels, reference DEGs);
+- ``score(task, imputed, posterior=None) -> dict``: metrics of the count-scale output.
+
+``embedding(task, imputed)`` gives 2-D coordinates for plots (clustering protocol).
+
+Protocols: ``masked`` (cnnImpute / DeepImpute masked values, issue 5), ``mcv`` (Open Problems
+denoising), ``clustering``, ``deg``, ``dropout`` (simulations with truth), ``degrade`` (the hook for
+profile reconstruction on :func:`screpair.simulate.degrade` output), ``smfish`` (Gini agreement
+with smFISH).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .._utils import RNGLike, as_rng, get_counts, library_size, to_dense
+from . import _metrics as M
+
+#: obs columns tried, in order, when no label key is given.
+LABEL_KEYS = ("cell_type", "label_code", "group", "timepoint", "condition", "label", "labels")
+
+
+def find_label_key(adata: AnnData, label_key: str | None = None) -> str | None:
+    """``label_key`` if given (checked), else the first of :data:`LABEL_KEYS` present in ``obs``."""
+    if label_key is not None:
+        if label_key not in adata.obs:
+            msg = f"label key {label_key!r} not in adata.obs (columns: {list(adata.obs.columns)})."
+            raise KeyError(msg)
+        return label_key
+    for k in LABEL_KEYS:
+        if k in adata.obs and adata.obs[k].nunique() > 1:
+            return k
+    return None
+
+
+@dataclass
+class Task:
+    """One prepared (dataset, protocol, seed): the method's input and what scoring needs."""
+
+    adata: AnnData
+    truth: dict[str, Any] = field(default_factory=dict)
+
+
+def _clean(x: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFrame) -> AnnData:
+    """AnnData of raw counts with string names (no layers)."""
+    ad = AnnData(X=sp.csr_matrix(x, dtype=np.float32), obs=obs.copy(), var=var.copy())
+    ad.obs_names = ad.obs_names.astype(str)
+    ad.var_names = ad.var_names.astype(str)
+    return ad
+
+
+def _nonempty_index(x) -> tuple[np.ndarray, np.ndarray]:
+    x = sp.csr_matrix(x)
+    cells = np.flatnonzero(np.diff(x.indptr) > 0)
+    genes = np.flatnonzero(np.bincount(x.indices, minlength=x.shape[1]) > 0)
+    return cells, genes
+
+
+class Protocol:
+    """Base class; subclasses set ``name`` and implement ``prepare`` and ``score``."""
+
+    name: ClassVar[str] = "base"
+
+    def __init__(self, *, layer: str | None = None, label_key: str | None = None):
+        self.layer, self.label_key = layer, label_key
+
+    def prepare(self, adata: AnnData, *, rng: RNGLike = 0) -> Task:  # pragma: no cover
+        raise NotImplementedError
+
+    def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:  # pragma: no cover
+        raise NotImplementedError
+
+    def embedding(self, task: Task, imputed) -> np.ndarray | None:
+        return None
+
+    def _counts(self, adata: AnnData) -> sp.csr_matrix:
+        return sp.csr_matrix(get_counts(adata, self.layer, warn_empty=False))
+
+
+# --------------------------------------------------------------------------- masked
+class Masked(Protocol):
+    """Masked-value accuracy (cnnImpute / DeepImpute; issue 5's exact protocol).
+
+    Keep genes with non-zero counts in ``>= min_frac_cells`` of the cells, drop cells with no counts
+    left, zero out a random ``frac`` of the non-zero entries (:func:`screpair.simulate.mask`,
+    numpy ``default_rng(seed)``); the method sees only the masked matrix. Truth and prediction are
+    scored as ``log1p(x / L * 1e6)`` with ``L`` the masked matrix's row sums; MSE and Pearson r over
+    the masked entries (:func:`~screpair.evaluate.masked_accuracy`).
+    """
+
+    name = "masked"
+
+    def __init__(self, *, frac: float = 0.1, min_frac_cells: float = 0.5,
+                 layer: str | None = None, label_key: str | None = None):
+        super().__init__(layer=layer, label_key=label_key)
+        self.frac, self.min_frac_cells = frac, min_frac_cells
+
+    def prepare(self, adata: AnnData, *, rng: RNGLike = 0) -> Task:
+        from .. import simulate
+
+        x = self._counts(adata)
+        keep_g = np.flatnonzero(np.bincount(x.indices, minlength=x.shape[1])
+                                >= self.min_frac_cells * x.shape[0])
+        if keep_g.size == 0:
+            msg = f"no gene has non-zero counts in >= {self.min_frac_cells:.0%} of the cells."
+            raise ValueError(msg)
+        x = x[:, keep_g]
+        keep_c = np.flatnonzero(np.diff(x.indptr) > 0)
+        base = _clean(x[keep_c], adata.obs.iloc[keep_c], adata.var.iloc[keep_g])
+        # every kept gene is in >= min_frac_cells of the kept cells already; min_frac_cells=0 keeps
+        # the gene set fixed inside simulate.mask
+        masked, mask = simulate.mask(base, frac=self.frac, min_frac_cells=0.0, rng=as_rng(rng))
+        counts = sp.csr_matrix(masked.layers["counts"])
+        truth = sp.csr_matrix(masked.layers["true_counts"])
+        mask = sp.csr_matrix(mask).astype(bool)
+        sub = _clean(counts, masked.obs, masked.var)
+        cells, genes = _nonempty_index(counts)
+        if cells.size < counts.shape[0] or genes.size < counts.shape[1]:
+            sub = sub[cells][:, genes].copy()
+            truth, mask = truth[cells][:, genes], mask[cells][:, genes]
+        return Task(sub, {"true_counts": truth, "mask": mask, "lib": library_size(sub.X)})
+
+    def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
+        t = task.truth
+        return M.masked_accuracy(t["true_counts"], imputed, t["mask"], t["lib"])
+
+
+# --------------------------------------------------------------------------- MCV
+class MCV(Protocol):
+    """Molecular cross-validation as in Open Problems' denoising task (Batson et al. 2019).
+
+    Each count is split binomially into train (``train_frac``) and test
+    (:func:`screpair.simulate.mcv_split`); cells and genes with no train counts are dropped (from
+    both splits); the method denoises the train split and is scored against the test split with
+    :func:`~screpair.evaluate.mcv_mse` (normalise both to ``target_sum``, log1p, MSE) and
+    :func:`~screpair.evaluate.mcv_poisson` in Open Problems' argument order (``mcv_poisson``) and
+    in the MCV paper's order (``mcv_poisson_mcv``).
+    """
+
+    name = "mcv"
+
+    def __init__(self, *, train_frac: float = 0.9, target_sum: float = 1e4,
+                 layer: str | None = None, label_key: str | None = None):
+        super().__init__(layer=layer, label_key=label_key)
+        self.train_frac, self.target_sum = train_frac, target_sum
+
+    def prepare(self, adata: AnnData, *, rng: RNGLike = 0) -> Task:
+        from .. import simulate
+
+        x = self._counts(adata)
+        base = _clean(x, adata.obs, adata.var)
+        train, test = _mcv_pair(simulate.mcv_split(base, train_frac=self.train_frac,
+                                                   rng=as_rng(rng)))
+        cells, genes = _nonempty_index(train)
+        train, test = train[cells][:, genes], test[cells][:, genes]
+        sub = _clean(train, adata.obs.iloc[cells], adata.var.iloc[genes])
+        return Task(sub, {"test": test, "train_sum": float(train.sum())})
+
+    def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
+        t = task.truth
+        return {
+            "mcv_mse": M.mcv_mse(t["test"], imputed, target_sum=self.target_sum),
+            "mcv_poisson": M.mcv_poisson(t["test"], imputed, train_sum=t["train_sum"]),
+            "mcv_poisson_mcv": M.mcv_poisson(t["test"], imputed, train_sum=t["train_sum"],
+                                             order="mcv"),
+        }
+
+
+def _mcv_pair(out) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """(train, test) CSR counts from whatever :func:`screpair.simulate.mcv_split` returns."""
+    if isinstance(out, tuple):
+        a, b = out
+        a = a.X if isinstance(a, AnnData) else a
+        b = b.X if isinstance(b, AnnData) else b
+        return sp.csr_matrix(a), sp.csr_matrix(b)
+    return sp.csr_matrix(out.layers["train"]), sp.csr_matrix(out.layers["test"])
+
+
+# --------------------------------------------------------------------------- labelled data
+class _Labelled(Protocol):
+    """Shared preparation for protocols that need cell labels: drop unlabelled cells, keep the
+    ``n_top_genes`` most variable genes of ``log1p(CPM)`` (all genes when ``None``)."""
+
+    def __init__(self, *, n_top_genes: int | None = 2000, n_pcs: int = 30,
+                 layer: str | None = None, label_key: str | None = None):
+        super().__init__(layer=layer, label_key=label_key)
+        self.n_top_genes, self.n_pcs = n_top_genes, n_pcs
+
+    def _prepare_labelled(self, adata: AnnData) -> tuple[AnnData, np.ndarray, np.ndarray, np.ndarray]:
+        key = find_label_key(adata, self.label_key)
+        if key is None:
+            msg = (f"protocol {self.name!r} needs cell labels; none of {LABEL_KEYS} is in obs. "
+                   "Pass label_key=.")
+            raise ValueError(msg)
+        labels = adata.obs[key]
+        ok = np.flatnonzero(labels.notna().to_numpy())
+        x = self._counts(adata)[ok]
+        genes = np.flatnonzero(np.bincount(x.indices, minlength=x.shape[1]) >= 3)
+        if self.n_top_genes is not None and genes.size > self.n_top_genes:
+            lg = sp.csr_matrix(x[:, genes], dtype=np.float64)
+            lib = library_size(x)
+            lg = sp.diags(1e6 / np.where(lib == 0, 1, lib)) @ lg
+            lg.data = np.log1p(lg.data)
+            mean = np.asarray(lg.mean(0)).ravel()
+            var = np.asarray(lg.multiply(lg).mean(0)).ravel() - mean**2
+            genes = np.sort(genes[np.argsort(-var, kind="stable")[: self.n_top_genes]])
+        x = x[:, genes]
+        cells = np.flatnonzero(np.diff(x.indptr) > 0)
+        x = x[cells]
+        rows = ok[cells]
+        sub = _clean(x, adata.obs.iloc[rows], adata.var.iloc[genes])
+        y = labels.iloc[rows].astype(str).to_numpy()
+        return sub, y, rows, genes
+
+    def _log(self, m) -> np.ndarray:
+        return M.log1p_norm(m, scale=1e4)
+
+    def _pca(self, m, rng) -> np.ndarray:
+        from sklearn.decomposition import PCA
+
+        lg = self._log(m)
+        n = max(2, min(self.n_pcs, lg.shape[0] - 1, lg.shape[1] - 1))
+        seed = int(as_rng(rng).integers(2**31))
+        return PCA(n_components=n, random_state=seed).fit_transform(lg - lg.mean(0))
+
+
+class Clustering(_Labelled):
+    """Clustering quality against known labels.
+
+    Output (count scale) -> ``log1p(x / L * 1e4)`` (``L`` its own row sums) -> PCA (``n_pcs``) ->
+    k-means with k = number of labels (10 restarts, seeded) -> ARI, purity, entropy
+    (:mod:`~screpair.evaluate` definitions); silhouette of the known labels in the PCA space.
+    """
+
+    name = "clustering"
+
+    def prepare(self, adata: AnnData, *, rng: RNGLike = 0) -> Task:
+        sub, y, _, _ = self._prepare_labelled(adata)
+        return Task(sub, {"labels": y, "seed": int(as_rng(rng).integers(2**31))})
+
+    def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
+        from sklearn.cluster import KMeans
+
+        y, seed = task.truth["labels"], task.truth["seed"]
+        pcs = self._pca(imputed, seed)
+        k = len(np.unique(y))
+        pred = KMeans(n_clusters=k, n_init=10, random_state=seed).fit_predict(pcs)
+        return {
+            "ari": M.ari(y, pred),
+            "purity": M.purity(y, pred),
+            "entropy": M.entropy(y, pred),
+            "silhouette": M.silhouette(pcs, y, rng=seed),
+        }
+
+    def embedding(self, task: Task, imputed) -> np.ndarray:
+        return self._pca(imputed, task.truth["seed"])[:, :2]
+
+
+class DEG(_Labelled):
+    """Differential expression of each label group vs the rest, against a reference DEG set.
+
+    Reference, in order of preference: a matched bulk table (``bulk_path``: genes x samples CSV,
+    first column the gene names; a group's samples are the columns named ``<group>`` or starting
+    with ``<group>_``, e.g. ``D3T0_sorted``): reference score = log2 fold change of the mean bulk
+    CPM of the group vs the other groups' samples, reference DEGs = ``log2FC > bulk_lfc`` with
+    ``CPM >= bulk_min_cpm`` in the group (genes are restricted to those in the bulk table);
+    else ``layers['true_counts']`` of a simulation (the DEGs of the truth); else the observed raw
+    counts (then the scores measure how much a method preserves the raw DE signal, not
+    accuracy). Reference DEGs of a group: ``pval_adj < alpha`` and ``logfc > 0``. Per group, ``deg_auc`` is the ROC AUC of the method's scores for the reference
+    set, ``deg_jaccard`` / ``deg_f1`` compare the top-``k`` genes of the method and of the
+    reference; ``marker_spearman`` is the mean Spearman r across cells between reference and
+    method ``log1p(CP10k)`` of the top-10 reference markers of every group. Averaged over groups.
+    """
+
+    name = "deg"
+
+    def __init__(self, *, test: str = "wilcoxon", k: int = 100, alpha: float = 0.05,
+                 bulk_path: str | None = None, bulk_lfc: float = 1.0, bulk_min_cpm: float = 10.0,
+                 n_top_genes: int | None = 2000, n_pcs: int = 30, layer: str | None = None,
+                 label_key: str | None = None):
+        super().__init__(n_top_genes=n_top_genes, n_pcs=n_pcs, layer=layer, label_key=label_key)
+        self.test, self.k, self.alpha = test, k, alpha
+        self.bulk_path, self.bulk_lfc, self.bulk_min_cpm = bulk_path, bulk_lfc, bulk_min_cpm
+
+    def _bulk_reference(self, names: pd.Index, y: np.ndarray) -> tuple[np.ndarray, pd.DataFrame]:
+        bulk = pd.read_csv(self.bulk_path, index_col=0)
+        bulk = bulk[~bulk.index.duplicated()]
+        cpm = bulk / bulk.sum(0) * 1e6
+        keep = np.flatnonzero(names.isin(cpm.index))
+        if keep.size == 0:
+            msg = "no gene of the data is in the bulk table."
+            raise ValueError(msg)
+        cpm = cpm.loc[names[keep]]
+        cats = pd.unique(y)
+        cols = {g: [c for c in cpm.columns if c == g or str(c).startswith(f"{g}_")] for g in cats}
+        missing = [g for g, c in cols.items() if not c]
+        if missing:
+            msg = f"no bulk sample for group(s) {missing}; bulk columns: {list(cpm.columns)}."
+            raise ValueError(msg)
+        rows = []
+        for g in cats:
+            rest = [c for h in cats if h != g for c in cols[h]]
+            m_in, m_out = cpm[cols[g]].mean(1).to_numpy(), cpm[rest].mean(1).to_numpy()
+            lfc = np.log2((m_in + 1.0) / (m_out + 1.0))
+            is_de = (lfc > self.bulk_lfc) & (m_in >= self.bulk_min_cpm)
+            rows.append(pd.DataFrame({"group": g, "gene": np.arange(keep.size), "score": lfc,
+                                      "pval": np.where(is_de, 0.0, 1.0),
+                                      "pval_adj": np.where(is_de, 0.0, 1.0), "logfc": lfc}))
+        return keep, pd.concat(rows, ignore_index=True)
+
+    def prepare(self, adata: AnnData, *, rng: RNGLike = 0) -> Task:
+        sub, y, rows, genes = self._prepare_labelled(adata)
+        if self.bulk_path is not None:
+            keep, ref = self._bulk_reference(sub.var_names, y)
+            sub = sub[:, keep].copy()
+            cells, _ = _nonempty_index(sub.X)
+            if cells.size < sub.n_obs:
+                sub, y = sub[cells].copy(), y[cells]
+            ref_log = self._log(sub.X)
+            return Task(sub, {"labels": y, "ref": ref, "ref_log": ref_log, "source": "bulk"})
+        if "true_counts" in adata.layers:
+            ref_x = sp.csr_matrix(adata.layers["true_counts"])[rows][:, genes]
+            source = "true_counts"
+        else:
+            ref_x, source = sub.X, "raw"
+        ref_log = self._log(ref_x)
+        ref = M.rank_genes(ref_log, y, method=self.test)
+        return Task(sub, {"labels": y, "ref": ref, "ref_log": ref_log, "source": source})
+
+    def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
+        y, ref = task.truth["labels"], task.truth["ref"]
+        res = M.rank_genes(self._log(imputed), y, method=self.test)
+        aucs, jac, f1s, markers = [], [], [], set()
+        for g, r in ref.groupby("group", sort=False):
+            m = res[res["group"] == g]
+            is_ref = ((r["pval_adj"] < self.alpha) & (r["logfc"] > 0)).to_numpy()
+            aucs.append(M.deg_auc(m["score"].to_numpy(), is_ref))
+            top_ref = M.top_k(r["score"].to_numpy(), self.k)
+            top_m = M.top_k(m["score"].to_numpy(), self.k)
+            jac.append(M.jaccard(top_m, top_ref))
+            f1s.append(M.f1(top_m, top_ref))
+            markers |= M.top_k(r["score"].to_numpy(), 10)
+        return {
+            "deg_auc": float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan"),
+            "deg_jaccard": float(np.mean(jac)),
+            "deg_f1": float(np.mean(f1s)),
+            "marker_spearman": M.marker_spearman(task.truth["ref_log"], self._log(imputed),
+                                                 sorted(markers)),
+        }
+
+
+# --------------------------------------------------------------------------- simulations
+class Dropout(Protocol):
+    """Dropout detection on a simulation with ``layers['true_counts']``: PR-AUC and F1 of the
+    method's ``dropout_prob`` (methods without one get no score) for telling dropout zeros from
+    true zeros, plus ``mse_log``/``pearson_log`` of the output against the truth on
+    ``log1p(CPM)`` over the dropped entries."""
+
+    name = "dropout"
+
+    def prepare(self, adata: AnnData, *, rng: RNGLike = 0) -> Task:
+        if "true_counts" not in adata.layers:
+            msg = "protocol 'dropout' needs a simulation with layers['true_counts']."
+            raise ValueError(msg)
+        x = self._counts(adata)
+        truth = sp.csr_matrix(adata.layers["true_counts"])
+        cells, genes = _nonempty_index(x)
+        x, truth = x[cells][:, genes], truth[cells][:, genes]
+        sub = _clean(x, adata.obs.iloc[cells], adata.var.iloc[genes])
+        dropped = (to_dense(truth) > 0) & (to_dense(x) == 0)
+        return Task(sub, {"true_counts": truth, "dropped": dropped, "lib": library_size(x)})
+
+    def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
+        t = task.truth
+        out: dict[str, float] = {}
+        if t["dropped"].any():
+            acc = M.masked_accuracy(t["true_counts"], imputed, t["dropped"], t["lib"])
+            out.update({"mse_log": acc["mse"], "pearson_log": acc["pearson"]})
+        prob = getattr(posterior, "dropout_prob", None)
+        if prob is not None:
+            out.update(M.dropout_detection(prob, task.adata.X, t["true_counts"]))
+        return out
+
+
+class Degrade(Protocol):
+    """Profile reconstruction after :func:`screpair.simulate.degrade` (the DiffRepairer setting).
+
+    ``degrade_params`` go to :func:`screpair.simulate.degrade` (e.g. ``bias_3p``,
+    ``dropout_rate``, ``noise_sd``). The method sees the degraded counts; the clean input is the
+    truth. Scores on ``log1p(CPM)``, each matrix normalised by its own library size (the profile
+    shape, since degradation shrinks libraries): ``mse_log`` and ``pearson_log``
+    over all entries, ``mse_log_dropped`` over the entries the damage zeroed, and ``cosine_cell``.
+    """
+
+    name = "degrade"
+
+    def __init__(self, *, layer: str | None = None, label_key: str | None = None,
+                 **degrade_params):
+        super().__init__(layer=layer, label_key=label_key)
+        self.degrade_params = degrade_params
+
+    def prepare(self, adata: AnnData, *, rng: RNGLike = 0) -> Task:
+        from .. import simulate
+
+        x = self._counts(adata)
+        base = _clean(x, adata.obs, adata.var)
+        deg = simulate.degrade(base, rng=as_rng(rng), **self.degrade_params)
+        deg = deg if isinstance(deg, AnnData) else deg.adata
+        damaged = sp.csr_matrix(deg.layers["counts"] if "counts" in deg.layers else deg.X)
+        truth = sp.csr_matrix(deg.layers["true_counts"])
+        cells, genes = _nonempty_index(damaged)
+        damaged, truth = damaged[cells][:, genes], truth[cells][:, genes]
+        sub = _clean(damaged, deg.obs.iloc[cells], deg.var.iloc[genes])
+        dropped = (to_dense(truth) > 0) & (to_dense(damaged) == 0)
+        return Task(sub, {"true_counts": truth, "dropped": dropped})
+
+    def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
+        truth = task.truth["true_counts"]
+        lib = library_size(truth)
+        t = M.log1p_norm(truth, lib)
+        p = M.log1p_norm(imputed, library_size(imputed))
+        everything = np.ones(t.shape, dtype=bool)
+        out = {"mse_log": M.mse_masked(t, p, everything),
+               "pearson_log": M.pearson_masked(t, p, everything),
+               "cosine_cell": M.cosine_cell(t, p)}
+        if task.truth["dropped"].any():
+            out["mse_log_dropped"] = M.mse_masked(t, p, task.truth["dropped"])
+        return out
+
+
+class Smfish(Protocol):
+    """Agreement of per-gene Gini coefficients with smFISH (Grün et al. 2014 mESC; SAVER's check).
+
+    The method imputes the whole dataset (non-empty genes). For every condition (``obs[label_key]``,
+    default ``condition``) and every gene measured by smFISH, the Gini coefficient of the imputed
+    values, library-normalised (``x / L * median(L)``, ``L`` the output's row sums), is compared
+    with the Gini coefficient of the smFISH counts of that condition (per-cell mRNA counts,
+    normalised by cell area ``count / area * median(area)`` when ``fish_normalize="area"``):
+    ``gini_rmse`` and ``gini_pearson`` over the (condition, gene) pairs.
+
+    Parameters
+    ----------
+    fish_path
+        Long CSV with columns ``condition, gene, mrna_count`` (and ``cell_area``), e.g.
+        ``grun2014_mesc/grun2014_smFISH_counts_long.csv.gz``.
+    fish_normalize
+        ``"area"`` or ``"none"``.
+    """
+
+    name = "smfish"
+
+    def __init__(self, *, fish_path: str | None = None, fish_normalize: str = "area",
+                 layer: str | None = None, label_key: str | None = None):
+        super().__init__(layer=layer, label_key=label_key)
+        self.fish_path, self.fish_normalize = fish_path, fish_normalize
+
+    def prepare(self, adata: AnnData, *, rng: RNGLike = 0) -> Task:
+        if self.fish_path is None:
+            msg = "protocol 'smfish' needs fish_path= (the smFISH long CSV)."
+            raise ValueError(msg)
+        if self.fish_normalize not in ("area", "none"):
+            msg = f"fish_normalize must be 'area' or 'none', got {self.fish_normalize!r}."
+            raise ValueError(msg)
+        fish = pd.read_csv(self.fish_path)
+        key = self.label_key or "condition"
+        if key not in adata.obs:
+            msg = f"protocol 'smfish' needs obs[{key!r}] with the condition of each cell."
+            raise KeyError(msg)
+        x = self._counts(adata)
+        cells, genes = _nonempty_index(x)
+        sub = _clean(x[cells][:, genes], adata.obs.iloc[cells], adata.var.iloc[genes])
+        cond = adata.obs[key].astype(str).to_numpy()[cells]
+        values = fish["mrna_count"].to_numpy(dtype=np.float64)
+        if self.fish_normalize == "area":
+            area = fish["cell_area"].to_numpy(dtype=np.float64)
+            values = values / area * np.median(area)
+        fish = fish.assign(value=values)
+        pairs = []
+        for (c, g), block in fish.groupby(["condition", "gene"], sort=True):
+            if c in set(cond) and g in sub.var_names:
+                pairs.append((str(c), str(g), M.gini(block["value"].to_numpy())))
+        if not pairs:
+            msg = "no smFISH (condition, gene) pair matches the data's conditions and genes."
+            raise ValueError(msg)
+        return Task(sub, {"conditions": cond, "pairs": pairs})
+
+    def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
+        x = np.asarray(to_dense(imputed), dtype=np.float64)
+        lib = x.sum(1)
+        norm = x / np.where(lib == 0, 1, lib)[:, None] * np.median(lib)
+        names = task.adata.var_names
+        cond = task.truth["conditions"]
+        sc_g, fish_g = [], []
+        for c, g, fish_gini in task.truth["pairs"]:
+            sc_g.append(M.gini(norm[cond == c, names.get_loc(g)]))
+            fish_g.append(fish_gini)
+        return M.gini_agreement(np.array(sc_g), np.array(fish_g))
+
+
+PROTOCOLS: dict[str, type[Protocol]] = {
+    p.name: p for p in (Masked, MCV, Clustering, DEG, Dropout, Degrade, Smfish)
+}
+
+
+def get_protocol(name: str | Protocol, **params) -> Protocol:
+    """A protocol instance from its name (``masked``, ``mcv``, ``clustering``, ``deg``, …)."""
+    if isinstance(name, Protocol):
+        return name
+    if name not in PROTOCOLS:
+        msg = f"unknown protocol {name!r}; available: {', '.join(PROTOCOLS)}."
+        raise ValueError(msg)
+    return PROTOCOLS[name](**params)

@@ -1,0 +1,184 @@
+"""The benchmark runner end to end on a tiny simulation: CSV, markdown and PNG outputs agree."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from screpair import evaluate as ev
+from screpair.evaluate import _peers
+from screpair.methods import BaseImputer
+
+
+class _Boom(BaseImputer):
+    name = "boom"
+
+    def __init__(self, *, rng=None):
+        self.rng = rng
+
+    def fit(self, data, *, layer=None):
+        msg = "boom: deliberate failure"
+        raise RuntimeError(msg)
+
+
+class _Missing(BaseImputer):
+    name = "missing_peer"
+
+    def __init__(self, *, rng=None):
+        self.rng = rng
+
+    def fit(self, data, *, layer=None):
+        e = ImportError("No module named 'not_installed'")
+        e.add_note("pip install not-installed")
+        raise e
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from screpair import simulate
+
+    return simulate.splat(n_obs=80, n_vars=60, group_prob=(0.5, 0.5), de_prob=0.3, de_fac_loc=1.0,
+                          lib_loc=8.0, rng=0)
+
+
+@pytest.fixture(scope="module")
+def bench(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    mp.setitem(_peers.PEERS, "boom", _Boom)
+    mp.setitem(_peers.PEERS, "missing_peer", _Missing)
+    try:
+        res = ev.run_benchmark({"tiny": tiny}, ["gene_mean", "knn", "boom", "missing_peer"],
+                               ["masked", "clustering"], [0, 1], out, progress=False,
+                               protocol_params={"clustering": {"n_pcs": 5}},
+                               command="screpair benchmark --data tiny.h5ad")
+    finally:
+        mp.undo()
+    return res, out
+
+
+def test_csv_is_tidy_and_complete(bench):
+    res, out = bench
+    csv = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
+    assert list(csv.columns) == ev._benchmark.COLUMNS
+    ok = csv[csv.status == "ok"]
+    # 2 working methods x 2 seeds x (2 masked + 4 clustering metrics)
+    assert len(ok) == 2 * 2 * (2 + 4)
+    assert set(ok.metric) == {"mse", "pearson", "ari", "purity", "entropy", "silhouette"}
+    assert ok.value.notna().all() and (ok.seconds >= 0).all() and (ok.peak_mem_mb >= 0).all()
+    np.testing.assert_allclose(ok.value.to_numpy(), res[res.status == "ok"].value.to_numpy(),
+                               rtol=1e-12)
+
+
+def test_failures_are_recorded_and_the_run_goes_on(bench):
+    res, _ = bench
+    boom = res[res.method == "boom"]
+    assert (boom.status == "failed").all() and len(boom) == 2 * 2
+    assert boom.error.str.contains("deliberate failure").all()
+    miss = res[res.method == "missing_peer"]
+    assert (miss.status == "skipped").all()
+    assert miss.error.str.contains("pip install not-installed").all()
+
+
+def test_markdown_agrees_with_csv(bench):
+    res, out = bench
+    md = (out / "summary.md").read_text()
+    assert "screpair benchmark --data tiny.h5ad" in md
+    assert "## tiny · masked" in md and "## tiny · clustering" in md
+    assert "## Failed or skipped" in md and "deliberate failure" in md
+    ok = res[res.status == "ok"]
+    for method in ("gene_mean", "knn"):
+        vals = ok[(ok.method == method) & (ok.protocol == "masked") & (ok.metric == "mse")].value
+        row = next(line for line in md.split("## tiny · masked")[1].splitlines()
+                   if line.startswith(f"| {method} |"))
+        mean, sd = map(float, re.search(r"([-\d.]+) ± ([-\d.]+)", row).groups())
+        assert mean == pytest.approx(vals.mean(), abs=6e-4)
+        assert sd == pytest.approx(vals.std(ddof=1), abs=6e-4)
+
+
+def test_pngs_are_written(bench):
+    _, out = bench
+    names = {p.name for p in out.glob("*.png")}
+    assert {"bars_tiny_masked.png", "bars_tiny_clustering.png", "rank_heatmap.png",
+            "embedding_tiny.png"} <= names
+    for name in names:
+        head = (out / name).read_bytes()[:8]
+        assert head == b"\x89PNG\r\n\x1a\n"
+        assert (out / name).stat().st_size > 2000
+
+
+def test_summarize_ranks_hand():
+    rows = []
+    for method, values in {"a": [1.0, 3.0], "b": [0.5, 0.5], "c": [2.0, 2.0]}.items():
+        for seed, v in enumerate(values):
+            for metric, sign in (("mse", 1.0), ("pearson", -1.0)):
+                rows.append({"dataset": "d", "protocol": "p", "method": method, "seed": seed,
+                             "metric": metric, "value": sign * v, "seconds": 1.0,
+                             "peak_mem_mb": 1.0, "status": "ok", "error": ""})
+    summ = ev.summarize(pd.DataFrame(rows)).set_index(["method", "metric"])
+    # mse (lower is better): b 0.5, a 2.0, c 2.0 -> ranks 1, 2.5, 2.5
+    assert summ.loc[("b", "mse"), "rank"] == 1 and summ.loc[("a", "mse"), "rank"] == 2.5
+    # pearson (higher is better) of -values: b -0.5 best
+    assert summ.loc[("b", "pearson"), "rank"] == 1
+    assert summ.loc[("a", "mse"), "sd"] == pytest.approx(np.std([1.0, 3.0], ddof=1))
+
+
+def test_peak_memory_sees_numpy_allocations():
+    with ev.PeakMemory() as mem:
+        a = np.ones((1000, 2000))
+        del a
+    assert 14.0 < mem.peak_mb < 200.0  # 15.3 MiB array
+
+
+def test_gene_mean_baseline_hand():
+    x = np.array([[2.0, 0.0], [2.0, 4.0]])
+    est = _peers.GeneMeanImputer().fit(x)
+    lib = np.array([2.0, 6.0])
+    v0 = np.mean([np.log1p(1e6), np.log1p(2 / 6 * 1e6)])
+    v1 = np.log1p(4 / 6 * 1e6)
+    np.testing.assert_allclose(est.gene_log_mean_, [v0, v1], rtol=1e-12)
+    out = est.transform(x)
+    np.testing.assert_allclose(out, np.expm1([[v0, v1], [v0, v1]]) * lib[:, None] / 1e6, rtol=1e-12)
+
+
+def test_magic_peer_runs(counts_adata):
+    pytest.importorskip("magic")
+    x = counts_adata.X
+    out = ev.run_method("magic", counts_adata, rng=0)[0]
+    assert out.shape == x.shape and np.all(np.isfinite(out)) and out.min() >= 0
+    # output is on the count scale: library sizes within a factor 3 of the input's
+    ratio = out.sum(1) / np.asarray(x.sum(1)).ravel()
+    assert 0.3 < np.median(ratio) < 3.0
+
+
+@pytest.mark.slow
+def test_scvi_peer_runs(counts_adata):
+    pytest.importorskip("scvi")
+    out = ev.run_method("scvi", counts_adata, rng=0, params={"max_epochs": 2})[0]
+    lib = np.asarray(counts_adata.X.sum(1)).ravel()
+    np.testing.assert_allclose(out.sum(1), lib, rtol=1e-3)
+
+
+def test_unknown_method_fails_cleanly(tiny):
+    res = ev.run_benchmark({"tiny": tiny}, ["no_such_method"], ["masked"], [0], None,
+                           progress=False)
+    assert (res.status == "failed").all() and res.error.str.contains("unknown method").all()
+
+
+def test_cli_benchmark(tiny, tmp_path):
+    from screpair.cli import main
+
+    path = tmp_path / "tiny.h5ad"
+    tiny.write_h5ad(path)
+    out = tmp_path / "res"
+    rc = main(["benchmark", "--data", str(path), "--methods", "gene_mean,raw",
+               "--protocol", "masked", "--seeds", "0", "--out", str(out), "--no-plots",
+               "--no-progress", "-q"])
+    assert rc == 0
+    res = pd.read_csv(out / "results.csv")
+    assert set(res.method) == {"gene_mean", "raw"} and (res.status == "ok").all()
+    assert "screpair benchmark --data" in (out / "summary.md").read_text()
+    assert not list(out.glob("*.png"))

@@ -1,0 +1,433 @@
+"""Metric functions against hand-computed values, and protocol invariants on small simulations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from scipy import stats
+
+from screpair import evaluate as ev
+
+# --------------------------------------------------------------------------- masked accuracy
+
+
+def test_log1p_norm_hand(array_type):
+    x = array_type(np.array([[1.0, 3.0], [0.0, 0.0]]))
+    out = ev.log1p_norm(x, scale=1e6)
+    expected = np.array([[np.log1p(0.25e6), np.log1p(0.75e6)], [0.0, 0.0]])
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
+    out2 = ev.log1p_norm(x, np.array([2.0, 5.0]), scale=10)
+    np.testing.assert_allclose(out2, [[np.log1p(5.0), np.log1p(15.0)], [0.0, 0.0]], rtol=1e-12)
+
+
+def test_masked_accuracy_hand():
+    truth = np.array([[2.0, 2.0], [1.0, 3.0]])
+    pred = np.array([[2.0, 0.0], [1.0, 1.0]])
+    mask = np.array([[False, True], [False, True]])
+    lib = np.array([4.0, 4.0])
+    res = ev.masked_accuracy(truth, pred, mask, lib)
+    t = np.array([np.log1p(0.5e6), np.log1p(0.75e6)])
+    p = np.array([0.0, np.log1p(0.25e6)])
+    assert res["mse"] == pytest.approx(np.mean((t - p) ** 2), rel=1e-12)
+    assert res["pearson"] == pytest.approx(1.0, abs=1e-12)  # two points, both increasing
+
+
+def test_masked_scores_sparse_and_errors():
+    truth = sp.csr_matrix(np.array([[1.0, 0.0, 3.0]]))
+    assert ev.mse_masked(truth, truth, np.array([[True, True, True]])) == pytest.approx(0.0, abs=0)
+    assert np.isnan(ev.pearson_masked([[1.0, 2.0]], [[3.0, 3.0]], [[True, True]]))
+    with pytest.raises(ValueError, match="no entries"):
+        ev.mse_masked([[1.0]], [[1.0]], [[False]])
+    with pytest.raises(ValueError, match="shapes differ"):
+        ev.mse_masked([[1.0, 2.0]], [[1.0]], [[True]])
+
+
+# --------------------------------------------------------------------------- MCV
+
+
+def test_poisson_nll_hand_and_torch():
+    y_pred = np.array([1.0, 2.0, 0.5])
+    y_true = np.array([0.0, 3.0, 1.0])
+    hand = np.mean([1.0 - 0.0, 2.0 - 3.0 * np.log(2.0 + 1e-6), 0.5 - np.log(0.5 + 1e-6)])
+    assert ev.poisson_nll(y_pred, y_true) == pytest.approx(hand, rel=1e-12)
+    torch = pytest.importorskip("torch")
+    ref = torch.nn.functional.poisson_nll_loss(
+        torch.tensor(y_pred), torch.tensor(y_true), log_input=False, full=False, eps=1e-6
+    )
+    assert ev.poisson_nll(y_pred, y_true) == pytest.approx(float(ref), rel=1e-10)
+
+
+def test_mcv_poisson_orders_hand():
+    test = np.array([[1.0, 0.0], [2.0, 1.0]])  # sum 4
+    den = np.array([[2.0, 2.0], [4.0, 0.0]])
+    scaled = den * 4.0 / 36.0
+    op = ev.mcv_poisson(test, den, train_sum=36.0)
+    # Open Problems v1 passes (test, denoised): mean(test - denoised * log(test + 1e-6))
+    assert op == pytest.approx(np.mean(test - scaled * np.log(test + 1e-6)), rel=1e-12)
+    mcv = ev.mcv_poisson(test, den, train_sum=36.0, order="mcv")
+    assert mcv == pytest.approx(np.mean(scaled - test * np.log(scaled + 1e-6)), rel=1e-12)
+    with pytest.raises(ValueError, match="order"):
+        ev.mcv_poisson(test, den, train_sum=36.0, order="torch")
+    with pytest.raises(ValueError, match="train_sum"):
+        ev.mcv_poisson(test, den, train_sum=0.0)
+
+
+def test_mcv_poisson_mcv_order_is_minimised_by_the_truth():
+    rng = np.random.default_rng(0)
+    mu = rng.gamma(2.0, 2.0, size=(40, 30))
+    test = rng.poisson(mu).astype(float)
+    train_sum = test.sum()  # scale factor 1
+    best = ev.mcv_poisson(test, test, train_sum=train_sum, order="mcv")
+    for other in (mu, test + 1.0, np.full_like(test, test.mean())):
+        assert ev.mcv_poisson(test, other * train_sum / other.sum(), train_sum=train_sum,
+                              order="mcv") > best + 1e-6
+
+
+def test_mcv_mse_hand():
+    test = np.array([[1.0, 1.0], [0.0, 0.0]])
+    den = np.array([[2.0, 0.0], [0.0, 0.0]])
+    a, b = np.log1p(5000.0), np.log1p(10000.0)
+    expected = ((a - b) ** 2 + a**2) / 4  # the empty cell contributes zeros
+    assert ev.mcv_mse(test, den) == pytest.approx(expected, rel=1e-12)
+
+
+def test_mcv_mse_matches_scanpy():
+    sc = pytest.importorskip("scanpy")
+    from anndata import AnnData
+    from sklearn.metrics import mean_squared_error
+
+    rng = np.random.default_rng(1)
+    test = rng.poisson(1.0, size=(30, 20)).astype(float)
+    den = rng.gamma(2.0, 1.0, size=(30, 20))
+    t, d = AnnData(test.copy()), AnnData(den.copy())
+    for ad in (t, d):
+        sc.pp.normalize_total(ad, target_sum=1e4)
+        sc.pp.log1p(ad)
+    ref = mean_squared_error(t.X, d.X)
+    assert ev.mcv_mse(test, den, target_sum=1e4) == pytest.approx(ref, rel=1e-10)
+
+
+# --------------------------------------------------------------------------- clustering
+
+
+def test_purity_entropy_hand():
+    y = ["a", "a", "a", "b", "b", "b"]
+    c = [0, 0, 1, 1, 1, 1]
+    assert ev.purity(y, c) == pytest.approx(5 / 6, rel=1e-12)
+    h1 = -(0.25 * np.log(0.25) + 0.75 * np.log(0.75))
+    assert ev.entropy(y, c) == pytest.approx(4 / 6 * h1, rel=1e-12)
+    assert ev.purity(y, [5, 5, 5, 7, 7, 7]) == pytest.approx(1.0, abs=0)
+    assert ev.entropy(y, [5, 5, 5, 7, 7, 7]) == pytest.approx(0.0, abs=1e-15)
+    assert ev.ari(y, [5, 5, 5, 7, 7, 7]) == pytest.approx(1.0, abs=1e-12)
+    assert ev.ari(y, [0, 1, 0, 1, 0, 1]) < 0.0 + 1e-12
+
+
+def test_silhouette_hand():
+    emb = np.array([[0.0], [1.0], [10.0], [11.0]])
+    y = ["a", "a", "b", "b"]
+    expected = (2 * (1 - 1 / 10.5) + 2 * (1 - 1 / 9.5)) / 4
+    assert ev.silhouette(emb, y) == pytest.approx(expected, rel=1e-12)
+    assert np.isnan(ev.silhouette(emb, ["a"] * 4))
+
+
+# --------------------------------------------------------------------------- differential expression
+
+
+def test_bh_adjust_hand():
+    out = ev.bh_adjust(np.array([0.01, 0.04, 0.03, 0.2]))
+    np.testing.assert_allclose(out, [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.2], rtol=1e-12)
+
+
+def test_rank_genes_wilcoxon_hand():
+    # gene 0: group A = 1,2,3 vs rest 4,5,6 -> R = 6, z = (6 - 10.5) / sqrt(5.25)
+    x = np.array([[1.0, 0.0], [2.0, 1.0], [3.0, 0.0], [4.0, 1.0], [5.0, 0.0], [6.0, 1.0]])
+    groups = np.array(["A", "A", "A", "B", "B", "B"])
+    res = ev.rank_genes(x, groups)
+    a0 = res[(res.group == "A") & (res.gene == 0)].iloc[0]
+    z = (6 - 10.5) / np.sqrt(5.25)
+    assert a0.score == pytest.approx(z, rel=1e-12)
+    assert a0.pval == pytest.approx(2 * stats.norm.sf(abs(z)), rel=1e-12)
+    b0 = res[(res.group == "B") & (res.gene == 0)].iloc[0]
+    assert b0.score == pytest.approx(-z, rel=1e-12)
+    assert set(res.columns) == {"group", "gene", "score", "pval", "pval_adj", "logfc"}
+
+
+def test_rank_genes_matches_scipy():
+    rng = np.random.default_rng(0)
+    x = np.log1p(rng.poisson(2.0, size=(60, 8)).astype(float))
+    x[:20, :3] += 1.0
+    groups = np.repeat(["g0", "g1", "g2"], 20)
+    res = ev.rank_genes(x, groups, tie_correct=True)
+    tt = ev.rank_genes(x, groups, method="t-test")
+    for j in range(8):
+        m = groups == "g0"
+        mw = stats.mannwhitneyu(x[m, j], x[~m, j], use_continuity=False, method="asymptotic")
+        row = res[(res.group == "g0") & (res.gene == j)].iloc[0]
+        assert row.pval == pytest.approx(mw.pvalue, rel=1e-9)
+        welch = stats.ttest_ind(x[m, j], x[~m, j], equal_var=False)
+        trow = tt[(tt.group == "g0") & (tt.gene == j)].iloc[0]
+        assert trow.score == pytest.approx(welch.statistic, rel=1e-9)
+        assert trow.pval == pytest.approx(welch.pvalue, rel=1e-9)
+
+
+def test_rank_genes_matches_scanpy():
+    sc = pytest.importorskip("scanpy")
+    from anndata import AnnData
+
+    rng = np.random.default_rng(3)
+    x = np.log1p(rng.poisson(3.0, size=(45, 12)).astype(float))
+    x[:15, :4] += 0.8
+    groups = np.repeat(["a", "b", "c"], 15)
+    ad = AnnData(x, obs=pd.DataFrame({"g": pd.Categorical(groups)}, index=[f"c{i}" for i in range(45)]))
+    ad.var_names = [f"G{i}" for i in range(12)]
+    for method in ("wilcoxon", "t-test"):
+        sc.tl.rank_genes_groups(ad, "g", method=method, n_genes=12)
+        ours = ev.rank_genes(x, groups, method=method, gene_names=ad.var_names)
+        for g in ("a", "b", "c"):
+            names = pd.DataFrame(ad.uns["rank_genes_groups"]["names"])[g]
+            scores = pd.DataFrame(ad.uns["rank_genes_groups"]["scores"])[g]
+            ref = pd.Series(scores.to_numpy(), index=names.to_numpy())
+            mine = ours[ours.group == g].set_index("gene")["score"]
+            np.testing.assert_allclose(mine[ref.index], ref.to_numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_deg_auc_topk_jaccard_f1_hand():
+    assert ev.deg_auc(np.array([4.0, 3.0, 2.0, 1.0]), np.array([1, 0, 1, 0])) == pytest.approx(0.75)
+    assert np.isnan(ev.deg_auc(np.array([1.0, 2.0]), np.array([1, 1])))
+    assert ev.top_k(np.array([0.1, 0.9, 0.5, 0.7]), 2) == {1, 3}
+    assert ev.top_k(np.array([0.1, 0.9]), 1, names=["x", "y"]) == {"y"}
+    assert ev.jaccard({1, 2, 3}, {2, 3, 4}) == pytest.approx(0.5)
+    assert ev.f1({1, 2, 3}, {2, 3, 4, 5}) == pytest.approx(2 * 2 / 7)
+    assert np.isnan(ev.jaccard(set(), set()))
+
+
+# --------------------------------------------------------------------------- agreement with truth
+
+
+def test_gini_hand():
+    assert ev.gini([0, 0, 0, 1]) == pytest.approx(0.75, rel=1e-12)
+    assert ev.gini([1, 1, 1, 1]) == pytest.approx(0.0, abs=1e-15)
+    assert ev.gini([4, 1, 3, 2]) == pytest.approx(0.25, rel=1e-12)
+    assert np.isnan(ev.gini([0, 0]))
+    with pytest.raises(ValueError, match="non-negative"):
+        ev.gini([-1, 2])
+
+
+def test_gini_agreement_hand():
+    res = ev.gini_agreement(np.array([0.1, 0.2, 0.4, np.nan]), np.array([0.2, 0.2, 0.6, 0.5]))
+    assert res["gini_rmse"] == pytest.approx(np.sqrt((0.01 + 0.0 + 0.04) / 3), rel=1e-12)
+    assert res["gini_pearson"] == pytest.approx(np.corrcoef([0.1, 0.2, 0.4], [0.2, 0.2, 0.6])[0, 1])
+
+
+def test_marker_spearman_and_cosine():
+    rng = np.random.default_rng(0)
+    ref = rng.random((20, 3))
+    assert ev.marker_spearman(ref, np.exp(ref)) == pytest.approx(1.0, abs=1e-12)
+    assert ev.marker_spearman(ref, -ref, genes=[0, 2]) == pytest.approx(-1.0, abs=1e-12)
+    const = ref.copy()
+    const[:, 1] = 1.0
+    assert ev.marker_spearman(ref, const, genes=[1]) != ev.marker_spearman(ref, const, genes=[1])
+    t = np.array([[1.0, 0.0], [1.0, 1.0]])
+    p = np.array([[1.0, 1.0], [2.0, 2.0]])
+    assert ev.cosine_cell(t, p) == pytest.approx((1 / np.sqrt(2) + 1.0) / 2, rel=1e-12)
+
+
+def test_dropout_detection_hand():
+    observed = np.array([[0, 0, 5], [0, 0, 1]])
+    truth = np.array([[3, 0, 5], [0, 2, 1]])  # zeros: (0,0) dropout, (0,1) true, (1,0) true, (1,1) dropout
+    prob = np.array([[0.9, 0.2, 0.0], [0.6, 0.7, 0.0]])
+    res = ev.dropout_detection(prob, observed, truth)
+    # ranking of zeros by prob: (0,0) 0.9 D, (1,1) 0.7 D, (1,0) 0.6 T, (0,1) 0.2 T -> AP = 1
+    assert res["dropout_pr_auc"] == pytest.approx(1.0, abs=1e-12)
+    # > 0.5: (0,0) D, (1,1) D, (1,0) T -> precision 2/3, recall 1 -> F1 = 0.8
+    assert res["dropout_f1"] == pytest.approx(0.8, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- protocols
+
+
+def test_masked_protocol_invariants(sim):
+    proto = ev.Masked()
+    task = proto.prepare(sim.copy(), rng=0)
+    x = task.adata.X
+    truth, mask = task.truth["true_counts"], task.truth["mask"].toarray()
+    # every kept gene is detected in >= 50% of the input cells
+    counts = sp.csr_matrix(sim.X)
+    detected = pd.Series(np.bincount(counts.indices, minlength=sim.n_vars) / sim.n_obs,
+                         index=sim.var_names)
+    assert (detected[task.adata.var_names] >= 0.5).all()
+    # 10% of the non-zeros are hidden, the method never sees them, the rest is untouched
+    assert mask.sum() == round(0.1 * truth.nnz)
+    assert (x.toarray()[mask] == 0).all()
+    np.testing.assert_array_equal(x.toarray()[~mask], truth.toarray()[~mask])
+    np.testing.assert_allclose(task.truth["lib"], x.toarray().sum(1), rtol=1e-12)
+    # the truth itself scores perfectly; the same seed gives the same mask
+    perfect = proto.score(task, truth.toarray())
+    assert perfect["mse"] == pytest.approx(0.0, abs=1e-12)
+    assert perfect["pearson"] == pytest.approx(1.0, abs=1e-12)
+    again = proto.prepare(sim.copy(), rng=0)
+    assert (again.truth["mask"] != task.truth["mask"]).nnz == 0
+
+
+def test_mcv_protocol_invariants(sim):
+    proto = ev.MCV()
+    task = proto.prepare(sim.copy(), rng=0)
+    train, test = task.adata.X, task.truth["test"]
+    full = sp.csr_matrix(sim.X)[:, :][np.flatnonzero(np.isin(sim.obs_names, task.adata.obs_names))]
+    full = full[:, np.flatnonzero(np.isin(sim.var_names, task.adata.var_names))]
+    np.testing.assert_array_equal((train + test).toarray(), full.toarray())
+    assert task.truth["train_sum"] == pytest.approx(train.sum(), rel=1e-12)
+    assert 0.85 < train.sum() / full.sum() < 0.95
+    res = proto.score(task, test.toarray() * task.truth["train_sum"] / test.sum())
+    assert res["mcv_mse"] == pytest.approx(0.0, abs=1e-12)
+    assert set(res) == {"mcv_mse", "mcv_poisson", "mcv_poisson_mcv"}
+
+
+def _separated_sim():
+    from screpair import simulate
+
+    return simulate.splat(n_obs=120, n_vars=150, group_prob=(0.5, 0.5), de_prob=0.4,
+                          de_fac_loc=1.5, lib_loc=8.0, rng=1)
+
+
+def test_clustering_protocol_known_answer():
+    sim = _separated_sim()
+    proto = ev.Clustering(n_pcs=10)
+    task = proto.prepare(sim, rng=0)
+    assert task.adata.n_obs == sim.n_obs
+    truth = sp.csr_matrix(sim.layers["true_counts"])[:, np.flatnonzero(
+        np.isin(sim.var_names, task.adata.var_names))].toarray()
+    good = proto.score(task, truth)
+    assert good["ari"] > 0.9 and good["purity"] > 0.95 and good["entropy"] < 0.2
+    noise = np.random.default_rng(0).poisson(5.0, size=truth.shape).astype(float)
+    bad = proto.score(task, noise)
+    assert bad["ari"] < 0.2 and bad["silhouette"] < good["silhouette"]
+    assert proto.embedding(task, truth).shape == (sim.n_obs, 2)
+
+
+def test_clustering_protocol_drops_unlabelled_and_needs_labels(counts_adata):
+    ad = counts_adata.copy()
+    ad.obs["group"] = ad.obs["group"].astype(object)
+    ad.obs.iloc[:5, ad.obs.columns.get_loc("group")] = np.nan
+    task = ev.Clustering(n_pcs=5).prepare(ad, rng=0)
+    assert task.adata.n_obs == ad.n_obs - 5
+    del ad.obs["group"]
+    with pytest.raises(ValueError, match="needs cell labels"):
+        ev.Clustering().prepare(ad, rng=0)
+
+
+def test_deg_protocol_reference_scores_itself_perfectly(counts_adata):
+    proto = ev.DEG(k=10)
+    task = proto.prepare(counts_adata.copy(), rng=0)
+    assert task.truth["source"] == "raw"
+    res = proto.score(task, task.adata.X.toarray())
+    assert res["deg_jaccard"] == pytest.approx(1.0) and res["deg_f1"] == pytest.approx(1.0)
+    assert res["marker_spearman"] == pytest.approx(1.0, abs=1e-12)
+    assert res["deg_auc"] > 0.9
+    flat = proto.score(task, np.ones(task.adata.shape))
+    assert flat["deg_f1"] < 0.6
+
+
+def test_deg_protocol_uses_simulation_truth():
+    sim = _separated_sim()
+    proto = ev.DEG(k=20)
+    task = proto.prepare(sim, rng=0)
+    assert task.truth["source"] == "true_counts"
+    genes = np.flatnonzero(np.isin(sim.var_names, task.adata.var_names))
+    truth = sp.csr_matrix(sim.layers["true_counts"])[:, genes].toarray()
+    assert proto.score(task, truth)["deg_jaccard"] == pytest.approx(1.0)
+
+
+def test_dropout_protocol_oracle(sim):
+    from screpair.methods import Posterior
+
+    proto = ev.Dropout()
+    task = proto.prepare(sim.copy(), rng=0)
+    truth = task.truth["true_counts"].toarray()
+    oracle = Posterior(mean=truth, dropout_prob=(truth > 0).astype(float))
+    res = proto.score(task, truth, oracle)
+    assert res["dropout_pr_auc"] == pytest.approx(1.0) and res["dropout_f1"] == pytest.approx(1.0)
+    assert res["mse_log"] == pytest.approx(0.0, abs=1e-12)
+    assert "dropout_pr_auc" not in proto.score(task, truth, Posterior(mean=truth))
+
+
+def test_degrade_protocol_oracle(sim):
+    proto = ev.Degrade(bias_3p=0.5, dropout_rate=0.2, noise_sd=0.1)
+    ad = sim.copy()
+    ad.X = ad.layers["true_counts"].copy()
+    task = proto.prepare(ad, rng=0)
+    truth = task.truth["true_counts"].toarray()
+    res = proto.score(task, truth)
+    assert res["mse_log"] == pytest.approx(0.0, abs=1e-12)
+    assert res["cosine_cell"] == pytest.approx(1.0, abs=1e-12)
+    damaged = proto.score(task, task.adata.X.toarray())
+    assert damaged["mse_log"] > 0.01 and damaged["mse_log_dropped"] > damaged["mse_log"]
+
+
+def test_get_protocol():
+    assert isinstance(ev.get_protocol("mcv", train_frac=0.8), ev.MCV)
+    with pytest.raises(ValueError, match="unknown protocol"):
+        ev.get_protocol("nope")
+
+
+def test_smfish_protocol_hand(tmp_path):
+    from anndata import AnnData
+
+    # two conditions, two genes; FISH gene "A" in condition "x" has Gini 0.75 ([0, 0, 0, 4])
+    fish = pd.DataFrame({
+        "condition": ["x"] * 4 + ["x"] * 4 + ["y"] * 2,
+        "gene": ["A"] * 4 + ["B"] * 4 + ["A"] * 2,
+        "mrna_count": [0, 0, 0, 4, 1, 1, 1, 1, 1, 3],
+        "cell_area": [1.0] * 10,
+    })
+    path = tmp_path / "fish.csv"
+    fish.to_csv(path, index=False)
+    x = np.array([[1, 5], [1, 5], [1, 5], [1, 5], [2, 2], [6, 2]], dtype=float)
+    ad = AnnData(x, obs=pd.DataFrame({"condition": list("xxxxyy")}, index=[f"c{i}" for i in range(6)]))
+    ad.var_names = ["A", "B"]
+    proto = ev.get_protocol("smfish", fish_path=str(path))
+    task = proto.prepare(ad, rng=0)
+    assert [(c, g) for c, g, _ in task.truth["pairs"]] == [("x", "A"), ("x", "B"), ("y", "A")]
+    np.testing.assert_allclose([v for *_, v in task.truth["pairs"]], [0.75, 0.0, 0.25], rtol=1e-12)
+    # library-normalised: x cells are identical (Gini 0, 0); y cells: A = 2/4, 6/8 -> [0.5, 0.75]
+    res = proto.score(task, x)
+    g_y = ev.gini([0.5, 0.75])
+    expected = np.sqrt(((0 - 0.75) ** 2 + 0.0 + (g_y - 0.25) ** 2) / 3)
+    assert res["gini_rmse"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_deg_protocol_bulk_reference_hand(tmp_path, counts_adata):
+    ad = counts_adata.copy()
+    names = list(ad.var_names)
+    # bulk: gene 0 up in g0 (CPM 4e5 vs 1e5), gene 1 up in g1; genes 2.. flat; gene "X" unknown
+    g0 = [400_000, 100_000] + [500_000 / (len(names) - 2)] * (len(names) - 2)
+    g1 = [100_000, 400_000] + [500_000 / (len(names) - 2)] * (len(names) - 2)
+    bulk = pd.DataFrame({"g0_a": g0, "g0_b": g0, "g1_a": g1}, index=names)
+    bulk.loc["X"] = [5, 5, 5]
+    path = tmp_path / "bulk.csv"
+    bulk.to_csv(path)
+    proto = ev.DEG(bulk_path=str(path), k=1, n_top_genes=None)
+    task = proto.prepare(ad, rng=0)
+    assert task.truth["source"] == "bulk"
+    ref = task.truth["ref"]
+    up = ref[ref.pval_adj < 0.05]
+    assert sorted(zip(up.group, up.gene, strict=True)) == [("g0", 0), ("g1", 1)]
+    lfc = ref[(ref.group == "g0") & (ref.gene == 0)].logfc.iloc[0]
+    cpm0 = 400_000 / (sum(g0) + 5) * 1e6
+    cpm1 = 100_000 / (sum(g1) + 5) * 1e6
+    assert lfc == pytest.approx(np.log2((cpm0 + 1) / (cpm1 + 1)), rel=1e-9)
+    ad.obs["group"] = ["zz"] * 50 + ["g0"] * 50
+    with pytest.raises(ValueError, match="no bulk sample"):
+        ev.DEG(bulk_path=str(path)).prepare(ad, rng=0)
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, screpair.evaluate; "
+            "print(any(m in sys.modules for m in ('torch', 'matplotlib', 'scvi', 'magic')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
