@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from typing import Union
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-RNGLike = Union[int, np.random.Generator, None]
-ArrayLike = Union[np.ndarray, sp.spmatrix, sp.sparray]
-Data = Union[AnnData, np.ndarray, sp.spmatrix, sp.sparray]
+RNGLike = int | np.random.Generator | None
+ArrayLike = np.ndarray | sp.spmatrix | sp.sparray
+Data = AnnData | np.ndarray | sp.spmatrix | sp.sparray
 
 
 def as_rng(rng: RNGLike) -> np.random.Generator:
