@@ -123,6 +123,7 @@ def _cmd_info(args) -> int:
     import numpy as np
 
     import screpair
+
     from ._utils import _layer_matrix, get_counts, library_size
 
     adata = screpair.read(args.input, transpose=args.transpose)
@@ -166,6 +167,7 @@ def _cmd_demo(args) -> int:
     import numpy as np
 
     import screpair
+
     from . import datasets
 
     adata = datasets.demo()
