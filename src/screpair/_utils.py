@@ -29,6 +29,23 @@ def torch_seed(rng: np.random.Generator) -> int:
     return int(rng.integers(2**62))
 
 
+def prepare_adata(adata: AnnData, copy: bool, fn: str) -> AnnData:
+    """The AnnData a public ``fn(adata, *, copy)`` writes into: a copy, or ``adata`` itself.
+
+    Raises for non-AnnData input and for views written in place (anndata would silently turn the
+    view into a copy, so the caller would never see the result).
+    """
+    if not isinstance(adata, AnnData):
+        msg = f"{fn} expects an AnnData, got {type(adata).__name__}; wrap arrays with AnnData(X)."
+        raise TypeError(msg)
+    if copy:
+        return adata.copy()
+    if adata.is_view:
+        msg = "adata is a view; pass `copy=True` or call `adata = adata.copy()` first."
+        raise ValueError(msg)
+    return adata
+
+
 def _layer_matrix(data: Data, layer: str | None):
     if isinstance(data, AnnData):
         if layer is None:

@@ -10,25 +10,13 @@ import pandas as pd
 from anndata import AnnData
 
 from .._logging import get_logger
-from .._utils import RNGLike, get_counts
+from .._utils import RNGLike, get_counts, prepare_adata
 from ._cluster import cluster_cells
 from ._em import fit_dropout
 
 logger = get_logger(__name__)
 
 _PARAMS = ("eta", "alpha", "beta", "mu", "sigma", "zero_prob")
-
-
-def _prepare(adata: AnnData, copy: bool, fn: str) -> AnnData:
-    if not isinstance(adata, AnnData):
-        msg = f"{fn} expects an AnnData, got {type(adata).__name__}; wrap arrays with AnnData(X)."
-        raise TypeError(msg)
-    if copy:
-        return adata.copy()
-    if adata.is_view:
-        msg = "adata is a view; pass `copy=True` or call `adata = adata.copy()` first."
-        raise ValueError(msg)
-    return adata
 
 
 def cluster(
@@ -97,7 +85,7 @@ def cluster(
     >>> sim.obsm["X_tsne"].shape
     (60, 3)
     """
-    adata = _prepare(adata, copy, "cluster")
+    adata = prepare_adata(adata, copy, "cluster")
     x = get_counts(adata, layer)
     params = {
         "perplexity": perplexity,
@@ -207,7 +195,7 @@ def dropout_probability(
     from .. import __version__
     from ..methods._api import jsonable
 
-    adata = _prepare(adata, copy, "dropout_probability")
+    adata = prepare_adata(adata, copy, "dropout_probability")
     if not 0.0 <= threshold <= 1.0:
         msg = f"threshold must be in [0, 1], got {threshold}."
         raise ValueError(msg)

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .._logging import get_logger, log_task
-from .._utils import RNGLike, get_counts, nonempty, var_names
+from .._utils import RNGLike, get_counts, nonempty, prepare_adata, var_names
 from ._base import BaseImputer, Posterior
 from ._registry import get_method
 
@@ -122,15 +122,10 @@ def impute(
     """
     from .. import __version__
 
-    if not isinstance(adata, AnnData):
-        msg = f"impute expects an AnnData, got {type(adata).__name__}; wrap arrays with AnnData(X)."
-        raise TypeError(msg)
+    if not isinstance(adata, AnnData):  # before building the estimator: the clearer error
+        prepare_adata(adata, copy, "impute")
     est = make_estimator(method, rng=rng, **params)
-    if copy:
-        adata = adata.copy()
-    elif adata.is_view:
-        msg = "adata is a view; pass `copy=True` or call `adata = adata.copy()` first."
-        raise ValueError(msg)
+    adata = prepare_adata(adata, copy, "impute")
     key = key_added or est.name
 
     x = get_counts(adata, layer)

@@ -7,7 +7,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._utils import Data, get_counts, library_size
+from .._utils import Data, get_counts, library_size, prepare_adata
 
 
 def _scale_rows(x, factors: np.ndarray):
@@ -46,15 +46,6 @@ def _finish(adata: AnnData, copy: bool):
     return adata if copy else None
 
 
-def _start(adata: AnnData, copy: bool) -> AnnData:
-    if copy:
-        return adata.copy()
-    if adata.is_view:
-        msg = "adata is a view; pass `copy=True` or call `adata = adata.copy()` first."
-        raise ValueError(msg)
-    return adata
-
-
 def size_factors(
     data: Data, *, layer: str | None = None, key_added: str = "size_factor", copy: bool = False
 ):
@@ -69,7 +60,7 @@ def size_factors(
     sf = lib / lib.mean()
     if not isinstance(data, AnnData):
         return sf
-    adata = _start(data, copy)
+    adata = prepare_adata(data, copy, "screpair.pp")
     adata.obs[key_added] = sf
     return _finish(adata, copy)
 
@@ -92,7 +83,7 @@ def normalize(
     out = normalize_rows(x, target_sum)
     if not isinstance(data, AnnData):
         return out
-    adata = _start(data, copy)
+    adata = prepare_adata(data, copy, "screpair.pp")
     adata.layers[key_added] = out
     return _finish(adata, copy)
 
@@ -115,7 +106,7 @@ def log1p(
     out = log1p_matrix(x, base)
     if not isinstance(data, AnnData):
         return out
-    adata = _start(data, copy)
+    adata = prepare_adata(data, copy, "screpair.pp")
     adata.layers[key_added] = out
     return _finish(adata, copy)
 
@@ -237,7 +228,7 @@ def highly_variable_genes(
     df = hvg_dispersion(x, n_top_genes)
     if not isinstance(data, AnnData):
         return df["highly_variable"].to_numpy()
-    adata = _start(data, copy)
+    adata = prepare_adata(data, copy, "screpair.pp")
     adata.var[key_added] = df["highly_variable"].to_numpy()
     adata.var["means"] = df["mean"].to_numpy()
     adata.var["dispersions"] = df["dispersion"].to_numpy()

@@ -32,7 +32,8 @@ from anndata import AnnData
 from scipy.special import ndtri
 
 from .._logging import get_logger, log_task
-from .._utils import RNGLike, as_rng, get_counts, library_size
+from .._utils import RNGLike, as_rng, get_counts, library_size, to_dense
+from ..pp._pp import log1p_matrix, normalize_rows
 from ._common import check_range, csr, truth_adata
 
 logger = get_logger(__name__)
@@ -368,10 +369,7 @@ def degrade(
 
 def log_normalize(counts, target_sum: float = 1e4) -> np.ndarray:
     """Dense ``log1p(x / L * target_sum)`` of a count matrix (the scale :func:`degrade_log` uses)."""
-    x = counts.toarray() if sp.issparse(counts) else np.asarray(counts, dtype=np.float64)
-    lib = x.sum(axis=1)
-    scale = np.divide(target_sum, lib, out=np.zeros_like(lib, dtype=np.float64), where=lib > 0)
-    return np.log1p(x * scale[:, None])
+    return to_dense(log1p_matrix(normalize_rows(counts, target_sum)))
 
 
 __all__ = ["DegradeOutput", "default_gene_length", "degrade", "degrade_log", "log_normalize"]
