@@ -82,6 +82,8 @@ def run_cnn_detail(args) -> dict:
         "train_seconds": float(h["seconds"].iloc[-1]) if len(h) else 0.0,
         "seconds_per_epoch": float(h["seconds"].iloc[-1] / len(h)) if len(h) else 0.0,
         "missing_frac": float((est.dropout_prob_ > est.threshold).mean()),
+        "best_epoch": int(h["val_loss"].idxmin()) + 1 if len(h) else 0,
+        "val_loss": [round(float(v), 5) for v in h["val_loss"]],
     }
 
 
@@ -147,7 +149,7 @@ def main() -> None:
             "--scvi-epochs",
             str(args.scvi_epochs),
         ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         results[method] = json.loads(out.strip().splitlines()[-1])
         print(json.dumps(results[method]), flush=True)
     c, s = results["cnn"]["seconds"], results["scvi"]["seconds"]

@@ -27,6 +27,7 @@ from .._torch import (
     LossOutput,
     TrainConfig,
     dense_rows,
+    heap_reuse,
     import_torch,
     load_model,
     resolve_device,
@@ -493,7 +494,7 @@ class CNNImputer(BaseImputer):
         self.module_.eval()
         dev = self.device_
         tg_idx = torch.as_tensor(self.target_index_, device=dev)
-        with torch.inference_mode():
+        with torch.inference_mode(), heap_reuse():
             for rows in row_batches(np.arange(n_cells), max(self.batch_size, 256)):
                 xin, _, _ = self._batch(xlog, missing, cell_cluster, rows)
                 pred = self.module_(xin)  # (B, G, O)
