@@ -366,6 +366,94 @@ def test_degrade_protocol_oracle(sim):
     assert damaged["mse_log"] > 0.01 and damaged["mse_log_dropped"] > damaged["mse_log"]
 
 
+def test_expression_recovery_hand():
+    from screpair.evaluate import _metrics as M
+
+    truth = np.array([[1, 0, 2], [0, 3, 0]])
+    pred = np.array([[0.6, 0.4, 0.0], [0.5, 2.0, 0.1]])
+    res = M.expression_recovery(truth, pred)
+    # called (>= 0.5): (0,0) (1,0) (1,1); expressed: (0,0) (0,2) (1,1) -> TP 2, FP 1, FN 1
+    assert res["expr_f1"] == pytest.approx(2 / 3, rel=1e-12)
+    # pred / row sum (1.0, 2.6): (1,1) .77 P, (0,0) .6 P, (0,1) .4, (1,0) .19, (1,2) .04, (0,2) 0 P
+    assert res["expr_pr_auc"] == pytest.approx((1 + 1 + 3 / 6) / 3, rel=1e-12)
+    # the boolean truth gives the same; all expressed -> NaN
+    assert M.expression_recovery(truth > 0, pred) == res
+    assert all(np.isnan(v) for v in M.expression_recovery(np.ones((2, 3)), pred).values())
+
+
+_DAMAGE = {"bias_3p": 1.0, "dropout_rate": 0.5, "noise_sd": 0.3}
+_PROFILE = {"mse_log", "pearson_log", "cosine_cell", "mse_log_dropped"}
+_EXPR = {"expr_pr_auc", "expr_f1"}
+_LABELLED = {"silhouette", "deg_jaccard", "deg_f1", "marker_spearman"}
+
+
+@pytest.fixture(scope="module")
+def degrade_task(sim):
+    proto = ev.Degrade(k=10, n_pcs=10, **_DAMAGE)
+    ad = sim.copy()
+    ad.X = ad.layers["true_counts"].copy()
+    return proto, proto.prepare(ad, rng=0)
+
+
+def test_degrade_protocol_biological_scores_of_clean_truth(degrade_task):
+    proto, task = degrade_task
+    res = proto.score(task, task.truth["true_counts"].toarray())
+    assert set(res) == _PROFILE | _EXPR | _LABELLED
+    for key in ("expr_pr_auc", "expr_f1", "deg_jaccard", "deg_f1", "marker_spearman"):
+        assert res[key] == pytest.approx(1.0, abs=1e-12), key
+    # dense and sparse outputs score the same
+    assert proto.score(task, task.truth["true_counts"]) == pytest.approx(res, abs=1e-12)
+
+
+def test_degrade_protocol_degraded_input_scores_worse(degrade_task):
+    from screpair.evaluate import _metrics as M
+
+    proto, task = degrade_task
+    clean = proto.score(task, task.truth["true_counts"].toarray())
+    damaged = task.adata.X.toarray()
+    before = proto.score(task, damaged)
+    assert before["expr_pr_auc"] < clean["expr_pr_auc"] - 0.05
+    assert before["deg_jaccard"] < clean["deg_jaccard"] - 0.1
+    assert before["silhouette"] < clean["silhouette"]
+    # the profile scores are still log1p(CPM) of all genes, each matrix at its own library size
+    truth = task.truth["true_counts"].toarray()
+    t = M.log1p_norm(truth, truth.sum(1))
+    p = M.log1p_norm(damaged, damaged.sum(1))
+    assert before["mse_log"] == pytest.approx(np.mean((t - p) ** 2), rel=1e-12)
+    assert before["cosine_cell"] == pytest.approx(M.cosine_cell(t, p), rel=1e-12)
+
+
+def test_degrade_protocol_scored_genes_and_labels(sim):
+    from screpair.evaluate._protocols import _variable_genes
+
+    ad = sim.copy()
+    ad.X = ad.layers["true_counts"].copy()
+    ad.obs["group"] = ad.obs["group"].astype(object)
+    ad.obs.iloc[:7, ad.obs.columns.get_loc("group")] = np.nan
+    proto = ev.Degrade(n_top_genes=30, k=10, n_pcs=5, **_DAMAGE)
+    task = proto.prepare(ad, rng=0)
+    genes = task.truth["genes"]
+    assert genes.size == 30
+    np.testing.assert_array_equal(genes, _variable_genes(task.truth["true_counts"], 30))
+    assert task.truth["clean_log"].shape == (task.adata.n_obs, 30)
+    # unlabelled cells are left out of the label scores only
+    assert task.truth["labels"].size == task.adata.n_obs - 7
+    assert "nan" not in set(task.truth["labels"])
+    assert set(proto.score(task, task.adata.X)) == _PROFILE | _EXPR | _LABELLED
+
+
+def test_degrade_protocol_without_labels(sim):
+    ad = sim.copy()
+    ad.X = ad.layers["true_counts"].copy()
+    del ad.obs["group"]
+    proto = ev.Degrade(k=10, n_pcs=5, **_DAMAGE)
+    task = proto.prepare(ad, rng=0)
+    assert "labels" not in task.truth
+    res = proto.score(task, task.adata.X.toarray())
+    assert set(res) == _PROFILE | _EXPR
+    assert proto.score(task, task.truth["true_counts"])["expr_pr_auc"] == pytest.approx(1.0)
+
+
 def test_get_protocol():
     assert isinstance(ev.get_protocol("mcv", train_frac=0.8), ev.MCV)
     with pytest.raises(ValueError, match="unknown protocol"):

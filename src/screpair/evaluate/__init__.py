@@ -4,7 +4,7 @@
   :func:`mcv_mse`, :func:`mcv_poisson`, :func:`poisson_nll`, :func:`ari`, :func:`purity`,
   :func:`entropy`, :func:`silhouette`, :func:`rank_genes`, :func:`deg_auc`, :func:`top_k`,
   :func:`jaccard`, :func:`f1`, :func:`marker_spearman`, :func:`gini`, :func:`gini_agreement`,
-  :func:`dropout_detection`, :func:`cosine_cell`;
+  :func:`dropout_detection`, :func:`expression_recovery`, :func:`cosine_cell`;
 - protocols: :class:`Masked`, :class:`MCV`, :class:`Clustering`, :class:`DEG`, :class:`Dropout`,
   :class:`Degrade`, :class:`Smfish` (:func:`get_protocol` by name);
 - :func:`run_benchmark`: datasets x protocols x methods x seeds -> tidy CSV, markdown, PNG plots;
@@ -30,6 +30,7 @@ from ._metrics import (
     cosine_cell,
     deg_auc,
     dropout_detection,
+    expression_recovery,
     entropy,
     f1,
     gini,
@@ -87,6 +88,7 @@ __all__ = [
     "cosine_cell",
     "deg_auc",
     "dropout_detection",
+    "expression_recovery",
     "entropy",
     "f1",
     "find_label_key",

@@ -34,6 +34,8 @@ GREATER_IS_BETTER: dict[str, bool] = {
     "gini_pearson": True,
     "dropout_pr_auc": True,
     "dropout_f1": True,
+    "expr_pr_auc": True,
+    "expr_f1": True,
     "mse_log": False,
     "pearson_log": True,
     "mse_log_dropped": False,
@@ -446,6 +448,38 @@ def dropout_detection(prob, observed, true_counts, *, threshold: float = 0.5) ->
     return {
         "dropout_pr_auc": float(average_precision_score(y, s)),
         "dropout_f1": float(f1_score(y, s > threshold)),
+    }
+
+
+def expression_recovery(
+    true_counts, pred, *, lib: np.ndarray | None = None, threshold: float = 0.5, scale: float = 1e4
+) -> dict[str, float]:
+    """How well a count-scale output recovers which entries are expressed.
+
+    An entry is *expressed* when its true count is positive (a boolean matrix works too). Returns
+    over all entries:
+
+    - ``expr_pr_auc``: :func:`sklearn.metrics.average_precision_score` of the output normalised
+      as ``log1p(pred / L * scale)`` (``L`` = ``lib``, by default the row sums of ``pred``);
+    - ``expr_f1``: :func:`sklearn.metrics.f1_score` of calling an entry expressed when
+      ``pred >= threshold`` (default 0.5: the value would round to at least one count); 0 when
+      nothing is called.
+
+    Both are NaN when every entry or none is expressed.
+    """
+    from sklearn.metrics import average_precision_score, f1_score
+
+    tru, pr = _as_float(true_counts), _as_float(pred)
+    if tru.shape != pr.shape:
+        msg = f"shapes differ: true_counts {tru.shape}, pred {pr.shape}."
+        raise ValueError(msg)
+    y = (tru > 0).ravel()
+    if y.all() or not y.any():
+        return {"expr_pr_auc": float("nan"), "expr_f1": float("nan")}
+    s = log1p_norm(pr, lib, scale=scale).ravel()
+    return {
+        "expr_pr_auc": float(average_precision_score(y, s)),
+        "expr_f1": float(f1_score(y, pr.ravel() >= threshold, zero_division=0.0)),
     }
 
 

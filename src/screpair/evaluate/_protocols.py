@@ -188,8 +188,57 @@ def _mcv_pair(out) -> tuple[sp.csr_matrix, sp.csr_matrix]:
 
 
 # --------------------------------------------------------------------------- labelled data
+def _variable_genes(x: sp.csr_matrix, n_top_genes: int | None) -> np.ndarray:
+    """Sorted indices of the genes with counts in >= 3 cells of ``x`` and, among them, the
+    ``n_top_genes`` largest variances of ``log1p(x / L * 1e6)`` (``L`` the row sums of ``x``; all
+    of them when ``None``)."""
+    x = sp.csr_matrix(x)
+    genes = np.flatnonzero(np.bincount(x.indices, minlength=x.shape[1]) >= 3)
+    if n_top_genes is not None and genes.size > n_top_genes:
+        lg = sp.csr_matrix(x[:, genes], dtype=np.float64)
+        lib = library_size(x)
+        lg = sp.diags(1e6 / np.where(lib == 0, 1, lib)) @ lg
+        lg.data = np.log1p(lg.data)
+        mean = np.asarray(lg.mean(0)).ravel()
+        var = np.asarray(lg.multiply(lg).mean(0)).ravel() - mean**2
+        genes = np.sort(genes[np.argsort(-var, kind="stable")[:n_top_genes]])
+    return genes
+
+
+def _deg_agreement(
+    ref: pd.DataFrame, res: pd.DataFrame, ref_log, pred_log, *, k: int, alpha: float | None = None
+) -> dict[str, float]:
+    """Agreement of a method's DEG table with the reference one, averaged over the groups.
+
+    ``ref`` and ``res`` are :func:`~screpair.evaluate.rank_genes` tables over the same genes and
+    groups; ``ref_log`` / ``pred_log`` the matching log-normalised matrices. Per group of ``ref``:
+    ``deg_jaccard`` / ``deg_f1`` of the method's and the reference's top-``k`` genes by score;
+    ``marker_spearman``: mean Spearman r across cells of reference vs method values of the union
+    of every group's top-10 reference genes. With ``alpha``, also ``deg_auc``: ROC AUC of the
+    method's scores for the reference DEGs (``pval_adj < alpha`` and ``logfc > 0``).
+    """
+    aucs, jac, f1s, markers = [], [], [], set()
+    for g, r in ref.groupby("group", sort=False):
+        m = res[res["group"] == g]
+        if alpha is not None:
+            is_ref = ((r["pval_adj"] < alpha) & (r["logfc"] > 0)).to_numpy()
+            aucs.append(M.deg_auc(m["score"].to_numpy(), is_ref))
+        top_ref = M.top_k(r["score"].to_numpy(), k)
+        top_m = M.top_k(m["score"].to_numpy(), k)
+        jac.append(M.jaccard(top_m, top_ref))
+        f1s.append(M.f1(top_m, top_ref))
+        markers |= M.top_k(r["score"].to_numpy(), 10)
+    out: dict[str, float] = {}
+    if alpha is not None:
+        out["deg_auc"] = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
+    out["deg_jaccard"] = float(np.mean(jac))
+    out["deg_f1"] = float(np.mean(f1s))
+    out["marker_spearman"] = M.marker_spearman(ref_log, pred_log, sorted(markers))
+    return out
+
+
 class _Labelled(Protocol):
-    """Shared preparation for protocols that need cell labels: drop unlabelled cells, keep the
+    """Shared preparation for protocols that use cell labels: drop unlabelled cells, keep the
     ``n_top_genes`` most variable genes of ``log1p(CPM)`` (all genes when ``None``)."""
 
     def __init__(self, *, n_top_genes: int | None = 2000, n_pcs: int = 30,
@@ -206,15 +255,7 @@ class _Labelled(Protocol):
         labels = adata.obs[key]
         ok = np.flatnonzero(labels.notna().to_numpy())
         x = self._counts(adata)[ok]
-        genes = np.flatnonzero(np.bincount(x.indices, minlength=x.shape[1]) >= 3)
-        if self.n_top_genes is not None and genes.size > self.n_top_genes:
-            lg = sp.csr_matrix(x[:, genes], dtype=np.float64)
-            lib = library_size(x)
-            lg = sp.diags(1e6 / np.where(lib == 0, 1, lib)) @ lg
-            lg.data = np.log1p(lg.data)
-            mean = np.asarray(lg.mean(0)).ravel()
-            var = np.asarray(lg.multiply(lg).mean(0)).ravel() - mean**2
-            genes = np.sort(genes[np.argsort(-var, kind="stable")[: self.n_top_genes]])
+        genes = _variable_genes(x, self.n_top_genes)
         x = x[:, genes]
         cells = np.flatnonzero(np.diff(x.indptr) > 0)
         x = x[cells]
@@ -227,9 +268,12 @@ class _Labelled(Protocol):
         return M.log1p_norm(m, scale=1e4)
 
     def _pca(self, m, rng) -> np.ndarray:
+        return self._pca_log(self._log(m), rng)
+
+    def _pca_log(self, lg: np.ndarray, rng) -> np.ndarray:
+        """PCA (``n_pcs``, centred, seeded from ``rng``) of an already log-normalised matrix."""
         from sklearn.decomposition import PCA
 
-        lg = self._log(m)
         n = max(2, min(self.n_pcs, lg.shape[0] - 1, lg.shape[1] - 1))
         seed = int(as_rng(rng).integers(2**31))
         return PCA(n_components=n, random_state=seed).fit_transform(lg - lg.mean(0))
@@ -340,24 +384,9 @@ class DEG(_Labelled):
 
     def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
         y, ref = task.truth["labels"], task.truth["ref"]
-        res = M.rank_genes(self._log(imputed), y, method=self.test)
-        aucs, jac, f1s, markers = [], [], [], set()
-        for g, r in ref.groupby("group", sort=False):
-            m = res[res["group"] == g]
-            is_ref = ((r["pval_adj"] < self.alpha) & (r["logfc"] > 0)).to_numpy()
-            aucs.append(M.deg_auc(m["score"].to_numpy(), is_ref))
-            top_ref = M.top_k(r["score"].to_numpy(), self.k)
-            top_m = M.top_k(m["score"].to_numpy(), self.k)
-            jac.append(M.jaccard(top_m, top_ref))
-            f1s.append(M.f1(top_m, top_ref))
-            markers |= M.top_k(r["score"].to_numpy(), 10)
-        return {
-            "deg_auc": float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan"),
-            "deg_jaccard": float(np.mean(jac)),
-            "deg_f1": float(np.mean(f1s)),
-            "marker_spearman": M.marker_spearman(task.truth["ref_log"], self._log(imputed),
-                                                 sorted(markers)),
-        }
+        pred_log = self._log(imputed)
+        res = M.rank_genes(pred_log, y, method=self.test)
+        return _deg_agreement(ref, res, task.truth["ref_log"], pred_log, k=self.k, alpha=self.alpha)
 
 
 # --------------------------------------------------------------------------- simulations
@@ -393,29 +422,76 @@ class Dropout(Protocol):
         return out
 
 
-class Degrade(Protocol):
+#: The "moderate" damage of the degrade protocol (see :class:`Degrade`).
+MODERATE_DAMAGE = {"bias_3p": 0.5, "dropout_rate": 0.3, "noise_sd": 0.2}
+
+
+class Degrade(_Labelled):
     """Profile reconstruction after :func:`screpair.simulate.degrade` (the DiffRepairer setting).
 
-    ``degrade_params`` go to :func:`screpair.simulate.degrade` (e.g. ``bias_3p``,
-    ``dropout_rate``, ``noise_sd``). The method sees the degraded counts; the clean input is the
-    truth. Scores on ``log1p(CPM)``, each matrix normalised by its own library size (the profile
-    shape, since degradation shrinks libraries): ``mse_log`` and ``pearson_log``
-    over all entries, ``mse_log_dropped`` over the entries the damage zeroed, and ``cosine_cell``.
+    ``degrade_params`` go to :func:`screpair.simulate.degrade`; the defaults are the *moderate*
+    setting of the DiffRepairer benchmark: ``bias_3p=0.5`` (a median-length transcript keeps
+    ``exp(-0.5)`` = 61% of its log signal), ``dropout_rate=0.3`` and ``noise_sd=0.2`` on the
+    ``log1p(CP10k)`` scale, gene lengths from ``var['gene_length']`` or
+    :func:`screpair.simulate.default_gene_length`. The method sees the degraded counts (cells and genes with no
+    degraded counts are dropped); the clean input is the truth. Scoring the degraded input itself
+    gives the "before repair" numbers.
+
+    Profile scores, on ``log1p(CPM)`` of all genes, each matrix normalised by its own library
+    size (the profile shape, since degradation shrinks libraries): ``mse_log`` and
+    ``pearson_log`` over all entries, ``mse_log_dropped`` over the entries the damage zeroed
+    (clean count > 0, degraded count 0), and ``cosine_cell`` (mean over cells of the cosine
+    similarity of the rows).
+
+    Biological scores, on the clean data's ``n_top_genes`` most variable genes (genes with counts
+    in >= 3 cells, ranked by the variance of the clean ``log1p(CPM)`` over all cells; all of those
+    genes when ``None``), the same genes for every method. Clean data and output are taken to
+    ``log1p(x / L * 1e4)`` with ``L`` each matrix's own library size over all genes:
+
+    - ``expr_pr_auc``: average precision (:func:`sklearn.metrics.average_precision_score`) of the
+      output's ``log1p(CP10k)`` for the entries expressed in the clean data (clean count > 0), over
+      all cells x scored genes;
+    - ``expr_f1``: F1 of calling an entry expressed when the output is ``>= 0.5`` on the count
+      scale (it would round to at least one count), against the same truth
+      (:func:`screpair.evaluate.expression_recovery`).
+
+    Label scores (cells with a label in ``obs[label_key]``, found by :func:`find_label_key`; left
+    out when there are no labels or fewer than two groups):
+
+    - ``silhouette``: silhouette width of the labels in the PCA (``n_pcs``) of the output's
+      ``log1p(CP10k)``, as :class:`Clustering` does;
+    - ``deg_jaccard`` / ``deg_f1``: each group vs the rest (``test``, :func:`rank_genes`) on the
+      output and on the clean data (the reference); Jaccard / F1 of the two top-``k`` gene sets;
+    - ``marker_spearman``: mean Spearman r across cells of clean vs output ``log1p(CP10k)`` of the
+      top-10 clean-data markers of every group, as :class:`DEG` does.
+
+    The deg scores and ``marker_spearman`` are averaged over groups.
     """
 
     name = "degrade"
 
-    def __init__(self, *, layer: str | None = None, label_key: str | None = None,
-                 **degrade_params):
-        super().__init__(layer=layer, label_key=label_key)
-        self.degrade_params = degrade_params
+    def __init__(
+        self,
+        *,
+        n_top_genes: int | None = 2000,
+        n_pcs: int = 30,
+        k: int = 100,
+        test: str = "wilcoxon",
+        layer: str | None = None,
+        label_key: str | None = None,
+        **degrade_params,
+    ):
+        super().__init__(n_top_genes=n_top_genes, n_pcs=n_pcs, layer=layer, label_key=label_key)
+        self.k, self.test = k, test
+        self.degrade_params = {**MODERATE_DAMAGE, **degrade_params}
 
     def prepare(self, adata: AnnData, *, rng: RNGLike = 0) -> Task:
         from .. import simulate
 
         x = self._counts(adata)
         base = _clean(x, adata.obs, adata.var)
-        deg = simulate.degrade(base, rng=as_rng(rng), **self.degrade_params)
+        gen = as_rng(rng)
+        deg = simulate.degrade(base, rng=gen, **self.degrade_params)
         deg = deg if isinstance(deg, AnnData) else deg.adata
         damaged = sp.csr_matrix(deg.layers["counts"] if "counts" in deg.layers else deg.X)
         truth = sp.csr_matrix(deg.layers["true_counts"])
@@ -423,19 +499,58 @@ class Degrade(Protocol):
         damaged, truth = damaged[cells][:, genes], truth[cells][:, genes]
         sub = _clean(damaged, deg.obs.iloc[cells], deg.var.iloc[genes])
         dropped = (to_dense(truth) > 0) & (to_dense(damaged) == 0)
-        return Task(sub, {"true_counts": truth, "dropped": dropped})
+        # biological scores: the clean data's variable genes, reference values computed once
+        scored = _variable_genes(truth, self.n_top_genes)
+        clean_log = M.log1p_norm(truth[:, scored], library_size(truth), scale=1e4)
+        out = {
+            "true_counts": truth,
+            "dropped": dropped,
+            "genes": scored,
+            "expressed": np.asarray(to_dense(truth[:, scored]) > 0),
+            "clean_log": clean_log,
+            "seed": int(gen.integers(2**31)),
+        }
+        key = find_label_key(adata, self.label_key)
+        if key is not None:
+            labels = adata.obs[key].iloc[cells]
+            rows = np.flatnonzero(labels.notna().to_numpy())
+            y = labels.iloc[rows].astype(str).to_numpy()
+            if np.unique(y).size >= 2:
+                ref = M.rank_genes(clean_log[rows], y, method=self.test)
+                out.update({"labelled": rows, "labels": y, "ref": ref})
+        return Task(sub, out)
 
     def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
-        truth = task.truth["true_counts"]
-        lib = library_size(truth)
-        t = M.log1p_norm(truth, lib)
-        p = M.log1p_norm(imputed, library_size(imputed))
-        everything = np.ones(t.shape, dtype=bool)
-        out = {"mse_log": M.mse_masked(t, p, everything),
-               "pearson_log": M.pearson_masked(t, p, everything),
-               "cosine_cell": M.cosine_cell(t, p)}
-        if task.truth["dropped"].any():
-            out["mse_log_dropped"] = M.mse_masked(t, p, task.truth["dropped"])
+        t = task.truth
+        truth = t["true_counts"]
+        lib = library_size(imputed)
+        tl = M.log1p_norm(truth, library_size(truth))
+        pl = M.log1p_norm(imputed, lib)
+        everything = np.ones(tl.shape, dtype=bool)
+        out = {
+            "mse_log": M.mse_masked(tl, pl, everything),
+            "pearson_log": M.pearson_masked(tl, pl, everything),
+            "cosine_cell": M.cosine_cell(tl, pl),
+        }
+        if t["dropped"].any():
+            out["mse_log_dropped"] = M.mse_masked(tl, pl, t["dropped"])
+        del tl, pl, everything
+        # biological scores: only the scored genes are densified
+        genes = t["genes"]
+        pred = (
+            sp.csr_matrix(imputed)[:, genes]
+            if sp.issparse(imputed)
+            else np.asarray(imputed)[:, genes]
+        )
+        pred = np.asarray(to_dense(pred), dtype=np.float64)
+        out.update(M.expression_recovery(t["expressed"], pred, lib=lib))
+        if "labels" in t:
+            rows, y = t["labelled"], t["labels"]
+            pred_log = M.log1p_norm(pred[rows], lib[rows], scale=1e4)
+            pcs = self._pca_log(pred_log, t["seed"])
+            out["silhouette"] = M.silhouette(pcs, y, rng=t["seed"])
+            res = M.rank_genes(pred_log, y, method=self.test)
+            out.update(_deg_agreement(t["ref"], res, t["clean_log"][rows], pred_log, k=self.k))
         return out
 
 
