@@ -154,11 +154,22 @@ def test_step_clip_bounds_x0_hat():
 # network
 
 
+@pytest.mark.parametrize(("cond_concat", "cond_dim"), [(True, None), (False, 8), (True, 8)])
 @pytest.mark.parametrize(("n_genes", "patch_size", "n_tokens"), [(23, 5, 5), (20, 5, 4), (7, 1, 7)])
-def test_epsnet_shapes(n_genes, patch_size, n_tokens):
+def test_epsnet_shapes(n_genes, patch_size, n_tokens, cond_concat, cond_dim):
     net = EpsNet(
-        n_genes, patch_size=patch_size, d_model=16, n_layers=2, n_heads=2, dim_feedforward=32
+        n_genes,
+        patch_size=patch_size,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        dim_feedforward=32,
+        cond_concat=cond_concat,
+        cond_dim=cond_dim,
+        cond_hidden=16,
     )
+    assert (net.cond_encoder is None) == (cond_dim is None)
+    assert net.embed.weight.shape[1] == (2 if cond_concat else 1) * patch_size
     assert net.n_tokens == n_tokens
     x = torch.randn(4, n_genes)
     t = torch.tensor([0, 1, 500, 999])
@@ -171,14 +182,26 @@ def test_epsnet_shapes(n_genes, patch_size, n_tokens):
         net(torch.randn(4, n_genes + 1), t, torch.randn(4, n_genes + 1))
 
 
-def test_epsnet_uses_condition_and_timestep():
+@pytest.mark.parametrize(("cond_concat", "cond_dim"), [(True, None), (False, 8)])
+def test_epsnet_uses_condition_and_timestep(cond_concat, cond_dim):
     torch.manual_seed(0)  # test-local init; library code never seeds globally
-    net = EpsNet(12, patch_size=4, d_model=16, n_layers=1, n_heads=2, dim_feedforward=16).eval()
+    net = EpsNet(
+        12,
+        patch_size=4,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        dim_feedforward=16,
+        cond_concat=cond_concat,
+        cond_dim=cond_dim,
+    ).eval()
     x, c = torch.randn(2, 12), torch.randn(2, 12)
     t = torch.tensor([10, 10])
     base = net(x, t, c)
     assert (net(x, t, c + 1.0) - base).abs().max() > 1e-4
     assert (net(x, torch.tensor([900, 900]), c) - base).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="cond_concat"):
+        EpsNet(12, patch_size=4, cond_concat=False, cond_dim=None)
     emb = timestep_embedding(torch.tensor([0, 5]), 8)
     assert emb.shape == (2, 8)
     np.testing.assert_allclose(emb[0].numpy(), [1, 1, 1, 1, 0, 0, 0, 0], atol=1e-7)
@@ -249,6 +272,36 @@ def test_fit_transform_beats_degraded_input(fitted, ref_and_degraded):
     assert post.var[:, hvg].max() > 0
     assert list(fitted.history_.columns) == ["epoch", "train_loss", "val_loss", "seconds"]
     assert len(fitted.history_) == 8
+
+
+class _OracleNet(torch.nn.Module):
+    """Predicts the exact ``v`` for ``x0 = c`` (a network that knows the clean profile is ``c``)."""
+
+    def __init__(self, sched):
+        super().__init__()
+        self.sched = sched
+
+    def forward(self, x_t, t, c):
+        a = self.sched._abar(t, x_t)
+        eps = (x_t - a.sqrt() * c) / (1 - a).sqrt()
+        return self.sched.target(c, eps, t)
+
+
+@pytest.mark.parametrize("mean", ["denoiser", "samples"])
+def test_sample_point_estimate(mean):
+    est = _tiny(mean=mean, n_samples=3, n_inference_steps=3)
+    est.clip_ = np.array([[-10.0] * 5, [10.0] * 5], dtype=np.float32)
+    c = torch.tensor([[0.5, -1.0, 2.0, 0.0, 3.0], [1.0, 1.0, -2.0, 4.0, 0.25]])
+    samples, point = est._sample(_OracleNet(est._schedule()), c, 3, torch.Generator().manual_seed(0))
+    assert samples.shape == (3, 2, 5)
+    # DDIM with the exact v returns x0 = c from any starting noise
+    np.testing.assert_allclose(samples.numpy(), np.broadcast_to(c.numpy(), (3, 2, 5)), atol=1e-4)
+    if mean == "samples":
+        assert point is None
+    else:  # E[x0 | c] from the first (pure-noise) step
+        np.testing.assert_allclose(point.numpy(), c.numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="mean must be"):
+        _tiny(mean="median")._sample(_OracleNet(est._schedule()), c, 1, None)
 
 
 def test_count_scale_round_trip():

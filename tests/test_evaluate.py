@@ -454,6 +454,46 @@ def test_degrade_protocol_without_labels(sim):
     assert proto.score(task, task.truth["true_counts"])["expr_pr_auc"] == pytest.approx(1.0)
 
 
+def test_degrade_protocol_reference_split(sim, monkeypatch):
+    from screpair.evaluate._benchmark import run_method
+    from screpair.evaluate._protocols import MODERATE_DAMAGE
+    from screpair.methods.autoencoder import DAEImputer
+    from screpair.methods._torch import TrainConfig
+    from screpair.methods.diffusion import PairConfig
+
+    ad = sim.copy()
+    ad.X = ad.layers["true_counts"].copy()
+    with pytest.raises(ValueError, match="reference_frac"):
+        ev.Degrade(reference_frac=1.0)
+    assert ev.Degrade().degrade_params == MODERATE_DAMAGE
+    proto = ev.Degrade(k=10, n_pcs=5, reference_frac=0.4, **_DAMAGE)
+    task = proto.prepare(ad, rng=0)
+    ref = task.reference
+    assert ref is not None and task.adata.n_obs + ref.n_obs <= ad.n_obs
+    assert abs(ref.n_obs - 0.4 * ad.n_obs) <= 1
+    assert not set(ref.obs_names) & set(task.adata.obs_names)  # disjoint cells
+    assert list(ref.var_names) == list(task.adata.var_names)
+    # the reference is the clean counts of its cells; only the other cells are degraded
+    src = ad[ref.obs_names, ref.var_names].X
+    np.testing.assert_array_equal(ref.X.toarray(), src.toarray())
+    assert task.truth["true_counts"].shape == task.adata.shape
+    assert ev.Degrade(k=10, n_pcs=5, **_DAMAGE).prepare(ad, rng=0).reference is None
+    # methods trained on clean profiles fit on the reference; the others ignore it
+    params = {"train": TrainConfig(n_epochs=1, progress=False), "pairs": PairConfig(n_views=1)}
+    fitted = []
+    orig = DAEImputer.fit
+
+    def spy(self, data, **kw):
+        fitted.append(data.n_obs)
+        return orig(self, data, **kw)
+
+    monkeypatch.setattr(DAEImputer, "fit", spy)
+    out, _ = run_method("dae", task.adata, params=params, reference=ref)
+    assert fitted == [ref.n_obs] and out.shape == task.adata.shape
+    out, _ = run_method("knn", task.adata, reference=ref)
+    assert out.shape == task.adata.shape
+
+
 def test_get_protocol():
     assert isinstance(ev.get_protocol("mcv", train_frac=0.8), ev.MCV)
     with pytest.raises(ValueError, match="unknown protocol"):

@@ -105,10 +105,16 @@ def make_method(name: str, *, rng: int = 0, params: Mapping | None = None):
     return make_estimator(name, rng=rng, **params)
 
 
-def run_method(name: str, adata: AnnData, *, rng: int = 0, params: Mapping | None = None):
-    """Fit ``name`` on ``adata`` (counts in X) and return ``(imputed ndarray, Posterior)``."""
+def run_method(name: str, adata: AnnData, *, rng: int = 0, params: Mapping | None = None,
+               reference: AnnData | None = None):
+    """Fit ``name`` on ``adata`` (counts in X) and return ``(imputed ndarray, Posterior)``.
+
+    With a clean ``reference`` (same genes), methods that train on clean profiles
+    (``uses_reference``) are fitted on it instead and then repair ``adata``.
+    """
     est = make_method(name, rng=rng, params=params)
-    post = est.fit(adata).posterior(adata)
+    use_ref = reference is not None and getattr(est, "uses_reference", False)
+    post = est.fit(reference if use_ref else adata).posterior(adata)
     mean = np.asarray(to_dense(post.mean), dtype=np.float64)
     if mean.shape != adata.shape:
         msg = f"method {name!r} returned shape {mean.shape}, expected {adata.shape}."
@@ -248,7 +254,8 @@ def run_benchmark(
                           logger), PeakMemory() as mem:
                 start = time.perf_counter()
                 imputed, post = run_method(job.method, task.adata, rng=job.seed,
-                                           params=method_params.get(job.method))
+                                           params=method_params.get(job.method),
+                                           reference=task.reference)
                 seconds = time.perf_counter() - start
             scores = proto.score(task, imputed, post)
         except ImportError as e:

@@ -50,6 +50,8 @@ class Task:
 
     adata: AnnData
     truth: dict[str, Any] = field(default_factory=dict)
+    #: clean counts of other cells (same genes) for methods trained on clean profiles, or None
+    reference: AnnData | None = None
 
 
 def _clean(x: sp.csr_matrix, obs: pd.DataFrame, var: pd.DataFrame) -> AnnData:
@@ -433,7 +435,15 @@ class Degrade(_Labelled):
     setting of the DiffRepairer benchmark: ``bias_3p=0.5`` (a median-length transcript keeps
     ``exp(-0.5)`` = 61% of its log signal), ``dropout_rate=0.3`` and ``noise_sd=0.2`` on the
     ``log1p(CP10k)`` scale, gene lengths from ``var['gene_length']`` or
-    :func:`screpair.simulate.default_gene_length`. The method sees the degraded counts (cells and genes with no
+    :func:`screpair.simulate.default_gene_length`.
+
+    Two settings: with ``reference_frac=0`` (default) every method sees only the degraded
+    counts of all cells (what ``screpair.impute`` does on a user's data). With
+    ``reference_frac=f`` a random fraction ``f`` of the cells is kept clean as a *reference*
+    (``Task.reference``) and only the other cells are degraded, repaired and scored: methods
+    trained on clean profiles (``uses_reference``: diffusion, dae, vae) fit on the reference and
+    repair the degraded cells, the DiffRepairer paper's use; the others (MAGIC, raw, ...) see the
+    degraded cells only. The method sees the degraded counts (cells and genes with no
     degraded counts are dropped); the clean input is the truth. Scoring the degraded input itself
     gives the "before repair" numbers.
 
@@ -479,18 +489,32 @@ class Degrade(_Labelled):
         test: str = "wilcoxon",
         layer: str | None = None,
         label_key: str | None = None,
+        reference_frac: float = 0.0,
         **degrade_params,
     ):
         super().__init__(n_top_genes=n_top_genes, n_pcs=n_pcs, layer=layer, label_key=label_key)
-        self.k, self.test = k, test
+        if not 0.0 <= reference_frac < 1.0:
+            msg = f"reference_frac must be in [0, 1), got {reference_frac!r}."
+            raise ValueError(msg)
+        self.k, self.test, self.reference_frac = k, test, reference_frac
         self.degrade_params = {**MODERATE_DAMAGE, **degrade_params}
 
     def prepare(self, adata: AnnData, *, rng: RNGLike = 0) -> Task:
         from .. import simulate
 
         x = self._counts(adata)
-        base = _clean(x, adata.obs, adata.var)
         gen = as_rng(rng)
+        rows_all = np.arange(x.shape[0])
+        ref_rows = None
+        if self.reference_frac > 0:
+            n_ref = int(round(x.shape[0] * self.reference_frac))
+            if not 0 < n_ref < x.shape[0]:
+                msg = (f"reference_frac={self.reference_frac} leaves no reference or no test cell "
+                       f"of {x.shape[0]}.")
+                raise ValueError(msg)
+            perm = gen.permutation(x.shape[0])
+            ref_rows, rows_all = np.sort(perm[:n_ref]), np.sort(perm[n_ref:])
+        base = _clean(x[rows_all], adata.obs.iloc[rows_all], adata.var)
         deg = simulate.degrade(base, rng=gen, **self.degrade_params)
         deg = deg if isinstance(deg, AnnData) else deg.adata
         damaged = sp.csr_matrix(deg.layers["counts"] if "counts" in deg.layers else deg.X)
@@ -498,6 +522,11 @@ class Degrade(_Labelled):
         cells, genes = _nonempty_index(damaged)
         damaged, truth = damaged[cells][:, genes], truth[cells][:, genes]
         sub = _clean(damaged, deg.obs.iloc[cells], deg.var.iloc[genes])
+        reference = None
+        if ref_rows is not None:  # clean profiles of the other cells, same genes
+            r = x[ref_rows][:, genes]
+            keep = np.flatnonzero(np.diff(r.indptr) > 0)
+            reference = _clean(r[keep], adata.obs.iloc[ref_rows[keep]], deg.var.iloc[genes])
         dropped = (to_dense(truth) > 0) & (to_dense(damaged) == 0)
         # biological scores: the clean data's variable genes, reference values computed once
         scored = _variable_genes(truth, self.n_top_genes)
@@ -512,13 +541,13 @@ class Degrade(_Labelled):
         }
         key = find_label_key(adata, self.label_key)
         if key is not None:
-            labels = adata.obs[key].iloc[cells]
+            labels = deg.obs[key].iloc[cells]
             rows = np.flatnonzero(labels.notna().to_numpy())
             y = labels.iloc[rows].astype(str).to_numpy()
             if np.unique(y).size >= 2:
                 ref = M.rank_genes(clean_log[rows], y, method=self.test)
                 out.update({"labelled": rows, "labels": y, "ref": ref})
-        return Task(sub, out)
+        return Task(sub, out, reference=reference)
 
     def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
         t = task.truth

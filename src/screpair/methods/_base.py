@@ -46,6 +46,8 @@ class BaseImputer(BaseEstimator):
 
     name: ClassVar[str] = "base"
     transductive: ClassVar[bool] = False
+    #: trained on clean profiles: a benchmark with a clean reference fits on it (degrade protocol)
+    uses_reference: ClassVar[bool] = False
 
     def fit(self, data: Data, *, layer: str | None = None) -> Self:  # pragma: no cover - abstract
         raise NotImplementedError

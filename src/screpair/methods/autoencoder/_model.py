@@ -86,7 +86,7 @@ class DAEImputer(_AEImputer):
         return torch.nn.functional.mse_loss(module(c), x0)
 
     def _sample(self, module, c, n_samples, generator):
-        return module(c)[None]
+        return module(c)[None], None
 
 
 class VAEImputer(_AEImputer):
@@ -123,4 +123,4 @@ class VAEImputer(_AEImputer):
         return recon + self._module_cfg().kl_weight * kl / x0.shape[1]
 
     def _sample(self, module, c, n_samples, generator):
-        return module(c, None)[0][None]
+        return module(c, None)[0][None], None

@@ -24,6 +24,11 @@ class DiffusionConfig:
         genes). See :mod:`screpair.methods.diffusion._module` for the token design.
     d_model, n_layers, n_heads, dim_feedforward, dropout
         Transformer encoder (the paper: 256-d tokens, 4 layers, multi-head attention).
+    cond_concat, cond_dim, cond_hidden, cond_dropout
+        How the degraded profile conditions the network: concatenated patch by patch to the
+        tokens (``cond_concat``) and/or encoded by an MLP (``cond_hidden`` wide, dropout
+        ``cond_dropout``) into a ``cond_dim``-dimensional cell code added to every token
+        (``None``: no code). Both by default; see :mod:`screpair.methods.diffusion._module`.
     n_steps, beta_schedule, prediction_type
         Training diffusion steps, beta schedule and network target (:class:`NoiseSchedule`).
         The default target is ``"v_prediction"`` (``v = sqrt(abar) eps - sqrt(1 - abar) x0``, an
@@ -39,6 +44,10 @@ class DiffusionConfig:
     n_heads: int = 4
     dim_feedforward: int = 512
     dropout: float = 0.0
+    cond_concat: bool = True
+    cond_dim: int | None = 64
+    cond_hidden: int = 512
+    cond_dropout: float = 0.1
     n_steps: int = 1000
     beta_schedule: str = "cosine"
     prediction_type: str = "v_prediction"
@@ -49,8 +58,9 @@ class DiffusionImputer(PairImputer):
 
     A transformer predicts the noise in ``x_t`` given the timestep and the degraded profile ``c``
     (standard epsilon-MSE); repair runs the reverse process with DDIM from pure noise, conditioned
-    on the observed profile, ``n_samples`` times: the mean of the samples is the repaired profile
-    and their variance the uncertainty. Trained on pairs made by degrading clean profiles with
+    on the observed profile, ``n_samples`` times: their variance is the uncertainty and the
+    repaired profile is either the mean of the samples (``mean="samples"``, the paper) or the
+    network's own estimate of ``E[x0 | c]`` (``mean="denoiser"``, default; see ``mean``). Trained on pairs made by degrading clean profiles with
     :func:`screpair.simulate.degrade` (see :mod:`screpair.methods.diffusion._pairs` for the
     pipeline: 1e4 normalization, log1p, top HVGs, per-gene standardization, count scale out).
 
@@ -72,6 +82,13 @@ class DiffusionImputer(PairImputer):
         DDIM steps at repair time.
     eta
         DDIM stochasticity (0: deterministic given the starting noise; 1: DDPM-like).
+    mean
+        Point estimate written as the repaired profile. ``"denoiser"``: the average over the
+        samples of the network's ``x0`` estimate at the first (pure-noise) reverse step; there
+        ``x_t`` carries no information, so the estimate is the network's ``E[x0 | c]``, the
+        minimum-MSE repair, which the mean of ``n_samples`` samples only approaches as
+        ``n_samples`` grows (its error exceeds it by the posterior variance / ``n_samples``).
+        ``"samples"``: the mean of the final samples (the paper).
     rng
         Seed or ``numpy.random.Generator`` (pair making, split, initialization, noise).
 
@@ -104,6 +121,7 @@ class DiffusionImputer(PairImputer):
         n_samples: int = 2,
         n_inference_steps: int = 4,
         eta: float = 0.0,
+        mean: str = "denoiser",
         rng: RNGLike = None,
     ):
         self.module = module
@@ -112,6 +130,7 @@ class DiffusionImputer(PairImputer):
         self.n_samples = n_samples
         self.n_inference_steps = n_inference_steps
         self.eta = eta
+        self.mean = mean
         self.rng = rng
 
     def _schedule(self) -> NoiseSchedule:
@@ -134,6 +153,10 @@ class DiffusionImputer(PairImputer):
             n_heads=cfg.n_heads,
             dim_feedforward=cfg.dim_feedforward,
             dropout=cfg.dropout,
+            cond_dim=cfg.cond_dim,
+            cond_hidden=cfg.cond_hidden,
+            cond_dropout=cfg.cond_dropout,
+            cond_concat=cfg.cond_concat,
         )
 
     def _loss(self, module, x0, c, generator):
@@ -151,7 +174,11 @@ class DiffusionImputer(PairImputer):
         return int(self.n_samples)
 
     def _sample(self, module, c, n_samples: int, generator):
-        """DDIM reverse process from pure noise, ``n_samples`` per cell: ``(S, B, G)``."""
+        """DDIM reverse process from pure noise, ``n_samples`` per cell: the samples ``(S, B, G)``
+        and the point estimate ``(B, G)`` (``None`` for ``mean="samples"``)."""
+        if self.mean not in ("denoiser", "samples"):
+            msg = f"mean must be 'denoiser' or 'samples', got {self.mean!r}."
+            raise ValueError(msg)
         torch = import_torch()
         sched = self._schedule()
         b, g = c.shape
@@ -160,11 +187,12 @@ class DiffusionImputer(PairImputer):
         clip = torch.as_tensor(self.clip_, device=c.device, dtype=c.dtype)
         n_inf = int(self.n_inference_steps)
         ts = sched.timesteps(n_inf)
+        point = None
         for i, t in enumerate(ts):
             prev_t = int(ts[i + 1]) if i + 1 < len(ts) else -1
             tt = torch.full((cond.shape[0],), int(t), device=c.device, dtype=torch.long)
             eps = module(x, tt, cond)
-            x = sched.step(
+            out = sched.step(
                 eps,
                 int(t),
                 x,
@@ -172,5 +200,8 @@ class DiffusionImputer(PairImputer):
                 eta=float(self.eta),
                 clip=(clip[0], clip[1]),
                 generator=generator,
-            ).prev
-        return x.reshape(n_samples, b, g)
+            )
+            x = out.prev
+            if i == 0 and self.mean == "denoiser":
+                point = out.x0_hat.reshape(n_samples, b, g).mean(0)
+        return x.reshape(n_samples, b, g), point

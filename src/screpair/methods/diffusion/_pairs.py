@@ -145,11 +145,13 @@ class PairImputer(BaseImputer):
 
     Subclasses define ``_build_module(n_genes)``, ``_loss(module, x0, c, generator)`` (a scalar
     tensor) and ``_sample(module, c, n_samples, generator)`` (``(n_samples, batch, genes)``
-    predictions in standardized log space), and list their config classes in ``_configs``.
+    samples in standardized log space and a ``(batch, genes)`` point estimate, or ``None`` to use
+    the samples' mean), and list their config classes in ``_configs``.
     """
 
     _configs: ClassVar[dict[str, type]] = {"pairs": PairConfig, "train": TrainConfig}
     _predict_batch: ClassVar[int] = 256
+    uses_reference: ClassVar[bool] = True
 
     # ---- hooks -------------------------------------------------------------------------------
     def _build_module(self, n_genes: int):  # pragma: no cover - abstract
@@ -318,9 +320,13 @@ class PairImputer(BaseImputer):
             for start in range(0, x.shape[0], self._predict_batch):
                 stop = min(start + self._predict_batch, x.shape[0])
                 cb = torch.from_numpy(c[start:stop]).to(device)
-                z = self._sample(module, cb, n_samples, gen).float().cpu().numpy()
-                counts = to_counts(self._unstandardize(z), lib[start:stop])
-                mean[start:stop, genes] = counts.mean(0)
+                z, point = self._sample(module, cb, n_samples, gen)
+                counts = to_counts(self._unstandardize(z.float().cpu().numpy()), lib[start:stop])
+                if point is None:
+                    mean[start:stop, genes] = counts.mean(0)
+                else:
+                    p = self._unstandardize(point.float().cpu().numpy())
+                    mean[start:stop, genes] = to_counts(p, lib[start:stop])
                 if var is not None:
                     var[start:stop, genes] = counts.var(0, ddof=1)
         self.module_ = module.cpu()
