@@ -457,8 +457,8 @@ def test_degrade_protocol_without_labels(sim):
 def test_degrade_protocol_reference_split(sim, monkeypatch):
     from screpair.evaluate._benchmark import run_method
     from screpair.evaluate._protocols import MODERATE_DAMAGE
-    from screpair.methods.autoencoder import DAEImputer
     from screpair.methods._torch import TrainConfig
+    from screpair.methods.autoencoder import DAEImputer
     from screpair.methods.diffusion import PairConfig
 
     ad = sim.copy()
