@@ -415,12 +415,17 @@ def test_degrade_protocol_degraded_input_scores_worse(degrade_task):
     assert before["expr_pr_auc"] < clean["expr_pr_auc"] - 0.05
     assert before["deg_jaccard"] < clean["deg_jaccard"] - 0.1
     assert before["silhouette"] < clean["silhouette"]
-    # the profile scores are still log1p(CPM) of all genes, each matrix at its own library size
-    truth = task.truth["true_counts"].toarray()
-    t = M.log1p_norm(truth, truth.sum(1))
-    p = M.log1p_norm(damaged, damaged.sum(1))
+    # profile scores: log1p(CP10k) of the scored genes, each matrix at its own total over them
+    genes = task.truth["genes"]
+    truth = task.truth["true_counts"].toarray()[:, genes]
+    d = damaged[:, genes]
+    t = M.log1p_norm(truth, truth.sum(1), scale=1e4)
+    p = M.log1p_norm(d, d.sum(1), scale=1e4)
     assert before["mse_log"] == pytest.approx(np.mean((t - p) ** 2), rel=1e-12)
     assert before["cosine_cell"] == pytest.approx(M.cosine_cell(t, p), rel=1e-12)
+    hit = task.truth["dropped"]
+    assert hit.shape == t.shape and hit.any()
+    assert before["mse_log_dropped"] == pytest.approx(np.mean((t - p)[hit] ** 2), rel=1e-12)
 
 
 def test_degrade_protocol_scored_genes_and_labels(sim):

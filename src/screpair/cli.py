@@ -306,7 +306,7 @@ def _add_benchmark(sub) -> None:
     p.add_argument("--methods", default="raw,knn,alra",
                    help="comma-separated: registered methods and peers raw, gene_mean, magic, scvi")
     p.add_argument("--protocol", default="masked",
-                   help="comma-separated: masked, mcv, clustering, deg, dropout, degrade")
+                   help="comma-separated: masked, mcv, clustering, deg, dropout, degrade, degrade_reference, smfish")
     p.add_argument("--seeds", default="0", help="comma-separated integer seeds")
     p.add_argument("--out", required=True, help="output folder (results.csv, summary.md, PNGs)")
     p.add_argument("--label-key", default=None, help="obs column of cell labels (default: auto)")

@@ -6,7 +6,7 @@
   :func:`jaccard`, :func:`f1`, :func:`marker_spearman`, :func:`gini`, :func:`gini_agreement`,
   :func:`dropout_detection`, :func:`expression_recovery`, :func:`cosine_cell`;
 - protocols: :class:`Masked`, :class:`MCV`, :class:`Clustering`, :class:`DEG`, :class:`Dropout`,
-  :class:`Degrade`, :class:`Smfish` (:func:`get_protocol` by name);
+  :class:`Degrade`, :class:`DegradeReference`, :class:`Smfish` (:func:`get_protocol` by name);
 - :func:`run_benchmark`: datasets x protocols x methods x seeds -> tidy CSV, markdown, PNG plots;
   peers and baselines ``raw``, ``gene_mean``, ``magic``, ``scvi`` (:data:`PEERS`).
 """
@@ -56,6 +56,7 @@ from ._protocols import (
     PROTOCOLS,
     Clustering,
     Degrade,
+    DegradeReference,
     Dropout,
     Masked,
     Protocol,
@@ -73,6 +74,7 @@ __all__ = [
     "PROTOCOLS",
     "Clustering",
     "Degrade",
+    "DegradeReference",
     "Dropout",
     "GeneMeanImputer",
     "MagicImputer",

@@ -447,20 +447,22 @@ class Degrade(_Labelled):
     degraded counts are dropped); the clean input is the truth. Scoring the degraded input itself
     gives the "before repair" numbers.
 
-    Profile scores, on ``log1p(CPM)`` of all genes, each matrix normalised by its own library
-    size (the profile shape, since degradation shrinks libraries): ``mse_log`` and
-    ``pearson_log`` over all entries, ``mse_log_dropped`` over the entries the damage zeroed
-    (clean count > 0, degraded count 0), and ``cosine_cell`` (mean over cells of the cosine
-    similarity of the rows).
+    Every score is computed on the clean data's ``n_top_genes`` most variable genes (genes with
+    counts in >= 3 cells, ranked by the variance of the clean ``log1p(CPM)`` over all cells; all of
+    those genes when ``None``), the same genes for every method, on the DiffRepairer scale
+    ``log1p(x / L * 1e4)`` with ``L`` each matrix's own total over the scored genes: the profile
+    shape, since degradation shrinks libraries and a method may repair only some genes (the
+    neural methods repair their own HVGs and return the other genes as observed). Scoring the
+    clean truth itself gives perfect scores.
 
-    Biological scores, on the clean data's ``n_top_genes`` most variable genes (genes with counts
-    in >= 3 cells, ranked by the variance of the clean ``log1p(CPM)`` over all cells; all of those
-    genes when ``None``), the same genes for every method. Clean data and output are taken to
-    ``log1p(x / L * 1e4)`` with ``L`` each matrix's own library size over all genes:
+    Profile scores: ``mse_log`` and ``pearson_log`` over all scored entries, ``mse_log_dropped``
+    over the scored entries the damage zeroed (clean count > 0, degraded count 0), and
+    ``cosine_cell`` (mean over cells of the cosine similarity of the rows).
+
+    Expression scores:
 
     - ``expr_pr_auc``: average precision (:func:`sklearn.metrics.average_precision_score`) of the
-      output's ``log1p(CP10k)`` for the entries expressed in the clean data (clean count > 0), over
-      all cells x scored genes;
+      output's ``log1p(CP10k)`` for the entries expressed in the clean data (clean count > 0);
     - ``expr_f1``: F1 of calling an entry expressed when the output is ``>= 0.5`` on the count
       scale (it would round to at least one count), against the same truth
       (:func:`screpair.evaluate.expression_recovery`).
@@ -527,10 +529,10 @@ class Degrade(_Labelled):
             r = x[ref_rows][:, genes]
             keep = np.flatnonzero(np.diff(r.indptr) > 0)
             reference = _clean(r[keep], adata.obs.iloc[ref_rows[keep]], deg.var.iloc[genes])
-        dropped = (to_dense(truth) > 0) & (to_dense(damaged) == 0)
-        # biological scores: the clean data's variable genes, reference values computed once
+        # scored: the clean data's variable genes; reference values computed once
         scored = _variable_genes(truth, self.n_top_genes)
-        clean_log = M.log1p_norm(truth[:, scored], library_size(truth), scale=1e4)
+        clean_log = M.log1p_norm(truth[:, scored], library_size(truth[:, scored]), scale=1e4)
+        dropped = (to_dense(truth[:, scored]) > 0) & (to_dense(damaged[:, scored]) == 0)
         out = {
             "true_counts": truth,
             "dropped": dropped,
@@ -551,10 +553,16 @@ class Degrade(_Labelled):
 
     def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
         t = task.truth
-        truth = t["true_counts"]
-        lib = library_size(imputed)
-        tl = M.log1p_norm(truth, library_size(truth))
-        pl = M.log1p_norm(imputed, lib)
+        genes = t["genes"]
+        pred = (
+            sp.csr_matrix(imputed)[:, genes]
+            if sp.issparse(imputed)
+            else np.asarray(imputed)[:, genes]
+        )
+        pred = np.asarray(to_dense(pred), dtype=np.float64)
+        lib = pred.sum(1)
+        tl = t["clean_log"]
+        pl = M.log1p_norm(pred, lib, scale=1e4)
         everything = np.ones(tl.shape, dtype=bool)
         out = {
             "mse_log": M.mse_masked(tl, pl, everything),
@@ -563,24 +571,32 @@ class Degrade(_Labelled):
         }
         if t["dropped"].any():
             out["mse_log_dropped"] = M.mse_masked(tl, pl, t["dropped"])
-        del tl, pl, everything
-        # biological scores: only the scored genes are densified
-        genes = t["genes"]
-        pred = (
-            sp.csr_matrix(imputed)[:, genes]
-            if sp.issparse(imputed)
-            else np.asarray(imputed)[:, genes]
-        )
-        pred = np.asarray(to_dense(pred), dtype=np.float64)
         out.update(M.expression_recovery(t["expressed"], pred, lib=lib))
         if "labels" in t:
             rows, y = t["labelled"], t["labels"]
-            pred_log = M.log1p_norm(pred[rows], lib[rows], scale=1e4)
-            pcs = self._pca_log(pred_log, t["seed"])
+            pcs = self._pca_log(pl[rows], t["seed"])
             out["silhouette"] = M.silhouette(pcs, y, rng=t["seed"])
-            res = M.rank_genes(pred_log, y, method=self.test)
-            out.update(_deg_agreement(t["ref"], res, t["clean_log"][rows], pred_log, k=self.k))
+            res = M.rank_genes(pl[rows], y, method=self.test)
+            out.update(_deg_agreement(t["ref"], res, tl[rows], pl[rows], k=self.k))
         return out
+
+
+class DegradeReference(Degrade):
+    """:class:`Degrade` with a clean reference (the DiffRepairer paper's setting).
+
+    A random half of the cells (``reference_frac``) stays clean; the other half is degraded,
+    repaired and scored. Methods trained on clean profiles (diffusion, dae, vae) fit on the
+    reference; the others see only the degraded cells. Same parameters and scores as
+    :class:`Degrade`.
+    """
+
+    name = "degrade_reference"
+
+    def __init__(self, *, reference_frac: float = 0.5, **params):
+        if not reference_frac > 0:
+            msg = f"protocol 'degrade_reference' needs reference_frac > 0, got {reference_frac!r}."
+            raise ValueError(msg)
+        super().__init__(reference_frac=reference_frac, **params)
 
 
 class Smfish(Protocol):
@@ -653,7 +669,7 @@ class Smfish(Protocol):
 
 
 PROTOCOLS: dict[str, type[Protocol]] = {
-    p.name: p for p in (Masked, MCV, Clustering, DEG, Dropout, Degrade, Smfish)
+    p.name: p for p in (Masked, MCV, Clustering, DEG, Dropout, Degrade, DegradeReference, Smfish)
 }
 
 
