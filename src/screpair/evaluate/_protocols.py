@@ -449,11 +449,12 @@ class Degrade(_Labelled):
 
     Every score is computed on the clean data's ``n_top_genes`` most variable genes (genes with
     counts in >= 3 cells, ranked by the variance of the clean ``log1p(CPM)`` over all cells; all of
-    those genes when ``None``), the same genes for every method, on the DiffRepairer scale
-    ``log1p(x / L * 1e4)`` with ``L`` each matrix's own total over the scored genes: the profile
-    shape, since degradation shrinks libraries and a method may repair only some genes (the
-    neural methods repair their own HVGs and return the other genes as observed). Scoring the
-    clean truth itself gives perfect scores.
+    those genes when ``None``), the same genes for every method, in the DiffRepairer paper's space
+    ``log1p(x / L * 1e4)``: ``L`` is the clean library size (all genes) for the truth and the
+    degraded input's library size (all genes) for the input and every output. Outputs are on the
+    count scale at the observed library size (the project's convention), so a neural method is
+    scored on exactly its log-scale prediction, and a perfect repair is the clean profile at the
+    observed library size, ``clean * L_observed / L_clean``.
 
     Profile scores: ``mse_log`` and ``pearson_log`` over all scored entries, ``mse_log_dropped``
     over the scored entries the damage zeroed (clean count > 0, degraded count 0), and
@@ -531,11 +532,12 @@ class Degrade(_Labelled):
             reference = _clean(r[keep], adata.obs.iloc[ref_rows[keep]], deg.var.iloc[genes])
         # scored: the clean data's variable genes; reference values computed once
         scored = _variable_genes(truth, self.n_top_genes)
-        clean_log = M.log1p_norm(truth[:, scored], library_size(truth[:, scored]), scale=1e4)
+        clean_log = M.log1p_norm(truth[:, scored], library_size(truth), scale=1e4)
         dropped = (to_dense(truth[:, scored]) > 0) & (to_dense(damaged[:, scored]) == 0)
         out = {
             "true_counts": truth,
             "dropped": dropped,
+            "lib_in": library_size(damaged),
             "genes": scored,
             "expressed": np.asarray(to_dense(truth[:, scored]) > 0),
             "clean_log": clean_log,
@@ -553,14 +555,13 @@ class Degrade(_Labelled):
 
     def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
         t = task.truth
-        genes = t["genes"]
+        genes, lib = t["genes"], t["lib_in"]
         pred = (
             sp.csr_matrix(imputed)[:, genes]
             if sp.issparse(imputed)
             else np.asarray(imputed)[:, genes]
         )
         pred = np.asarray(to_dense(pred), dtype=np.float64)
-        lib = pred.sum(1)
         tl = t["clean_log"]
         pl = M.log1p_norm(pred, lib, scale=1e4)
         everything = np.ones(tl.shape, dtype=bool)
