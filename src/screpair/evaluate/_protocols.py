@@ -447,9 +447,10 @@ class Degrade(_Labelled):
     degraded counts are dropped); the clean input is the truth. Scoring the degraded input itself
     gives the "before repair" numbers.
 
-    Every score is computed on the clean data's ``n_top_genes`` most variable genes (genes with
-    counts in >= 3 cells, ranked by the variance of the clean ``log1p(CPM)`` over all cells; all of
-    those genes when ``None``), the same genes for every method, in the DiffRepairer paper's space
+    Every score is computed on the clean data's ``n_top_genes`` highly variable genes (among the
+    genes with counts in >= 3 cells, :func:`screpair.pp.highly_variable_genes`: dispersion-based,
+    Seurat flavour, the HVGs a scanpy user would analyse and the definition the repair methods
+    use; all of those genes when ``None``), the same genes for every method, in the DiffRepairer paper's space
     ``log1p(x / L * 1e4)``: ``L`` is the clean library size (all genes) for the truth and the
     degraded input's library size (all genes) for the input and every output. Outputs are on the
     count scale at the observed library size (the project's convention), so a neural method is
@@ -531,7 +532,12 @@ class Degrade(_Labelled):
             keep = np.flatnonzero(np.diff(r.indptr) > 0)
             reference = _clean(r[keep], adata.obs.iloc[ref_rows[keep]], deg.var.iloc[genes])
         # scored: the clean data's variable genes; reference values computed once
-        scored = _variable_genes(truth, self.n_top_genes)
+        scored = _variable_genes(truth, None)
+        if self.n_top_genes is not None and scored.size > self.n_top_genes:
+            from ..pp._pp import hvg_dispersion
+
+            hv = hvg_dispersion(truth[:, scored], self.n_top_genes)["highly_variable"]
+            scored = scored[hv.to_numpy()]
         clean_log = M.log1p_norm(truth[:, scored], library_size(truth), scale=1e4)
         dropped = (to_dense(truth[:, scored]) > 0) & (to_dense(damaged[:, scored]) == 0)
         out = {
