@@ -151,3 +151,46 @@ def test_dict_configs_as_from_a_cli_config_file(ref_and_degraded):
         DAEImputer(module={"width": 3}).fit(ref, layer="true_counts")
     with pytest.raises(TypeError, match="module must be"):
         DAEImputer(module=3).fit(ref, layer="true_counts")
+
+
+def _glibc_arena():
+    """Bytes glibc's main arena holds from the system (``mallinfo2().arena``), or None."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        return None
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+            "fordblks", "keepcost")]
+
+    libc.mallinfo2.restype = MallInfo2
+    return lambda: libc.mallinfo2().arena
+
+
+def test_heap_reuse_keeps_freed_buffers(monkeypatch):
+    from screpair.methods._torch import heap_reuse
+
+    arena = _glibc_arena()
+    if arena is None:
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    size = 96 << 20  # above glibc's largest mmap threshold (32 MB)
+    before = arena()
+    torch.empty(size, dtype=torch.uint8).fill_(1)  # mmapped and unmapped: the arena does not grow
+    assert arena() - before < size // 2
+    with heap_reuse():
+        torch.empty(size, dtype=torch.uint8).fill_(1)
+        inside = arena()
+        assert inside - before > size // 2  # served from the heap and kept after the free
+        torch.empty(size, dtype=torch.uint8).fill_(1)
+        assert arena() - inside < size // 2  # ... and reused
+    # (on exit malloc_trim returns the cache; not asserted: other allocations may pin the heap top)
+    monkeypatch.setenv("SCREPAIR_HEAP_REUSE", "0")
+    with heap_reuse():
+        torch.empty(size, dtype=torch.uint8).fill_(1)
+        assert arena() - before < size // 2

@@ -132,7 +132,9 @@ def heap_reuse() -> Iterator[None]:
     CPU this page-fault traffic took 25-45% of a cnnImpute step. Inside this context freed
     memory stays in the heap and is reused (``M_MMAP_MAX=0``, a 1 GiB trim threshold); on exit
     the thresholds go back to glibc's usual values (32 MB mmap threshold) and the cached memory is
-    released with ``malloc_trim``. A no-op outside glibc.
+    released with ``malloc_trim``. A no-op outside glibc or with the environment variable
+    ``SCREPAIR_HEAP_REUSE=0``. The setting is process-wide while it lasts, so other threads of the
+    process also keep their freed memory until training ends.
     """
     libc = None
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
