@@ -35,9 +35,11 @@ log1p(CP10k), stochastic rounding). `degrade_reference`: a random half of the ce
 dae, vae and diffusion train on it (pairs made by degrading it further) and repair the degraded
 other half, the DiffRepairer paper's setting; MAGIC and `raw` (the degraded input, i.e. "before
 repair") see only the degraded cells. `degrade`: every method sees only the degraded cells (what
-`screpair.impute` does on a user's data). Scores on the clean data's 2,000 most variable genes,
-log1p(CP10k) with each matrix's own total over those genes: MSE / Pearson r / cosine vs the
-clean profiles, MSE at the entries the damage zeroed, PR-AUC / F1 of calling expressed entries,
+`screpair.impute` does on a user's data). Scores on the clean data's 2,000 highly variable
+genes (Seurat dispersion, `pp.highly_variable_genes`) in the DiffRepairer paper's space,
+log1p(CP10k) with the clean library size for the truth and the degraded input's library size for
+every output: MSE / Pearson r / cosine vs the clean profiles, MSE at the entries the damage
+zeroed, PR-AUC / F1 of calling expressed entries (count >= 0.5),
 silhouette of the cell types, Jaccard / F1 of each type's top-100 DEGs vs the clean data's,
 Spearman r of the clean data's top markers. All neural methods at their defaults (early
 stopping on a 10% validation split); seconds include training and repair.
