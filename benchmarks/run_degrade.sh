@@ -10,11 +10,12 @@
 # per-dataset results); combine_results.py then rewrites the degrade section of RESULTS.md from
 # every results/D_* run.
 # Usage: benchmarks/run_degrade.sh [PROTOCOLS] [SEEDS]   (defaults: degrade_reference, 0,1,2,3,4)
+#        benchmarks/run_degrade.sh ""                     (only rebuild the RESULTS.md section)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D="${SCREPAIR_DATA:-../shared/data}"
 [ -d "$D" ] || D=/work/shared/data
-PROTOCOLS="${1:-degrade_reference}"
+PROTOCOLS="${1-degrade_reference}"
 SEEDS="${2:-0,1,2,3,4}"
 OUT=benchmarks/results
 for proto in ${PROTOCOLS//,/ }; do
@@ -42,7 +43,8 @@ every output: MSE / Pearson r / cosine vs the clean profiles, MSE at the entries
 zeroed, PR-AUC / F1 of calling expressed entries (count >= 0.5),
 silhouette of the cell types, Jaccard / F1 of each type's top-100 DEGs vs the clean data's,
 Spearman r of the clean data's top markers. All neural methods at their defaults (early
-stopping on a 10% validation split); seconds include training and repair.
+stopping on a 10% validation split); seconds include training and repair. The committed
+`degrade` run on pbmc3k has seeds 0-2 only (session time); everything else has 5 seeds.
 
 Regenerate with:
 
