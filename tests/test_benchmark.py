@@ -182,3 +182,19 @@ def test_cli_benchmark(tiny, tmp_path):
     assert set(res.method) == {"gene_mean", "raw"} and (res.status == "ok").all()
     assert "screpair benchmark --data" in (out / "summary.md").read_text()
     assert not list(out.glob("*.png"))
+
+
+def test_make_method_quiet_turns_off_epoch_bars():
+    from screpair.methods._torch import TrainConfig
+
+    assert ev.make_method("cnn", progress=False).progress is False
+    assert ev.make_method("cnn", params={"progress": True}, progress=False).progress is True
+    assert ev.make_method("cnn").progress is True
+    assert ev.make_method("dae", progress=False).train.progress is False
+    kept = ev.make_method("dae", params={"train": TrainConfig(n_epochs=3)}, progress=False).train
+    assert kept == TrainConfig(n_epochs=3, progress=False)
+    assert ev.make_method("vae", params={"train": {"n_epochs": 2}}, progress=False).train == {
+        "n_epochs": 2,
+        "progress": False,
+    }
+    assert ev.make_method("knn", progress=False).get_params() == ev.make_method("knn").get_params()

@@ -93,26 +93,51 @@ class PeakMemory:
 
 
 # --------------------------------------------------------------------------- methods
-def make_method(name: str, *, rng: int = 0, params: Mapping | None = None):
+def make_method(name: str, *, rng: int = 0, params: Mapping | None = None,
+                progress: bool = True):
     """Estimator for a benchmark method: a peer/baseline (``raw``, ``gene_mean``, ``magic``,
-    ``scvi``) or any name in the screpair method registry."""
+    ``scvi``) or any name in the screpair method registry. ``progress=False`` turns off the
+    method's own progress bars (``progress`` parameter or ``train`` settings) unless ``params``
+    sets them."""
     from ..methods import make_estimator
 
     params = dict(params or {})
     if name in PEERS:
         params.setdefault("rng", rng)
         return PEERS[name](**params)
-    return make_estimator(name, rng=rng, **params)
+    est = make_estimator(name, rng=rng, **params)
+    if not progress:
+        _quiet(est, params)
+    return est
+
+
+def _quiet(est, params: Mapping) -> None:
+    """Switch off an estimator's epoch bars where the user did not ask for them."""
+    import dataclasses
+
+    own = est.get_params(deep=False)
+    if "progress" in own and "progress" not in params:
+        est.set_params(progress=False)
+    train = own.get("train", False)
+    if train is None:
+        from ..methods._torch import TrainConfig
+
+        est.set_params(train=TrainConfig(progress=False))
+    elif dataclasses.is_dataclass(train):
+        est.set_params(train=dataclasses.replace(train, progress=False))
+    elif isinstance(train, Mapping) and "progress" not in train:
+        est.set_params(train={**train, "progress": False})
 
 
 def run_method(name: str, adata: AnnData, *, rng: int = 0, params: Mapping | None = None,
-               reference: AnnData | None = None):
+               reference: AnnData | None = None, progress: bool = True):
     """Fit ``name`` on ``adata`` (counts in X) and return ``(imputed ndarray, Posterior)``.
 
     With a clean ``reference`` (same genes), methods that train on clean profiles
-    (``uses_reference``) are fitted on it instead and then repair ``adata``.
+    (``uses_reference``) are fitted on it instead and then repair ``adata``. ``progress``: see
+    :func:`make_method`.
     """
-    est = make_method(name, rng=rng, params=params)
+    est = make_method(name, rng=rng, params=params, progress=progress)
     use_ref = reference is not None and getattr(est, "uses_reference", False)
     post = est.fit(reference if use_ref else adata).posterior(adata)
     mean = np.asarray(to_dense(post.mean), dtype=np.float64)
@@ -255,7 +280,7 @@ def run_benchmark(
                 start = time.perf_counter()
                 imputed, post = run_method(job.method, task.adata, rng=job.seed,
                                            params=method_params.get(job.method),
-                                           reference=task.reference)
+                                           reference=task.reference, progress=progress)
                 seconds = time.perf_counter() - start
             scores = proto.score(task, imputed, post)
         except ImportError as e:
