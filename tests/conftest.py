@@ -74,3 +74,27 @@ def sim():
     keep_genes = np.bincount(x.indices, minlength=ad.n_vars) > 0
     keep_cells = np.diff(x.indptr) > 0
     return ad[keep_cells, keep_genes].copy()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks run faster on one torch thread, and much faster on a loaded shared CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def ref_and_degraded():
+    """Clean Splat counts (150 x 60, ``layers['true_counts']``) and their moderately degraded copy
+    (``layers['counts']``), for the profile-repair methods. Shared: do not modify."""
+    from screpair import simulate
+
+    ref = simulate.splat(n_obs=150, n_vars=60, lib_loc=8, dropout_type="none", rng=0)
+    deg = simulate.degrade(
+        ref, layer="true_counts", bias_3p=0.5, dropout_rate=0.3, noise_sd=0.2, rng=1
+    )
+    return ref, deg

@@ -19,13 +19,7 @@ N_TOP = 40
 CLASSES = [DAEImputer, VAEImputer]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny networks run faster on one thread, and much faster on a loaded shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny(cls, **kw):
@@ -37,15 +31,6 @@ def _tiny(cls, **kw):
     }
     params.update(kw)
     return cls(**params)
-
-
-@pytest.fixture(scope="module")
-def ref_and_degraded():
-    ref = screpair.simulate.splat(n_obs=150, n_vars=60, lib_loc=8, dropout_type="none", rng=0)
-    deg = screpair.simulate.degrade(
-        ref, layer="true_counts", bias_3p=0.5, dropout_rate=0.3, noise_sd=0.2, rng=1
-    )
-    return ref, deg
 
 
 @pytest.fixture(scope="module", params=CLASSES, ids=lambda c: c.name)

@@ -417,13 +417,19 @@ def write_outputs(results: pd.DataFrame, out_dir, *, embeddings=None, labels=Non
     return written
 
 
-def _tight(fig) -> None:
-    """``fig.tight_layout()`` without matplotlib's "could not fit" warning for crowded figures."""
+def _save(fig, path: Path) -> Path:
+    """Lay out (``tight_layout`` without matplotlib's "could not fit" warning for crowded
+    figures), write (PNG, 100 dpi) and close ``fig``; returns ``path``."""
     import warnings
+
+    import matplotlib.pyplot as plt
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def plot_results(results: pd.DataFrame, out_dir, *, embeddings=None, labels=None) -> list[Path]:
@@ -446,11 +452,7 @@ def plot_results(results: pd.DataFrame, out_dir, *, embeddings=None, labels=None
             ax.set_title(f"{metric} {arrow}", fontsize=9)
             ax.tick_params(axis="x", rotation=45, labelsize=8)
         fig.suptitle(f"{dataset} · {protocol}", fontsize=10)
-        _tight(fig)
-        path = out / f"bars_{_safe(dataset)}_{_safe(protocol)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(fig, out / f"bars_{_safe(dataset)}_{_safe(protocol)}.png"))
     if not summ.empty:
         summ = summ.assign(experiment=summ["dataset"] + "/" + summ["protocol"] + "/" + summ["metric"])
         heat = summ.pivot_table(index="method", columns="experiment", values="rank", sort=False)
@@ -467,11 +469,7 @@ def plot_results(results: pd.DataFrame, out_dir, *, embeddings=None, labels=None
                     ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=6, color="w")
         fig.colorbar(im, ax=ax, label="rank (1 = best)")
         ax.set_title("rank per experiment")
-        _tight(fig)
-        path = out / "rank_heatmap.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(fig, out / "rank_heatmap.png"))
     datasets = dict.fromkeys(d for d, _ in (embeddings or {}))
     for dataset in datasets:
         embs = {m: e for (d, m), e in embeddings.items() if d == dataset}
@@ -493,9 +491,5 @@ def plot_results(results: pd.DataFrame, out_dir, *, embeddings=None, labels=None
         if cats is not None and len(cats) <= 20:
             axes[0][-1].legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1, 0.5))
         fig.suptitle(f"{dataset}: PCA of log1p(CP10k), coloured by label", fontsize=10)
-        _tight(fig)
-        path = out / f"embedding_{_safe(dataset)}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        files.append(path)
+        files.append(_save(fig, out / f"embedding_{_safe(dataset)}.png"))
     return files

@@ -38,6 +38,8 @@ class AEConfig:
 
 
 class _AEImputer(PairImputer):
+    #: name of the network class in :mod:`._module`
+    _network: ClassVar[str]
     _configs: ClassVar[dict[str, type]] = {
         "module": AEConfig,
         "pairs": PairConfig,
@@ -57,6 +59,13 @@ class _AEImputer(PairImputer):
         self.pairs = pairs
         self.rng = rng
 
+    def _build_module(self, n_genes: int):
+        from . import _module
+
+        cfg = self._module_cfg()
+        network = getattr(_module, self._network)
+        return network(n_genes, hidden=cfg.hidden, latent=cfg.latent, dropout=cfg.dropout)
+
 
 class DAEImputer(_AEImputer):
     """Denoising autoencoder baseline (``method="dae"``): ``x0_hat = AE(c)`` trained with MSE.
@@ -74,12 +83,7 @@ class DAEImputer(_AEImputer):
     """
 
     name: ClassVar[str] = "dae"
-
-    def _build_module(self, n_genes: int):
-        from ._module import DenoisingAE
-
-        cfg = self._module_cfg()
-        return DenoisingAE(n_genes, hidden=cfg.hidden, latent=cfg.latent, dropout=cfg.dropout)
+    _network: ClassVar[str] = "DenoisingAE"
 
     def _loss(self, module, x0, c, generator):
         torch = import_torch()
@@ -108,12 +112,7 @@ class VAEImputer(_AEImputer):
     """
 
     name: ClassVar[str] = "vae"
-
-    def _build_module(self, n_genes: int):
-        from ._module import VariationalAE
-
-        cfg = self._module_cfg()
-        return VariationalAE(n_genes, hidden=cfg.hidden, latent=cfg.latent, dropout=cfg.dropout)
+    _network: ClassVar[str] = "VariationalAE"
 
     def _loss(self, module, x0, c, generator):
         torch = import_torch()
