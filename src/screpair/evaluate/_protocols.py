@@ -508,8 +508,7 @@ class Degrade(_Labelled):
 
         x = self._counts(adata)
         gen = as_rng(rng)
-        rows_all = np.arange(x.shape[0])
-        ref_rows = None
+        ref_rows = None  # reference: clean cells kept out of the damage
         if self.reference_frac > 0:
             n_ref = int(round(x.shape[0] * self.reference_frac))
             if not 0 < n_ref < x.shape[0]:
@@ -517,8 +516,10 @@ class Degrade(_Labelled):
                        f"of {x.shape[0]}.")
                 raise ValueError(msg)
             perm = gen.permutation(x.shape[0])
-            ref_rows, rows_all = np.sort(perm[:n_ref]), np.sort(perm[n_ref:])
-        base = _clean(x[rows_all], adata.obs.iloc[rows_all], adata.var)
+            ref_rows, test_rows = np.sort(perm[:n_ref]), np.sort(perm[n_ref:])
+            base = _clean(x[test_rows], adata.obs.iloc[test_rows], adata.var)
+        else:
+            base = _clean(x, adata.obs, adata.var)
         deg = simulate.degrade(base, rng=gen, **self.degrade_params)
         deg = deg if isinstance(deg, AnnData) else deg.adata
         damaged = sp.csr_matrix(deg.layers["counts"] if "counts" in deg.layers else deg.X)
