@@ -384,6 +384,15 @@ def test_expression_recovery_hand():
     # the boolean truth gives the same; all expressed -> NaN
     assert M.expression_recovery(truth > 0, pred) == res
     assert all(np.isnan(v) for v in M.expression_recovery(np.ones((2, 3)), pred).values())
+    # depth rescales the output before the call: row 0 x 2 -> (1.2, 0.8, 0) calls (0,1) too
+    # (FP 2, TP 2, FN 1 -> F1 4/7); a scalar applies to every row; PR-AUC is unchanged
+    deep = M.expression_recovery(truth, pred, depth=np.array([2.0, 1.0]))
+    assert deep["expr_f1"] == pytest.approx(4 / 7, rel=1e-12)
+    assert deep["expr_pr_auc"] == res["expr_pr_auc"]
+    # x 10: everything but (0,2) is called ((1,2): 0.1 x 10 = 1) -> TP 2, FP 3, FN 1 -> F1 1/2
+    assert M.expression_recovery(truth, pred, depth=10.0)["expr_f1"] == pytest.approx(
+        2 * 2 / (2 * 2 + 3 + 1), rel=1e-12
+    )
 
 
 _DAMAGE = {"bias_3p": 1.0, "dropout_rate": 0.5, "noise_sd": 0.3}
@@ -404,7 +413,9 @@ def test_degrade_protocol_biological_scores_of_clean_truth(degrade_task):
     proto, task = degrade_task
     res = proto.score(task, _perfect(task))
     assert set(res) == _PROFILE | _EXPR | _LABELLED
-    for key in ("expr_pr_auc", "deg_jaccard", "deg_f1", "pearson_log"):
+    # expr_f1 too: the perfect repair is at the degraded (smaller) library size, and the call is
+    # made at the clean depth
+    for key in ("expr_pr_auc", "expr_f1", "deg_jaccard", "deg_f1", "pearson_log"):
         assert res[key] == pytest.approx(1.0, abs=1e-12), key
     # rescaling by lib_in / lib_clean perturbs ties between equal clean values at 1e-16
     assert res["marker_spearman"] == pytest.approx(1.0, abs=1e-6)

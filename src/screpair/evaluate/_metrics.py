@@ -452,7 +452,13 @@ def dropout_detection(prob, observed, true_counts, *, threshold: float = 0.5) ->
 
 
 def expression_recovery(
-    true_counts, pred, *, lib: np.ndarray | None = None, threshold: float = 0.5, scale: float = 1e4
+    true_counts,
+    pred,
+    *,
+    lib: np.ndarray | None = None,
+    depth: np.ndarray | float | None = None,
+    threshold: float = 0.5,
+    scale: float = 1e4,
 ) -> dict[str, float]:
     """How well a count-scale output recovers which entries are expressed.
 
@@ -462,8 +468,11 @@ def expression_recovery(
     - ``expr_pr_auc``: :func:`sklearn.metrics.average_precision_score` of the output normalised
       as ``log1p(pred / L * scale)`` (``L`` = ``lib``, by default the row sums of ``pred``);
     - ``expr_f1``: :func:`sklearn.metrics.f1_score` of calling an entry expressed when
-      ``pred >= threshold`` (default 0.5: the value would round to at least one count); 0 when
-      nothing is called.
+      ``pred * depth >= threshold`` (default 0.5: the value would round to at least one count);
+      0 when nothing is called. ``depth`` (a scalar or one factor per cell, default 1) puts the
+      output on the truth's sequencing depth: when the output is at a smaller library size than
+      the true counts (a degraded cell), pass ``L_true / L_out``, or a perfect repair, which
+      is the truth scaled down to ``L_out``, would miss every true count below ``0.5 / depth``.
 
     Both are NaN when every entry or none is expressed.
     """
@@ -477,6 +486,9 @@ def expression_recovery(
     if y.all() or not y.any():
         return {"expr_pr_auc": float("nan"), "expr_f1": float("nan")}
     s = log1p_norm(pr, lib, scale=scale).ravel()
+    if depth is not None:
+        d = np.asarray(depth, dtype=np.float64)
+        pr = pr * (d[:, None] if d.ndim == 1 else d)
     return {
         "expr_pr_auc": float(average_precision_score(y, s)),
         "expr_f1": float(f1_score(y, pr.ravel() >= threshold, zero_division=0.0)),
