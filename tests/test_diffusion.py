@@ -343,6 +343,34 @@ def test_not_fitted_and_clone(ref_and_degraded):
     assert c.get_params() == est.get_params()
 
 
+def test_zero_threshold_keeps_small_observed_zeros(fitted, ref_and_degraded):
+    import copy
+    import dataclasses
+
+    _, deg = ref_and_degraded
+    assert fitted._pairs_cfg().zero_threshold == 0.5  # the default
+
+    def with_threshold(value):
+        est = copy.deepcopy(fitted)
+        return est.set_params(pairs=dataclasses.replace(est._pairs_cfg(), zero_threshold=value))
+
+    kept = fitted.posterior(deg, layer="counts").mean
+    every = with_threshold(0.0).posterior(deg, layer="counts").mean
+    hvg = np.flatnonzero(fitted.hvg_)
+    obs = deg.layers["counts"].toarray()
+    lib = obs.sum(1)
+    zero = obs[:, hvg] == 0
+    low = np.log1p(every[:, hvg] / lib[:, None] * 1e4) < 0.5
+    # observed non-zeros and observed zeros with a repaired value >= 0.5 are the same repair
+    np.testing.assert_allclose(kept[:, hvg][~(zero & low)], every[:, hvg][~(zero & low)], rtol=1e-6)
+    np.testing.assert_array_equal(kept[:, hvg][zero & low], 0.0)
+    assert (zero & low).any() and (zero & ~low).any()  # both cases occur
+    # without the threshold more observed zeros get a value
+    assert (every[:, hvg][zero] > 0).sum() > (kept[:, hvg][zero] > 0).sum()
+    with pytest.raises(ValueError, match="zero_threshold"):
+        with_threshold(-1.0).posterior(deg, layer="counts")
+
+
 def test_impute_writes_mean_and_variance(ref_and_degraded):
     _, deg = ref_and_degraded
     ad = AnnData(X=deg.layers["counts"].copy(), var=deg.var[[]].copy())
