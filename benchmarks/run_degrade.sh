@@ -40,11 +40,12 @@ repair") see only the degraded cells. `degrade`: every method sees only the degr
 genes (Seurat dispersion, `pp.highly_variable_genes`) in the DiffRepairer paper's space,
 log1p(CP10k) with the clean library size for the truth and the degraded input's library size for
 every output: MSE / Pearson r / cosine vs the clean profiles, MSE at the entries the damage
-zeroed, PR-AUC / F1 of calling expressed entries (count >= 0.5),
-silhouette of the cell types, Jaccard / F1 of each type's top-100 DEGs vs the clean data's,
-Spearman r of the clean data's top markers. All neural methods at their defaults (early
-stopping on a 10% validation split); seconds include training and repair. The committed
-`degrade` run on pbmc3k has seeds 0-2 only (session time); everything else has 5 seeds.
+zeroed, PR-AUC / F1 of calling expressed entries (F1: the output rescaled to the clean
+library size is >= 0.5 counts, so that the perfect repair scores 1), silhouette of the cell
+types, Jaccard / F1 of each type's top-100 DEGs vs the clean data's, Spearman r of the clean
+data's top markers. All neural methods at their defaults (early stopping on a 10% validation
+split; observed zeros whose repair stays below 0.5 log1p(CP10k) are kept at zero,
+`PairConfig.zero_threshold`); seconds include training and repair.
 
 Regenerate with:
 

@@ -288,6 +288,19 @@ def test_sample_point_estimate(mean):
         _tiny(mean="median")._sample(_OracleNet(est._schedule()), c, 1, None)
 
 
+def test_n_views_automatic():
+    from screpair.methods.diffusion._pairs import n_views
+
+    auto = PairConfig()
+    # ceil(10,000 / cells) clipped to [2, 8]
+    assert [n_views(auto, n) for n in (50, 411, 1350, 2500, 2700, 5000, 100_000)] == [
+        8, 8, 8, 4, 4, 2, 2,
+    ]
+    assert n_views(PairConfig(n_views=3), 50) == 3
+    with pytest.raises(ValueError, match="n_views"):
+        n_views(PairConfig(n_views=0), 50)
+
+
 def test_count_scale_round_trip():
     rng = np.random.default_rng(0)
     x = rng.poisson(3.0, size=(5, 9)).astype(float)
