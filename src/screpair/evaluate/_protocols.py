@@ -542,13 +542,14 @@ class Degrade(_Labelled):
 
             hv = hvg_dispersion(truth[:, scored], self.n_top_genes)["highly_variable"]
             scored = scored[hv.to_numpy()]
-        clean_log = M.log1p_norm(truth[:, scored], library_size(truth), scale=1e4)
+        lib_clean = library_size(truth)
+        clean_log = M.log1p_norm(truth[:, scored], lib_clean, scale=1e4)
         dropped = (to_dense(truth[:, scored]) > 0) & (to_dense(damaged[:, scored]) == 0)
         out = {
             "true_counts": truth,
             "dropped": dropped,
             "lib_in": library_size(damaged),
-            "lib_clean": library_size(truth),
+            "lib_clean": lib_clean,
             "genes": scored,
             "expressed": np.asarray(to_dense(truth[:, scored]) > 0),
             "clean_log": clean_log,

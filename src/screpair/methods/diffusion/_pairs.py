@@ -369,8 +369,8 @@ class PairImputer(BaseImputer):
                     p = self._unstandardize(point.float().cpu().numpy())
                     repaired = to_counts(p, lib[start:stop])
                 if zero_threshold > 0:  # observed zeros whose repaired value is small stay zero
-                    low = np.log1p(repaired * (TARGET_SUM / np.maximum(lib[start:stop], 1e-12))[:, None])
-                    repaired[(observed[start:stop] == 0) & (low < zero_threshold)] = 0.0
+                    low = log_normalize(repaired, slice(None), lib[start:stop]) < zero_threshold
+                    repaired[(observed[start:stop] == 0) & low] = 0.0
                 mean[start:stop, genes] = repaired
                 if var is not None:
                     var[start:stop, genes] = counts.var(0, ddof=1)
