@@ -96,8 +96,25 @@ class GeneMeanImputer(BaseImputer):
         return Posterior(mean=_from_cpm_log(v, lib))
 
 
+class _Precomputed(BaseImputer):
+    """A transductive peer whose ``fit`` computes the whole output (``imputed_``) at once."""
+
+    transductive = True
+
+    def _store(self, imputed: np.ndarray, data, n_obs: int) -> Self:
+        self.imputed_ = imputed
+        self.var_names_ = var_names(data)
+        self.n_obs_ = n_obs
+        return self
+
+    def posterior(self, data, *, layer: str | None = None) -> Posterior:
+        self._check_fitted()
+        self._check_same_cells(data.shape[0])
+        return Posterior(mean=self.imputed_)
+
+
 @_register
-class MagicImputer(BaseImputer):
+class MagicImputer(_Precomputed):
     """MAGIC 3 (``magic.MAGIC`` defaults: knn=5, t=3, decay=1, n_pca=100) on ``log1p(CPM)``.
 
     The smoothed log values are mapped back to counts with ``expm1(v) * L / 1e6`` at each cell's
@@ -112,7 +129,6 @@ class MagicImputer(BaseImputer):
     """
 
     name = "magic"
-    transductive = True
 
     def __init__(self, *, knn: int | None = None, t: int | str | None = None,
                  n_pca: int | None = None, rng: RNGLike = None):
@@ -134,15 +150,7 @@ class MagicImputer(BaseImputer):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # third-party chatter (graphtools, sklearn)
             smooth = np.asarray(op.fit_transform(_cpm_log(x, lib)), dtype=np.float64)
-        self.imputed_ = _from_cpm_log(smooth, lib)
-        self.var_names_ = var_names(data)
-        self.n_obs_ = x.shape[0]
-        return self
-
-    def posterior(self, data, *, layer: str | None = None) -> Posterior:
-        self._check_fitted()
-        self._check_same_cells(data.shape[0])
-        return Posterior(mean=self.imputed_)
+        return self._store(_from_cpm_log(smooth, lib), data, x.shape[0])
 
 
 @contextlib.contextmanager
@@ -162,7 +170,7 @@ def _quiet_scvi():
 
 
 @_register
-class ScviImputer(BaseImputer):
+class ScviImputer(_Precomputed):
     """scVI (``scvi.model.SCVI`` defaults) on CPU; output ``get_normalized_expression() * L``.
 
     ``get_normalized_expression`` gives each cell's expected expression proportions (rows sum to
@@ -181,7 +189,6 @@ class ScviImputer(BaseImputer):
     """
 
     name = "scvi"
-    transductive = True
 
     def __init__(self, *, max_epochs: int | None = None, n_latent: int | None = None,
                  rng: RNGLike = None):
@@ -210,12 +217,4 @@ class ScviImputer(BaseImputer):
                         enable_progress_bar=False)
             rho = np.asarray(model.get_normalized_expression(ad, library_size=1.0,
                                                               return_numpy=True), dtype=np.float64)
-        self.imputed_ = rho * lib[:, None]
-        self.var_names_ = var_names(data)
-        self.n_obs_ = x.shape[0]
-        return self
-
-    def posterior(self, data, *, layer: str | None = None) -> Posterior:
-        self._check_fitted()
-        self._check_same_cells(data.shape[0])
-        return Posterior(mean=self.imputed_)
+        return self._store(rho * lib[:, None], data, x.shape[0])
