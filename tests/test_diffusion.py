@@ -292,9 +292,9 @@ def test_n_views_automatic():
     from screpair.methods.diffusion._pairs import n_views
 
     auto = PairConfig()
-    # ceil(10,000 / cells) clipped to [2, 8]
-    assert [n_views(auto, n) for n in (50, 411, 1350, 2500, 2700, 5000, 100_000)] == [
-        8, 8, 8, 4, 4, 2, 2,
+    # ceil(10,000 / cells) clipped to [2, 8] below 2,000 cells, then 2
+    assert [n_views(auto, n) for n in (50, 411, 1350, 1999, 2000, 2700, 100_000)] == [
+        8, 8, 8, 6, 2, 2, 2,
     ]
     assert n_views(PairConfig(n_views=3), 50) == 3
     with pytest.raises(ValueError, match="n_views"):

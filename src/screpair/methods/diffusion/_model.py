@@ -19,7 +19,7 @@ class DiffusionConfig:
     ----------
     patch_size
         Genes per token. The default 250 gives 20 tokens for 5,000 genes, which keeps training
-        (about 10 min for 2,700 cells) and DDIM repair (about 1 min) affordable on a 2-core CPU;
+        (about 6 min for 2,700 cells) and DDIM repair (under 20 s) affordable on a 2-core CPU;
         ``patch_size=1`` is the paper's one token per gene (only practical on a GPU and with few
         genes). See :mod:`screpair.methods.diffusion._module` for the token design.
     d_model, n_layers, n_heads, dim_feedforward, dropout
