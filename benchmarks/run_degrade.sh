@@ -46,8 +46,7 @@ types, Jaccard / F1 of each type's top-100 DEGs vs the clean data's, Spearman r 
 data's top markers. All neural methods at their defaults (early stopping on a 10% validation
 split; observed zeros whose repair stays below 0.5 log1p(CP10k) are kept at zero,
 `PairConfig.zero_threshold`; automatic `n_views`: 8 views per cell for the references and for
-baron, 4 for the 2,700 pbmc3k cells); seconds include training and repair. The committed
-`degrade` run on pbmc3k has seeds 0-1 only (session time); everything else has 5 seeds.
+baron, 2 for the 2,700 pbmc3k cells); seconds include training and repair.
 
 Regenerate with:
 
