@@ -101,10 +101,10 @@ class _Precomputed(BaseImputer):
 
     transductive = True
 
-    def _store(self, imputed: np.ndarray, data, n_obs: int) -> Self:
+    def _store(self, imputed: np.ndarray, data) -> Self:
         self.imputed_ = imputed
         self.var_names_ = var_names(data)
-        self.n_obs_ = n_obs
+        self.n_obs_ = imputed.shape[0]
         return self
 
     def posterior(self, data, *, layer: str | None = None) -> Posterior:
@@ -150,7 +150,7 @@ class MagicImputer(_Precomputed):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # third-party chatter (graphtools, sklearn)
             smooth = np.asarray(op.fit_transform(_cpm_log(x, lib)), dtype=np.float64)
-        return self._store(_from_cpm_log(smooth, lib), data, x.shape[0])
+        return self._store(_from_cpm_log(smooth, lib), data)
 
 
 @contextlib.contextmanager
@@ -217,4 +217,4 @@ class ScviImputer(_Precomputed):
                         enable_progress_bar=False)
             rho = np.asarray(model.get_normalized_expression(ad, library_size=1.0,
                                                               return_numpy=True), dtype=np.float64)
-        return self._store(rho * lib[:, None], data, x.shape[0])
+        return self._store(rho * lib[:, None], data)

@@ -159,12 +159,11 @@ def n_views(cfg: PairConfig, n_cells: int) -> int:
 
 
 def make_pairs(
-    x, genes: np.ndarray, cfg: PairConfig, rng: np.random.Generator, gene_length=None
+    x, genes: np.ndarray, cfg: PairConfig, k: int, rng: np.random.Generator, gene_length=None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Clean log profiles ``(n, g)`` and degraded ones ``(n_views, n, g)`` on the ``genes``
-    columns (:func:`n_views` views)."""
+    """Clean log profiles ``(n, g)`` and ``k`` degraded ones ``(k, n, g)`` on the ``genes``
+    columns (``k`` from :func:`n_views`)."""
     clean = log_normalize(x, genes)
-    k = n_views(cfg, clean.shape[0])
     views = np.empty((k, *clean.shape), dtype=np.float32)
     for v in range(k):
         views[v] = log_normalize(degrade_counts(x, cfg, rng, gene_length), genes)
@@ -288,7 +287,7 @@ class PairImputer(BaseImputer):
         genes = np.flatnonzero(hvg)
         k = n_views(pcfg, x.shape[0])
         with log_task(f"making {k} degraded view(s) of {x.shape[0]} cells", logger):
-            clean, views = make_pairs(x, genes, pcfg, rng, self._gene_length(data))
+            clean, views = make_pairs(x, genes, pcfg, k, rng, self._gene_length(data))
         # centred per gene, scaled by one overall sd: a per-gene sd would blow up rarely
         # detected genes (sd ~ 0 in the reference) when a degraded cell does express them
         self.gene_mean_ = clean.mean(0).astype(np.float32)
