@@ -9,13 +9,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import dataclasses
+import inspect
 import json
 import os
 import platform
-import tempfile
+import re
+import secrets
+import shutil
 import time
+import types
+import typing
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +33,8 @@ from .._logging import get_logger
 
 if TYPE_CHECKING:
     import torch
+
+    from .._utils import RNGLike
 
 logger = get_logger(__name__)
 
@@ -238,42 +246,393 @@ def train_loop(
     return pd.DataFrame(rows, columns=["epoch", "train_loss", "val_loss", "seconds"])
 
 
+# ------------------------------------------------------------------------------- persistence
+#: version of the saved-model layout (config.json + weights.pt); bump when a change would make
+#: older screpair versions misread a model, which they then refuse
+MODEL_FORMAT = 1
+_MODEL_FILES = ("config.json", "weights.pt")
+
+
+def model_error(file, what: str) -> ValueError:
+    """The one-line error for a saved model that cannot be used."""
+    what = " ".join(str(what).split())
+    return ValueError(f"could not load model {str(file)!r}: {what}")
+
+
+def fit_seed(rng: RNGLike) -> int:
+    """An integer seed standing for ``rng`` in a fitted model: an int passes through; a
+    ``Generator`` gives one draw (``None``: fresh entropy).
+
+    Fitted models keep this seed and derive every inference-time generator from it, per call,
+    so repeated ``transform`` calls, and a saved and reloaded model, give the same output.
+    """
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return int(rng)
+    if isinstance(rng, np.random.Generator):
+        return int(rng.integers(2**63))
+    return int(np.random.default_rng(rng).integers(2**63))
+
+
+def json_config(params: dict, *, where: str = "parameter") -> dict:
+    """Parameters as JSON values for ``config.json``: dataclasses as dicts, tuples as lists,
+    ``None`` as null; raises for anything that would not load back as the same value."""
+
+    def conv(v, name):
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: conv(getattr(v, f.name), f"{name}.{f.name}") for f in fields(v)}
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (np.bool_, np.integer, np.floating)):
+            return v.item()
+        if isinstance(v, (list, tuple)):
+            return [conv(e, name) for e in v]
+        if isinstance(v, dict) and all(isinstance(k, str) for k in v):
+            return {k: conv(e, f"{name}.{k}") for k, e in v.items()}
+        msg = f"cannot save {where} {name}={v!r}: config.json holds only JSON values."
+        raise ValueError(msg)
+
+    return {k: conv(v, k) for k, v in params.items()}
+
+
 def save_model(
     path: str | os.PathLike, *, config: dict, state_dict: dict, var_names, extra=None
 ) -> None:
-    """Write ``config.json`` (config, version, var_names) and ``weights.pt`` into directory ``path``.
+    """Write ``config.json`` (config, format, version, var_names, extra) and ``weights.pt`` into
+    directory ``path``.
 
-    Each file is written to a temporary name first and renamed, so a failure never leaves a
-    half-written model.
+    Atomic: both files are written into a new hidden directory beside ``path``, which then
+    replaces ``path``, so an interrupted or failed save leaves the old model (or none) and never
+    a mix. ``path`` may be missing, empty or an earlier saved model; a directory holding other
+    files is refused (they would be lost). A symlink to a model directory updates its target.
+    After a SIGKILL mid-save a hidden ``.NAME.*.tmp`` directory may remain beside ``path``.
     """
     torch = import_torch()
     from .. import __version__
 
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    meta = {"config": config, "version": __version__, "var_names": [str(v) for v in var_names]}
+    target = path.resolve() if path.is_symlink() else path
+    if target.exists():
+        if not target.is_dir():
+            msg = f"cannot save model to {str(path)!r}: it exists and is not a directory."
+            raise ValueError(msg)
+        other = sorted(p.name for p in target.iterdir() if p.name not in _MODEL_FILES)
+        if other:
+            msg = (
+                f"cannot save model to {str(path)!r}: the directory holds other files "
+                f"({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); choose a new or "
+                "empty directory."
+            )
+            raise ValueError(msg)
+    meta = {
+        "format": MODEL_FORMAT,
+        "version": __version__,
+        "config": config,
+        "var_names": [str(v) for v in var_names],
+    }
     if extra:
         meta["extra"] = extra
-    with tempfile.NamedTemporaryFile("w", dir=path, suffix=".tmp", delete=False) as f:
-        json.dump(meta, f)
-    os.replace(f.name, path / "config.json")
-    with tempfile.NamedTemporaryFile(dir=path, suffix=".tmp", delete=False) as f:
-        torch.save(state_dict, f)
-    os.replace(f.name, path / "weights.pt")
+    text = json.dumps(meta)  # before touching the disk: unserialisable values fail here
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tag = secrets.token_hex(4)
+    tmp, old = parent / f".{target.name}.{tag}.tmp", parent / f".{target.name}.{tag}.old.tmp"
+    tmp.mkdir()  # created with the user's umask (mkdtemp would make it private)
+    try:
+        with open(tmp / "config.json", "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(tmp / "weights.pt", "wb") as f:
+            torch.save(state_dict, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if target.exists() and any(target.iterdir()):
+            os.replace(target, old)  # a non-empty directory cannot be renamed over
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old.exists() and not target.exists():
+                os.replace(old, target)  # put the old model back
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _release(version: str) -> tuple[int, ...] | None:
+    m = re.match(r"\s*v?(\d+(?:\.\d+)*)", version)
+    return tuple(int(p) for p in m.group(1).split(".")) if m else None
+
+
+def _newer(saved: tuple[int, ...], running: tuple[int, ...]) -> bool:
+    n = max(len(saved), len(running))
+    return saved + (0,) * (n - len(saved)) > running + (0,) * (n - len(running))
 
 
 def load_model(path: str | os.PathLike, device="cpu") -> tuple[dict, dict]:
-    """Read what :func:`save_model` wrote: ``(meta, state_dict)``."""
+    """Read what :func:`save_model` wrote: ``(meta, state_dict)``.
+
+    Checks the layout (both files present, ``config.json`` valid JSON with the expected keys)
+    and that neither the format nor the version is newer than this screpair; the weights are
+    read with ``torch.load(..., weights_only=True)`` (tensors and plain containers only). Any
+    problem raises a one-line ``ValueError`` naming the file.
+    """
     torch = import_torch()
+    from .. import __version__
+
     path = Path(path)
+    if not path.is_dir():
+        what = "not a directory" if path.exists() else "no such directory"
+        layout = " and ".join(_MODEL_FILES)
+        raise model_error(path, f"{what} (a saved model is a directory with {layout})")
     cfg, wts = path / "config.json", path / "weights.pt"
-    if not cfg.is_file() or not wts.is_file():
-        msg = f"{path} is not a saved screpair model (expected config.json and weights.pt)."
-        raise FileNotFoundError(msg)
-    with open(cfg) as f:
-        meta = json.load(f)
-    state = torch.load(wts, map_location=device, weights_only=True)
+    for f in (cfg, wts):
+        if not f.is_file():
+            raise model_error(f, "file missing (a saved model has config.json and weights.pt)")
+    try:
+        meta = json.loads(cfg.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        where = f"line {e.lineno} column {e.colno}"
+        raise model_error(cfg, f"not valid JSON ({e.msg} at {where})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise model_error(cfg, f"cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(meta, dict):
+        raise model_error(cfg, f"expected a JSON object, got {type(meta).__name__}")
+    fmt = meta.get("format", 1)  # models saved before the format was recorded: 1
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+        raise model_error(cfg, f"'format' must be a positive integer, got {fmt!r}")
+    version = meta.get("version")
+    if not isinstance(version, str) or _release(version) is None:
+        raise model_error(cfg, f"'version' must be a screpair version string, got {version!r}")
+    if fmt > MODEL_FORMAT or _newer(_release(version), _release(__version__)):
+        raise model_error(
+            cfg,
+            f"saved by screpair {version} (model format {fmt}), newer than this screpair "
+            f"{__version__} (format {MODEL_FORMAT}); upgrade screpair to load it",
+        )
+    for key, typ in (("config", dict), ("var_names", list), ("extra", dict)):
+        if key not in meta:
+            if key == "extra":
+                continue
+            raise model_error(cfg, f"missing key {key!r}")
+        if not isinstance(meta[key], typ):
+            raise model_error(cfg, f"{key!r} must be a JSON {'object' if typ is dict else 'list'}")
+    names = meta["var_names"]
+    if not names or not all(isinstance(v, str) for v in names):
+        raise model_error(cfg, "'var_names' must be a non-empty list of gene names")
+    if len(set(names)) != len(names):
+        raise model_error(cfg, "'var_names' has duplicate gene names")
+    try:
+        state = torch.load(wts, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types; none of its advice applies
+        # never pass on torch's text: for a file with pickled objects it suggests
+        # weights_only=False, which would run arbitrary code from the file
+        raise model_error(
+            wts,
+            f"damaged, or not a weights file written by screpair ({type(e).__name__}); only "
+            "tensors are read from it",
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise model_error(wts, "expected a dict of named tensors")
     return meta, state
+
+
+def load_state(module, state: dict, file) -> None:
+    """``module.load_state_dict(state)`` after checking names and shapes, so a mismatch names
+    the layer in one line (``file`` is the weights file, for the message)."""
+    torch = import_torch()
+    if not isinstance(state, dict):
+        raise model_error(file, "expected a dict of named tensors for the network")
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing layer(s) {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected layer(s) {', '.join(unexpected[:3])}")
+        raise model_error(file, f"weights do not match the config ({'; '.join(parts)})")
+    for k, ref in own.items():
+        v = state[k]
+        if not isinstance(v, torch.Tensor):
+            raise model_error(file, f"layer {k} is a {type(v).__name__}, not a tensor")
+        if tuple(v.shape) != tuple(ref.shape):
+            raise model_error(
+                file,
+                f"weights do not match the config (layer {k}: shape {tuple(v.shape)} in the "
+                f"file vs {tuple(ref.shape)} from the config)",
+            )
+    module.load_state_dict(state)
+
+
+def tensor_entry(state: dict, key: str, file, *, shape: tuple | None = None) -> np.ndarray:
+    """``state[key]`` as an ndarray, with a one-line error when it is missing or misshapen
+    (``None`` in ``shape`` matches any length)."""
+    torch = import_torch()
+    v = state.get(key)
+    if not isinstance(v, torch.Tensor):
+        raise model_error(file, f"missing tensor {key!r}")
+    arr = v.detach().cpu().numpy()
+    if shape is not None and (
+        arr.ndim != len(shape) or any(s is not None and a != s for a, s in zip(arr.shape, shape))
+    ):
+        want = tuple("any" if s is None else s for s in shape)
+        raise model_error(file, f"tensor {key!r} has shape {arr.shape}, expected {want}")
+    return arr
+
+
+# ------------------------------------------------------------------ saved parameters
+
+
+def _hints(obj) -> dict[str, Any]:
+    """Resolved annotations of ``obj`` (a function or a dataclass); a name that does not resolve
+    is left out (its value is then not type-checked here, only by the estimator's own checks)."""
+    try:
+        return typing.get_type_hints(obj)
+    except Exception:  # noqa: BLE001 - fall back to one annotation at a time
+        pass
+    glob = getattr(inspect.getmodule(obj), "__dict__", {})
+    raw = getattr(obj, "__annotations__", {})
+    out = {}
+    for k, a in raw.items():
+        try:
+            out[k] = eval(a, glob) if isinstance(a, str) else a  # noqa: S307 - own annotations
+        except Exception:  # noqa: BLE001, S112
+            continue
+    return out
+
+
+def _type_name(hint) -> str:
+    if hint is type(None):
+        return "null"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(hint))
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "None")
+
+
+def _coerce(value, hint, name: str):
+    """``value`` (from JSON) checked against ``hint`` and turned into it (dict -> dataclass,
+    list -> tuple); raises ``ValueError`` naming the parameter."""
+    if hint is Any or hint is None:
+        return value
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value == "None" and type(None) in args:  # models saved by screpair <= 0.1.0
+            return None
+        if isinstance(value, dict):  # a config: its own errors name the setting
+            for a in args:
+                if dataclasses.is_dataclass(a):
+                    return _coerce(value, a, name)
+        for a in args:
+            try:
+                return _coerce(value, a, name)
+            except ValueError:
+                continue
+        msg = f"{name} must be {_type_name(hint)}, got {value!r}"
+        raise ValueError(msg)
+    if hint is type(None):
+        if value is None:
+            return None
+    elif dataclasses.is_dataclass(hint):
+        if isinstance(value, dict):
+            return coerce_params(hint, value, prefix=f"{name}.")
+    elif origin is tuple or hint is tuple:
+        if isinstance(value, (list, tuple)):
+            args = typing.get_args(hint)
+            if not args or (len(args) == 2 and args[1] is Ellipsis):
+                inner = args[0] if args else Any
+                return tuple(_coerce(v, inner, f"{name}[{i}]") for i, v in enumerate(value))
+            if len(args) == len(value):
+                return tuple(
+                    _coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args))
+                )
+    elif origin is list or hint is list:
+        if isinstance(value, list):
+            return value
+    elif origin is dict or hint is dict:
+        if isinstance(value, dict):
+            return value
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return value
+    elif isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+    else:  # an annotation this checker does not know (Literal, Callable, ...): the estimator checks
+        return value
+    msg = f"{name} must be {_type_name(hint)}, got {value!r}"
+    raise ValueError(msg)
+
+
+def coerce_params(target, params: dict, *, prefix: str = ""):
+    """Saved parameters checked against ``target``'s signature: an estimator class (returns
+    the keyword arguments for ``target(**kw)``) or a config dataclass (returns an instance).
+
+    Unknown names and values of the wrong type raise ``ValueError`` naming them; names not
+    saved take their defaults (parameters added since the model was saved).
+    """
+    if dataclasses.is_dataclass(target):
+        accepted = [f.name for f in fields(target) if f.init]
+        hints = _hints(target)
+    else:
+        sig = inspect.signature(target.__init__)
+        accepted = [
+            k
+            for k, p in sig.parameters.items()
+            if k != "self" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        hints = _hints(target.__init__)
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        kind = f"{target.__name__} setting" if dataclasses.is_dataclass(target) else "parameter"
+        msg = (
+            f"unknown {kind}(s) {', '.join(prefix + k for k in unknown)} (accepted: "
+            f"{', '.join(accepted)})"
+        )
+        raise ValueError(msg)
+    kw = {k: _coerce(v, hints.get(k, Any), prefix + k) for k, v in params.items()}
+    if dataclasses.is_dataclass(target):
+        return target(**kw)
+    return kw
+
+
+def saved_params(cls, meta: dict, file) -> dict:
+    """The keyword arguments of ``cls`` saved in ``meta["config"]`` (see :func:`coerce_params`),
+    with one-line errors naming ``file``."""
+    try:
+        return coerce_params(cls, meta["config"])
+    except (ValueError, TypeError) as e:
+        raise model_error(file, str(e)) from None
+
+
+def saved_seed(extra: dict, rng, file) -> int:
+    """The fitted model's ``posterior_seed`` from ``extra``; models saved before it was stored
+    use ``rng`` when it is an int, else 0 (still the same output on every call)."""
+    seed = extra.get("posterior_seed")
+    if seed is None:
+        return int(rng) if isinstance(rng, int) and not isinstance(rng, bool) else 0
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise model_error(file, f"'posterior_seed' must be a non-negative integer, got {seed!r}")
+    return seed
+
+
+def check_loaded(est, check: Callable[[], Any], file) -> None:
+    """Run an estimator's own parameter check on a loaded model, as one-line load errors."""
+    try:
+        check()
+    except (ValueError, TypeError) as e:
+        raise model_error(file, str(e)) from None
 
 
 def config_dict(cfg) -> dict:

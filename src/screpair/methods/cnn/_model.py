@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Any, ClassVar, Self
+from pathlib import Path
+from typing import ClassVar, Self
 
 import numpy as np
 import pandas as pd
@@ -26,14 +27,23 @@ from .._base import BaseImputer, Posterior
 from .._torch import (
     LossOutput,
     TrainConfig,
+    check_loaded,
+    coerce_params,
     dense_rows,
+    fit_seed,
     heap_reuse,
     import_torch,
+    json_config,
     load_model,
+    load_state,
+    model_error,
     resolve_device,
     row_batches,
     save_model,
+    saved_params,
+    saved_seed,
     split_cells,
+    tensor_entry,
     train_loop,
 )
 from ._select import Group, build_groups
@@ -129,6 +139,9 @@ class CNNImputer(BaseImputer):
         :func:`screpair.dropout.fit_dropout`.
     rng
         Seed or ``numpy.random.Generator`` (clustering, split, initialisation, batches, dropout).
+        ``fit`` turns it into one integer seed, ``posterior_seed_``, from which the dropout
+        model of new data is fitted at every ``transform``: a fitted model, saved or not,
+        returns the same output for the same input on every call.
 
     Attributes
     ----------
@@ -144,6 +157,8 @@ class CNNImputer(BaseImputer):
         Dropout probabilities of the fitted cells (CSR).
     labels_
         Cell cluster labels of the fitted cells.
+    posterior_seed_
+        Integer seed of the fit (``rng`` itself when it is an int); saved with the model.
 
     Notes
     -----
@@ -299,7 +314,10 @@ class CNNImputer(BaseImputer):
         """
         self._check_params()
         torch = import_torch()
-        rng = as_rng(self.rng)
+        # one integer seed stands for `rng`; the dropout model (re)fitted at transform time
+        # starts a fresh generator from it, so it is the same on every call and after load
+        self.posterior_seed_ = fit_seed(self.rng)
+        rng = as_rng(self.posterior_seed_)
         x = get_counts(data, layer)
         self.var_names_ = var_names(data)
         n_cells, n_genes = x.shape
@@ -538,7 +556,7 @@ class CNNImputer(BaseImputer):
         if _fingerprint(x) == self._fit_key and self.dropout_layer is None:
             prob, labels = self.dropout_prob_, self.labels_
         else:
-            prob, labels = self._dropout(data, x, as_rng(self.rng))
+            prob, labels = self._dropout(data, x, as_rng(self.posterior_seed_))
         missing = self._missing(prob)
         cell_cluster = (
             self._cell_cluster(labels, x.shape[0])
@@ -560,55 +578,88 @@ class CNNImputer(BaseImputer):
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
-        """Write ``config.json`` (parameters, genes, subsets) and ``weights.pt`` into ``path``."""
+        """Write ``config.json`` (parameters, genes, seed, history) and ``weights.pt`` (network,
+        subsets) into directory ``path``, atomically (:func:`screpair.methods._torch.save_model`).
+
+        A ``Generator`` ``rng`` is saved as null: ``posterior_seed_`` carries the fitted model's
+        randomness, so the loaded model's output is bit-identical (on the same device).
+        """
         self._check_fitted("module_")
         torch = import_torch()
-        from .._api import jsonable
 
         state = {k: v.detach().cpu() for k, v in self.module_.state_dict().items()}
         state["_index.inputs"] = torch.as_tensor(self.input_index_)
         state["_index.targets"] = torch.as_tensor(self.target_index_)
         state["_index.cluster"] = torch.as_tensor(self.group_cluster_)
-        params = {k: v for k, v in self.get_params(deep=False).items() if k != "rng"}
+        params = self.get_params(deep=False)
+        if not isinstance(params["rng"], (int, np.integer)):
+            params["rng"] = None
         save_model(
             path,
-            config=jsonable(params),
+            config=json_config(params),
             state_dict=state,
             var_names=self.var_names_,
             extra={
-                "clusters": list(self.clusters_),
-                "history": self.history_.to_dict(orient="list"),
+                "class": type(self).__name__,
+                "posterior_seed": int(self.posterior_seed_),
+                "clusters": [str(c) for c in self.clusters_],
+                "history": json_config(self.history_.to_dict(orient="list"), where="history"),
             },
         )
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | None = None) -> CNNImputer:
-        """Load a model written by :meth:`save` (``device`` overrides the saved one)."""
-        import inspect
+        """Load a model written by :meth:`save` (``device`` overrides the saved one).
 
+        The saved parameters go through the same checks as in ``fit`` (names, types, ranges),
+        the weights are checked against them, and a model saved by a newer screpair is refused:
+        each problem is a one-line ``ValueError`` naming the file.
+        """
         meta, state = load_model(path)
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        params: dict[str, Any] = {
-            k: (None if v == "None" else v) for k, v in meta["config"].items() if k in accepted
-        }
+        cfg_file, wts_file = Path(path) / "config.json", Path(path) / "weights.pt"
+        extra = meta.get("extra", {})
+        if extra.get("class", cls.__name__) != cls.__name__:
+            what = f"it holds a {extra['class']!r} model, not a {cls.__name__}"
+            raise model_error(cfg_file, what)
+        params = saved_params(cls, meta, cfg_file)
         if device is not None:
             params["device"] = device
         est = cls(**params)
+        check_loaded(est, est._check_params, cfg_file)
         est.var_names_ = pd.Index(meta["var_names"])
-        est.input_index_ = state.pop("_index.inputs").numpy()
-        est.target_index_ = state.pop("_index.targets").numpy()
-        est.group_cluster_ = state.pop("_index.cluster").numpy()
         n_genes = len(est.var_names_)
+        inputs = tensor_entry(state, "_index.inputs", wts_file, shape=(None, None))
+        targets = tensor_entry(state, "_index.targets", wts_file, shape=(len(inputs), None))
+        cluster = tensor_entry(state, "_index.cluster", wts_file, shape=(len(inputs),))
+        clusters = extra.get("clusters", [])
+        if not isinstance(clusters, list) or not all(isinstance(c, str) for c in clusters):
+            raise model_error(cfg_file, "'extra.clusters' must be a list of cluster labels")
+        for key, idx, hi in (
+            ("_index.inputs", inputs, n_genes),
+            ("_index.targets", targets, n_genes),
+            ("_index.cluster", cluster, len(clusters) - 1),
+        ):
+            lo = -1 if key == "_index.cluster" else 0
+            if idx.dtype.kind not in "iu" or (idx.size and not lo <= idx.min() <= idx.max() <= hi):
+                what = f"the {n_genes} genes" if hi == n_genes else f"the {len(clusters)} clusters"
+                raise model_error(wts_file, f"tensor {key!r} points outside {what} of config.json")
+        state = {k: v for k, v in state.items() if not k.startswith("_index.")}
+        est.input_index_ = inputs.astype(np.int64)
+        est.target_index_ = targets.astype(np.int64)
+        est.group_cluster_ = cluster.astype(np.int64)
         est.groups_ = [
             Group(targets=t[t < n_genes], inputs=i[i < n_genes], cluster=int(c))
             for i, t, c in zip(est.input_index_, est.target_index_, est.group_cluster_, strict=True)
         ]
-        extra = meta.get("extra", {})
-        est.clusters_ = list(extra.get("clusters", []))
-        est.history_ = pd.DataFrame(extra.get("history", {}))
+        est.clusters_ = list(clusters)
+        try:
+            est.history_ = pd.DataFrame(extra.get("history", {}))
+        except (ValueError, TypeError) as e:
+            raise model_error(cfg_file, f"'extra.history' is not a table ({e})") from None
+        est.posterior_seed_ = saved_seed(extra, est.rng, cfg_file)
         est.device_ = resolve_device(est.device)
         est.module_ = est._make_module(0)
-        est.module_.load_state_dict(state)
+        load_state(est.module_, state, wts_file)
         est.module_.eval()
         est._fit_key = None
         est.dropout_prob_, est.labels_ = None, None

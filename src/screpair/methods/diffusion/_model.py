@@ -173,12 +173,21 @@ class DiffusionImputer(PairImputer):
             raise ValueError(msg)
         return int(self.n_samples)
 
-    def _sample(self, module, c, n_samples: int, generator):
-        """DDIM reverse process from pure noise, ``n_samples`` per cell: the samples ``(S, B, G)``
-        and the point estimate ``(B, G)`` (``None`` for ``mean="samples"``)."""
+    def _check_mean(self) -> None:
         if self.mean not in ("denoiser", "samples"):
             msg = f"mean must be 'denoiser' or 'samples', got {self.mean!r}."
             raise ValueError(msg)
+
+    def _check_params(self) -> None:
+        super()._check_params()
+        self._n_samples()
+        self._check_mean()
+        self._schedule().timesteps(int(self.n_inference_steps))  # schedule and step count
+
+    def _sample(self, module, c, n_samples: int, generator):
+        """DDIM reverse process from pure noise, ``n_samples`` per cell: the samples ``(S, B, G)``
+        and the point estimate ``(B, G)`` (``None`` for ``mean="samples"``)."""
+        self._check_mean()
         torch = import_torch()
         sched = self._schedule()
         b, g = c.shape

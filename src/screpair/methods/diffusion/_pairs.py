@@ -23,7 +23,6 @@ Subclasses implement the network, the loss for a batch of pairs, and the predict
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +47,19 @@ from .._base import BaseImputer, Posterior
 from .._torch import (
     LossOutput,
     TrainConfig,
-    config_dict,
+    check_loaded,
+    fit_seed,
     import_torch,
+    json_config,
     load_model,
+    load_state,
+    model_error,
     resolve_device,
     save_model,
+    saved_params,
+    saved_seed,
     split_cells,
+    tensor_entry,
     train_loop,
 )
 
@@ -118,11 +124,16 @@ def to_counts(log_values: np.ndarray, lib: np.ndarray) -> np.ndarray:
     return np.maximum(np.expm1(log_values), 0.0) * (lib[:, None] / TARGET_SUM)
 
 
-def _draw(rng: np.random.Generator, bounds, n: int, name: str) -> np.ndarray:
+def _check_range(bounds, name: str) -> tuple[float, float]:
     lo, hi = (float(b) for b in bounds)
     if not 0 <= lo <= hi:
         msg = f"{name} range must satisfy 0 <= low <= high, got {tuple(bounds)}."
         raise ValueError(msg)
+    return lo, hi
+
+
+def _draw(rng: np.random.Generator, bounds, n: int, name: str) -> np.ndarray:
+    lo, hi = _check_range(bounds, name)
     return rng.uniform(lo, hi, size=n)
 
 
@@ -239,6 +250,21 @@ class PairImputer(BaseImputer):
     def _module_cfg(self):
         return self._config("module")
 
+    def _check_params(self) -> None:
+        """The parameter checks of ``fit`` (also run by :meth:`load` on the saved ones)."""
+        for name in self._configs:
+            self._config(name)
+        pcfg = self._pairs_cfg()
+        if int(pcfg.n_top_genes) < 1:
+            msg = f"n_top_genes must be positive, got {pcfg.n_top_genes}."
+            raise ValueError(msg)
+        n_views(pcfg, MANY_CELLS)  # an explicit view count must be >= 1
+        for name in ("bias_3p", "dropout_rate", "noise_sd"):
+            _check_range(getattr(pcfg, name), name)
+        if not float(pcfg.zero_threshold) >= 0:
+            msg = f"zero_threshold must be >= 0, got {pcfg.zero_threshold!r}."
+            raise ValueError(msg)
+
     def _standardize(self, v: np.ndarray) -> np.ndarray:
         return ((v - self.gene_mean_) / self.gene_scale_).astype(np.float32)
 
@@ -266,20 +292,19 @@ class PairImputer(BaseImputer):
         Returns
         -------
         The fitted estimator, with ``var_names_``, ``hvg_`` (bool mask over genes),
-        ``gene_mean_``/``gene_scale_`` (standardization of the log values), ``module_`` and
-        ``history_`` (one row per epoch).
+        ``gene_mean_``/``gene_scale_`` (standardization of the log values), ``module_``,
+        ``history_`` (one row per epoch) and ``posterior_seed_`` (the integer seed of the repair
+        noise: ``rng`` itself when it is an int, else one draw from it).
         """
         from ... import pp
 
         torch = import_torch()
+        self._check_params()
         pcfg, tcfg = self._pairs_cfg(), self._train_cfg()
         rng = as_rng(self.rng)
         x = get_counts(data, layer)
         names = var_names(data)
         n_top = int(pcfg.n_top_genes)
-        if n_top < 1:
-            msg = f"n_top_genes must be positive, got {n_top}."
-            raise ValueError(msg)
         if x.shape[1] <= n_top:
             hvg = np.ones(x.shape[1], dtype=bool)
         else:
@@ -328,6 +353,9 @@ class PairImputer(BaseImputer):
         self.module_ = module.cpu().eval()
         self.history_ = history
         self.device_ = str(device)
+        # every transform starts its noise from this seed: the same output on each call and
+        # after save/load (drawn after training, so an int rng trains exactly as before)
+        self.posterior_seed_ = fit_seed(self.rng)
         return self
 
     def posterior(self, data: Data, *, layer: str | None = None) -> Posterior:
@@ -355,7 +383,7 @@ class PairImputer(BaseImputer):
             raise ValueError(msg)
         device = resolve_device(self._train_cfg().device)
         module = self.module_.to(device)
-        gen = torch.Generator(device=device).manual_seed(torch_seed(as_rng(self.rng)))
+        gen = torch.Generator(device=device).manual_seed(torch_seed(as_rng(self.posterior_seed_)))
         mean = x.toarray() if sp.issparse(x) else np.array(x)
         mean = mean.astype(np.float32)
         var = np.zeros_like(mean) if n_samples > 1 else None
@@ -384,18 +412,15 @@ class PairImputer(BaseImputer):
 
     # ---- persistence ---------------------------------------------------------------------------
     def _params_json(self) -> dict[str, Any]:
-        out = {}
-        for k, v in self.get_params(deep=False).items():
-            if dataclasses.is_dataclass(v):
-                out[k] = config_dict(v)
-            elif k == "rng":
-                out[k] = v if isinstance(v, int) else None
-            else:
-                out[k] = v
-        return out
+        params = self.get_params(deep=False)
+        if not isinstance(params["rng"], (int, np.integer)):
+            params["rng"] = None  # posterior_seed_ carries the fitted model's randomness
+        return json_config(params)
 
     def save(self, path: str | Path) -> None:
-        """Write ``config.json`` (parameters, version, var_names) and ``weights.pt`` into ``path``."""
+        """Write ``config.json`` (parameters, version, var_names, seed) and ``weights.pt`` into
+        directory ``path``, atomically (:func:`screpair.methods._torch.save_model`); the loaded
+        model's output is bit-identical (on the same device)."""
         torch = import_torch()
         self._check_fitted()
         state = {
@@ -405,7 +430,11 @@ class PairImputer(BaseImputer):
             "gene_scale": torch.from_numpy(self.gene_scale_),
             "clip": torch.from_numpy(np.asarray(self.clip_, dtype=np.float32)),
         }
-        extra = {"class": type(self).__name__, **self._extra_state()}
+        extra = {
+            "class": type(self).__name__,
+            "posterior_seed": int(self.posterior_seed_),
+            **self._extra_state(),
+        }
         save_model(
             path,
             config=self._params_json(),
@@ -416,29 +445,31 @@ class PairImputer(BaseImputer):
 
     @classmethod
     def load(cls, path: str | Path) -> Self:
-        """Load a model written by :meth:`save` (``transform`` then checks the gene names)."""
+        """Load a model written by :meth:`save` (``transform`` then checks the gene names).
+
+        The saved parameters go through the same checks as in ``fit`` (names, types, ranges),
+        the weights are checked against them, and a model saved by a newer screpair is refused:
+        each problem is a one-line ``ValueError`` naming the file.
+        """
         meta, state = load_model(path)
+        cfg_file, wts_file = Path(path) / "config.json", Path(path) / "weights.pt"
         extra = meta.get("extra", {})
         if extra.get("class") != cls.__name__:
-            msg = f"{path} holds a {extra.get('class')!r} model, not a {cls.__name__}."
-            raise ValueError(msg)
-        params = dict(meta["config"])
-        for k, typ in cls._configs.items():
-            if params.get(k) is not None:
-                fields = params[k]
-                params[k] = typ(
-                    **{f: tuple(v) if isinstance(v, list) else v for f, v in fields.items()}
-                )
-        est = cls(**params)
+            what = f"it holds a {extra.get('class')!r} model, not a {cls.__name__}"
+            raise model_error(cfg_file, what)
+        est = cls(**saved_params(cls, meta, cfg_file))
+        check_loaded(est, est._check_params, cfg_file)
         est.var_names_ = pd.Index(meta["var_names"])
-        est.hvg_ = state["hvg"].numpy().astype(bool)
-        est.gene_mean_ = state["gene_mean"].numpy()
-        est.gene_scale_ = state["gene_scale"].numpy()
-        est.clip_ = state["clip"].numpy()
+        est.hvg_ = tensor_entry(state, "hvg", wts_file, shape=(len(est.var_names_),)) != 0
+        n_hvg = int(est.hvg_.sum())
+        est.gene_mean_ = tensor_entry(state, "gene_mean", wts_file, shape=(n_hvg,))
+        est.gene_scale_ = tensor_entry(state, "gene_scale", wts_file, shape=(n_hvg,))
+        est.clip_ = tensor_entry(state, "clip", wts_file, shape=(2, n_hvg))
         est._set_extra_state(extra)
+        est.posterior_seed_ = saved_seed(extra, est.rng, cfg_file)
         torch = import_torch()
         with _seeded_torch(0, torch.device("cpu")):  # the init is overwritten; keep global state
-            est.module_ = est._build_module(int(est.hvg_.sum()))
-        est.module_.load_state_dict(state["module"])
+            est.module_ = est._build_module(n_hvg)
+        load_state(est.module_, state.get("module"), wts_file)
         est.module_.eval()
         return est
