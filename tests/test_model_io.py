@@ -187,6 +187,14 @@ def test_old_none_strings_still_load(saved, tmp_path):
     assert cls.load(d).groupby is None
 
 
+def test_parameter_missing_from_old_model_takes_saved_default(saved, tmp_path, monkeypatch):
+    cls, d = _copy(saved, "cnn", tmp_path)
+    _edit(d, lambda m: m["config"].pop("threshold"))
+    assert cls.load(d).threshold == 0.5  # the __init__ default
+    monkeypatch.setattr(cls, "_saved_defaults", {"threshold": 0.25}, raising=False)
+    assert cls.load(d).threshold == 0.25  # the value older models were fitted with
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_unknown_key_refused(saved, name, tmp_path):
     cls, d = _copy(saved, name, tmp_path)

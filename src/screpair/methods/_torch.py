@@ -609,9 +609,15 @@ def coerce_params(target, params: dict, *, prefix: str = ""):
 
 def saved_params(cls, meta: dict, file) -> dict:
     """The keyword arguments of ``cls`` saved in ``meta["config"]`` (see :func:`coerce_params`),
-    with one-line errors naming ``file``."""
+    with one-line errors naming ``file``.
+
+    A parameter missing from the config (the model was saved before it existed) takes its value
+    from ``cls._saved_defaults`` when listed there, so that a new default that changes results
+    does not change an old model's output; otherwise the ``__init__`` default.
+    """
+    config = {**getattr(cls, "_saved_defaults", {}), **meta["config"]}
     try:
-        return coerce_params(cls, meta["config"])
+        return coerce_params(cls, config)
     except (ValueError, TypeError) as e:
         raise model_error(file, str(e)) from None
 
