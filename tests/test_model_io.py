@@ -4,6 +4,7 @@ load, one-line load errors naming the file, atomic save."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -299,6 +300,22 @@ def test_interrupted_save_keeps_old_model(saved, tmp_path, monkeypatch):
     assert (d / "weights.pt").read_bytes() == old_weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dae"]  # no temporary left
     DAEImputer.load(d)
+    # interrupted between moving the old model aside and moving the new one in
+    real_replace, calls = os.replace, []
+
+    def replace_once(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_once)
+    with pytest.raises(KeyboardInterrupt):
+        other.save(d)
+    monkeypatch.undo()
+    assert (d / "config.json").read_bytes() == old_config
+    assert (d / "weights.pt").read_bytes() == old_weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dae"]
 
 
 def test_save_replaces_model_and_follows_symlink(saved, ref_and_degraded, tmp_path):

@@ -348,13 +348,10 @@ def save_model(
             os.fsync(f.fileno())
         if target.exists() and any(target.iterdir()):
             os.replace(target, old)  # a non-empty directory cannot be renamed over
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            if old.exists() and not target.exists():
-                os.replace(old, target)  # put the old model back
-            raise
+        os.replace(tmp, target)
     except BaseException:
+        if old.exists() and not target.exists():
+            os.replace(old, target)  # interrupted between the two renames: the old model back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
@@ -405,7 +402,8 @@ def load_model(path: str | os.PathLike, device="cpu") -> tuple[dict, dict]:
     version = meta.get("version")
     if not isinstance(version, str) or _release(version) is None:
         raise model_error(cfg, f"'version' must be a screpair version string, got {version!r}")
-    if fmt > MODEL_FORMAT or _newer(_release(version), _release(__version__)):
+    running = _release(__version__)
+    if fmt > MODEL_FORMAT or (running is not None and _newer(_release(version), running)):
         raise model_error(
             cfg,
             f"saved by screpair {version} (model format {fmt}), newer than this screpair "
