@@ -59,8 +59,14 @@ def test_choose_k_finds_planted_rank():
 
 
 def test_choose_k_small_input():
-    with pytest.raises(ValueError, match="at least 7"):
+    """Too small an input says so, with the size needed (was: 'noise_start (4) must be <= max_k
+    - 5 (1)' on a 7 x 7 input)."""
+    with pytest.raises(ValueError, match="too small for ALRA: it has 5 cells x 20 genes.*at least 26"):
         choose_k(np.ones((5, 20)))
+    with pytest.raises(ValueError, match="too small for ALRA: it has 7 cells x 7 genes.*at least 26"):
+        choose_k(np.ones((7, 7)))
+    with pytest.raises(ValueError, match="at least 9 of each"):
+        choose_k(np.ones((8, 30)), noise_start=3)
 
 
 def test_alra_core_completes_low_rank():

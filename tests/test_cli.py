@@ -52,7 +52,8 @@ def test_config_file_and_seed(tmp_path, h5ad_path):
     assert anndata.read_h5ad(out).uns["knn"]["params"]["k"] == 5
     toml = tmp_path / "cfg.toml"
     toml.write_text("k = 4\n")
-    assert main(["impute", str(h5ad_path), str(out), "--method", "knn", "--config", str(toml), "-q"]) == 0
+    assert main(["impute", str(h5ad_path), str(out), "--method", "knn", "--config", str(toml),
+                 "--overwrite", "-q"]) == 0
     assert anndata.read_h5ad(out).uns["knn"]["params"]["k"] == 4
 
 
@@ -110,6 +111,9 @@ def test_existing_output_untouched_on_error(tmp_path, h5ad_path, capsys):
     out = tmp_path / "o.h5ad"
     out.write_bytes(b"previous")
     code = main(["impute", str(h5ad_path), str(out), "--method", "knn", "--config", str(tmp_path / "missing.json")])
+    _one_line_error(capsys, code, "already exists", "--overwrite")
+    code = main(["impute", str(h5ad_path), str(out), "--method", "knn", "--overwrite",
+                 "--config", str(tmp_path / "missing.json")])
     _one_line_error(capsys, code, "config file not found")
     assert out.read_bytes() == b"previous"
 

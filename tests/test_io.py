@@ -409,10 +409,14 @@ def test_orientation_corner_label_decides(tmp_path, caplog, corner, genes_in_row
 def test_orientation_unsure_defaults_to_genes_in_rows(tmp_path, caplog):
     rows, cols = [f"r{i}x" for i in range(4)], [f"q{i}y" for i in range(3)]
     values = np.arange(12).reshape(4, 3)
-    with caplog.at_level(logging.INFO, logger="screpair"):
+    with (
+        caplog.at_level(logging.INFO, logger="screpair"),
+        pytest.warns(UserWarning, match="do not tell .*transpose=False") as rec,
+    ):
         back = read(write_table(tmp_path / "u.csv", rows, cols, values))
     assert list(back.var_names) == rows and list(back.obs_names) == cols
     assert "do not tell" in caplog.text and "transpose=" in caplog.text
+    assert len(rec) == 1  # one warning, also in the Python API (not only a CLI log line)
 
 
 @pytest.mark.parametrize("transpose", [False, True])
@@ -690,7 +694,7 @@ def test_read_h5ad_malformed(tmp_path):
     with h5py.File(tmp_path / "half.h5ad", "w") as f:  # looks like AnnData, but is not
         f.create_group("obs")
         f.create_group("var")
-    with pytest.raises(ValueError, match="has no X matrix") as e:
+    with pytest.raises(ValueError, match="has no count matrix") as e:
         read(tmp_path / "half.h5ad")
     _one_line(e)
 

@@ -559,9 +559,14 @@ def test_cli_simulate_and_degrade(tmp_path, capsys):
     )
     assert _same_csr(deg.layers["counts"], ref_deg.layers["counts"])
     assert "degraded" in capsys.readouterr().out
-    rc = main(["degrade", str(out), str(deg_path), "--bias-3p", "1,2,3", "-q"])
+    rc = main(["degrade", str(out), str(deg_path), "--bias-3p", "1,2,3", "--overwrite", "-q"])
     assert rc == 2
     assert "LOW,HIGH" in capsys.readouterr().err
+    before = deg_path.read_bytes()
+    rc = main(["degrade", str(out), str(deg_path), "--dropout-rate", "1.5", "--overwrite", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--dropout-rate must be in [0, 1], got 1.5" in err and len(err) < 200
+    assert deg_path.read_bytes() == before
 
 
 def test_splat_like_alias():

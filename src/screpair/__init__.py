@@ -12,10 +12,12 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .methods import available_methods, get_method, impute  # noqa: E402
-
-# public name -> (module, attribute or None for the module itself)
+# public name -> (module, attribute or None for the module itself); nothing heavy (anndata,
+# scikit-learn, torch) is imported until a name is used, so the CLI starts fast
 _LAZY: dict[str, tuple[str, str | None]] = {
+    "available_methods": ("screpair.methods._registry", "available_methods"),
+    "get_method": ("screpair.methods._registry", "get_method"),
+    "impute": ("screpair.methods._api", "impute"),
     "read": ("screpair.io", "read"),
     "write": ("screpair.io", "write"),
     "io": ("screpair.io", None),
@@ -29,7 +31,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "saver_sample": ("screpair.methods.saver", "saver_sample"),
 }
 
-__all__ = ["__version__", "available_methods", "get_method", "impute", *_LAZY]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

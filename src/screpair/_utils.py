@@ -6,8 +6,8 @@ messages live in one place.
 
 from __future__ import annotations
 
+import os
 import warnings
-from collections.abc import Iterator
 
 import numpy as np
 import pandas as pd
@@ -46,22 +46,88 @@ def prepare_adata(adata: AnnData, copy: bool, fn: str) -> AnnData:
     return adata
 
 
+#: ``layer=`` value that reads ``adata.raw.X`` (when no layer of that name exists)
+RAW_LAYER = "raw"
+#: environment variable that turns off the "looks normalized" check (integers are still required)
+TRUST_COUNTS_ENV = "SCREPAIR_TRUST_COUNTS"
+
+
 def _layer_matrix(data: Data, layer: str | None):
     if isinstance(data, AnnData):
         if layer is None:
             if data.X is None:
-                msg = "adata.X is empty (None); pass the layer that holds the counts with `layer=`."
+                hint = _count_slots_hint(data)
+                msg = f"adata.X is empty (None); pass the layer that holds the counts with `layer=`{hint}."
                 raise ValueError(msg)
             return data.X
         if layer not in data.layers:
+            if layer == RAW_LAYER and data.raw is not None:
+                return _raw_matrix(data)
             avail = ", ".join(map(repr, data.layers.keys())) or "none"
-            msg = f"layer {layer!r} not found in adata.layers (available: {avail})."
+            raw = "; 'raw' reads adata.raw.X" if data.raw is not None else ""
+            msg = f"layer {layer!r} not found in adata.layers (available: {avail}{raw})."
             raise KeyError(msg)
         return data.layers[layer]
     if layer is not None:
         msg = "`layer=` can only be used with an AnnData input."
         raise TypeError(msg)
     return data
+
+
+def _count_slots_hint(adata: AnnData) -> str:
+    options = [repr(k) for k in adata.layers.keys()]
+    if adata.raw is not None:
+        options.append(f"{RAW_LAYER!r} (adata.raw.X)")
+    return f" (available: {', '.join(options)})" if options else ""
+
+
+def _raw_matrix(adata: AnnData):
+    """``adata.raw.X`` when ``raw`` has exactly the genes of ``X`` (outputs must align with ``X``)."""
+    raw = adata.raw
+    if raw.n_vars != adata.n_vars or not np.array_equal(
+        np.asarray(raw.var_names), np.asarray(adata.var_names)
+    ):
+        msg = (
+            f"adata.raw holds {raw.n_vars} genes but X holds {adata.n_vars} (or in another order); "
+            "output layers must align with X. Use the raw counts as the main matrix: "
+            "`adata = adata.raw.to_adata()`."
+        )
+        raise ValueError(msg)
+    return raw.X
+
+
+def check_layer_name(key: str, what: str = "key_added") -> None:
+    """Raise unless ``key`` can name an h5ad/zarr element (a non-empty string without ``/``)."""
+    if not isinstance(key, str) or not key.strip():
+        msg = f"{what} must be a non-empty string, got {key!r}."
+        raise ValueError(msg)
+    if "/" in key:
+        msg = f"{what}={key!r} contains '/', which h5ad and zarr files do not allow in names."
+        raise ValueError(msg)
+
+
+def check_output_keys(
+    adata: AnnData, keys: list[str], *, layer: str | None, overwrite: bool, what: str = "key_added"
+) -> None:
+    """Refuse output layer names that would replace the input counts or an existing layer.
+
+    ``keys`` are the layers a function is about to write. With ``overwrite=True`` existing layers
+    may be replaced, but never the layer the counts are read from.
+    """
+    for key in keys:
+        check_layer_name(key, what)
+        if layer is not None and key == layer:
+            msg = (
+                f"{what}={key!r} would overwrite the input counts in layers[{layer!r}]; "
+                "choose another name."
+            )
+            raise ValueError(msg)
+        if key in adata.layers and not overwrite:
+            msg = (
+                f"layers[{key!r}] already exists and would be replaced; choose another {what} "
+                "or pass overwrite=True (CLI: --overwrite)."
+            )
+            raise ValueError(msg)
 
 
 def _values(x) -> np.ndarray:
@@ -106,7 +172,7 @@ def get_counts(
         x = x.to_memory()
     if sp.issparse(x):
         x = sp.csr_matrix(x, dtype=dtype, copy=True)
-        x.sum_duplicates()
+        _check_canonical(x, layer)
     else:
         try:
             x = np.array(x, dtype=dtype, order="C", copy=True)
@@ -142,6 +208,16 @@ def get_counts(
     if not np.any(vals):
         msg = f"{where} is all zeros; there is nothing to impute."
         raise ValueError(msg)
+    if require_integer and os.environ.get(TRUST_COUNTS_ENV, "") in ("", "0"):
+        reason = looks_normalized(x)
+        if reason is not None:
+            msg = (
+                f"{where} holds integers but does not look like raw counts: {reason}. The data "
+                "look normalized and rounded: pass the raw counts (e.g. `layer='counts'` or "
+                f"`layer='raw'`). If these are raw counts, set {TRUST_COUNTS_ENV}=1 "
+                "(CLI: --trust-counts) to skip this check."
+            )
+            raise ValueError(msg)
     if warn_empty:
         n_cells = int((np.asarray(_row_nnz(x)) == 0).sum())
         n_genes = int((np.asarray(_col_nnz(x)) == 0).sum())
@@ -153,6 +229,89 @@ def get_counts(
                 stacklevel=2,
             )
     return x
+
+
+def _check_canonical(x: sp.csr_matrix, layer: str | None) -> None:
+    """Refuse duplicate entries (damaged files); sort unsorted indices in place (a copy)."""
+    if x.has_canonical_format:
+        return
+    summed = x.copy()
+    summed.sum_duplicates()
+    dup = x.nnz - summed.nnz
+    if dup:
+        where = f"layer {layer!r}" if layer is not None else "the count matrix"
+        msg = (
+            f"{where} stores {dup} entr{'y' if dup == 1 else 'ies'} twice (the same cell and gene), "
+            "which a valid sparse matrix does not; the file may be damaged. If summing the "
+            "duplicates is right, call `X.sum_duplicates()` first."
+        )
+        raise ValueError(msg)
+    x.sort_indices()
+
+
+#: cells needed before the "looks normalized" signatures are judged
+_MIN_CELLS_SIGNATURE = 20
+
+
+def looks_normalized(x) -> str | None:
+    """A reason why integer data look like rounded normalized values, or ``None``.
+
+    Signatures (judged from 20 cells on; raw counts of every dataset in ``../shared/data``, the
+    demo data and Splat simulations pass with a wide margin):
+
+    - near-constant library sizes, the mark of counts scaled to a fixed total and rounded: a
+      coefficient of variation below 0.01, or below 0.05 with the median within 5% of a power of
+      ten from 1,000 on (CP10k, CPM), or a variance below a quarter of the mean (raw counts vary at
+      least as much as Poisson counts, whose variance equals the mean); raw data: 0.19-2.5.
+      Poisson noise alone gives ``1 / sqrt(library size)``, so simulations without size factors
+      can come close;
+    - in at least half of the cells the smallest non-zero value is above 1 (raw data: at most
+      0.5% of cells), as when a single molecule becomes 2 or more after scaling;
+    - every value at most 10 although cells detect 100 genes on average, as for rounded
+      log-transformed data.
+    """
+    n_cells = x.shape[0]
+    if n_cells < _MIN_CELLS_SIGNATURE:
+        return None
+    lib = library_size(x)
+    lib = lib[lib > 0]
+    if lib.size >= _MIN_CELLS_SIGNATURE:
+        cv, median = float(lib.std() / lib.mean()), float(np.median(lib))
+        decade = 10 ** np.round(np.log10(median)) if median > 0 else 0.0
+        at_target = decade >= 1e3 and abs(median / decade - 1) < 0.05
+        sub_poisson = float(lib.var()) < 0.25 * float(lib.mean())
+        if cv < 0.01 or (cv < 0.05 and at_target) or sub_poisson:
+            return (
+                f"library sizes are nearly constant (median {median:.0f}, coefficient of "
+                f"variation {cv:.3f}; raw counts vary far more)"
+            )
+    if sp.issparse(x):
+        x = sp.csr_matrix(x)
+        has = np.diff(x.indptr) > 0
+        data = np.where(x.data > 0, x.data, np.inf)
+        mins = np.minimum.reduceat(data, x.indptr[:-1][has]) if has.any() else np.array([])
+        nnz = x.nnz
+        vmax = float(x.data.max()) if nnz else 0.0
+    else:
+        arr = np.asarray(x)
+        pos = np.where(arr > 0, arr, np.inf)
+        mins = pos.min(axis=1)
+        mins = mins[np.isfinite(mins)]
+        nnz = int(np.count_nonzero(arr))
+        vmax = float(arr.max())
+    if mins.size >= _MIN_CELLS_SIGNATURE and nnz / n_cells >= 100:
+        frac = float(np.mean(mins > 1))
+        if frac >= 0.5:
+            return (
+                f"in {frac:.0%} of cells the smallest non-zero value is above 1 (raw counts have "
+                "counts of 1 in nearly every cell)"
+            )
+    if vmax <= 10 and nnz / n_cells >= 100:
+        return (
+            f"no value exceeds {vmax:g} although cells detect {nnz / n_cells:.0f} genes on "
+            "average (raw counts reach higher values; log-transformed data do not)"
+        )
+    return None
 
 
 def _row_nnz(x) -> np.ndarray:
@@ -218,15 +377,6 @@ def check_var_names(expected: pd.Index, data: Data) -> None:
 def library_size(x) -> np.ndarray:
     """Total counts per cell (row sums) as a 1-D float array."""
     return np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
-
-
-def iter_row_batches(x, batch_size: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield ``(start, stop, dense_block)`` over rows, densifying one batch at a time."""
-    n = x.shape[0]
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        block = x[start:stop]
-        yield start, stop, (block.toarray() if sp.issparse(block) else np.asarray(block))
 
 
 def to_dense(x) -> np.ndarray:

@@ -1,28 +1,133 @@
 """Command-line interface: ``screpair <command> ...``.
 
 Each command has a parser builder ``_add_<cmd>(sub)`` and a handler ``_cmd_<cmd>(args) -> int``,
-both listed in ``_COMMANDS``. Heavy imports happen inside handlers, after parsing. Errors are printed
-as one line on stderr with exit code 2 (``--debug`` shows the traceback).
+both listed in ``_COMMANDS``. Heavy imports happen inside handlers, after parsing, so ``--help``
+and argument errors are instant. Everything that can be checked without the data (output path,
+names, method, parameters, seed) is checked before the input is read. Errors and warnings are
+printed as one line on stderr; errors exit with code 2 (``--debug`` shows the traceback), Ctrl-C
+with 130 and SIGTERM with 143, leaving the old output file or none.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
 
 EXIT_ERROR = 2
+EXIT_FAILED_JOBS = 1
+EXIT_INTERRUPT = 130
+EXIT_TERMINATED = 143
+MAX_SEED = 2**32 - 1
+_TEXT_EXT = (".csv", ".tsv", ".txt")
 
 
 class CLIError(Exception):
     """An error with a message meant for the user."""
 
 
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler (a BaseException, like KeyboardInterrupt)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``screpair: error: ...``, exit 2), no usage dump."""
+
+    def error(self, message: str):
+        prog = self.prog
+        print(f"screpair: error: {prog.removeprefix('screpair ')}: {message} "
+              f"(see '{prog} --help')", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR)
+
+
 # --------------------------------------------------------------------------- helpers
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        msg = f"must be an integer from 0 to {MAX_SEED}, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file (also the input itself) and existing "
+                        "layers of the output's name; the input layer is never replaced")
+
+
+def _trust(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trust-counts", action="store_true",
+                   help="skip the check that integer input looks like raw counts rather than "
+                        "rounded normalized values (integers are still required)")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_output(path: str, *, inputs: Sequence[str] = (), overwrite: bool = False,
+                  h5ad_only: bool = False) -> Path:
+    """Check an output path before any work: extension, directory, not the input, not existing."""
+    out = Path(path).expanduser()
+    name = out.name.lower()
+    base = name[:-3] if name.endswith(".gz") else name
+    text_ok = not h5ad_only and Path(base).suffix in _TEXT_EXT
+    if not (name.endswith(".h5ad") or text_ok):
+        kinds = ".h5ad" if h5ad_only else ".h5ad, or .csv/.tsv/.txt (optionally .gz)"
+        msg = f"output '{path}' has an unknown extension; use {kinds}."
+        raise CLIError(msg)
+    if out.is_dir():
+        msg = f"output '{path}' is a directory; give a file name such as '{out / 'out.h5ad'}'."
+        raise CLIError(msg)
+    parent = Path(os.path.realpath(out)).parent
+    if not parent.is_dir():
+        msg = f"cannot write '{path}': directory '{parent}' does not exist."
+        raise CLIError(msg)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        msg = f"cannot write '{path}': directory '{parent}' is not writable."
+        raise CLIError(msg)
+    for inp in inputs:
+        if out.exists() and _same_file(Path(inp).expanduser(), out):
+            if not overwrite:
+                msg = (
+                    f"output '{path}' is the input file; it would be replaced. Write to another "
+                    "file, or pass --overwrite (written to a temporary file, then renamed)."
+                )
+                raise CLIError(msg)
+            return out
+    if out.exists() and not overwrite:
+        msg = f"output '{path}' already exists; pass --overwrite to replace it."
+        raise CLIError(msg)
+    return out
+
+
+def _check_name(value: str | None, flag: str) -> None:
+    if value is not None and (not value.strip() or "/" in value):
+        msg = f"{flag} {value!r} is not a valid name: h5ad and zarr names must be non-empty, without '/'."
+        raise CLIError(msg)
+
+
+def _set_trust(args) -> None:
+    if getattr(args, "trust_counts", False):
+        from ._utils import TRUST_COUNTS_ENV
+
+        os.environ[TRUST_COUNTS_ENV] = "1"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -77,20 +182,31 @@ def _add_impute(sub) -> None:
     p.add_argument("--method", default="alra", help=f"one of: {', '.join(available_methods())}")
     p.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
     p.add_argument("--key-added", default=None, help="name of the output layer (default: method)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed")
     p.add_argument("--config", default=None, help="JSON/TOML file of method parameters")
     p.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None,
                    help="text input: cells in rows (--transpose) or genes in rows (--no-transpose); default: auto")
+    _overwrite(p)
+    _trust(p)
     _common(p)
 
 
 def _cmd_impute(args) -> int:
-    import screpair
+    from .methods._registry import get_method
 
+    _check_name(args.layer, "--layer")
+    _check_name(args.key_added, "--key-added")
+    _check_output(args.output, inputs=[args.input], overwrite=args.overwrite)
+    get_method(args.method)  # an unknown name fails here, before any heavy import
     params = _load_config(args.config)
+    import screpair
+    from .methods import make_estimator
+
+    est = make_estimator(args.method, rng=args.seed, **params)
+    _set_trust(args)
     adata = screpair.read(args.input, transpose=args.transpose)
-    screpair.impute(adata, method=args.method, layer=args.layer, key_added=args.key_added,
-                    rng=args.seed, **params)
+    screpair.impute(adata, est, layer=args.layer, key_added=args.key_added,
+                    overwrite=args.overwrite)
     key = args.key_added or args.method
     _write_result(adata, args.output, key)
     print(f"imputed with {args.method!r}: {_summary_line(adata, key)} -> {args.output} "
@@ -112,8 +228,9 @@ def _write_result(adata, path: str, key: str) -> None:
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="describe a count file: shape, sparsity, count check, labels")
     p.add_argument("input")
-    p.add_argument("--layer", default=None)
+    p.add_argument("--layer", default=None, help="layer to check ('raw': adata.raw.X; default: X)")
     p.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None)
+    _trust(p)
     _common(p)
 
 
@@ -126,8 +243,10 @@ def _cmd_info(args) -> int:
 
     from ._utils import _layer_matrix, get_counts, library_size
 
+    _set_trust(args)
     adata = screpair.read(args.input, transpose=args.transpose)
-    print(f"{args.input}: {_summary_line(adata) if args.layer is None else adata.shape}")
+    shown = args.layer is None and adata.X is not None
+    print(f"{args.input}: {_summary_line(adata) if shown else adata.shape}")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -159,11 +278,17 @@ def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the default method on the bundled demo data")
     p.add_argument("output", nargs="?", default=None, help="optional .h5ad output path")
     p.add_argument("--method", default="alra")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
+    _overwrite(p)
     _common(p)
 
 
 def _cmd_demo(args) -> int:
+    from .methods._registry import get_method
+
+    if args.output:
+        _check_output(args.output, overwrite=args.overwrite, h5ad_only=True)
+    get_method(args.method)
     import numpy as np
 
     import screpair
@@ -213,7 +338,8 @@ def _add_simulate(sub) -> None:
     p.add_argument("--lib-loc", type=float, default=None, help="log-normal library size meanlog")
     p.add_argument("--dropout-mid", type=float, default=None, help="logistic dropout midpoint")
     p.add_argument("--dropout-shape", type=float, default=None, help="logistic dropout shape")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed")
+    _overwrite(p)
     _common(p)
 
 
@@ -232,6 +358,7 @@ def _cmd_simulate(args) -> int:
 
     from . import simulate
 
+    _check_output(args.output, overwrite=args.overwrite)
     start = time.perf_counter()
     group_prob = None if args.group_prob is None else _floats(args.group_prob, "--group-prob")
     sim = simulate.splat(args.n_obs, args.n_vars, preset=args.preset, group_prob=group_prob,
@@ -263,9 +390,11 @@ def _add_degrade(sub) -> None:
     p.add_argument("--rounding", choices=["stochastic", "nearest", "none"], default="stochastic",
                    help="how degraded values become counts")
     p.add_argument("--layer", default=None, help="layer holding the clean counts (default: X)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed")
     p.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None,
                    help="text input: cells in rows (--transpose) or genes in rows (--no-transpose); default: auto")
+    _overwrite(p)
+    _trust(p)
     _common(p)
 
 
@@ -279,17 +408,33 @@ def _cell_param(text: str, flag: str) -> float | tuple[float, float]:
     raise CLIError(msg)
 
 
+def _check_damage(damage: dict) -> None:
+    highs = {"dropout_rate": 1.0}
+    for name, value in damage.items():
+        flag = "--" + name.replace("_", "-").replace("-3p", "-3p")
+        values = value if isinstance(value, tuple) else (value,)
+        high = highs.get(name, float("inf"))
+        if any(not (0.0 <= v <= high) for v in values):
+            bounds = f"in [0, {high:g}]" if high < float("inf") else ">= 0"
+            msg = f"{flag} must be {bounds}, got {','.join(f'{v:g}' for v in values)}."
+            raise CLIError(msg)
+
+
 def _cmd_degrade(args) -> int:
     import screpair
 
     from . import simulate
 
+    _check_name(args.layer, "--layer")
+    _check_output(args.output, inputs=[args.input], overwrite=args.overwrite)
+    damage = {"bias_3p": _cell_param(args.bias_3p, "--bias-3p"),
+              "dropout_rate": _cell_param(args.dropout_rate, "--dropout-rate"),
+              "noise_sd": _cell_param(args.noise_sd, "--noise-sd")}
+    _check_damage(damage)
+    _set_trust(args)
     adata = screpair.read(args.input, transpose=args.transpose)
-    deg = simulate.degrade(adata, layer=args.layer,
-                           bias_3p=_cell_param(args.bias_3p, "--bias-3p"),
-                           dropout_rate=_cell_param(args.dropout_rate, "--dropout-rate"),
-                           noise_sd=_cell_param(args.noise_sd, "--noise-sd"),
-                           gene_length=args.gene_length, rounding=args.rounding, rng=args.seed)
+    deg = simulate.degrade(adata, layer=args.layer, **damage, gene_length=args.gene_length,
+                           rounding=args.rounding, rng=args.seed)
     screpair.write(deg, args.output)
     clean, damaged = deg.layers["true_counts"].sum(), deg.layers["counts"].sum()
     print(f"degraded (seed {args.seed}): {_summary_line(deg)}; {damaged / max(clean, 1):.1%} of the "
@@ -327,12 +472,30 @@ def _names(text: str, flag: str) -> list[str]:
     return vals
 
 
+_BENCHMARK_KEYS = ("method_params", "protocol_params")
+
+
 def _cmd_benchmark(args) -> int:
     import shlex
 
     from .evaluate import run_benchmark
 
     cfg = _load_config(args.config)
+    unknown = sorted(set(cfg) - set(_BENCHMARK_KEYS))
+    if unknown:
+        msg = (f"config file {args.config}: unknown key(s) {unknown}; accepted: "
+               f"{', '.join(_BENCHMARK_KEYS)}.")
+        raise CLIError(msg)
+    for key in _BENCHMARK_KEYS:
+        value = cfg.get(key, {})
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            msg = (f"config file {args.config}: {key!r} must map names to tables of parameters, "
+                   f'e.g. {{"{key}": {{"knn": {{"k": 10}}}}}}.')
+            raise CLIError(msg)
+    for path in _names(args.data, "--data"):
+        if not Path(path).expanduser().exists():
+            msg = f"--data: no such file: '{path}'"
+            raise CLIError(msg)
     method_params = {k: dict(v) for k, v in cfg.get("method_params", {}).items()}
     protocol_params = {k: dict(v) for k, v in cfg.get("protocol_params", {}).items()}
     if args.scvi_max_epochs is not None:
@@ -342,9 +505,9 @@ def _cmd_benchmark(args) -> int:
         for proto in protocols:
             protocol_params.setdefault(proto, {})["label_key"] = args.label_key
     try:
-        seeds = [int(v) for v in _names(args.seeds, "--seeds")]
-    except ValueError:
-        msg = f"--seeds takes integers separated by commas, got {args.seeds!r}."
+        seeds = [_seed(v) for v in _names(args.seeds, "--seeds")]
+    except argparse.ArgumentTypeError:
+        msg = f"--seeds takes integers from 0 to {MAX_SEED} separated by commas, got {args.seeds!r}."
         raise CLIError(msg) from None
     parts = ["screpair", "benchmark", "--data", args.data, "--methods", args.methods,
              "--protocol", args.protocol, "--seeds", args.seeds, "--out", args.out]
@@ -360,9 +523,14 @@ def _cmd_benchmark(args) -> int:
     n_ok = int((res.groupby(["dataset", "protocol", "method", "seed"])["status"].first() == "ok").sum())
     n_jobs = res.groupby(["dataset", "protocol", "method", "seed"]).ngroups
     print(f"benchmark: {n_ok}/{n_jobs} jobs ok -> {args.out}/results.csv, summary.md")
-    for _, r in res[res["status"] != "ok"].iterrows():
+    failed = res[res["status"] != "ok"].drop_duplicates(["dataset", "protocol", "method", "seed"])
+    for _, r in failed.iterrows():
         print(f"  {r['status']}: {r['dataset']}/{r['protocol']}/{r['method']}/seed {r['seed']}: "
               f"{r['error']}")
+    if n_ok < n_jobs:
+        print(f"screpair: error: {n_jobs - n_ok} of {n_jobs} benchmark jobs failed (listed above; "
+              "results of the others are written)", file=sys.stderr)
+        return EXIT_FAILED_JOBS
     return 0
 
 
@@ -372,27 +540,38 @@ def _cmd_benchmark(args) -> int:
 def _add_dropout(sub) -> None:
     p = sub.add_parser("dropout", help="dropout probability of every zero (cnnImpute/scImpute)")
     p.add_argument("input", help="input counts: .h5ad, 10x directory or .h5, .csv/.tsv")
-    p.add_argument("output", help="output .h5ad (adds layers['dropout_prob'] and the fitted parameters)")
+    p.add_argument("output", help="output .h5ad (adds layers['dropout_prob'] and the fitted "
+                                  "parameters; .csv/.tsv writes the probability layer)")
     p.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
     p.add_argument("--groupby", default=None,
                    help="obs column of cell labels (default: cluster with t-SNE + ADPclust)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="probability above which a zero counts as missing (default 0.5)")
     p.add_argument("--key-added", default="dropout_prob", help="name of the output layer")
-    p.add_argument("--seed", type=int, default=0, help="random seed for the clustering")
+    p.add_argument("--seed", type=_seed, default=0, help="random seed for the clustering")
     p.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None,
                    help="text input: cells in rows (--transpose) or genes in rows (--no-transpose); default: auto")
+    _overwrite(p)
+    _trust(p)
     _common(p)
 
 
 def _cmd_dropout(args) -> int:
+    _check_name(args.layer, "--layer")
+    _check_name(args.key_added, "--key-added")
+    _check_output(args.output, inputs=[args.input], overwrite=args.overwrite)
+    if not 0.0 <= args.threshold <= 1.0:
+        msg = f"--threshold must be in [0, 1], got {args.threshold:g}."
+        raise CLIError(msg)
     import screpair
 
+    _set_trust(args)
     adata = screpair.read(args.input, transpose=args.transpose)
     screpair.dropout_probability(adata, layer=args.layer, groupby=args.groupby,
-                                 threshold=args.threshold, key_added=args.key_added, rng=args.seed)
+                                 threshold=args.threshold, key_added=args.key_added, rng=args.seed,
+                                 overwrite=args.overwrite)
     info = adata.uns[args.key_added]
-    screpair.write(adata, args.output)
+    _write_result(adata, args.output, args.key_added)
     print(f"dropout probabilities for {_summary_line(adata)}: {len(info['clusters'])} clusters "
           f"(obs[{info['groupby']!r}]), {info['missing_fraction_of_zeros']:.1%} of zeros missing "
           f"(p > {args.threshold:g}) -> {args.output} (layers[{args.key_added!r}], "
@@ -414,7 +593,7 @@ _COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="screpair",
         description="Repair single-cell RNA-seq count matrices (dropouts, imputation, degraded profiles).",
     )
@@ -425,6 +604,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line on stderr, without source path or code excerpt."""
+    text = " ".join(str(message).split())
+    print(f"screpair: warning: {text}", file=sys.stderr)
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``screpair`` console script; returns the exit code."""
     parser = build_parser()
@@ -432,11 +621,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ._logging import configure_cli_logging
 
     configure_cli_logging(-1 if args.quiet else args.verbose)
+    in_main = threading.current_thread() is threading.main_thread()
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    old_show, warnings.showwarning = warnings.showwarning, _show_warning
+    old_trust = os.environ.get("SCREPAIR_TRUST_COUNTS")
     try:
         return _COMMANDS[args.command][1](args)
     except KeyboardInterrupt:
-        print("screpair: interrupted", file=sys.stderr)
-        return 130
+        print("screpair: interrupted; no partial output was left", file=sys.stderr)
+        return EXIT_INTERRUPT
+    except _Terminated:
+        print("screpair: terminated (SIGTERM); no partial output was left", file=sys.stderr)
+        return EXIT_TERMINATED
     except Exception as e:  # noqa: BLE001 - the CLI turns every error into one line
         if args.debug:
             raise
@@ -445,6 +641,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = text.strip("'\"")
         print(f"screpair: error: {text}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        warnings.showwarning = old_show
+        if in_main:
+            signal.signal(signal.SIGTERM, old_term)
+        if old_trust is None:
+            os.environ.pop("SCREPAIR_TRUST_COUNTS", None)
+        else:
+            os.environ["SCREPAIR_TRUST_COUNTS"] = old_trust
 
 
 if __name__ == "__main__":  # pragma: no cover

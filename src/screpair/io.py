@@ -13,7 +13,10 @@ import gzip
 import io
 import os
 import re
+import signal
 import tempfile
+import threading
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +59,8 @@ def read(path: PathLike, *, transpose: bool | None = None) -> AnnData:
     The format is taken from the path:
 
     - ``.h5ad``: read with :func:`anndata.read_h5ad`; ``X`` is converted to CSR if needed and every
-      other slot is kept.
+      other slot is kept. A file without ``X`` is accepted when it has layers or ``raw`` (choose
+      the counts with ``layer=``, ``layer="raw"`` for ``raw.X``).
     - a 10x directory (``matrix.mtx[.gz]``, ``features.tsv[.gz]`` or ``genes.tsv[.gz]``,
       ``barcodes.tsv[.gz]``; GEO-style prefixed names such as ``GSM1_matrix.mtx.gz`` too), or the
       path of its ``matrix.mtx[.gz]``.
@@ -98,7 +102,8 @@ def read(path: PathLike, *, transpose: bool | None = None) -> AnnData:
     Warns
     -----
     UserWarning
-        When duplicate gene or cell names were made unique by appending ``-1``, ``-2``, ….
+        When duplicate gene or cell names were made unique by appending ``-1``, ``-2``, …, and
+        when the orientation of a text table had to be assumed.
 
     Examples
     --------
@@ -125,7 +130,7 @@ def read(path: PathLike, *, transpose: bool | None = None) -> AnnData:
     elif fmt in ("10x_h5", "h5ad"):
         table = _read_10x_h5(path)  # None: an AnnData file (whatever its extension)
     elif fmt == "text":
-        table = _read_text(path, transpose)
+        table = _read_text(path, transpose, notes)
     if table is None:
         adata, desc = _read_h5ad(path, notes), "h5ad"
     else:
@@ -139,9 +144,13 @@ def read(path: PathLike, *, transpose: bool | None = None) -> AnnData:
 def write(adata: AnnData, path: PathLike, *, layer: str | None = None) -> None:
     """Write ``adata`` to ``.h5ad`` or to a genes x cells text table, atomically.
 
-    The file is first written to a temporary file in the same directory and then renamed onto
-    ``path`` (:func:`os.replace`), so ``path`` is either left as it was or holds the complete new
-    file; the temporary file is removed on error. ``adata`` is not modified.
+    The file is first written to a temporary file ``.NAME.*.tmp`` in the same directory and then
+    renamed onto ``path`` (:func:`os.replace`), so ``path`` is either left as it was or holds the
+    complete new file. The temporary file is removed on error, on Ctrl-C (SIGINT) and on SIGTERM,
+    which abort the write even where HDF5 would swallow them (the signal is re-raised once the
+    temporary file is gone); only SIGKILL or a power cut can leave it behind, never a partial
+    ``path``. A symbolic link is written through: its target is replaced and the link kept.
+    ``adata`` is not modified.
 
     - ``.h5ad``: every slot, gzip-compressed (:meth:`anndata.AnnData.write_h5ad`; string columns
       are written as they are, not converted to categoricals in ``adata``).
@@ -176,7 +185,7 @@ def write(adata: AnnData, path: PathLike, *, layer: str | None = None) -> None:
     if not isinstance(adata, AnnData):
         msg = f"write() needs an AnnData, got {type(adata).__name__}."
         raise TypeError(msg)
-    path = Path(path).expanduser()
+    path = Path(os.path.realpath(Path(path).expanduser()))  # through a link: replace its target
     if path.is_dir():
         msg = f"'{path}' is a directory; give a file name such as '{path / 'out.h5ad'}'."
         raise IsADirectoryError(msg)
@@ -309,9 +318,10 @@ def _read_h5ad(path: Path, notes: list[str]) -> AnnData:
         msg = f"could not read '{path}' as .h5ad ({_one_line(e)})."
         raise ValueError(msg) from None
     if adata.X is None:
-        msg = f"'{path}' has no X matrix; store the raw counts in X."
-        raise ValueError(msg)
-    if not isinstance(adata.X, sp.csr_matrix):
+        if not len(adata.layers) and adata.raw is None:
+            msg = f"'{path}' has no count matrix (no X, layers or raw); store the raw counts in X."
+            raise ValueError(msg)
+    elif not isinstance(adata.X, sp.csr_matrix):
         adata.X = sp.csr_matrix(adata.X)
     if adata.var_names.has_duplicates:
         adata.var_names = _unique(adata.var_names, "gene", notes)
@@ -576,7 +586,7 @@ def _split_name(line: str, sep: str | None) -> tuple[str, str]:
     return name, rest
 
 
-def _read_text(path: Path, transpose: bool | None) -> _Table:
+def _read_text(path: Path, transpose: bool | None, notes: list[str]) -> _Table:
     name = path.name.lower()
     base = name[:-3] if name.endswith(".gz") else name
     try:
@@ -602,6 +612,12 @@ def _read_text(path: Path, transpose: bool | None) -> _Table:
     m, rows, corner, columns, all_int = parsed
 
     genes_in_rows, reason = _orientation(rows, columns, corner, transpose)
+    if reason.startswith(_UNDECIDED):
+        notes.append(
+            "the row and column names do not tell which axis holds the genes; assumed genes in "
+            "rows. Pass transpose=False (genes in rows) or transpose=True (cells in rows); CLI: "
+            "--no-transpose / --transpose"
+        )
     exact32 = all_int and (m.nnz == 0 or np.abs(m.data).max() < _FLOAT32_EXACT)
     dtype = np.float32 if exact32 else np.float64
     if genes_in_rows:
@@ -759,6 +775,7 @@ _CELL_CORNER = re.compile(
     re.IGNORECASE,
 )
 _MAX_LABELS = 2000  # labels looked at per axis
+_UNDECIDED = "names do not tell"
 _DECISIVE = 0.25  # minimum score difference to trust the labels
 
 
@@ -818,7 +835,7 @@ def _orientation(
         return True, why
     if score <= -_DECISIVE:
         return False, why
-    return True, f"names do not tell ({why}); assuming genes in rows, pass transpose= to override"
+    return True, f"{_UNDECIDED} ({why}); assuming genes in rows, pass transpose= to override"
 
 
 # --------------------------------------------------------------------------------------------
@@ -835,22 +852,80 @@ def _target_mode(path: Path) -> int:
         return 0o666 & ~umask
 
 
+#: test hook: seconds to pause inside the write, with the temporary file in place
+_PAUSE_ENV = "SCREPAIR_TEST_WRITE_PAUSE"
+_GUARDED = (signal.SIGINT, signal.SIGTERM)
+
+
+def _raise_for(signum: int, frame, previous) -> None:
+    """Act on ``signum`` as the handler before ours would (default: interrupt / exit)."""
+    if callable(previous):
+        previous(signum, frame)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def _interrupt_guard() -> Iterator[list[int]]:
+    """Record SIGINT / SIGTERM during a write, and raise for them as their handlers would.
+
+    HDF5 (through h5py and anndata) swallows a ``KeyboardInterrupt`` raised inside its calls, and
+    the write then finishes as if nothing happened; the recorded signal lets the caller abort at
+    the end of the write instead. Outside the main thread signals cannot be handled: no guard.
+    """
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = {s: signal.getsignal(s) for s in _GUARDED}
+
+    def handler(signum, frame):
+        got.append(signum)
+        _raise_for(signum, frame, previous[signum])
+
+    for s in _GUARDED:
+        signal.signal(s, handler)
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if got:  # the exception was swallowed inside the write: raise it now
+        _raise_for(got[0], None, previous[got[0]])
+
+
 @contextlib.contextmanager
 def _atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds."""
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _target_mode(path))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
+
+    An exception or a SIGINT / SIGTERM at any point removes the temporary file and leaves
+    ``path`` as it was.
+    """
+    with _interrupt_guard() as got:
+        tmp = None
+        try:
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            os.close(fd)
+            tmp = Path(name)
+            yield tmp
+            pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
+            if pause > 0:
+                time.sleep(pause)
+            if got:
+                msg = "interrupted during the write"
+                raise InterruptedError(msg)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, _target_mode(path))
+            os.replace(tmp, path)
+        except BaseException:
+            if tmp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            if got:
+                return  # the guard raises for the signal
+            raise
 
 
 def _matrix_for_text(adata: AnnData, layer: str | None):

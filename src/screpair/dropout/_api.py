@@ -10,7 +10,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._logging import get_logger
-from .._utils import RNGLike, get_counts, prepare_adata
+from .._utils import RNGLike, check_output_keys, get_counts, prepare_adata
 from ._cluster import cluster_cells
 from ._em import fit_dropout
 
@@ -136,6 +136,7 @@ def dropout_probability(
     cluster_key: str = "screpair_cluster",
     invalid_fill: float = 0.0,
     max_iter: int = 100,
+    overwrite: bool = False,
     **cluster_kwargs,
 ) -> AnnData | None:
     """Dropout probability of every zero count (scImpute's mixture per cluster, as in cnnImpute).
@@ -159,6 +160,8 @@ def dropout_probability(
         Name of the layer written, and prefix of the ``varm``/``uns`` entries.
     copy
         Return a modified copy instead of writing into ``adata``.
+    overwrite
+        Allow ``layers[key_added]`` to replace an existing layer (never the input ``layer``).
     rng
         Seed or Generator for the clustering.
     cluster_key
@@ -196,6 +199,7 @@ def dropout_probability(
     from ..methods._api import jsonable
 
     adata = prepare_adata(adata, copy, "dropout_probability")
+    check_output_keys(adata, [key_added], layer=layer, overwrite=overwrite)
     if not 0.0 <= threshold <= 1.0:
         msg = f"threshold must be in [0, 1], got {threshold}."
         raise ValueError(msg)

@@ -5,14 +5,23 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import time
-from typing import Any
+import types
+import typing
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
 from .._logging import get_logger, log_task
-from .._utils import RNGLike, get_counts, nonempty, prepare_adata, var_names
+from .._utils import (
+    RNGLike,
+    check_output_keys,
+    get_counts,
+    nonempty,
+    prepare_adata,
+    var_names,
+)
 from ._base import BaseImputer, Posterior
 from ._registry import get_method
 
@@ -37,9 +46,67 @@ def make_estimator(method: str | BaseImputer, *, rng: RNGLike = 0, **params) -> 
             f"it accepts {sorted(accepted)}."
         )
         raise TypeError(msg)
+    _check_param_types(cls, method, params)
     if "rng" in accepted:
         params.setdefault("rng", rng)
-    return cls(**params)
+    est = cls(**params)
+    check = getattr(est, "_check_params", None)
+    if check is not None:  # ranges and combinations, before any data are read
+        check()
+    return est
+
+
+_SIMPLE = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+           type(None): "null (None)"}
+
+
+def _allowed(hint) -> list | None:
+    """The simple alternatives of a type hint (types or Literal values); ``None``: not simple."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return [("literal", v) for v in typing.get_args(hint)]
+    if origin in (typing.Union, types.UnionType):
+        out = []
+        for arg in typing.get_args(hint):
+            sub = _allowed(arg)
+            if sub is None:
+                return None
+            out += sub
+        return out
+    return [hint] if hint in _SIMPLE else None
+
+
+def _matches(value, alt) -> bool:
+    if isinstance(alt, tuple):  # ("literal", v)
+        return not isinstance(value, bool) and value == alt[1] or value is alt[1]
+    if alt is bool:
+        return isinstance(value, (bool, np.bool_))
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if alt is int:
+        return isinstance(value, (int, np.integer))
+    if alt is float:
+        return isinstance(value, (int, float, np.integer, np.floating))
+    return isinstance(value, alt)
+
+
+def _check_param_types(cls, method: str, params: dict) -> None:
+    """Name the parameter whose value has the wrong type (e.g. ``k="abc"``), before any work.
+
+    Only parameters annotated with simple types (int, float, bool, str, None, Literal and their
+    unions) are checked; the estimator checks the rest itself.
+    """
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - unresolvable annotations: leave the checks to the class
+        return
+    for name, value in params.items():
+        alts = _allowed(hints.get(name))
+        if alts is None or any(_matches(value, a) for a in alts):
+            continue
+        want = " or ".join(repr(a[1]) if isinstance(a, tuple) else _SIMPLE[a] for a in alts)
+        msg = f"method {method!r}: parameter {name!r} must be {want}, got {value!r}."
+        raise TypeError(msg)
 
 
 def jsonable(value: Any) -> Any:
@@ -86,6 +153,7 @@ def impute(
     layer: str | None = None,
     key_added: str | None = None,
     copy: bool = False,
+    overwrite: bool = False,
     rng: RNGLike = 0,
     **params,
 ) -> AnnData | None:
@@ -103,6 +171,10 @@ def impute(
         Name of the output layer; defaults to the method name.
     copy
         Return a modified copy instead of writing into ``adata``.
+    overwrite
+        Allow the output to replace existing ``layers`` / ``uns`` entries of the same name. Without
+        it such a name is an error (raised before any work); the layer holding the input counts
+        is never replaced.
     rng
         Seed or ``numpy.random.Generator`` for methods with randomness.
     **params
@@ -125,8 +197,20 @@ def impute(
     if not isinstance(adata, AnnData):  # before building the estimator: the clearer error
         prepare_adata(adata, copy, "impute")
     est = make_estimator(method, rng=rng, **params)
-    adata = prepare_adata(adata, copy, "impute")
     key = key_added or est.name
+    outputs = [key]
+    if est.has_var:
+        outputs.append(f"{key}_var")
+    if est.has_dropout_prob and getattr(est, "dropout_layer", None) != "dropout_prob":
+        outputs.append("dropout_prob")
+    check_output_keys(adata, outputs, layer=layer, overwrite=overwrite)
+    if key in adata.uns and not overwrite:
+        msg = (
+            f"uns[{key!r}] already exists and would be replaced; choose another key_added or pass "
+            "overwrite=True (CLI: --overwrite)."
+        )
+        raise ValueError(msg)
+    adata = prepare_adata(adata, copy, "impute")
 
     x = get_counts(adata, layer)
     cells, genes = nonempty(x)
@@ -139,9 +223,9 @@ def impute(
     var = adata.var.iloc[np.flatnonzero(genes)].copy()  # methods may read columns (gene_length)
     var.index = names[genes]
     rows, cols = np.flatnonzero(cells), np.flatnonzero(genes)
-    layers = {  # other layers travel along (e.g. a precomputed dropout_prob), read-only
-        k: v if cells.all() and genes.all() else v[rows][:, cols] for k, v in adata.layers.items()
-    }
+    read = {getattr(est, "dropout_layer", None)} & set(adata.layers)  # layers a method reads
+    layers = {k: adata.layers[k] if cells.all() and genes.all() else adata.layers[k][rows][:, cols]
+              for k in read}
     sub = AnnData(X=sub_x, obs=obs, var=var, layers=layers)
 
     start = time.perf_counter()
@@ -150,13 +234,15 @@ def impute(
     seconds = time.perf_counter() - start
 
     shape = adata.shape
+    late = [k for k, m in ((f"{key}_var", post.var), ("dropout_prob", post.dropout_prob))
+            if m is not None and k not in outputs and k != getattr(est, "dropout_layer", None)]
+    check_output_keys(adata, late, layer=layer, overwrite=overwrite)  # estimators without flags
+    outputs += late
     adata.layers[key] = _as_layer(_scatter(post.mean, cells, genes, shape))
     if post.var is not None:
         adata.layers[f"{key}_var"] = _as_layer(_scatter(post.var, cells, genes, shape))
-    if post.dropout_prob is not None:
+    if post.dropout_prob is not None and "dropout_prob" in outputs:
         adata.layers["dropout_prob"] = _as_layer(_scatter(post.dropout_prob, cells, genes, shape))
-    for name, m in post.extra.items():
-        adata.layers[f"{key}_{name}"] = _as_layer(_scatter(m, cells, genes, shape))
     adata.uns[key] = {
         "method": est.name,
         "params": jsonable(est.get_params(deep=False)),

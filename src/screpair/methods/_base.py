@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Self
 
 import numpy as np
@@ -26,14 +26,11 @@ class Posterior:
         Posterior (or sample) variance on the same scale, where the method has one.
     dropout_prob
         Probability that each entry is a technical dropout, where the method computes it.
-    extra
-        Further per-entry matrices a method wants to expose (written as ``layers[f"{key}_{name}"]``).
     """
 
     mean: np.ndarray | sp.csr_matrix
     var: np.ndarray | None = None
     dropout_prob: np.ndarray | sp.csr_matrix | None = None
-    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class BaseImputer(BaseEstimator):
@@ -48,6 +45,9 @@ class BaseImputer(BaseEstimator):
     transductive: ClassVar[bool] = False
     #: trained on clean profiles: a benchmark with a clean reference fits on it (degrade protocol)
     uses_reference: ClassVar[bool] = False
+    #: the posterior may carry ``var`` / ``dropout_prob`` (``impute`` checks those output slots)
+    has_var: ClassVar[bool] = False
+    has_dropout_prob: ClassVar[bool] = False
 
     def fit(self, data: Data, *, layer: str | None = None) -> Self:  # pragma: no cover - abstract
         raise NotImplementedError

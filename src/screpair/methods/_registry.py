@@ -4,8 +4,10 @@ stays light (the torch methods import torch only when used)."""
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from ._base import BaseImputer
+if TYPE_CHECKING:
+    from ._base import BaseImputer
 
 _METHODS: dict[str, str] = {
     "knn": "screpair.methods.knn:KNNImputer",

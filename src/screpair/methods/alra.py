@@ -33,13 +33,16 @@ def choose_k(
     ``(k, singular_values)``
     """
     max_k = int(min(max_k, min(a.shape) - 1))
-    if max_k < 6:
-        msg = f"ALRA needs at least 7 cells and genes to choose a rank; got shape {a.shape}."
+    noise = int(0.8 * max_k) if noise_start is None else int(noise_start)
+    if max_k < 6 or noise > max_k - 5:
+        need = 26 if noise_start is None else max(noise + 6, 7)  # max_k >= noise + 5
+        msg = (
+            f"the input is too small for ALRA: it has {a.shape[0]} cells x {a.shape[1]} genes, and "
+            f"choosing the rank needs at least {need} of each (singular values beyond the "
+            "first 80% estimate the noise level)."
+        )
         raise ValueError(msg)
-    noise_start = int(0.8 * max_k) if noise_start is None else int(noise_start)
-    if noise_start > max_k - 5:
-        msg = f"noise_start ({noise_start}) must be <= max_k - 5 ({max_k - 5})."
-        raise ValueError(msg)
+    noise_start = noise
     seed = int(as_rng(rng).integers(2**31))
     _, d, _ = randomized_svd(a, max_k, n_iter=n_iter, random_state=seed)
     diffs = d[:-1] - d[1:]

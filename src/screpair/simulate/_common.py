@@ -47,7 +47,13 @@ def csr(x: np.ndarray | sp.spmatrix, dtype=np.float32) -> sp.csr_matrix:
 def check_range(name: str, value, low: float, high: float = np.inf) -> None:
     """Raise ``ValueError`` unless every value lies in ``[low, high]`` and is finite."""
     arr = np.asarray(value, dtype=np.float64)
-    if arr.size and (not np.all(np.isfinite(arr)) or arr.min() < low or arr.max() > high):
+    bad = ~np.isfinite(arr) | (arr < low) | (arr > high)
+    if arr.size and bad.any():
         bounds = f"[{low}, {high}]" if np.isfinite(high) else f">= {low}"
-        msg = f"{name} must be finite and {bounds}, got {value!r}."
+        if arr.size == 1:
+            got = repr(value)
+        else:  # one value per cell: say which, not the whole array
+            i = int(np.flatnonzero(bad.ravel())[0])
+            got = f"{int(bad.sum())} of {arr.size} values outside (first: {arr.ravel()[i]:g} at {i})"
+        msg = f"{name} must be finite and {bounds}, got {got}."
         raise ValueError(msg)

@@ -93,6 +93,7 @@ def _cell_values(
         return rng.uniform(low, hi, n_obs)
     arr = np.asarray(value, dtype=np.float64)
     if arr.ndim == 0:
+        check_range(name, float(arr), 0.0, high)
         arr = np.full(n_obs, float(arr))
     elif arr.shape != (n_obs,):
         msg = (

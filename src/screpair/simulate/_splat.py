@@ -250,6 +250,10 @@ def _lognormal_factors(
     return out
 
 
+#: log library sizes above this overflow the Poisson draws (numpy: lam must be below ~9e18)
+_MAX_LIB_LOC = 25.0
+
+
 def _check(p: SplatParams) -> None:
     for name in ("n_obs", "n_vars"):
         v = getattr(p, name)
@@ -265,6 +269,12 @@ def _check(p: SplatParams) -> None:
             msg = f"{name} must be > 0, got {getattr(p, name)!r}."
             raise ValueError(msg)
     check_range("lib_scale", p.lib_scale, 0.0)
+    if not p.lib_norm and not (np.isfinite(p.lib_loc) and p.lib_loc <= _MAX_LIB_LOC):
+        msg = (
+            f"lib_loc is the log of the typical library size (11: about 60,000 counts) and must be "
+            f"at most {_MAX_LIB_LOC} (about {np.exp(_MAX_LIB_LOC):.0e} counts), got {p.lib_loc!r}."
+        )
+        raise ValueError(msg)
     check_range("out_prob", p.out_prob, 0.0, 1.0)
     check_range("out_fac_scale", p.out_fac_scale, 0.0)
     check_range("de_prob", p.de_prob, 0.0, 1.0)

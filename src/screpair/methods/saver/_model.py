@@ -413,6 +413,7 @@ class SaverImputer(BaseImputer):
 
     name = "saver"
     transductive = True
+    has_var = True
 
     def __init__(
         self,
