@@ -364,7 +364,7 @@ def _adata(rng, n_cells=60, n_genes=40):
 def test_dropout_probability_writes_slots():
     ad = _adata(np.random.default_rng(12))
     before = ad.copy()
-    out = dropout_probability(ad, groupby="group", copy=True)
+    out = dropout_probability(ad, groupby="group", model="scimpute", copy=True)
     # copy=True leaves the input alone
     assert set(ad.layers.keys()) == set(before.layers.keys()) and "dropout_prob" not in ad.uns
     assert (
@@ -388,7 +388,10 @@ def test_dropout_probability_writes_slots():
 def test_dropout_probability_layer_and_inplace():
     ad = _adata(np.random.default_rng(13))
     ad.X = sp.csr_matrix(ad.X.shape, dtype=np.float32)  # X empty: counts only in the layer
-    assert dropout_probability(ad, layer="counts", groupby="group", key_added="dp") is None
+    assert (
+        dropout_probability(ad, layer="counts", groupby="group", key_added="dp", model="scimpute")
+        is None
+    )
     assert "dp" in ad.layers and "dp_mu" in ad.varm
     ref = fit_dropout(ad.layers["counts"], ad.obs["group"]).prob.toarray()
     np.testing.assert_allclose(ad.layers["dp"].toarray(), ref, rtol=1e-7)
@@ -417,7 +420,7 @@ def test_dropout_probability_clusters_when_no_groupby(tmp_path):
         n_obs=80, n_vars=300, group_prob=(0.5, 0.5), de_prob=0.4, de_fac_loc=1.0, rng=1
     )
     sim = sim[:, sim.X.getnnz(axis=0) > 0].copy()  # drop genes without counts (they would warn)
-    dropout_probability(sim, rng=0, n_clusters=range(2, 5))
+    dropout_probability(sim, rng=0, n_clusters=range(2, 5), model="scimpute")
     assert sim.obsm["X_tsne"].shape == (80, 3)
     assert sim.obs["screpair_cluster"].dtype == "category"
     assert sim.uns["dropout_prob"]["groupby"] == "screpair_cluster"
@@ -445,9 +448,192 @@ def test_cli_dropout(tmp_path):
     src, dst = tmp_path / "in.h5ad", tmp_path / "out.h5ad"
     ad.write_h5ad(src)
     assert (
-        main(["dropout", str(src), str(dst), "--groupby", "group", "--threshold", "0.6", "-q"]) == 0
+        main(["dropout", str(src), str(dst), "--groupby", "group", "--threshold", "0.6",
+              "--model", "scimpute", "-q"])
+        == 0
     )
     out = anndata.read_h5ad(dst)
     assert "dropout_prob" in out.layers and out.uns["dropout_prob"]["threshold"] == 0.6
     ref = fit_dropout(ad.X, ad.obs["group"]).prob.toarray()
+    np.testing.assert_allclose(out.layers["dropout_prob"].toarray(), ref, rtol=1e-7)
+
+
+# --------------------------------------------------------------------------- ZINB dropout model
+
+
+def test_zinb_zero_probabilities_by_hand():
+    from screpair.dropout import nb_zero_logprob, zero_dropout_prob
+
+    # P0 = (1 + phi m)^(-1/phi): m = 2, phi = 0.5 -> 2^-2 = 0.25; m = 4, phi = 1 -> 1/5
+    np.testing.assert_allclose(np.exp(nb_zero_logprob([2.0, 4.0], [0.5, 1.0])), [0.25, 0.2],
+                               rtol=1e-12)
+    # flat curve pi = 1/2: p = pi (1 - P0) / (pi + (1 - pi) P0) = 0.375 / 0.625
+    np.testing.assert_allclose(zero_dropout_prob(2.0, 0.5, (0.0, 0.0)), 0.6, rtol=1e-12)
+    # pi = 1/4 (b0 = log(1/3)): 0.25 * 0.8 / (0.25 + 0.75 * 0.2) = 0.5
+    np.testing.assert_allclose(zero_dropout_prob(4.0, 1.0, (np.log(1 / 3), 0.0)), 0.5, rtol=1e-12)
+    # the curve acts on log m: b0 + b1 log m = 0 at m = e^2 for (2, -1) -> pi = 1/2;
+    # phi = 1 -> P0 = 1 / (1 + e^2)
+    m = np.exp(2.0)
+    p0 = 1.0 / (1.0 + m)
+    np.testing.assert_allclose(zero_dropout_prob(m, 1.0, (2.0, -1.0)),
+                               0.5 * (1 - p0) / (0.5 + 0.5 * p0), rtol=1e-12)
+    # known library sizes: gene mean 2, phi 0.5, size factors 0.5 and 2 -> m = 1 and 4,
+    # P0 = 1.5^-2 = 4/9 and 3^-2 = 1/9; flat curve pi = 1/2 -> p = (5/9)/(13/9) = 5/13 and
+    # (8/9)/(10/9) = 0.8: the deeper cell's zero is more likely a dropout
+    np.testing.assert_allclose(zero_dropout_prob(np.array([0.5, 2.0]) * 2.0, 0.5, (0.0, 0.0)),
+                               [5 / 13, 0.8], rtol=1e-12)
+    # a gene that cannot be expressed (m = 0) never hides a positive count
+    assert zero_dropout_prob(0.0, 0.5, (0.0, 0.0)) == 0.0
+
+
+def test_zinb_prob_uses_size_factors_and_cluster_means(array_type):
+    from screpair.dropout import fit_zinb_dropout, zero_dropout_prob
+
+    # library sizes 10, 20, 30, 40 per cluster -> size factors 0.4, 0.8, 1.2, 1.6 (mean 25)
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 4, size=(8, 6)).astype(float)
+    base[:, 0] = [0, 0, 1, 0, 0, 3, 0, 0]  # a sparse gene with zeros in deep and shallow cells
+    base[:, -1] = 0.0
+    lib = np.array([10, 20, 30, 40] * 2, dtype=float)
+    base[:, -1] = lib - base[:, :-1].sum(axis=1)  # filler gene sets the library sizes exactly
+    labels = np.repeat(["a", "b"], 4)
+    fit = fit_zinb_dropout(array_type(base), labels, min_prob=0.0)
+    np.testing.assert_allclose(fit.size_factor, lib / 25.0, rtol=1e-12)
+    assert list(fit.clusters) == ["a", "b"] and list(fit.cell_cluster) == [0, 0, 0, 0, 1, 1, 1, 1]
+    # every stored probability is the formula at m = s_i * mean[cluster, gene]
+    m = fit.size_factor[:, None] * fit.mean[fit.cell_cluster]
+    want = np.where(base == 0, zero_dropout_prob(m, fit.dispersion[None, :], fit.curve), 0.0)
+    np.testing.assert_allclose(fit.prob.toarray(), want, rtol=1e-6, atol=1e-7)
+    assert fit.prob.dtype == np.float32 and np.all(base[fit.prob.nonzero()] == 0)
+
+
+def test_zinb_mean_is_the_zero_inflated_mean_by_hand():
+    # one cluster, three cells of size factor 1, counts (4, 4, 0) of one gene: with dropout
+    # weight z at the zero the M-step mean is (8 + a mu_all) / (3 - z + a)
+    from screpair.dropout import fit_zinb_dropout
+
+    x = np.array([[4.0, 5.0], [4.0, 5.0], [0.0, 5.0]])
+    fit = fit_zinb_dropout(x, np.zeros(3), max_iter=1, shrinkage=1.0, min_prob=0.0)
+    # after one update the mean of gene 0 lies between the plain mean (8/3 shrunk) and 8/2
+    mu_all = 8.0 / 3.0  # gene sum over the sum of size factors
+    plain = (8.0 + mu_all) / (3.0 + 1.0)
+    no_zero = (8.0 + mu_all) / (2.0 + 1.0)
+    assert plain - 1e-12 <= fit.mean[0, 0] <= no_zero + 1e-12
+    # gene 1 has no zeros: its mean is exactly (15 + 5) / (3 + 1) = 5
+    np.testing.assert_allclose(fit.mean[0, 1], 5.0, rtol=1e-12)
+
+
+def _zinb_sample(rng, n_cells, n_genes, curve, phi):
+    s = rng.lognormal(0.0, 0.4, n_cells)
+    s /= s.mean()
+    mu = np.exp(rng.uniform(-2.0, 3.5, n_genes))
+    m = s[:, None] * mu
+    t = rng.negative_binomial(1.0 / phi, 1.0 / (1.0 + phi * m))
+    pi = 1.0 / (1.0 + np.exp(-(curve[0] + curve[1] * np.log(m))))
+    d = rng.random(m.shape) < pi
+    return np.where(d, 0, t).astype(float), t
+
+
+def test_zinb_recovers_known_parameters_and_is_calibrated():
+    from screpair.dropout import fit_zinb_dropout
+
+    rng = np.random.default_rng(5)
+    curve, phi = (0.5, -0.8), 0.2
+    x, t = _zinb_sample(rng, 500, 120, curve, phi)
+    keep = x.sum(axis=0) > 0
+    x, t = x[:, keep], t[:, keep]
+    # the EM creeps along the curve / dispersion ridge: run it to convergence
+    fit = fit_zinb_dropout(sp.csr_matrix(x), np.zeros(500), min_prob=0.0, max_iter=100, tol=1e-9)
+    np.testing.assert_allclose(fit.curve, curve, atol=0.25)
+    assert abs(np.median(fit.dispersion) - phi) < 0.05, np.median(fit.dispersion)
+    zero = x == 0
+    p, y = fit.prob.toarray()[zero], t[zero] > 0
+    # reliability: in every populated decile bin the dropout fraction is within 0.08 of the mean p
+    idx = np.minimum((p * 10).astype(int), 9)
+    for b in np.unique(idx):
+        sel = idx == b
+        if sel.sum() >= 200:
+            assert abs(p[sel].mean() - y[sel].mean()) < 0.08, (b, p[sel].mean(), y[sel].mean())
+
+
+def test_zinb_calibrated_and_separates_dropouts_on_splat():
+    from sklearn.metrics import average_precision_score
+
+    from screpair import evaluate, simulate
+    from screpair.dropout import fit_zinb_dropout
+
+    sim = simulate.splat(n_obs=300, n_vars=600, preset="cnnimpute", rng=0)
+    x = sim.layers["counts"].tocsr()
+    fit = fit_zinb_dropout(x, sim.obs["group"])
+    zeros = x.toarray() == 0
+    y = (sim.layers["true_counts"].toarray() > 0)[zeros]
+    ap = average_precision_score(y, fit.prob.toarray()[zeros])
+    assert ap > y.mean() + 0.15, (ap, y.mean())
+    calib = evaluate.dropout_calibration(fit.prob, x, sim.layers["true_counts"])
+    assert evaluate.dropout_ece(calib) < 0.06, calib
+    # far fewer zeros called missing than scImpute's model
+    sci = fit_dropout(x, sim.obs["group"])
+    assert (fit.prob.data > 0.5).sum() < 0.8 * (sci.prob.data > 0.5).sum()
+
+
+def test_zinb_sets_aside_empty_cells_and_genes():
+    from screpair.dropout import fit_zinb_dropout
+
+    rng = np.random.default_rng(2)
+    x = rng.poisson(2.0, size=(20, 6)).astype(float)
+    x[3] = 0.0
+    x[:, 2] = 0.0
+    fit = fit_zinb_dropout(x, np.repeat([0, 1], 10))
+    dense = fit.prob.toarray()
+    assert np.all(dense[3] == 0) and np.all(dense[:, 2] == 0)
+    assert fit.cell_cluster[3] == -1 and fit.size_factor[3] == 0
+    assert fit.mean[0, 2] == 0 and fit.dispersion[2] == 0
+    assert np.all((dense >= 0) & (dense <= 1)) and np.all(dense[x > 0] == 0)
+
+
+def test_zinb_errors():
+    from screpair.dropout import fit_zinb_dropout
+
+    with pytest.raises(ValueError, match="max_iter"):
+        fit_zinb_dropout(np.ones((3, 2)), np.zeros(3), max_iter=0)
+    with pytest.raises(ValueError, match="shrinkage"):
+        fit_zinb_dropout(np.ones((3, 2)), np.zeros(3), shrinkage=0.0)
+
+
+def test_dropout_probability_zinb_writes_slots():
+    from screpair.dropout import fit_zinb_dropout
+
+    ad = _adata(np.random.default_rng(16))
+    before = ad.copy()
+    out = dropout_probability(ad, groupby="group", copy=True)  # default model: zinb
+    assert "dropout_prob" not in ad.layers
+    fit = fit_zinb_dropout(ad.X, ad.obs["group"])
+    np.testing.assert_allclose(out.layers["dropout_prob"].toarray(), fit.prob.toarray(), rtol=1e-7)
+    assert out.layers["dropout_prob"].dtype == np.float32
+    df = out.varm["dropout_prob_mean"]
+    assert list(df.columns) == ["A", "B"]
+    np.testing.assert_allclose(df.to_numpy(), fit.mean.T, rtol=1e-12)
+    np.testing.assert_allclose(out.var["dropout_prob_dispersion"], fit.dispersion, rtol=1e-12)
+    uns = out.uns["dropout_prob"]
+    assert uns["model"] == "zinb" and uns["params"]["model"] == "zinb"
+    np.testing.assert_allclose(uns["curve"], fit.curve, rtol=1e-12)
+    assert uns["n_missing"] == int((fit.prob.data > 0.5).sum())
+    assert (out.X != before.X).nnz == 0
+    with pytest.raises(ValueError, match="model"):
+        dropout_probability(ad, groupby="group", model="nope")
+
+
+def test_cli_dropout_zinb_default(tmp_path):
+    import anndata
+
+    from screpair.cli import main
+    from screpair.dropout import fit_zinb_dropout
+
+    ad = _adata(np.random.default_rng(17))
+    src, dst = tmp_path / "in.h5ad", tmp_path / "out.h5ad"
+    ad.write_h5ad(src)
+    assert main(["dropout", str(src), str(dst), "--groupby", "group", "-q"]) == 0
+    out = anndata.read_h5ad(dst)
+    assert out.uns["dropout_prob"]["model"] == "zinb"
+    ref = fit_zinb_dropout(ad.X, ad.obs["group"]).prob.toarray()
     np.testing.assert_allclose(out.layers["dropout_prob"].toarray(), ref, rtol=1e-7)

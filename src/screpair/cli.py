@@ -538,10 +538,13 @@ def _cmd_benchmark(args) -> int:
 
 
 def _add_dropout(sub) -> None:
-    p = sub.add_parser("dropout", help="dropout probability of every zero (cnnImpute/scImpute)")
+    p = sub.add_parser("dropout", help="dropout probability of every zero (ZINB or scImpute)")
     p.add_argument("input", help="input counts: .h5ad, 10x directory or .h5, .csv/.tsv")
     p.add_argument("output", help="output .h5ad (adds layers['dropout_prob'] and the fitted "
                                   "parameters; .csv/.tsv writes the probability layer)")
+    p.add_argument("--model", choices=("zinb", "scimpute"), default="zinb",
+                   help="zinb: zero-inflated NB with size factors and a logistic dropout curve "
+                        "(default); scimpute: scImpute's gamma-normal mixture (cnnImpute paper)")
     p.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
     p.add_argument("--groupby", default=None,
                    help="obs column of cell labels (default: cluster with t-SNE + ADPclust)")
@@ -567,12 +570,13 @@ def _cmd_dropout(args) -> int:
 
     _set_trust(args)
     adata = screpair.read(args.input, transpose=args.transpose)
-    screpair.dropout_probability(adata, layer=args.layer, groupby=args.groupby,
+    screpair.dropout_probability(adata, layer=args.layer, groupby=args.groupby, model=args.model,
                                  threshold=args.threshold, key_added=args.key_added, rng=args.seed,
                                  overwrite=args.overwrite)
     info = adata.uns[args.key_added]
     _write_result(adata, args.output, args.key_added)
-    print(f"dropout probabilities for {_summary_line(adata)}: {len(info['clusters'])} clusters "
+    print(f"dropout probabilities ({args.model}) for {_summary_line(adata)}: "
+          f"{len(info['clusters'])} clusters "
           f"(obs[{info['groupby']!r}]), {info['missing_fraction_of_zeros']:.1%} of zeros missing "
           f"(p > {args.threshold:g}) -> {args.output} (layers[{args.key_added!r}], "
           f"{info['seconds']:.1f} s)")

@@ -13,8 +13,12 @@ from .._logging import get_logger
 from .._utils import RNGLike, check_output_keys, get_counts, prepare_adata
 from ._cluster import cluster_cells
 from ._em import fit_dropout
+from ._zinb import fit_zinb_dropout
 
 logger = get_logger(__name__)
+
+#: Dropout models of :func:`dropout_probability` and ``CNNImputer(dropout_model=...)``.
+DROPOUT_MODELS: tuple[str, ...] = ("zinb", "scimpute")
 
 _PARAMS = ("eta", "alpha", "beta", "mu", "sigma", "zero_prob")
 
@@ -134,17 +138,28 @@ def dropout_probability(
     copy: bool = False,
     rng: RNGLike = 0,
     cluster_key: str = "screpair_cluster",
+    model: str = "zinb",
     invalid_fill: float = 0.0,
-    max_iter: int = 100,
+    max_iter: int | None = None,
     overwrite: bool = False,
     **cluster_kwargs,
 ) -> AnnData | None:
-    """Dropout probability of every zero count (scImpute's mixture per cluster, as in cnnImpute).
+    """Dropout probability of every zero count, per cell cluster.
 
     Clusters the cells with :func:`cluster` unless ``groupby`` names an ``obs`` column of labels,
-    then fits scImpute's gamma-normal mixture for every gene in every cluster on
-    ``log10(CPM + 1.01)`` (see :func:`screpair.dropout.fit_dropout`). An entry is *missing* (a likely
-    dropout) when its probability exceeds ``threshold``. Observed non-zero counts are never missing.
+    then fits one of two models (``model``):
+
+    - ``"zinb"`` (default): a zero-inflated negative binomial per gene and cluster with size
+      factors and one logistic dropout curve on the log expected count (Splatter's / DCA's
+      model, see :func:`screpair.dropout.fit_zinb_dropout`); a zero's probability is
+      ``P(true count > 0 | observed 0)``, so zeros of one gene and cluster are ranked by the
+      cell's depth, and the probabilities are calibrated on simulations;
+    - ``"scimpute"``: scImpute's gamma-normal mixture for every gene in every cluster on
+      ``log10(CPM + 1.01)``, as cnnImpute (see :func:`screpair.dropout.fit_dropout`); all zeros
+      of a gene in a cluster share one probability, usually near 1.
+
+    An entry is *missing* (a likely dropout) when its probability exceeds ``threshold``. Observed
+    non-zero counts are never missing.
 
     Parameters
     ----------
@@ -166,11 +181,13 @@ def dropout_probability(
         Seed or Generator for the clustering.
     cluster_key
         ``obs`` column written by the clustering (when ``groupby`` is ``None``).
+    model
+        ``"zinb"`` or ``"scimpute"`` (see above).
     invalid_fill
-        Probability for zeros of genes without a usable fit in a cluster (0.0: not missing, as in
-        scImpute and cnnImpute; 1.0: all missing).
+        ``model="scimpute"`` only: probability for zeros of genes without a usable fit in a
+        cluster (0.0: not missing, as in scImpute and cnnImpute; 1.0: all missing).
     max_iter
-        EM iteration limit (scImpute: 100).
+        EM iteration limit (``None``: 15 for ``"zinb"``, 100 for ``"scimpute"``, as scImpute).
     **cluster_kwargs
         Passed to :func:`cluster` (``perplexity``, ``n_clusters``, ``n_pcs``, ``target_sum``,
         ``n_jobs``).
@@ -179,11 +196,17 @@ def dropout_probability(
     -------
     ``None``, or a copy when ``copy=True``. Writes
 
-    - ``.layers[key_added]``: dropout probabilities (CSR float32; stored only at zero counts);
-    - ``.varm[f"{key_added}_{name}"]`` for ``name`` in eta, alpha, beta, mu, sigma, zero_prob:
-      per-gene, per-cluster parameters (DataFrame, one column per cluster; NaN where no fit);
-    - ``.uns[key_added]``: ``{"params", "layer", "version", "groupby", "threshold", "clusters",
-      "valid_fraction", "status_counts", "n_missing", "missing_fraction_of_zeros", "seconds"}``;
+    - ``.layers[key_added]``: dropout probabilities (CSR float32; stored only at zero counts;
+      ``"zinb"`` leaves out probabilities below 1e-3);
+    - ``"zinb"``: ``.varm[f"{key_added}_mean"]`` (NB mean of each gene in each cluster at size
+      factor 1; DataFrame, one column per cluster), ``.var[f"{key_added}_dispersion"]``;
+    - ``"scimpute"``: ``.varm[f"{key_added}_{name}"]`` for ``name`` in eta, alpha, beta, mu, sigma,
+      zero_prob: per-gene, per-cluster parameters (DataFrame, one column per cluster; NaN where no
+      fit);
+    - ``.uns[key_added]``: ``{"params", "layer", "version", "model", "groupby", "threshold",
+      "clusters", "n_missing", "missing_fraction_of_zeros", "seconds"}``, plus ``"curve"`` (the
+      logistic curve's intercept and slope) and ``"n_iter"`` for ``"zinb"``, ``"valid_fraction"``
+      and ``"status_counts"`` for ``"scimpute"``;
     - when ``groupby`` is ``None``: what :func:`cluster` writes (``obs[cluster_key]``,
       ``obsm["X_tsne"]``, ``uns[cluster_key]``).
 
@@ -194,6 +217,9 @@ def dropout_probability(
     >>> dropout.dropout_probability(sim, groupby="group")
     >>> sim.layers["dropout_prob"].shape
     (60, 200)
+    >>> dropout.dropout_probability(sim, groupby="group", model="scimpute", key_added="dp_sci")
+    >>> sim.uns["dp_sci"]["model"]
+    'scimpute'
     """
     from .. import __version__
     from ..methods._api import jsonable
@@ -202,6 +228,9 @@ def dropout_probability(
     check_output_keys(adata, [key_added], layer=layer, overwrite=overwrite)
     if not 0.0 <= threshold <= 1.0:
         msg = f"threshold must be in [0, 1], got {threshold}."
+        raise ValueError(msg)
+    if model not in DROPOUT_MODELS:
+        msg = f"model must be one of {DROPOUT_MODELS}, got {model!r}."
         raise ValueError(msg)
     x = get_counts(adata, layer)
     start = time.perf_counter()
@@ -218,15 +247,29 @@ def dropout_probability(
             msg = f"groupby={groupby!r} is not a column of adata.obs (columns: {list(adata.obs.columns)})."
             raise KeyError(msg)
         labels_key = groupby
-    fit = fit_dropout(x, adata.obs[labels_key], max_iter=max_iter, invalid_fill=invalid_fill)
+    if model == "zinb":
+        fit = fit_zinb_dropout(x, adata.obs[labels_key], max_iter=max_iter or 15)
+    else:
+        fit = fit_dropout(
+            x, adata.obs[labels_key], max_iter=max_iter or 100, invalid_fill=invalid_fill
+        )
     seconds = time.perf_counter() - start
 
     adata.layers[key_added] = fit.prob
     cols = [str(c) for c in fit.clusters]
-    for name in _PARAMS:
-        adata.varm[f"{key_added}_{name}"] = pd.DataFrame(
-            getattr(fit, name).T, index=adata.var_names, columns=cols
+    extra: dict = {}
+    if model == "zinb":
+        adata.varm[f"{key_added}_mean"] = pd.DataFrame(
+            fit.mean.T, index=adata.var_names, columns=cols
         )
+        adata.var[f"{key_added}_dispersion"] = fit.dispersion
+        extra = {"curve": np.asarray(fit.curve, dtype=np.float64), "n_iter": int(fit.n_iter)}
+    else:
+        for name in _PARAMS:
+            adata.varm[f"{key_added}_{name}"] = pd.DataFrame(
+                getattr(fit, name).T, index=adata.var_names, columns=cols
+            )
+        extra = {"valid_fraction": fit.valid.mean(axis=1), "status_counts": fit.status_counts()}
     n_zero = x.shape[0] * x.shape[1] - (x.nnz if hasattr(x, "nnz") else np.count_nonzero(x))
     n_missing = int((fit.prob.data > threshold).sum())
     params = {
@@ -234,6 +277,7 @@ def dropout_probability(
         "threshold": threshold,
         "rng": rng,
         "cluster_key": cluster_key,
+        "model": model,
         "invalid_fill": invalid_fill,
         "max_iter": max_iter,
         **cluster_kwargs,
@@ -242,11 +286,11 @@ def dropout_probability(
         "params": jsonable({k: list(v) if isinstance(v, range) else v for k, v in params.items()}),
         "layer": jsonable(layer),
         "version": __version__,
+        "model": model,
         "groupby": labels_key,
         "threshold": float(threshold),
         "clusters": np.asarray(cols, dtype=object),
-        "valid_fraction": fit.valid.mean(axis=1),
-        "status_counts": fit.status_counts(),
+        **extra,
         "n_missing": n_missing,
         "missing_fraction_of_zeros": float(n_missing / n_zero) if n_zero else 0.0,
         "seconds": float(seconds),

@@ -1,0 +1,363 @@
+"""Dropout probabilities from a zero-inflated negative binomial with a logistic dropout curve.
+
+Each observed count ``y_ij`` (cell ``i``, gene ``j``) is modelled as Splatter's Splat model and
+DCA's ZINB describe it: a true count ``T_ij`` from a negative binomial, then a technical dropout
+``D_ij`` that zeroes it::
+
+    T_ij ~ NB(mean m_ij = s_i mu_kj, dispersion phi_j)      (var = m + phi m^2)
+    D_ij ~ Bernoulli(pi_ij),  logit pi_ij = b0 + b1 log m_ij
+    y_ij = T_ij (1 - D_ij)
+
+where ``s_i`` is the cell's size factor (library size over the mean library size), ``k`` the cell's
+cluster, ``mu_kj`` the gene's expected count in the cluster at size factor 1, ``phi_j`` a per-gene
+dispersion and ``(b0, b1)`` one logistic curve on the log expected count (Splatter's
+``dropout.type = "experiment"``; a negative slope ``b1`` makes lowly expressed entries drop out more
+often).
+
+The probability stored for an observed zero is the probability that it hides a positive true count::
+
+    P(T > 0 | y = 0) = pi (1 - P0) / (pi + (1 - pi) P0),    P0 = (1 + phi m)^(-1 / phi)
+
+so zeros of the same gene and cluster are ranked by the cell's depth: where a deep cell should have
+seen the gene, its zero is more likely a dropout than the zero of a shallow cell.
+
+Fitting is by EM over all entries at once, cell block by cell block (no Python loop over genes,
+never the whole cells x genes matrix dense): the E-step gives every zero its posterior
+``z = P(D = 1 | y = 0) = pi / (pi + (1 - pi) P0)``; the M-step updates
+
+- ``mu_kj = (sum_i y_ij + a mu_j) / (sum_i (1 - z_ij) s_i + a)`` over the cluster's cells (the
+  zero-inflated Poisson/NB mean, shrunk towards the gene's overall mean ``mu_j`` by ``a =
+  shrinkage`` pseudo-cells so that a gene absent from a cluster keeps a tiny positive mean);
+- ``phi_j`` by weighted moments, ``sum w ((y - m)^2 - m) / sum w m^2`` with weights ``w = 1 - z``,
+  clipped to ``[1e-4, 1e3]``;
+- ``(b0, b1)`` by a weighted logistic regression of ``z`` (0 at non-zero counts) on ``log m``,
+  with the entries pooled into bins of ``log m`` of width 0.05 (a 1-D covariate loses nothing
+  noticeable to such binning, and the regression stays small).
+
+It stops when the log-likelihood gains less than ``tol`` (relative) or after ``max_iter`` updates
+(15 by default: early-stopped, see :func:`fit_zinb_dropout`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+from scipy import optimize
+from scipy.special import expit, gammaln, log_expit
+
+from .._logging import get_logger, log_task
+from .._utils import get_counts, library_size
+from ._em import _labels_codes
+
+logger = get_logger(__name__)
+
+_PHI_MIN, _PHI_MAX = 1e-4, 1e3
+_BIN_WIDTH = 0.05
+_T_MIN, _T_MAX = -20.0, 15.0  # log expected count range of the curve's bins
+
+
+@dataclass
+class ZINBDropoutFit:
+    """Result of :func:`fit_zinb_dropout`.
+
+    Attributes
+    ----------
+    prob
+        ``P(true count > 0 | observed 0)`` at every zero of the counts (cells x genes CSR; values
+        below ``min_prob`` are not stored). Observed non-zero counts are never missing.
+    clusters
+        Cluster ids, in the row order of ``mean``.
+    mean
+        NB mean of every gene in every cluster at size factor 1 (n_clusters x n_genes).
+    dispersion
+        NB dispersion of every gene (``var = m + phi m^2``; 0 for genes without counts).
+    curve
+        ``(b0, b1)``: the dropout probability of an entry with expected count ``m`` is
+        ``expit(b0 + b1 log m)``.
+    size_factor
+        Size factor of every cell (library size over the mean library size of the cells with
+        counts; 0 for cells without counts, which are set aside).
+    cell_cluster
+        Row of ``clusters`` for every cell (-1 for cells without counts).
+    n_iter
+        EM updates done.
+    loglik
+        Log-likelihood after each update.
+    """
+
+    prob: sp.csr_matrix
+    clusters: np.ndarray
+    mean: np.ndarray
+    dispersion: np.ndarray
+    curve: tuple[float, float]
+    size_factor: np.ndarray
+    cell_cluster: np.ndarray
+    n_iter: int
+    loglik: np.ndarray
+    params: dict = field(default_factory=dict)
+
+    def missing(self, threshold: float = 0.5) -> sp.csr_matrix:
+        """Boolean CSR of the entries whose dropout probability exceeds ``threshold``."""
+        p = self.prob.copy()
+        p.data = p.data > threshold
+        p.eliminate_zeros()
+        return p.astype(bool)
+
+    @property
+    def zero_prob(self) -> np.ndarray:
+        """Dropout probability of a zero in a cell of size factor 1 (n_clusters x n_genes)."""
+        return zero_dropout_prob(self.mean, self.dispersion[None, :], self.curve)
+
+
+def nb_zero_logprob(m, phi) -> np.ndarray:
+    """``log P(T = 0)`` for ``T ~ NB(mean m, dispersion phi)``: ``-log1p(phi m) / phi``."""
+    m, phi = np.asarray(m, dtype=np.float64), np.asarray(phi, dtype=np.float64)
+    return -np.log1p(phi * m) / phi
+
+
+def zero_dropout_prob(m, phi, curve: tuple[float, float]) -> np.ndarray:
+    """``P(T > 0 | y = 0)`` for expected count ``m``, dispersion ``phi`` and curve ``(b0, b1)``.
+
+    Broadcasts over ``m`` and ``phi``; 0 where ``m == 0`` (a gene that cannot be expressed).
+    """
+    m = np.asarray(m, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        t = np.log(m)
+    lp0 = nb_zero_logprob(m, phi)
+    p = _posterior(t, lp0, curve)[1]
+    return np.where(m > 0, p, 0.0)
+
+
+def _posterior(t, lp0, curve):
+    """(z, p): ``P(D = 1 | y = 0)`` and ``P(T > 0 | y = 0)`` from ``log m`` and ``log P0``."""
+    b0, b1 = curve
+    eta = b0 + b1 * np.clip(t, _T_MIN, _T_MAX)
+    # logit z = logit pi - log P0, computed stably
+    z = expit(eta - lp0)
+    p = z * -np.expm1(lp0)
+    return z, p
+
+
+def _logistic_fit(t: np.ndarray, pos: np.ndarray, tot: np.ndarray, start) -> tuple[float, float]:
+    """Weighted logistic regression of a binary outcome on ``t``: ``pos`` of ``tot`` are 1."""
+    keep = tot > 0
+    t, pos, neg = t[keep], pos[keep], tot[keep] - pos[keep]
+    scale = tot[keep].sum()
+
+    def f(b):
+        eta = b[0] + b[1] * t
+        val = -(pos @ log_expit(eta) + neg @ log_expit(-eta)) / scale
+        r = (pos - tot[keep] * expit(eta)) / scale
+        return val, -np.array([r.sum(), r @ t])
+
+    res = optimize.minimize(f, np.asarray(start, dtype=np.float64), jac=True, method="L-BFGS-B")
+    return float(res.x[0]), float(res.x[1])
+
+
+def fit_zinb_dropout(
+    x,
+    labels,
+    *,
+    max_iter: int = 15,
+    tol: float = 1e-5,
+    shrinkage: float = 1.0,
+    min_prob: float = 1e-3,
+    dtype: np.dtype | type = np.float32,
+    block_size: int = 2**21,
+) -> ZINBDropoutFit:
+    """Dropout probability of every zero count from a ZINB with a logistic dropout curve.
+
+    See :mod:`screpair.dropout._zinb` for the model and the EM.
+
+    Parameters
+    ----------
+    x
+        Raw counts (cells x genes), CSR or ndarray.
+    labels
+        Cluster label of every cell (any hashable values; e.g. ``cluster_cells(x).labels``); one
+        label for all cells fits one mean per gene.
+    max_iter
+        EM update limit. The default, 15, was chosen by measurement on Splat simulations (the
+        cnnImpute preset and dropout midpoints 0 and 2): there the probabilities after 15 updates
+        are better calibrated (expected calibration error 0.01-0.06) than at full convergence
+        (0.05-0.10; the Splat model drops entries by the cell's own rate, which an independent
+        zero inflation cannot mimic exactly), with the same PR-AUC. On data drawn from this very
+        model, full convergence (``max_iter=100``, small ``tol``) recovers the curve and is
+        calibrated.
+    tol
+        Stop when the log-likelihood gains less than ``tol * |loglik|``.
+    shrinkage
+        Pseudo-cells (at size factor 1) pulling each cluster's gene mean towards the gene's mean
+        over all cells.
+    min_prob
+        Probabilities below this are not stored (most zeros are zeros of lowly expressed genes
+        with a probability near 0; storing them would hold nearly cells x genes values).
+    dtype
+        Floating dtype of ``prob``.
+    block_size
+        Approximate number of entries (cells x genes) processed at once (memory only).
+
+    Returns
+    -------
+    :class:`ZINBDropoutFit`. Genes without any count and cells without any count are set aside:
+    their probability is 0.
+
+    Examples
+    --------
+    >>> from screpair import simulate
+    >>> from screpair.dropout import fit_zinb_dropout
+    >>> sim = simulate.splat(n_obs=60, n_vars=200, group_prob=(0.5, 0.5), rng=0)
+    >>> fit = fit_zinb_dropout(sim.X, sim.obs["group"])
+    >>> fit.mean.shape, fit.curve[1] < 0
+    ((2, 200), True)
+    """
+    if max_iter < 1:
+        msg = f"max_iter must be a positive integer, got {max_iter!r}."
+        raise ValueError(msg)
+    if shrinkage <= 0:
+        msg = f"shrinkage must be positive, got {shrinkage!r}."
+        raise ValueError(msg)
+    x = get_counts(x, warn_empty=False)
+    x = x if sp.issparse(x) else sp.csr_matrix(x)
+    x.sort_indices()
+    n_cells, n_genes = x.shape
+    clusters, codes = _labels_codes(labels, n_cells)
+    k = clusters.size
+    lib = library_size(x)
+    nonempty = lib > 0
+    codes = np.where(nonempty, codes, -1)
+    s = np.where(nonempty, lib / lib[nonempty].mean(), 0.0)
+    gene_sum = np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
+    gene_empty = gene_sum == 0
+    onehot = sp.csr_matrix(
+        (np.ones(int(nonempty.sum())), (codes[nonempty], np.flatnonzero(nonempty))),
+        shape=(k, n_cells),
+    )
+    y_sum = np.asarray((onehot @ x).todense())  # k x genes
+    s_sum = onehot @ s  # k
+    mu_all = gene_sum / s.sum()
+    rows_per_block = max(1, block_size // max(n_genes, 1))
+    blocks = [
+        (a, min(a + rows_per_block, n_cells)) for a in range(0, n_cells, rows_per_block)
+    ]
+    n_bins = int(round((_T_MAX - _T_MIN) / _BIN_WIDTH))
+
+    # ---- initial values: plain cluster means, moment dispersion, a flat curve
+    mu = (y_sum + shrinkage * mu_all) / (s_sum[:, None] + shrinkage)
+    phi = np.full(n_genes, 0.1)
+    curve = (-1.0, -0.5)
+    logliks: list[float] = []
+    n_iter = 0
+    with log_task(f"fitting the ZINB dropout model ({k} clusters x {n_genes} genes)", logger):
+        for n_iter in range(1, max_iter + 1):
+            stats = _e_step(x, codes, s, mu, phi, curve, blocks, k, n_bins)
+            zs_sum, num, den, bin_t, bin_z, bin_n, ll = stats
+            logliks.append(ll)
+            # ---- M-step
+            mu = (y_sum + shrinkage * mu_all) / (s_sum[:, None] - zs_sum + shrinkage)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                phi = np.clip(num / den, _PHI_MIN, _PHI_MAX)
+            phi = np.where(np.isfinite(phi), phi, _PHI_MIN)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t_mid = np.where(bin_n > 0, bin_t / bin_n, 0.0)
+            curve = _logistic_fit(t_mid, bin_z, bin_n, curve)
+            if len(logliks) > 1 and logliks[-1] - logliks[-2] <= tol * abs(logliks[-1]):
+                break
+    mu[:, gene_empty] = 0.0
+    phi[gene_empty] = 0.0
+    prob = _assemble(x, codes, s, mu, phi, curve, blocks, min_prob=min_prob, dtype=dtype)
+    return ZINBDropoutFit(
+        prob=prob,
+        clusters=clusters,
+        mean=mu,
+        dispersion=phi,
+        curve=curve,
+        size_factor=s,
+        cell_cluster=codes,
+        n_iter=n_iter,
+        loglik=np.asarray(logliks),
+        params={"max_iter": max_iter, "tol": tol, "shrinkage": shrinkage, "min_prob": min_prob},
+    )
+
+
+def _block_means(x, codes, s, mu, phi, start, stop):
+    """Dense ``y``, expected counts ``m``, ``log m`` and ``log P0`` of a block of cells."""
+    sub = x[start:stop]
+    y = sub.toarray()
+    c = codes[start:stop]
+    ok = c >= 0
+    m = s[start:stop, None] * mu[np.where(ok, c, 0)]
+    m[~ok] = 0.0
+    with np.errstate(divide="ignore"):
+        t = np.log(m)
+    phi_safe = np.where(phi > 0, phi, _PHI_MIN)
+    lp0 = -np.log1p(phi_safe * m) / phi_safe
+    return y, m, t, lp0, ok
+
+
+def _e_step(x, codes, s, mu, phi, curve, blocks, k, n_bins):
+    n_genes = x.shape[1]
+    zs_sum = np.zeros((k, n_genes))
+    num = np.zeros(n_genes)
+    den = np.zeros(n_genes)
+    bin_t = np.zeros(n_bins)
+    bin_z = np.zeros(n_bins)
+    bin_n = np.zeros(n_bins)
+    ll = 0.0
+    b0, b1 = curve
+    phi_safe = np.where(phi > 0, phi, _PHI_MIN)
+    r = 1.0 / phi_safe
+    for start, stop in blocks:
+        y, m, t, lp0, ok = _block_means(x, codes, s, mu, phi, start, stop)
+        live = ok[:, None] & (m > 0)
+        zero = (y == 0) & live
+        z, _ = _posterior(t, lp0, curve)
+        z = np.where(zero, z, 0.0)
+        c = codes[start:stop]
+        # per (cluster, gene): sum of z s over the zeros
+        ind = sp.csr_matrix(
+            (s[start:stop][ok], (c[ok], np.flatnonzero(ok))), shape=(k, stop - start)
+        )
+        zs_sum += ind @ z
+        w = 1.0 - z
+        num += np.sum(w * ((y - m) ** 2 - m), axis=0, where=live)
+        den += np.sum(w * m * m, axis=0, where=live)
+        tl = t[live]
+        idx = np.clip(((tl - _T_MIN) / _BIN_WIDTH).astype(np.int64), 0, n_bins - 1)
+        bin_t += np.bincount(idx, weights=tl, minlength=n_bins)
+        bin_z += np.bincount(idx, weights=z[live], minlength=n_bins)
+        bin_n += np.bincount(idx, minlength=n_bins)
+        # log-likelihood: zeros log(pi + (1 - pi) P0), non-zeros log(1 - pi) + NB log-pmf
+        eta = b0 + b1 * np.clip(t, _T_MIN, _T_MAX)
+        lz = np.logaddexp(log_expit(eta), log_expit(-eta) + lp0)
+        ll += float(lz[zero].sum())
+        nz = (y > 0) & live
+        yy, mm = y[nz], m[nz]
+        rr = np.broadcast_to(r, y.shape)[nz]
+        lnb = (
+            gammaln(yy + rr) - gammaln(rr) - gammaln(yy + 1.0)
+            + rr * np.log(rr / (rr + mm)) + yy * np.log(mm / (rr + mm))
+        )
+        ll += float(np.sum(log_expit(-eta[nz]) + lnb))
+    return zs_sum, num, den, bin_t, bin_z, bin_n, ll
+
+
+def _assemble(x, codes, s, mu, phi, curve, blocks, *, min_prob, dtype) -> sp.csr_matrix:
+    """CSR of ``P(T > 0 | y = 0)`` at the zeros of ``x`` (values below ``min_prob`` dropped)."""
+    indices, data, counts = [], [], []
+    for start, stop in blocks:
+        y, m, t, lp0, ok = _block_means(x, codes, s, mu, phi, start, stop)
+        _, p = _posterior(t, lp0, curve)
+        keep = (y == 0) & (m > 0) & ok[:, None] & (p >= min_prob) & (p > 0)
+        counts.append(keep.sum(axis=1))
+        indices.append(np.nonzero(keep)[1].astype(np.int32))
+        data.append(p[keep].astype(dtype))
+    indptr = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
+    if indptr[-1] < np.iinfo(np.int32).max:
+        indptr = indptr.astype(np.int32)
+    return sp.csr_matrix(
+        (np.concatenate(data), np.concatenate(indices), indptr), shape=x.shape
+    )
+
