@@ -65,9 +65,10 @@ def test_csv_is_tidy_and_complete(bench):
     csv = pd.read_csv(out / "results.csv", keep_default_na=False, na_values=[""])
     assert list(csv.columns) == ev._benchmark.COLUMNS
     ok = csv[csv.status == "ok"]
-    # 2 working methods x 2 seeds x (2 masked + 4 clustering metrics)
-    assert len(ok) == 2 * 2 * (2 + 4)
-    assert set(ok.metric) == {"mse", "pearson", "ari", "purity", "entropy", "silhouette"}
+    # 2 working methods x 2 seeds x (3 masked + 4 clustering metrics)
+    assert len(ok) == 2 * 2 * (3 + 4)
+    assert set(ok.metric) == {"mse", "pearson", "zeros_imputed", "ari", "purity", "entropy",
+                              "silhouette"}
     assert ok.value.notna().all() and (ok.seconds >= 0).all() and (ok.peak_mem_mb >= 0).all()
     np.testing.assert_allclose(ok.value.to_numpy(), res[res.status == "ok"].value.to_numpy(),
                                rtol=1e-12)
@@ -198,3 +199,53 @@ def test_make_method_quiet_turns_off_epoch_bars():
         "progress": False,
     }
     assert ev.make_method("knn", progress=False).get_params() == ev.make_method("knn").get_params()
+
+
+def test_zeros_imputed_is_reported_not_ranked(bench):
+    res, out = bench
+    summ = ev.summarize(res)
+    z = summ[summ.metric == "zeros_imputed"]
+    assert len(z) == 2 and z["rank"].isna().all()
+    # gene_mean fills every zero, knn smooths every zero of an expressed gene
+    assert z.set_index("method").loc["gene_mean", "mean"] == pytest.approx(1.0)
+    text = (out / "summary.md").read_text()
+    assert "| zeros_imputed |" in text or " zeros_imputed |" in text
+    assert "(nan)" not in text
+
+
+def test_dropout_protocol_writes_reliability_diagram(tmp_path):
+    from screpair import simulate
+    from screpair.methods import BaseImputer, Posterior
+
+    class _Oracle(BaseImputer):
+        """Returns its input, and dropout probability 0.3 for every zero."""
+
+        name = "oracle_p"
+
+        def __init__(self, *, rng=None):
+            self.rng = rng
+
+        def fit(self, data, *, layer=None):
+            return self
+
+        def posterior(self, data, *, layer=None):
+            x = data.X.toarray()
+            return Posterior(mean=x, dropout_prob=np.where(x == 0, 0.3, 0.0))
+
+    sim = simulate.splat(n_obs=60, n_vars=50, group_prob=(0.5, 0.5), lib_loc=8.0, rng=1)
+    mp = pytest.MonkeyPatch()
+    mp.setitem(_peers.PEERS, "oracle_p", _Oracle)
+    try:
+        res = ev.run_benchmark({"sim": sim}, ["oracle_p", "gene_mean"], ["dropout"], [0],
+                               tmp_path, progress=False)
+    finally:
+        mp.undo()
+    cal = pd.read_csv(tmp_path / "calibration.csv")
+    assert list(cal.columns) == ev._benchmark.CALIBRATION_COLUMNS
+    # one bin [0.3, 0.4) holding every zero; its dropout fraction is the data's base rate
+    assert len(cal) == 1 and cal["method"].tolist() == ["oracle_p"]
+    assert cal["bin_lo"].iat[0] == pytest.approx(0.3) and cal["mean_prob"].iat[0] == pytest.approx(0.3)
+    ok = res[(res.status == "ok") & (res.method == "oracle_p")].set_index("metric")["value"]
+    assert ok["dropout_ece"] == pytest.approx(abs(0.3 - cal["frac_dropout"].iat[0]), rel=1e-6)
+    assert ok["zeros_imputed"] == 0.0  # the output is the input
+    assert (tmp_path / "reliability_sim.png").is_file()

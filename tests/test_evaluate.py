@@ -282,7 +282,7 @@ def test_mcv_protocol_invariants(sim):
     assert 0.85 < train.sum() / full.sum() < 0.95
     res = proto.score(task, test.toarray() * task.truth["train_sum"] / test.sum())
     assert res["mcv_mse"] == pytest.approx(0.0, abs=1e-12)
-    assert set(res) == {"mcv_mse", "mcv_poisson", "mcv_poisson_mcv"}
+    assert set(res) == {"mcv_mse", "mcv_poisson", "mcv_poisson_mcv", "zeros_imputed"}
 
 
 def _separated_sim():
@@ -350,7 +350,9 @@ def test_dropout_protocol_oracle(sim):
     res = proto.score(task, truth, oracle)
     assert res["dropout_pr_auc"] == pytest.approx(1.0) and res["dropout_f1"] == pytest.approx(1.0)
     assert res["mse_log"] == pytest.approx(0.0, abs=1e-12)
+    assert res["dropout_ece"] == pytest.approx(0.0, abs=1e-12)
     assert "dropout_pr_auc" not in proto.score(task, truth, Posterior(mean=truth))
+    assert proto.calibration(task, Posterior(mean=truth)) is None
 
 
 def test_degrade_protocol_oracle(sim):
@@ -592,3 +594,28 @@ def test_import_is_light():
             "print(any(m in sys.modules for m in ('torch', 'matplotlib', 'scvi', 'magic')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_dropout_calibration_and_ece_by_hand():
+    # zeros at (0,1), (0,2), (1,0), (1,2); dropouts (true > 0) at (0,1) and (1,0)
+    observed = np.array([[3.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    truth = np.array([[3.0, 1.0, 0.0], [4.0, 2.0, 0.0]])
+    prob = np.array([[0.0, 0.95, 0.15], [0.85, 0.0, 0.05]])
+    cal = ev.dropout_calibration(prob, observed, truth, n_bins=10)
+    # bins [0, 0.1): 0.05 (true zero); [0.1, 0.2): 0.15 (true zero); [0.8, 0.9): 0.85 (dropout);
+    # [0.9, 1]: 0.95 (dropout)
+    np.testing.assert_allclose(cal["bin_lo"], [0.0, 0.1, 0.8, 0.9], atol=1e-12)
+    np.testing.assert_allclose(cal["mean_prob"], [0.05, 0.15, 0.85, 0.95], rtol=1e-12)
+    np.testing.assert_allclose(cal["frac_dropout"], [0.0, 0.0, 1.0, 1.0], atol=0)
+    assert cal["n"].tolist() == [1, 1, 1, 1]
+    # ECE = mean of |0.05 - 0|, |0.15 - 0|, |0.85 - 1|, |0.95 - 1| = (0.05 + 0.15 + 0.15 + 0.05) / 4
+    assert ev.dropout_ece(cal) == pytest.approx(0.1, rel=1e-12)
+
+
+def test_zeros_imputed_by_hand():
+    observed = sp.csr_matrix(np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]))  # 4 zeros
+    imputed = np.array([[1.0, 0.5, 0.0], [0.0, 1e-3, 2.0]])  # 2 of them made positive
+    assert ev.zeros_imputed(observed, imputed) == pytest.approx(0.5, rel=1e-12)
+    assert ev.zeros_imputed(observed, sp.csr_matrix(imputed)) == pytest.approx(0.5, rel=1e-12)
+    assert ev.zeros_imputed(observed, imputed, tol=0.01) == pytest.approx(0.25, rel=1e-12)
+    assert ev.zeros_imputed(observed, observed.toarray()) == 0.0

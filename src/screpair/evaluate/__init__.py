@@ -4,7 +4,8 @@
   :func:`mcv_mse`, :func:`mcv_poisson`, :func:`poisson_nll`, :func:`ari`, :func:`purity`,
   :func:`entropy`, :func:`silhouette`, :func:`rank_genes`, :func:`deg_auc`, :func:`top_k`,
   :func:`jaccard`, :func:`f1`, :func:`marker_spearman`, :func:`gini`, :func:`gini_agreement`,
-  :func:`dropout_detection`, :func:`expression_recovery`, :func:`cosine_cell`;
+  :func:`dropout_detection`, :func:`dropout_calibration`, :func:`dropout_ece`,
+  :func:`zeros_imputed`, :func:`expression_recovery`, :func:`cosine_cell`;
 - protocols: :class:`Masked`, :class:`MCV`, :class:`Clustering`, :class:`DEG`, :class:`Dropout`,
   :class:`Degrade`, :class:`DegradeReference`, :class:`Smfish` (:func:`get_protocol` by name);
 - :func:`run_benchmark`: datasets x protocols x methods x seeds -> tidy CSV, markdown, PNG plots;
@@ -17,6 +18,7 @@ from ._benchmark import (
     PeakMemory,
     make_method,
     markdown_summary,
+    plot_reliability,
     plot_results,
     run_benchmark,
     run_method,
@@ -29,7 +31,9 @@ from ._metrics import (
     bh_adjust,
     cosine_cell,
     deg_auc,
+    dropout_calibration,
     dropout_detection,
+    dropout_ece,
     entropy,
     expression_recovery,
     f1,
@@ -48,6 +52,7 @@ from ._metrics import (
     rank_genes,
     silhouette,
     top_k,
+    zeros_imputed,
 )
 from ._peers import PEERS, GeneMeanImputer, MagicImputer, RawImputer, ScviImputer
 from ._protocols import (
@@ -89,7 +94,9 @@ __all__ = [
     "bh_adjust",
     "cosine_cell",
     "deg_auc",
+    "dropout_calibration",
     "dropout_detection",
+    "dropout_ece",
     "expression_recovery",
     "entropy",
     "f1",
@@ -107,6 +114,7 @@ __all__ = [
     "mcv_poisson",
     "mse_masked",
     "pearson_masked",
+    "plot_reliability",
     "plot_results",
     "poisson_nll",
     "purity",
@@ -117,4 +125,5 @@ __all__ = [
     "summarize",
     "top_k",
     "write_outputs",
+    "zeros_imputed",
 ]

@@ -21,7 +21,7 @@ from anndata import AnnData
 
 from .._logging import get_logger, log_task
 from .._utils import to_dense
-from ._metrics import GREATER_IS_BETTER
+from ._metrics import GREATER_IS_BETTER, UNRANKED
 from ._peers import PEERS
 from ._protocols import Protocol, Task, get_protocol
 
@@ -29,6 +29,9 @@ logger = get_logger(__name__)
 
 COLUMNS = ["dataset", "protocol", "method", "seed", "metric", "value", "seconds", "peak_mem_mb",
            "status", "error"]
+#: Columns of ``calibration.csv``: one row per (dataset, protocol, method, seed, probability bin).
+CALIBRATION_COLUMNS = ["dataset", "protocol", "method", "seed", "bin_lo", "bin_hi", "mean_prob",
+                       "frac_dropout", "n"]
 
 
 # --------------------------------------------------------------------------- memory
@@ -217,7 +220,8 @@ def run_benchmark(
     seeds
         Seeds; each seeds both the protocol's randomness (the mask, the MCV split) and the method.
     out_dir
-        Folder for ``results.csv``, ``summary.md`` and the PNG plots; ``None`` writes nothing.
+        Folder for ``results.csv``, ``summary.md``, ``calibration.csv`` (reliability-diagram
+        tables of the dropout protocol) and the PNG plots; ``None`` writes nothing.
     method_params
         Per-method parameters, e.g. ``{"scvi": {"max_epochs": 5}}``.
     protocol_params
@@ -234,7 +238,8 @@ def run_benchmark(
     The tidy results: one row per (dataset, protocol, method, seed, metric) with columns
     ``dataset, protocol, method, seed, metric, value, seconds, peak_mem_mb, status, error``
     (``status``: ``ok``, ``failed`` or ``skipped``; failed/skipped jobs have one row with an empty
-    metric and the error message).
+    metric and the error message). The reliability-diagram tables are in
+    ``results.attrs["calibration"]`` (a DataFrame, empty without the dropout protocol).
     """
     from tqdm.auto import tqdm
 
@@ -252,6 +257,7 @@ def run_benchmark(
     rows: list[dict] = []
     embeddings: dict[tuple[str, str], np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
+    calibs: list[pd.DataFrame] = []
     task: Task | None = None
     task_key = None
     task_error: str | None = None
@@ -283,6 +289,7 @@ def run_benchmark(
                                            reference=task.reference, progress=progress)
                 seconds = time.perf_counter() - start
             scores = proto.score(task, imputed, post)
+            calib = proto.calibration(task, post)
         except ImportError as e:
             rows.append({**base, "metric": "", "value": np.nan, "seconds": np.nan,
                          "peak_mem_mb": np.nan, "status": "skipped",
@@ -299,6 +306,8 @@ def run_benchmark(
         for metric, value in scores.items():
             rows.append({**base, "metric": metric, "value": float(value), "seconds": seconds,
                          "peak_mem_mb": mem.peak_mb, "status": "ok", "error": ""})
+        if calib is not None:
+            calibs.append(calib.assign(**base)[[*base, *calib.columns]])
         if plots and job.seed == seeds[0]:
             emb = proto.embedding(task, imputed)
             if emb is not None:
@@ -308,9 +317,11 @@ def run_benchmark(
                     embeddings[(job.dataset, "raw")] = proto.embedding(task, task.adata.X)
     bar.close()
     results = pd.DataFrame(rows, columns=COLUMNS)
+    results.attrs["calibration"] = (pd.concat(calibs, ignore_index=True) if calibs
+                                    else pd.DataFrame(columns=[*CALIBRATION_COLUMNS]))
     if out_dir is not None:
         write_outputs(results, out_dir, embeddings=embeddings, labels=labels, plots=plots,
-                      command=command)
+                      command=command, calibration=results.attrs["calibration"])
     return results
 
 
@@ -325,7 +336,8 @@ def _one_line(e: BaseException, *, with_notes: bool = False) -> str:
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """Mean, sd and number of seeds per (dataset, protocol, method, metric), plus the method's
     rank among the methods of that (dataset, protocol, metric) (1 = best; ties share the
-    average rank; direction from :data:`~screpair.evaluate.GREATER_IS_BETTER`)."""
+    average rank; direction from :data:`~screpair.evaluate.GREATER_IS_BETTER`; NaN for the
+    metrics that are only reported, such as ``zeros_imputed``)."""
     ok = results[(results["status"] == "ok") & results["metric"].astype(bool)]
     cols = ["dataset", "protocol", "method", "metric"]
     if ok.empty:
@@ -339,6 +351,7 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     summ["rank"] = (summ["mean"] * sign).groupby(
         [summ["dataset"], summ["protocol"], summ["metric"]], sort=False
     ).rank(method="average")
+    summ.loc[summ["metric"].isin(UNRANKED), "rank"] = np.nan  # reported, not ranked
     return summ
 
 
@@ -363,7 +376,8 @@ def markdown_summary(results: pd.DataFrame, *, command: str | None = None) -> st
               "↓ lower is better.", ""]
     for (dataset, protocol), block in summ.groupby(["dataset", "protocol"], sort=False):
         metrics = list(dict.fromkeys(block["metric"]))
-        head = [f"{m} {'↑' if GREATER_IS_BETTER.get(m, True) else '↓'}" for m in metrics]
+        head = [m if m in UNRANKED else f"{m} {'↑' if GREATER_IS_BETTER.get(m, True) else '↓'}"
+                for m in metrics]
         lines += [f"## {dataset} · {protocol}", "",
                   "| method | " + " | ".join(head) + " | mean rank | seconds | peak MB |",
                   "|---" * (len(metrics) + 4) + "|"]
@@ -371,8 +385,9 @@ def markdown_summary(results: pd.DataFrame, *, command: str | None = None) -> st
         order = by_method["rank"].mean().sort_values().index
         for method in order:
             mb = block[block["method"] == method].set_index("metric")
-            cells = [f"{_fmt(mb.at[m, 'mean'], mb.at[m, 'sd'])} ({mb.at[m, 'rank']:g})"
-                     if m in mb.index else "–" for m in metrics]
+            cells = [("–" if m not in mb.index else _fmt(mb.at[m, "mean"], mb.at[m, "sd"])
+                      + (f" ({mb.at[m, 'rank']:g})" if np.isfinite(mb.at[m, "rank"]) else ""))
+                     for m in metrics]
             lines.append(f"| {method} | " + " | ".join(cells)
                          + f" | {mb['rank'].mean():.2f} | {mb['seconds'].mean():.1f}"
                          f" | {mb['peak_mem_mb'].mean():.0f} |")
@@ -400,8 +415,10 @@ def _safe(name: str) -> str:
 
 
 def write_outputs(results: pd.DataFrame, out_dir, *, embeddings=None, labels=None,
-                  plots: bool = True, command: str | None = None) -> dict[str, list[Path]]:
-    """Write ``results.csv``, ``summary.md`` and (``plots=True``) the PNGs into ``out_dir``."""
+                  plots: bool = True, command: str | None = None,
+                  calibration: pd.DataFrame | None = None) -> dict[str, list[Path]]:
+    """Write ``results.csv``, ``summary.md``, ``calibration.csv`` (when ``calibration`` has rows)
+    and (``plots=True``) the PNGs into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, list[Path]] = {"csv": [], "md": [], "png": []}
@@ -411,10 +428,52 @@ def write_outputs(results: pd.DataFrame, out_dir, *, embeddings=None, labels=Non
     md = out / "summary.md"
     md.write_text(markdown_summary(results, command=command))
     written["md"].append(md)
+    has_calib = calibration is not None and not calibration.empty
+    if has_calib:
+        cal = out / "calibration.csv"
+        calibration.to_csv(cal, index=False)
+        written["csv"].append(cal)
     if plots:
         written["png"] += plot_results(results, out, embeddings=embeddings or {},
                                        labels=labels or {})
+        if has_calib:
+            written["png"] += plot_reliability(calibration, out)
     return written
+
+
+def plot_reliability(calibration: pd.DataFrame, out_dir) -> list[Path]:
+    """Reliability diagram per dataset (``reliability_<dataset>.png``): the fraction of zeros that
+    are dropouts against the mean dropout probability of each probability bin, one line per
+    method (first seed), with the diagonal of a calibrated model; bar heights below show the share
+    of zeros in each bin."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    files: list[Path] = []
+    for dataset, block in calibration.groupby("dataset", sort=False):
+        block = block[block["seed"] == block["seed"].min()]
+        fig, (ax, axn) = plt.subplots(2, 1, figsize=(4.2, 5.2), sharex=True,
+                                      gridspec_kw={"height_ratios": [3, 1]})
+        ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="calibrated")
+        n_methods = block["method"].nunique()
+        for i, (method, b) in enumerate(block.groupby("method", sort=False)):
+            ax.plot(b["mean_prob"], b["frac_dropout"], marker="o", ms=3, color=f"C{i}",
+                    label=method)
+            width = (b["bin_hi"] - b["bin_lo"]) / n_methods
+            axn.bar(b["bin_lo"] + i * width, b["n"] / b["n"].sum(), width=width, align="edge",
+                    color=f"C{i}")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("fraction of zeros that are dropouts")
+        ax.legend(fontsize=7, loc="upper left")
+        ax.set_title(f"{dataset}: dropout calibration", fontsize=10)
+        axn.set_xlabel("dropout probability (bin mean)")
+        axn.set_ylabel("share of zeros", fontsize=8)
+        files.append(_save(fig, out / f"reliability_{_safe(dataset)}.png"))
+    return files
 
 
 def _save(fig, path: Path) -> Path:

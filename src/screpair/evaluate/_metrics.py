@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from scipy import stats
 
 from .._utils import library_size, to_dense
@@ -34,6 +35,7 @@ GREATER_IS_BETTER: dict[str, bool] = {
     "gini_pearson": True,
     "dropout_pr_auc": True,
     "dropout_f1": True,
+    "dropout_ece": False,
     "expr_pr_auc": True,
     "expr_f1": True,
     "mse_log": False,
@@ -41,6 +43,9 @@ GREATER_IS_BETTER: dict[str, bool] = {
     "mse_log_dropped": False,
     "cosine_cell": True,
 }
+
+#: Metrics reported next to the accuracy but not ranked (no direction is better).
+UNRANKED: frozenset[str] = frozenset({"zeros_imputed"})
 
 
 # --------------------------------------------------------------------------- normalisation
@@ -449,6 +454,72 @@ def dropout_detection(prob, observed, true_counts, *, threshold: float = 0.5) ->
         "dropout_pr_auc": float(average_precision_score(y, s)),
         "dropout_f1": float(f1_score(y, s > threshold)),
     }
+
+
+def dropout_calibration(prob, observed, true_counts, *, n_bins: int = 10) -> pd.DataFrame:
+    """Reliability diagram of ``prob`` as the probability that an observed zero is a dropout.
+
+    Among the observed zeros (a *dropout* has a positive true count), the probabilities are
+    binned into ``n_bins`` equal-width bins of [0, 1]. Returns one row per non-empty bin with
+    ``bin_lo``, ``bin_hi``, ``mean_prob`` (mean probability in the bin), ``frac_dropout`` (fraction
+    of dropouts in the bin; equal to ``mean_prob`` for a calibrated model) and ``n`` (zeros in the
+    bin). :func:`dropout_ece` summarises it.
+    """
+    pr, obs, tru = _as_float(prob), _as_float(observed), _as_float(true_counts)
+    if not (pr.shape == obs.shape == tru.shape):
+        msg = f"shapes differ: prob {pr.shape}, observed {obs.shape}, true_counts {tru.shape}."
+        raise ValueError(msg)
+    zero = obs == 0
+    y, p = (tru[zero] > 0).astype(np.float64), np.clip(pr[zero], 0.0, 1.0)
+    idx = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    n = np.bincount(idx, minlength=n_bins)
+    sp_ = np.bincount(idx, weights=p, minlength=n_bins)
+    sy = np.bincount(idx, weights=y, minlength=n_bins)
+    keep = n > 0
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return pd.DataFrame({
+        "bin_lo": edges[:-1][keep],
+        "bin_hi": edges[1:][keep],
+        "mean_prob": sp_[keep] / n[keep],
+        "frac_dropout": sy[keep] / n[keep],
+        "n": n[keep],
+    })
+
+
+def dropout_ece(calibration: pd.DataFrame) -> float:
+    """Expected calibration error of a :func:`dropout_calibration` table: the zero-weighted mean
+    of ``|mean_prob - frac_dropout|`` over the bins (0 for a calibrated model)."""
+    n = calibration["n"].to_numpy(dtype=np.float64)
+    if n.sum() == 0:
+        return float("nan")
+    gap = np.abs(calibration["mean_prob"].to_numpy() - calibration["frac_dropout"].to_numpy())
+    return float(np.sum(n * gap) / n.sum())
+
+
+def zeros_imputed(observed, imputed, *, tol: float = 0.0) -> float:
+    """Fraction of the observed zeros that the output turns positive (``imputed > tol``).
+
+    ``observed`` may be sparse; ``imputed`` is dense or sparse, same shape.
+    """
+    obs = observed if sp.issparse(observed) else sp.csr_matrix(np.asarray(observed))
+    obs = sp.csr_matrix(obs)
+    obs.eliminate_zeros()
+    if obs.shape != imputed.shape:
+        msg = f"shapes differ: observed {obs.shape}, imputed {imputed.shape}."
+        raise ValueError(msg)
+    n_zero = obs.shape[0] * obs.shape[1] - obs.nnz
+    if n_zero == 0:
+        return float("nan")
+    rows, cols = obs.nonzero()
+    if sp.issparse(imputed):
+        imp = sp.csr_matrix(imputed)
+        pos_all = int((imp.data > tol).sum())
+        pos_obs = int((np.asarray(imp[rows, cols]).ravel() > tol).sum())
+    else:
+        imp = np.asarray(imputed)
+        pos_all = int(np.count_nonzero(imp > tol))
+        pos_obs = int(np.count_nonzero(imp[rows, cols] > tol))
+    return float((pos_all - pos_obs) / n_zero)
 
 
 def expression_recovery(

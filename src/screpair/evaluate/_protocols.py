@@ -6,7 +6,11 @@ A protocol has two steps, so that the (random) preparation is shared by every me
   cells or genes) and whatever the score needs (held-out truth, labels, reference DEGs);
 - ``score(task, imputed, posterior=None) -> dict``: metrics of the count-scale output.
 
-``embedding(task, imputed)`` gives 2-D coordinates for plots (clustering protocol).
+``embedding(task, imputed)`` gives 2-D coordinates for plots (clustering protocol), and
+``calibration(task, posterior)`` a reliability-diagram table (dropout protocol).
+
+The ``masked``, ``mcv`` and ``dropout`` protocols also report ``zeros_imputed``, the fraction of the
+input's zeros that the output makes positive, next to the accuracy (not ranked).
 
 Protocols: ``masked`` (cnnImpute / DeepImpute masked values, issue 5), ``mcv`` (Open Problems
 denoising), ``clustering``, ``deg``, ``dropout`` (simulations with truth), ``degrade`` (the hook for
@@ -83,6 +87,10 @@ class Protocol:
     def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:  # pragma: no cover
         raise NotImplementedError
 
+    def calibration(self, task: Task, posterior=None) -> pd.DataFrame | None:
+        """Reliability-diagram table of the method's dropout probabilities (``None``: none)."""
+        return None
+
     def embedding(self, task: Task, imputed) -> np.ndarray | None:
         return None
 
@@ -135,7 +143,8 @@ class Masked(Protocol):
 
     def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
         t = task.truth
-        return M.masked_accuracy(t["true_counts"], imputed, t["mask"], t["lib"])
+        out = M.masked_accuracy(t["true_counts"], imputed, t["mask"], t["lib"])
+        return {**out, "zeros_imputed": M.zeros_imputed(task.adata.X, imputed)}
 
 
 # --------------------------------------------------------------------------- MCV
@@ -176,6 +185,7 @@ class MCV(Protocol):
             "mcv_poisson": M.mcv_poisson(t["test"], imputed, train_sum=t["train_sum"]),
             "mcv_poisson_mcv": M.mcv_poisson(t["test"], imputed, train_sum=t["train_sum"],
                                              order="mcv"),
+            "zeros_imputed": M.zeros_imputed(task.adata.X, imputed),
         }
 
 
@@ -395,8 +405,10 @@ class DEG(_Labelled):
 class Dropout(Protocol):
     """Dropout detection on a simulation with ``layers['true_counts']``: PR-AUC and F1 of the
     method's ``dropout_prob`` (methods without one get no score) for telling dropout zeros from
-    true zeros, plus ``mse_log``/``pearson_log`` of the output against the truth on
-    ``log1p(CPM)`` over the dropped entries."""
+    true zeros and its calibration (``dropout_ece``, and the reliability diagram from
+    :meth:`calibration`, :func:`~screpair.evaluate.dropout_calibration`), plus
+    ``mse_log``/``pearson_log`` of the output against the truth on ``log1p(CPM)`` over the dropped
+    entries and ``zeros_imputed``."""
 
     name = "dropout"
 
@@ -418,10 +430,19 @@ class Dropout(Protocol):
         if t["dropped"].any():
             acc = M.masked_accuracy(t["true_counts"], imputed, t["dropped"], t["lib"])
             out.update({"mse_log": acc["mse"], "pearson_log": acc["pearson"]})
-        prob = getattr(posterior, "dropout_prob", None)
-        if prob is not None:
+        out["zeros_imputed"] = M.zeros_imputed(task.adata.X, imputed)
+        calib = self.calibration(task, posterior)
+        if calib is not None:
+            prob = posterior.dropout_prob
             out.update(M.dropout_detection(prob, task.adata.X, t["true_counts"]))
+            out["dropout_ece"] = M.dropout_ece(calib)
         return out
+
+    def calibration(self, task: Task, posterior=None) -> pd.DataFrame | None:
+        prob = getattr(posterior, "dropout_prob", None)
+        if prob is None:
+            return None
+        return M.dropout_calibration(prob, task.adata.X, task.truth["true_counts"])
 
 
 #: The "moderate" damage of the degrade protocol (see :class:`Degrade`).
