@@ -61,14 +61,15 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     parts = [run_benchmark(data, ["raw", "gene_mean"], protocols, seeds, plots=False,
                            progress=False)]
-    calib = [parts[0].attrs["calibration"]]
+    calib = [pd.DataFrame(parts[0].attrs["calibration"])]
     for model, name in (("zinb", "cnn"), ("scimpute", "cnn_scimpute")):
         res = run_benchmark(data, ["cnn"], protocols, seeds, plots=False, progress=False,
                             method_params={"cnn": {"dropout_model": model,
                                                    "n_epochs": args.n_epochs}})
-        calib.append(res.attrs["calibration"].assign(method=name))
+        calib.append(pd.DataFrame(res.attrs["calibration"]).assign(method=name))
         parts.append(res.assign(method=name))
-        out = pd.concat(parts, ignore_index=True)
+        out = pd.concat([r.assign() for r in parts], ignore_index=True)
+        out.attrs = {}
         cal = pd.concat(calib, ignore_index=True)
         command = ("python benchmarks/dropout_models.py " + args.out
                    + f" --protocols {args.protocols} --seeds {args.seeds} --n-genes {args.n_genes}"

@@ -249,3 +249,6 @@ def test_dropout_protocol_writes_reliability_diagram(tmp_path):
     assert ok["dropout_ece"] == pytest.approx(abs(0.3 - cal["frac_dropout"].iat[0]), rel=1e-6)
     assert ok["zeros_imputed"] == 0.0  # the output is the input
     assert (tmp_path / "reliability_sim.png").is_file()
+    back = pd.DataFrame(res.attrs["calibration"])
+    np.testing.assert_allclose(back["frac_dropout"], cal["frac_dropout"], rtol=1e-12)
+    pd.concat([res, res])  # results with calibration records still concatenate

@@ -239,7 +239,9 @@ def run_benchmark(
     ``dataset, protocol, method, seed, metric, value, seconds, peak_mem_mb, status, error``
     (``status``: ``ok``, ``failed`` or ``skipped``; failed/skipped jobs have one row with an empty
     metric and the error message). The reliability-diagram tables are in
-    ``results.attrs["calibration"]`` (a DataFrame, empty without the dropout protocol).
+    ``results.attrs["calibration"]``, a list of records with the columns
+    :data:`CALIBRATION_COLUMNS` (``pd.DataFrame(results.attrs["calibration"])``; empty without
+    the dropout protocol).
     """
     from tqdm.auto import tqdm
 
@@ -317,11 +319,13 @@ def run_benchmark(
                     embeddings[(job.dataset, "raw")] = proto.embedding(task, task.adata.X)
     bar.close()
     results = pd.DataFrame(rows, columns=COLUMNS)
-    results.attrs["calibration"] = (pd.concat(calibs, ignore_index=True) if calibs
-                                    else pd.DataFrame(columns=[*CALIBRATION_COLUMNS]))
+    calibration = (pd.concat(calibs, ignore_index=True) if calibs
+                   else pd.DataFrame(columns=[*CALIBRATION_COLUMNS]))
+    # records, not a DataFrame: pandas compares attrs when concatenating results
+    results.attrs["calibration"] = calibration.to_dict("records")
     if out_dir is not None:
         write_outputs(results, out_dir, embeddings=embeddings, labels=labels, plots=plots,
-                      command=command, calibration=results.attrs["calibration"])
+                      command=command, calibration=calibration)
     return results
 
 
