@@ -6,8 +6,10 @@ messages live in one place.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -202,7 +204,7 @@ def get_counts(
         msg = (
             f"{where} contains non-integer values ({frac:.0%} of non-zeros); raw counts are required. "
             "The data look normalized or log-transformed: pass the raw counts "
-            "(e.g. `layer='counts'` or `adata.raw`)."
+            "(e.g. `layer='counts'`, or `layer='raw'` for adata.raw.X; CLI: --layer)."
         )
         raise ValueError(msg)
     if not np.any(vals):
@@ -382,3 +384,19 @@ def library_size(x) -> np.ndarray:
 def to_dense(x) -> np.ndarray:
     """Dense ndarray view/copy of a matrix (sparse or dense)."""
     return x.toarray() if sp.issparse(x) else np.asarray(x)
+
+
+def jsonable(value: Any) -> Any:
+    """Turn parameters into values h5ad/JSON can store (no None, no objects)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return jsonable(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        vals = [jsonable(v) for v in value]
+        return vals if all(isinstance(v, (int, float, str, bool)) for v in vals) else str(vals)
+    if isinstance(value, (bool, int, float, str, np.integer, np.floating, np.bool_)):
+        return value
+    if value is None:
+        return "None"
+    return repr(value)

@@ -123,6 +123,14 @@ def _check_name(value: str | None, flag: str) -> None:
         raise CLIError(msg)
 
 
+def _check_not_input_layer(args) -> None:
+    key = args.key_added or getattr(args, "method", None)
+    if args.layer is not None and key == args.layer:
+        msg = (f"--key-added {key!r} would overwrite the input counts in layers[{args.layer!r}]; "
+               "choose another name.")
+        raise CLIError(msg)
+
+
 def _set_trust(args) -> None:
     if getattr(args, "trust_counts", False):
         from ._utils import TRUST_COUNTS_ENV
@@ -196,6 +204,7 @@ def _cmd_impute(args) -> int:
 
     _check_name(args.layer, "--layer")
     _check_name(args.key_added, "--key-added")
+    _check_not_input_layer(args)
     _check_output(args.output, inputs=[args.input], overwrite=args.overwrite)
     get_method(args.method)  # an unknown name fails here, before any heavy import
     params = _load_config(args.config)
@@ -562,6 +571,7 @@ def _add_dropout(sub) -> None:
 def _cmd_dropout(args) -> int:
     _check_name(args.layer, "--layer")
     _check_name(args.key_added, "--key-added")
+    _check_not_input_layer(args)
     _check_output(args.output, inputs=[args.input], overwrite=args.overwrite)
     if not 0.0 <= args.threshold <= 1.0:
         msg = f"--threshold must be in [0, 1], got {args.threshold:g}."
@@ -630,7 +640,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     old_show, warnings.showwarning = warnings.showwarning, _show_warning
     old_trust = os.environ.get("SCREPAIR_TRUST_COUNTS")
     try:
-        return _COMMANDS[args.command][1](args)
+        with warnings.catch_warnings():  # shown once each, as one line; -q: errors only
+            warnings.simplefilter("ignore" if args.quiet else "default")
+            return _COMMANDS[args.command][1](args)
     except KeyboardInterrupt:
         print("screpair: interrupted; no partial output was left", file=sys.stderr)
         return EXIT_INTERRUPT

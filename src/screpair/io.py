@@ -909,9 +909,9 @@ def _atomic_target(path: Path) -> Iterator[Path]:
             os.close(fd)
             tmp = Path(name)
             yield tmp
-            pause = float(os.environ.get(_PAUSE_ENV, "0") or 0)
-            if pause > 0:
-                time.sleep(pause)
+            end = time.monotonic() + float(os.environ.get(_PAUSE_ENV, "0") or 0)
+            while not got and time.monotonic() < end:
+                time.sleep(0.05)
             if got:
                 msg = "interrupted during the write"
                 raise InterruptedError(msg)
