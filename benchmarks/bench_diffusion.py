@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from screpair.methods._torch import TrainConfig
+    from screpair.methods import TrainConfig
     from screpair.methods.diffusion import DiffusionConfig, DiffusionImputer, PairConfig
 
     if args.threads:

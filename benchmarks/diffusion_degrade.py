@@ -70,7 +70,7 @@ def run_one(name, path, seed, args):
     import scipy.sparse as sp
 
     import screpair
-    from screpair.methods._torch import TrainConfig
+    from screpair.methods import TrainConfig
     from screpair.methods.diffusion import PairConfig
 
     clean = ad.read_h5ad(path)

@@ -1,4 +1,8 @@
-"""scanpy's package-structure test, ported: the public AnnData functions follow one signature."""
+"""scanpy's package-structure test, ported: the public AnnData functions follow one signature.
+
+Covers functions whose first parameter is ``adata`` (an AnnData) and, as scanpy's does, those
+whose first parameter is ``data`` (an AnnData or a bare matrix, e.g. ``pp.normalize``).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import pytest
 import screpair
 
 MODULES = ["screpair", "screpair.pp", "screpair.dropout", "screpair.simulate", "screpair.evaluate"]
+FIRST = ("adata", "data")
 
 
 def _public_adata_functions():
@@ -27,7 +32,7 @@ def _public_adata_functions():
                 continue
             if inspect.isfunction(fn) and not name.startswith("_"):
                 params = list(inspect.signature(fn).parameters.values())
-                if params and params[0].name == "adata":
+                if params and params[0].name in FIRST:
                     seen[f"{fn.__module__}.{fn.__qualname__}"] = fn
     return sorted(seen.items())
 
@@ -38,12 +43,17 @@ FUNCS = _public_adata_functions()
 def test_found_functions():
     names = [n for n, _ in FUNCS]
     assert any(n.endswith("impute") for n in names)
+    assert any(n.endswith("pp._pp.normalize") for n in names)  # a `data`-first function
 
 
 @pytest.mark.parametrize(("name", "fn"), FUNCS, ids=[n for n, _ in FUNCS])
 def test_adata_function_signature(name, fn):
+    assert fn.__doc__, f"{name} has no docstring"
     sig = inspect.signature(fn)
     params = list(sig.parameters.values())
+    if params[0].name == "data":  # an AnnData or a bare matrix
+        first = str(typing.get_type_hints(fn).get("data"))
+        assert "AnnData" in first and "ndarray" in first, f"{name}: data must accept AnnData and arrays"
     n_pos = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
     assert n_pos <= 3, "Public functions should have <= 3 positional parameters"
     if "copy" in sig.parameters:

@@ -9,11 +9,11 @@ from anndata import AnnData
 from sklearn.exceptions import NotFittedError
 
 import screpair
-from screpair.methods._torch import TrainConfig
+from screpair.methods import TrainConfig
 from screpair.methods.autoencoder import AEConfig, DAEImputer, VAEImputer
 from screpair.methods.autoencoder._module import DenoisingAE, VariationalAE
 from screpair.methods.diffusion import PairConfig
-from screpair.methods.diffusion._pairs import log_normalize
+from screpair.methods._pairs import log_normalize
 
 N_TOP = 40
 CLASSES = [DAEImputer, VAEImputer]

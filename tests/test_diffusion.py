@@ -12,7 +12,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
 import screpair
-from screpair.methods._torch import TrainConfig
+from screpair.methods import TrainConfig
 from screpair.methods.diffusion import (
     DiffusionConfig,
     DiffusionImputer,
@@ -21,7 +21,7 @@ from screpair.methods.diffusion import (
     make_betas,
 )
 from screpair.methods.diffusion._module import EpsNet, timestep_embedding
-from screpair.methods.diffusion._pairs import log_normalize, to_counts
+from screpair.methods._pairs import log_normalize, to_counts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -289,7 +289,7 @@ def test_sample_point_estimate(mean):
 
 
 def test_n_views_automatic():
-    from screpair.methods.diffusion._pairs import n_views
+    from screpair.methods._pairs import n_views
 
     auto = PairConfig()
     # ceil(10,000 / cells) clipped to [2, 8] below 2,000 cells, then 2

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 import torch
 from anndata import AnnData
 
-from screpair.methods._torch import TrainConfig
+from screpair.methods import TrainConfig
 from screpair.methods.autoencoder import AEConfig, DAEImputer, VAEImputer
 from screpair.methods.cnn import CNNImputer
 from screpair.methods.diffusion import DiffusionConfig, DiffusionImputer, PairConfig

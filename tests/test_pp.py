@@ -6,7 +6,7 @@ import numpy as np
 import scipy.sparse as sp
 
 import screpair
-from screpair.pp._pp import hvg_dispersion
+from screpair.pp import hvg_dispersion
 
 X = np.array([[1, 0, 3], [0, 0, 0], [2, 2, 4]], dtype=float)
 

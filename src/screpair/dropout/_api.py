@@ -107,7 +107,7 @@ def cluster(
 def _cluster_into(adata: AnnData, x, *, layer, key_added: str, rng: RNGLike, **params) -> None:
     """Run :func:`cluster_cells` on ``x`` and write its result into ``adata``."""
     from .. import __version__
-    from ..methods._api import jsonable
+    from .._utils import jsonable
 
     start = time.perf_counter()
     res = cluster_cells(x, rng=rng, **params)
@@ -222,7 +222,7 @@ def dropout_probability(
     'scimpute'
     """
     from .. import __version__
-    from ..methods._api import jsonable
+    from .._utils import jsonable
 
     adata = prepare_adata(adata, copy, "dropout_probability")
     check_output_keys(adata, [key_added], layer=layer, overwrite=overwrite)

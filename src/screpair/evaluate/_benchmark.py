@@ -123,7 +123,7 @@ def _quiet(est, params: Mapping) -> None:
         est.set_params(progress=False)
     train = own.get("train", False)
     if train is None:
-        from ..methods._torch import TrainConfig
+        from ..methods import TrainConfig
 
         est.set_params(train=TrainConfig(progress=False))
     elif dataclasses.is_dataclass(train):

@@ -14,6 +14,7 @@ _LAZY = {
     "make_estimator": "._api",
     "BaseImputer": "._base",
     "Posterior": "._base",
+    "TrainConfig": "._torch",
     "available_methods": "._registry",
     "get_method": "._registry",
 }

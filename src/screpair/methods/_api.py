@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import time
 import types
 import typing
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -18,6 +17,7 @@ from .._utils import (
     RNGLike,
     check_output_keys,
     get_counts,
+    jsonable,  # noqa: F401 - re-exported (was defined here)
     nonempty,
     prepare_adata,
     var_names,
@@ -107,22 +107,6 @@ def _check_param_types(cls, method: str, params: dict) -> None:
         want = " or ".join(repr(a[1]) if isinstance(a, tuple) else _SIMPLE[a] for a in alts)
         msg = f"method {method!r}: parameter {name!r} must be {want}, got {value!r}."
         raise TypeError(msg)
-
-
-def jsonable(value: Any) -> Any:
-    """Turn parameters into values h5ad/JSON can store (no None, no objects)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return jsonable(dataclasses.asdict(value))
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        vals = [jsonable(v) for v in value]
-        return vals if all(isinstance(v, (int, float, str, bool)) for v in vals) else str(vals)
-    if isinstance(value, (bool, int, float, str, np.integer, np.floating, np.bool_)):
-        return value
-    if value is None:
-        return "None"
-    return repr(value)
 
 
 def _scatter(block, cells: np.ndarray, genes: np.ndarray, shape: tuple[int, int]):

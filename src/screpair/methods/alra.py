@@ -10,7 +10,7 @@ from sklearn.utils.extmath import randomized_svd
 
 from .._logging import get_logger
 from .._utils import Data, RNGLike, as_rng, get_counts, library_size, var_names
-from ..pp._pp import log1p_matrix, normalize_rows
+from ..pp import log1p_matrix, normalize_rows
 from ._base import BaseImputer, Posterior
 
 logger = get_logger(__name__)

@@ -10,7 +10,7 @@ from sklearn.decomposition import TruncatedSVD
 from sklearn.neighbors import NearestNeighbors
 
 from .._utils import Data, RNGLike, as_rng, get_counts, library_size, var_names
-from ..pp._pp import log1p_matrix, normalize_rows
+from ..pp import log1p_matrix, normalize_rows
 from ._base import BaseImputer, Posterior
 
 

@@ -3,15 +3,31 @@
 Every function takes an AnnData (writes the result into a slot named by ``key_added``, never over
 ``X``; returns ``None`` or a copy with ``copy=True``) or a bare matrix (returns the result). Sparse
 input stays sparse.
+
+The matrix-level helpers behind them, for code that has already validated its counts (no checks,
+no AnnData): :func:`normalize_rows`, :func:`log1p_matrix` and :func:`hvg_dispersion`.
 """
 
 from ._pp import (
     filter_cells,
     filter_genes,
     highly_variable_genes,
+    hvg_dispersion,
     log1p,
+    log1p_matrix,
     normalize,
+    normalize_rows,
     size_factors,
 )
 
-__all__ = ["filter_cells", "filter_genes", "highly_variable_genes", "log1p", "normalize", "size_factors"]
+__all__ = [
+    "filter_cells",
+    "filter_genes",
+    "highly_variable_genes",
+    "hvg_dispersion",
+    "log1p",
+    "log1p_matrix",
+    "normalize",
+    "normalize_rows",
+    "size_factors",
+]

@@ -48,7 +48,7 @@ def _finish(adata: AnnData, copy: bool):
 
 def size_factors(
     data: Data, *, layer: str | None = None, key_added: str = "size_factor", copy: bool = False
-):
+) -> AnnData | np.ndarray | None:
     """Per-cell size factors: library size divided by the mean library size (SAVER's definition).
 
     Returns
@@ -72,7 +72,7 @@ def normalize(
     layer: str | None = None,
     key_added: str = "normalized",
     copy: bool = False,
-):
+) -> AnnData | np.ndarray | sp.csr_matrix | None:
     """Scale every cell to ``target_sum`` total counts (``None``: median library size).
 
     Returns
@@ -95,7 +95,7 @@ def log1p(
     layer: str | None = None,
     key_added: str = "log1p",
     copy: bool = False,
-):
+) -> AnnData | np.ndarray | sp.csr_matrix | None:
     """``log(1 + x)`` of a (normalized) layer; does not require integer input.
 
     Returns
@@ -216,7 +216,7 @@ def highly_variable_genes(
     layer: str | None = None,
     key_added: str = "highly_variable",
     copy: bool = False,
-):
+) -> AnnData | np.ndarray | None:
     """Select highly-variable genes from raw counts (dispersion-based, Seurat flavour).
 
     Returns

@@ -8,7 +8,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .. import __version__
-from ..methods._api import jsonable
+from .._utils import jsonable
 
 #: Layer names every simulator in :mod:`screpair.simulate` writes.
 COUNTS, TRUTH, MASK = "counts", "true_counts", "dropout_mask"

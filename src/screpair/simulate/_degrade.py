@@ -33,7 +33,7 @@ from scipy.special import ndtri
 
 from .._logging import get_logger, log_task
 from .._utils import RNGLike, as_rng, get_counts, library_size, to_dense
-from ..pp._pp import log1p_matrix, normalize_rows
+from ..pp import log1p_matrix, normalize_rows
 from ._common import check_range, csr, truth_adata
 
 logger = get_logger(__name__)

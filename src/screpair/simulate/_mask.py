@@ -8,8 +8,7 @@ from anndata import AnnData
 
 from .. import __version__
 from .._logging import get_logger
-from .._utils import RNGLike, as_rng, get_counts
-from ..methods._api import jsonable
+from .._utils import RNGLike, as_rng, get_counts, jsonable
 from ._common import check_range, csr, truth_adata
 
 logger = get_logger(__name__)

@@ -1,7 +1,7 @@
 """Denoising and variational autoencoder baselines of DiffRepairer (``dae``, ``vae``).
 
 Both use exactly the diffusion method's data pipeline and training pairs
-(:mod:`screpair.methods.diffusion._pairs`): input the degraded log profile ``c``, target the clean
+(:mod:`screpair.methods._pairs`): input the degraded log profile ``c``, target the clean
 ``x0`` (standardized log values of the top HVGs), output back on the count scale.
 """
 
@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from ..._utils import RNGLike
 from .._torch import TrainConfig, import_torch
-from ..diffusion._pairs import PairConfig, PairImputer
+from .._pairs import PairConfig, PairImputer
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,7 +3,8 @@
 - :class:`NoiseSchedule` (``_schedule.py``): DDPM/DDIM noise math, no network;
 - :class:`EpsNet` (``_module.py``): the transformer noise predictor (pure ``nn.Module``);
 - :class:`DiffusionImputer` (``_model.py``): the estimator (data, training, repair, save/load);
-- ``_pairs.py``: the (clean, degraded) pair pipeline shared with the ``dae``/``vae`` baselines.
+- ``methods/_pairs.py``: the (clean, degraded) pair pipeline shared with the ``dae``/``vae``
+  baselines.
 
 torch is imported only when :class:`EpsNet` or a fitted model is used.
 """
@@ -11,7 +12,7 @@ torch is imported only when :class:`EpsNet` or a fitted model is used.
 from __future__ import annotations
 
 from ._model import DiffusionConfig, DiffusionImputer
-from ._pairs import PairConfig, PairImputer
+from .._pairs import PairConfig, PairImputer
 from ._schedule import NoiseSchedule, StepOutput, make_betas
 
 __all__ = [

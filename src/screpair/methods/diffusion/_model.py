@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from ..._utils import RNGLike
 from .._torch import TrainConfig, import_torch
-from ._pairs import PairConfig, PairImputer
+from .._pairs import PairConfig, PairImputer
 from ._schedule import NoiseSchedule
 
 
@@ -61,7 +61,7 @@ class DiffusionImputer(PairImputer):
     on the observed profile, ``n_samples`` times: their variance is the uncertainty and the
     repaired profile is either the mean of the samples (``mean="samples"``, the paper) or the
     network's own estimate of ``E[x0 | c]`` (``mean="denoiser"``, default; see ``mean``). Trained on pairs made by degrading clean profiles with
-    :func:`screpair.simulate.degrade` (see :mod:`screpair.methods.diffusion._pairs` for the
+    :func:`screpair.simulate.degrade` (see :mod:`screpair.methods._pairs` for the
     pipeline: 1e4 normalization, log1p, top HVGs, per-gene standardization, count scale out).
 
     Use it inductively (``fit(reference).transform(degraded)``, the paper's setting; gene names
@@ -95,7 +95,7 @@ class DiffusionImputer(PairImputer):
     Examples
     --------
     >>> import screpair
-    >>> from screpair.methods._torch import TrainConfig
+    >>> from screpair.methods import TrainConfig
     >>> ad = screpair.simulate.splat(n_obs=60, n_vars=40, rng=0)
     >>> est = DiffusionImputer(
     ...     module=DiffusionConfig(patch_size=10, d_model=16, n_layers=1, n_heads=2, dim_feedforward=16),

@@ -33,8 +33,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from ..._logging import get_logger, log_task
-from ..._utils import (
+from .._logging import get_logger, log_task
+from .._utils import (
     Data,
     as_rng,
     check_var_names,
@@ -43,8 +43,8 @@ from ..._utils import (
     torch_seed,
     var_names,
 )
-from .._base import BaseImputer, Posterior
-from .._torch import (
+from ._base import BaseImputer, Posterior
+from ._torch import (
     LossOutput,
     TrainConfig,
     check_loaded,
@@ -139,7 +139,7 @@ def _draw(rng: np.random.Generator, bounds, n: int, name: str) -> np.ndarray:
 
 def degrade_counts(x, cfg: PairConfig, rng: np.random.Generator, gene_length=None):
     """One degraded copy of the count matrix ``x`` with per-cell damage drawn from ``cfg``."""
-    from ... import simulate
+    from .. import simulate
 
     n = x.shape[0]
     params = {
@@ -296,7 +296,7 @@ class PairImputer(BaseImputer):
         ``history_`` (one row per epoch) and ``posterior_seed_`` (the integer seed of the repair
         noise: ``rng`` itself when it is an int, else one draw from it).
         """
-        from ... import pp
+        from .. import pp
 
         torch = import_torch()
         self._check_params()
