@@ -309,6 +309,26 @@ def test_checks_before_reading_the_input(tmp_path, h5ad_path, capsys):
     assert not Path(out).exists()
 
 
+def test_seed_range_checked_before_work(counts_adata):
+    """old: a huge seed failed after the computation, with an HDF5 dtype error."""
+    for bad in (2**70, -1, True):
+        with pytest.raises(ValueError, match="rng must be"):
+            screpair.impute(counts_adata.copy(), "alra", rng=bad)
+
+
+def test_pp_layers_never_replace_counts(counts_adata):
+    ad = counts_adata.copy()
+    with pytest.raises(ValueError, match="input counts"):
+        screpair.pp.normalize(ad, layer="counts", key_added="counts")
+    screpair.pp.normalize(ad)
+    with pytest.raises(ValueError, match="input counts"):  # the input layer: never
+        screpair.pp.log1p(ad, layer="normalized", key_added="normalized", overwrite=True)
+    screpair.pp.log1p(ad, layer="normalized")
+    with pytest.raises(ValueError, match="already exists"):
+        screpair.pp.log1p(ad, layer="normalized")
+    screpair.pp.log1p(ad, layer="normalized", overwrite=True)
+
+
 def test_simulate_lib_loc_message(tmp_path, capsys):
     code = main(["simulate", str(tmp_path / "s.h5ad"), "--lib-loc", "100", "--n-obs", "10"])
     _one_error_line(capsys, code, "lib_loc is the log of the typical library size")

@@ -49,11 +49,24 @@ def make_estimator(method: str | BaseImputer, *, rng: RNGLike = 0, **params) -> 
     _check_param_types(cls, method, params)
     if "rng" in accepted:
         params.setdefault("rng", rng)
+        _check_seed(params["rng"])
     est = cls(**params)
     check = getattr(est, "_check_params", None)
     if check is not None:  # ranges and combinations, before any data are read
         check()
     return est
+
+
+#: seeds are stored in ``uns`` (HDF5 int64) and saved models: keep them in range
+MAX_SEED = 2**63 - 1
+
+
+def _check_seed(rng) -> None:
+    if isinstance(rng, (bool, np.bool_)) or (
+        isinstance(rng, (int, np.integer)) and not 0 <= rng <= MAX_SEED
+    ):
+        msg = f"rng must be None, a numpy Generator or an integer from 0 to 2**63 - 1, got {rng!r}."
+        raise ValueError(msg)
 
 
 _SIMPLE = {int: "an integer", float: "a number", bool: "true or false", str: "a string",

@@ -7,7 +7,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._utils import Data, get_counts, library_size, prepare_adata
+from .._utils import Data, check_output_keys, get_counts, library_size, prepare_adata
 
 
 def _scale_rows(x, factors: np.ndarray):
@@ -72,13 +72,19 @@ def normalize(
     layer: str | None = None,
     key_added: str = "normalized",
     copy: bool = False,
+    overwrite: bool = False,
 ) -> AnnData | np.ndarray | sp.csr_matrix | None:
     """Scale every cell to ``target_sum`` total counts (``None``: median library size).
+
+    ``layers[key_added]`` may replace an existing layer only with ``overwrite=True``, and never
+    the input ``layer``.
 
     Returns
     -------
     For an AnnData: ``None`` (or a copy), writing ``.layers[key_added]``. For a matrix: the result.
     """
+    if isinstance(data, AnnData):
+        check_output_keys(data, [key_added], layer=layer, overwrite=overwrite)
     x = get_counts(data, layer, warn_empty=False)
     out = normalize_rows(x, target_sum)
     if not isinstance(data, AnnData):
@@ -95,13 +101,19 @@ def log1p(
     layer: str | None = None,
     key_added: str = "log1p",
     copy: bool = False,
+    overwrite: bool = False,
 ) -> AnnData | np.ndarray | sp.csr_matrix | None:
     """``log(1 + x)`` of a (normalized) layer; does not require integer input.
+
+    ``layers[key_added]`` may replace an existing layer only with ``overwrite=True``, and never
+    the input ``layer``.
 
     Returns
     -------
     For an AnnData: ``None`` (or a copy), writing ``.layers[key_added]``. For a matrix: the result.
     """
+    if isinstance(data, AnnData):
+        check_output_keys(data, [key_added], layer=layer, overwrite=overwrite)
     x = get_counts(data, layer, require_integer=False, warn_empty=False)
     out = log1p_matrix(x, base)
     if not isinstance(data, AnnData):
