@@ -146,10 +146,10 @@ def write(adata: AnnData, path: PathLike, *, layer: str | None = None) -> None:
 
     The file is first written to a temporary file ``.NAME.*.tmp`` in the same directory and then
     renamed onto ``path`` (:func:`os.replace`), so ``path`` is either left as it was or holds the
-    complete new file. The temporary file is removed on error, on Ctrl-C (SIGINT) and on SIGTERM,
-    which abort the write even where HDF5 would swallow them (the signal is re-raised once the
-    temporary file is gone); only SIGKILL or a power cut can leave it behind, never a partial
-    ``path``. A symbolic link is written through: its target is replaced and the link kept.
+    complete new file. The temporary file is removed on error, on Ctrl-C (SIGINT) and on SIGTERM:
+    a signal during the write is recorded, the temporary file is finished and then discarded (a
+    second signal stops at once), and the signal is re-raised once the temporary file is gone.
+    Only SIGKILL or a power cut can leave the temporary file behind, never a partial ``path``. A symbolic link is written through: its target is replaced and the link kept.
     ``adata`` is not modified.
 
     - ``.h5ad``: every slot, gzip-compressed (:meth:`anndata.AnnData.write_h5ad`; string columns
@@ -868,11 +868,14 @@ def _raise_for(signum: int, frame, previous) -> None:
 
 @contextlib.contextmanager
 def _interrupt_guard() -> Iterator[list[int]]:
-    """Record SIGINT / SIGTERM during a write, and raise for them as their handlers would.
+    """Record SIGINT / SIGTERM during a write; raise for them (as their handlers would) after it.
 
-    HDF5 (through h5py and anndata) swallows a ``KeyboardInterrupt`` raised inside its calls, and
-    the write then finishes as if nothing happened; the recorded signal lets the caller abort at
-    the end of the write instead. Outside the main thread signals cannot be handled: no guard.
+    An exception raised by a signal handler at an arbitrary point of a write is easily lost:
+    inside a garbage-collection callback Python prints "Exception ignored" and carries on, and
+    the write then finishes as if nothing happened (seen with anndata's ``write_h5ad``). So the
+    first signal is only recorded and the caller discards the finished temporary file; a second
+    signal raises at once. Outside the main thread signals cannot be
+    handled: no guard.
     """
     got: list[int] = []
     if threading.current_thread() is not threading.main_thread():
@@ -882,7 +885,8 @@ def _interrupt_guard() -> Iterator[list[int]]:
 
     def handler(signum, frame):
         got.append(signum)
-        _raise_for(signum, frame, previous[signum])
+        if len(got) > 1:  # asked twice: stop now
+            _raise_for(signum, frame, previous[signum])
 
     for s in _GUARDED:
         signal.signal(s, handler)
@@ -891,7 +895,7 @@ def _interrupt_guard() -> Iterator[list[int]]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-    if got:  # the exception was swallowed inside the write: raise it now
+    if got:
         _raise_for(got[0], None, previous[got[0]])
 
 
