@@ -39,8 +39,12 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-TINY_TRAIN = {"n_epochs": 2, "batch_size": 32, "lr": 2e-3, "patience": 0, "progress": False, "device": "cpu"}
-TINY_DIFFUSION = {"patch_size": 8, "d_model": 32, "n_layers": 2, "n_heads": 2, "dim_feedforward": 64}
+TINY_TRAIN = {
+    "n_epochs": 2, "batch_size": 32, "lr": 2e-3, "patience": 0, "progress": False, "device": "cpu"
+}
+TINY_DIFFUSION = {
+    "patch_size": 8, "d_model": 32, "n_layers": 2, "n_heads": 2, "dim_feedforward": 64
+}
 TINY_AE = {"hidden": 64, "latent": 8, "dropout": 0.1, "kl_weight": 0.1}
 TINY_PAIRS = {"n_top_genes": 60, "n_views": 2}
 TINY_CNN = {
@@ -188,7 +192,8 @@ def run_splat() -> dict:
     from screpair import simulate
 
     out = _layers(simulate.splat(n_obs=150, n_vars=300, rng=0), "default:")
-    out.update(_layers(simulate.splat(n_obs=120, n_vars=200, preset="cnnimpute", rng=1), "cnnimpute:"))
+    cnn = simulate.splat(n_obs=120, n_vars=200, preset="cnnimpute", rng=1)
+    out.update(_layers(cnn, "cnnimpute:"))
     out.update(_layers(simulate.splat(n_obs=100, n_vars=150, group_prob=[0.5, 0.5],
                                       dropout_type="experiment", keep_intermediates=True, rng=2),
                        "groups:"))

@@ -138,8 +138,9 @@ def test_dict_configs_as_from_a_cli_config_file(ref_and_degraded):
         DAEImputer(module=3).fit(ref, layer="true_counts")
 
 
-def _glibc_mmapped():
-    """Bytes glibc currently serves with ``mmap`` (``mallinfo2().hblkhd``), or None."""
+def _glibc_mallinfo():
+    """glibc's ``mallinfo2`` (``hblkhd``: bytes served with ``mmap``; ``fordblks``: free bytes in
+    the heap), or None."""
     import ctypes
     import platform
 
@@ -155,28 +156,34 @@ def _glibc_mmapped():
             "fordblks", "keepcost")]
 
     libc.mallinfo2.restype = MallInfo2
-    return lambda: libc.mallinfo2().hblkhd
+    return libc.mallinfo2
 
 
 def test_heap_reuse_serves_large_buffers_from_the_heap(monkeypatch):
     from screpair.methods._torch import heap_reuse
 
-    mmapped = _glibc_mmapped()
-    if mmapped is None:
+    mallinfo = _glibc_mallinfo()
+    if mallinfo is None:
         pytest.skip("needs glibc >= 2.33 (mallinfo2)")
-    size = 96 << 20  # above glibc's largest mmap threshold (32 MB)
 
-    def grows(buf_size):  # how much the mmapped total grows while a buffer is alive
-        base = mmapped()
-        buf = torch.empty(buf_size, dtype=torch.uint8)
-        grown = mmapped() - base
+    def grows():  # how much the mmapped total grows while a large buffer is alive (and its size)
+        # above glibc's largest mmap threshold (32 MB) and larger than all free heap memory, so
+        # no free chunk left by earlier tests can serve it
+        size = (96 << 20) + mallinfo().fordblks
+        base = mallinfo().hblkhd
+        buf = torch.empty(size, dtype=torch.uint8)
+        grown = mallinfo().hblkhd - base
         del buf
-        return grown
+        return grown, size
 
-    assert grows(size) >= size  # by default a large buffer is a fresh mmap (zero-filled pages)
+    grown, size = grows()
+    assert grown >= size  # by default a large buffer is a fresh mmap (zero-filled pages)
     with heap_reuse():
-        assert grows(size) < size // 2  # inside: from the heap, kept there after the free
-    assert grows(size) >= size  # glibc's behaviour is back after the context
+        grown, size = grows()
+        assert grown < size // 2  # inside: from the heap, kept there after the free
+    grown, size = grows()
+    assert grown >= size  # glibc's behaviour is back after the context
     monkeypatch.setenv("SCREPAIR_HEAP_REUSE", "0")
     with heap_reuse():
-        assert grows(size) >= size  # opted out
+        grown, size = grows()
+        assert grown >= size  # opted out

@@ -288,6 +288,23 @@ def test_sample_point_estimate(mean):
         _tiny(mean="median")._sample(_OracleNet(est._schedule()), c, 1, None)
 
 
+def test_pair_pipeline_lengths_follow_gene_names():
+    """Training views use each gene's own stand-in length (seeded by its name, not its column)."""
+    from screpair import simulate
+    from screpair.methods._pairs import PairImputer
+
+    sim = simulate.splat(n_obs=20, n_vars=30, rng=0)
+    names = sim.var_names[::-1]
+    np.testing.assert_array_equal(
+        PairImputer._gene_length(sim[:, names], names), simulate.default_gene_length(names)
+    )
+    withlen = sim.copy()
+    withlen.var["gene_length"] = np.arange(1.0, sim.n_vars + 1)
+    np.testing.assert_array_equal(
+        PairImputer._gene_length(withlen, withlen.var_names), withlen.var["gene_length"]
+    )
+
+
 def test_n_views_automatic():
     from screpair.methods._pairs import n_views
 

@@ -427,6 +427,27 @@ def test_degrade_seeded_and_input_untouched(sim):
     assert _same_sim(sim, before)
 
 
+@pytest.mark.parametrize("array_type", [np.asarray, sp.csr_matrix])
+def test_degrade_counts_is_the_core_of_degrade(sim, array_type):
+    kw = {"bias_3p": (0.0, 1.0), "dropout_rate": 0.3, "noise_sd": (0.0, 0.4), "rng": 5}
+    a = simulate.degrade(sim, layer="true_counts", **kw)
+    x = sim.layers["true_counts"]
+    out = simulate.degrade_counts(
+        array_type(x.toarray() if array_type is np.asarray else x),
+        gene_length=simulate.default_gene_length(sim.var_names),
+        **kw,
+    )
+    assert _same_csr(out.counts, a.layers["counts"])
+    assert _same_csr(out.dropout_mask, a.layers["dropout_mask"])
+    np.testing.assert_array_equal(out.bias_3p, a.obs["degrade_bias_3p"])
+    np.testing.assert_array_equal(out.noise_sd, a.obs["degrade_noise_sd"])
+    np.testing.assert_array_equal(out.library_size, a.obs["clean_library_size"])
+    with pytest.raises(ValueError, match="gene_length has 3 values but the data have"):
+        simulate.degrade_counts(x, gene_length=np.ones(3), rng=0)
+    with pytest.raises(ValueError, match="non-integer"):
+        simulate.degrade_counts(x * 0.5, gene_length=np.ones(sim.n_vars), rng=0)
+
+
 # --------------------------------------------------------------------------- mask
 
 

@@ -8,7 +8,8 @@ Pipeline (DiffRepairer, Xiao et al. 2025):
    chosen once at ``fit``) are modelled; every other gene is returned unchanged;
 3. training pairs: the clean profile ``x0`` and ``n_views`` (by default 2-8, more for fewer
    cells) pseudo-degraded versions
-   ``c = simulate.degrade(x0)`` per cell, the damage parameters (3' bias, dropout rate, noise sd)
+   ``c = simulate.degrade_counts(x0)`` per cell (real gene lengths from ``var["gene_length"]``,
+   else stand-ins seeded by gene name), the damage parameters (3' bias, dropout rate, noise sd)
    drawn per cell and per view uniformly from :class:`PairConfig`'s ranges (mild to severe);
    the degraded counts are normalized and log-transformed exactly as real input would be;
 4. the log values are centred per gene (clean training mean) and divided by the overall sd of
@@ -89,7 +90,8 @@ class PairConfig:
         epochs, 357 s, with 2: hence 2 views for larger datasets.
     bias_3p, dropout_rate, noise_sd
         ``(low, high)`` ranges; each cell and view draws its damage uniformly from them and passes
-        it to :func:`screpair.simulate.degrade`. The defaults span no damage to severe damage.
+        it to :func:`screpair.simulate.degrade_counts`. The defaults span no damage to severe
+        damage.
     zero_threshold
         An entry observed as zero stays zero unless its repaired value, ``log1p(CP10k)`` at the
         observed library size, reaches ``zero_threshold`` (0.5: about 0.65 per 10,000 counts);
@@ -137,8 +139,9 @@ def _draw(rng: np.random.Generator, bounds, n: int, name: str) -> np.ndarray:
     return rng.uniform(lo, hi, size=n)
 
 
-def degrade_counts(x, cfg: PairConfig, rng: np.random.Generator, gene_length=None):
-    """One degraded copy of the count matrix ``x`` with per-cell damage drawn from ``cfg``."""
+def degrade_view(x, cfg: PairConfig, rng: np.random.Generator, gene_length: np.ndarray):
+    """One degraded copy of the count matrix ``x`` with per-cell damage drawn from ``cfg``
+    (:func:`screpair.simulate.degrade_counts`; ``gene_length``: one value per column)."""
     from .. import simulate
 
     n = x.shape[0]
@@ -147,9 +150,8 @@ def degrade_counts(x, cfg: PairConfig, rng: np.random.Generator, gene_length=Non
         "dropout_rate": _draw(rng, cfg.dropout_rate, n, "dropout_rate"),
         "noise_sd": _draw(rng, cfg.noise_sd, n, "noise_sd"),
     }
-    out = simulate.degrade(AnnData(X=sp.csr_matrix(x)), **params, gene_length=gene_length, rng=rng)
-    m = out.layers["counts"] if "counts" in out.layers else out.X
-    return sp.csr_matrix(m, dtype=np.float64)
+    out = simulate.degrade_counts(x, **params, gene_length=gene_length, rng=rng)
+    return sp.csr_matrix(out.counts, dtype=np.float64)
 
 
 PAIRS_PER_EPOCH = 10_000
@@ -170,14 +172,14 @@ def n_views(cfg: PairConfig, n_cells: int) -> int:
 
 
 def make_pairs(
-    x, genes: np.ndarray, cfg: PairConfig, k: int, rng: np.random.Generator, gene_length=None
+    x, genes: np.ndarray, cfg: PairConfig, k: int, rng: np.random.Generator, gene_length: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Clean log profiles ``(n, g)`` and ``k`` degraded ones ``(k, n, g)`` on the ``genes``
-    columns (``k`` from :func:`n_views`)."""
+    columns (``k`` from :func:`n_views`; ``gene_length``: one value per column of ``x``)."""
     clean = log_normalize(x, genes)
     views = np.empty((k, *clean.shape), dtype=np.float32)
     for v in range(k):
-        views[v] = log_normalize(degrade_counts(x, cfg, rng, gene_length), genes)
+        views[v] = log_normalize(degrade_view(x, cfg, rng, gene_length), genes)
     return clean, views
 
 
@@ -272,11 +274,14 @@ class PairImputer(BaseImputer):
         return z * self.gene_scale_ + self.gene_mean_
 
     @staticmethod
-    def _gene_length(data: Data, genes=None):
+    def _gene_length(data: Data, names: pd.Index) -> np.ndarray:
+        """``var["gene_length"]`` when ``data`` has it, else stand-ins seeded by gene name
+        (:func:`screpair.simulate.default_gene_length`), one per gene."""
+        from .. import simulate
+
         if isinstance(data, AnnData) and "gene_length" in data.var:
-            gl = data.var["gene_length"].to_numpy(dtype=np.float64)
-            return gl if genes is None else gl[genes]
-        return None
+            return data.var["gene_length"].to_numpy(dtype=np.float64)
+        return simulate.default_gene_length(names)
 
     # ---- estimator API -----------------------------------------------------------------------
     def fit(self, data: Data, *, layer: str | None = None) -> Self:
@@ -312,7 +317,7 @@ class PairImputer(BaseImputer):
         genes = np.flatnonzero(hvg)
         k = n_views(pcfg, x.shape[0])
         with log_task(f"making {k} degraded view(s) of {x.shape[0]} cells", logger):
-            clean, views = make_pairs(x, genes, pcfg, k, rng, self._gene_length(data))
+            clean, views = make_pairs(x, genes, pcfg, k, rng, self._gene_length(data, names))
         # centred per gene, scaled by one overall sd: a per-gene sd would blow up rarely
         # detected genes (sd ~ 0 in the reference) when a degraded cell does express them
         self.gene_mean_ = clean.mean(0).astype(np.float32)

@@ -204,6 +204,142 @@ def _round_counts(x: np.ndarray, how: str, rng: np.random.Generator) -> np.ndarr
     return x
 
 
+@dataclass
+class DegradeCountsOutput:
+    """Result of :func:`degrade_counts`.
+
+    Attributes
+    ----------
+    counts
+        Degraded counts (CSR float32, cells x genes).
+    dropout_mask
+        ``True`` where a non-zero clean count was hit by the Bernoulli dropout (CSR bool).
+    bias_3p, dropout_rate, noise_sd
+        The per-cell damage parameters used (length ``n_obs``).
+    library_size
+        Each cell's clean library size ``L``.
+    """
+
+    counts: sp.csr_matrix
+    dropout_mask: sp.csr_matrix
+    bias_3p: np.ndarray
+    dropout_rate: np.ndarray
+    noise_sd: np.ndarray
+    library_size: np.ndarray
+
+
+def _check_degrade_options(rounding: str, target_sum: float) -> None:
+    if rounding not in ("stochastic", "nearest", "none"):
+        msg = f"rounding must be 'stochastic', 'nearest' or 'none', got {rounding!r}."
+        raise ValueError(msg)
+    if not target_sum > 0:
+        msg = f"target_sum must be > 0, got {target_sum!r}."
+        raise ValueError(msg)
+
+
+def degrade_counts(
+    x,
+    *,
+    bias_3p: CellParam = 0.0,
+    dropout_rate: CellParam = 0.0,
+    noise_sd: CellParam = 0.0,
+    gene_length: np.ndarray,
+    target_sum: float = 1e4,
+    rounding: Literal["stochastic", "nearest", "none"] = "stochastic",
+    rng: RNGLike = None,
+) -> DegradeCountsOutput:
+    """Degrade a clean count matrix (3' bias, dropout, noise): the matrix core of :func:`degrade`.
+
+    The counts are log-normalized (``y = log1p(x / L * target_sum)``, ``L`` each cell's clean
+    library size), damaged by :func:`degrade_log` and turned back into counts at the clean
+    library size, ``x' = expm1(y') * L / target_sum``, then rounded (``rounding``), in row blocks
+    of about two million entries so that only one block is ever dense.
+
+    Parameters
+    ----------
+    x
+        Clean raw counts, cells x genes (dense or sparse).
+    bias_3p, dropout_rate, noise_sd, target_sum, rounding, rng
+        As for :func:`degrade`.
+    gene_length
+        Transcript length of each gene (one value per column; only ratios to the median matter).
+        For stand-ins seeded by gene name use :func:`default_gene_length` of the gene names.
+
+    Returns
+    -------
+    :class:`DegradeCountsOutput`. Random draws happen in this order: the per-cell ranges (bias,
+    dropout, noise), then per row block the dropout uniforms, the noise and the rounding.
+    """
+    _check_degrade_options(rounding, target_sum)
+    x = get_counts(x, warn_empty=False)
+    return _degrade_matrix(
+        x,
+        bias_3p=bias_3p,
+        dropout_rate=dropout_rate,
+        noise_sd=noise_sd,
+        gene_length=gene_length,
+        target_sum=target_sum,
+        rounding=rounding,
+        rng=as_rng(rng),
+        what="the data have",
+    )
+
+
+def _degrade_matrix(
+    x, *, bias_3p, dropout_rate, noise_sd, gene_length, target_sum, rounding, rng, what: str
+) -> DegradeCountsOutput:
+    """:func:`degrade_counts` on counts that :func:`get_counts` has already validated."""
+    x = sp.csr_matrix(x) if not sp.issparse(x) else x
+    n_obs, n_vars = x.shape
+    length = np.asarray(gene_length, dtype=np.float64).ravel()
+    if length.size != n_vars:
+        msg = f"gene_length has {length.size} values but {what} {n_vars} genes."
+        raise ValueError(msg)
+    _relative_length(length)  # validate before drawing anything else
+
+    b = _cell_values("bias_3p", bias_3p, n_obs, rng)
+    r = _cell_values("dropout_rate", dropout_rate, n_obs, rng, high=1.0)
+    s = _cell_values("noise_sd", noise_sd, n_obs, rng)
+    lib = library_size(x)
+    scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
+    unscale = lib / target_sum  # cells without counts stay empty: their y is 0 and so is L
+
+    counts, masks = [], []
+    step = max(1, _BLOCK_ENTRIES // n_vars)
+    with log_task(f"degrading {n_obs} cells x {n_vars} genes", logger):
+        for start in range(0, n_obs, step):
+            sl = slice(start, min(start + step, n_obs))
+            clean = x[sl].toarray()
+            y = np.log1p(clean * scale[sl, None])
+            out = degrade_log(
+                y, bias_3p=b[sl], dropout_rate=r[sl], noise_sd=s[sl], gene_length=length, rng=rng
+            )
+            back = np.expm1(out.log) * unscale[sl, None]
+            counts.append(csr(_round_counts(back, rounding, rng)))
+            masks.append(csr(out.dropped & (clean > 0), dtype=bool))
+    return DegradeCountsOutput(
+        sp.vstack(counts, format="csr"), sp.vstack(masks, format="csr"), b, r, s, lib
+    )
+
+
+def _resolve_gene_length(adata: AnnData, gene_length: str | np.ndarray | None):
+    """The lengths :func:`degrade` uses and where they came from (for ``uns``)."""
+    if isinstance(gene_length, str):
+        if gene_length not in adata.var:
+            msg = f"gene_length column {gene_length!r} not found in adata.var."
+            raise KeyError(msg)
+        return adata.var[gene_length].to_numpy(dtype=np.float64), f"var[{gene_length!r}]"
+    if gene_length is None and "gene_length" in adata.var:
+        return adata.var["gene_length"].to_numpy(dtype=np.float64), "var['gene_length']"
+    if gene_length is None:
+        logger.info(
+            "no gene lengths given: drew them from LogNormal(log(2000), 0.7) (median 2 kb), "
+            "seeded by each gene's name"
+        )
+        return default_gene_length(adata.var_names), "drawn from gene names"
+    return np.asarray(gene_length, dtype=np.float64).ravel(), "given"
+
+
 def degrade(
     adata: AnnData,
     *,
@@ -226,7 +362,9 @@ def degrade(
     model), and turned back into counts at the clean library size: ``x' = expm1(y') * L /
     target_sum``, then rounded to integers (``rounding``). Converting with the clean ``L`` keeps
     the signal lost to degradation lost (degraded cells have smaller libraries), and the degraded
-    log values are exactly ``log1p(x' / L * target_sum)`` when ``rounding="none"``.
+    log values are exactly ``log1p(x' / L * target_sum)`` when ``rounding="none"``. The matrix
+    work is :func:`degrade_counts`; this function resolves the gene lengths and builds the
+    AnnData.
 
     Parameters
     ----------
@@ -280,67 +418,28 @@ def degrade(
     >>> deg.layers["counts"].shape
     (50, 30)
     """
-    if rounding not in ("stochastic", "nearest", "none"):
-        msg = f"rounding must be 'stochastic', 'nearest' or 'none', got {rounding!r}."
-        raise ValueError(msg)
-    if not target_sum > 0:
-        msg = f"target_sum must be > 0, got {target_sum!r}."
-        raise ValueError(msg)
+    _check_degrade_options(rounding, target_sum)
     rng = as_rng(rng)
     x = get_counts(adata, layer, warn_empty=False)
     x = sp.csr_matrix(x) if not sp.issparse(x) else x
-    n_obs, n_vars = x.shape
-
-    length_source = "given"
-    if isinstance(gene_length, str):
-        if gene_length not in adata.var:
-            msg = f"gene_length column {gene_length!r} not found in adata.var."
-            raise KeyError(msg)
-        length = adata.var[gene_length].to_numpy(dtype=np.float64)
-        length_source = f"var[{gene_length!r}]"
-    elif gene_length is None and "gene_length" in adata.var:
-        length = adata.var["gene_length"].to_numpy(dtype=np.float64)
-        length_source = "var['gene_length']"
-    elif gene_length is None:
-        length = default_gene_length(adata.var_names)
-        length_source = "drawn from gene names"
-        logger.info(
-            "no gene lengths given: drew them from LogNormal(log(2000), 0.7) (median 2 kb), "
-            "seeded by each gene's name"
-        )
-    else:
-        length = np.asarray(gene_length, dtype=np.float64).ravel()
-    if length.size != n_vars:
-        msg = f"gene_length has {length.size} values but adata has {n_vars} genes."
-        raise ValueError(msg)
-    _relative_length(length)  # validate before drawing anything else
-
-    b = _cell_values("bias_3p", bias_3p, n_obs, rng)
-    r = _cell_values("dropout_rate", dropout_rate, n_obs, rng, high=1.0)
-    s = _cell_values("noise_sd", noise_sd, n_obs, rng)
-    lib = library_size(x)
-    scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
-    unscale = lib / target_sum  # cells without counts stay empty: their y is 0 and so is L
-
-    counts, masks = [], []
-    step = max(1, _BLOCK_ENTRIES // n_vars)
-    with log_task(f"degrading {n_obs} cells x {n_vars} genes", logger):
-        for start in range(0, n_obs, step):
-            sl = slice(start, min(start + step, n_obs))
-            clean = x[sl].toarray()
-            y = np.log1p(clean * scale[sl, None])
-            out = degrade_log(
-                y, bias_3p=b[sl], dropout_rate=r[sl], noise_sd=s[sl], gene_length=length, rng=rng
-            )
-            back = np.expm1(out.log) * unscale[sl, None]
-            counts.append(csr(_round_counts(back, rounding, rng)))
-            masks.append(csr(out.dropped & (clean > 0), dtype=bool))
+    length, length_source = _resolve_gene_length(adata, gene_length)
+    out = _degrade_matrix(
+        x,
+        bias_3p=bias_3p,
+        dropout_rate=dropout_rate,
+        noise_sd=noise_sd,
+        gene_length=length,
+        target_sum=target_sum,
+        rounding=rounding,
+        rng=rng,
+        what="adata has",
+    )
 
     obs = adata.obs.copy()
-    obs["degrade_bias_3p"] = b
-    obs["degrade_dropout_rate"] = r
-    obs["degrade_noise_sd"] = s
-    obs["clean_library_size"] = lib
+    obs["degrade_bias_3p"] = out.bias_3p
+    obs["degrade_dropout_rate"] = out.dropout_rate
+    obs["degrade_noise_sd"] = out.noise_sd
+    obs["clean_library_size"] = out.library_size
     var = adata.var.copy()
     var["gene_length"] = length
     params = {
@@ -358,13 +457,7 @@ def degrade(
         "rounding": rounding,
     }
     return truth_adata(
-        sp.vstack(counts, format="csr"),
-        csr(x),
-        sp.vstack(masks, format="csr"),
-        obs=obs,
-        var=var,
-        uns_key="degrade",
-        params=params,
+        out.counts, csr(x), out.dropout_mask, obs=obs, var=var, uns_key="degrade", params=params
     )
 
 
@@ -373,4 +466,12 @@ def log_normalize(counts, target_sum: float = 1e4) -> np.ndarray:
     return to_dense(log1p_matrix(normalize_rows(counts, target_sum)))
 
 
-__all__ = ["DegradeOutput", "default_gene_length", "degrade", "degrade_log", "log_normalize"]
+__all__ = [
+    "DegradeCountsOutput",
+    "DegradeOutput",
+    "default_gene_length",
+    "degrade",
+    "degrade_counts",
+    "degrade_log",
+    "log_normalize",
+]
