@@ -484,3 +484,23 @@ def test_fuzz_bad_inputs(tmp_path, capsys):
         assert "Traceback" not in captured.err
         assert not out.exists(), kind
     assert n_ok > 20 and n_err > 100  # both paths exercised
+
+
+def test_ctrl_c_during_model_save_keeps_old_model(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    from screpair.methods import _torch
+
+    path = tmp_path / "model"
+    _torch.save_model(path, config={"a": 1}, state_dict={"w": torch.zeros(2)}, var_names=["g"])
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    real_save = torch.save
+
+    def save_then_ctrl_c(obj, f):
+        real_save(obj, f)
+        os.kill(os.getpid(), signal.SIGINT)  # recorded by the guard, not raised here
+
+    monkeypatch.setattr(torch, "save", save_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        _torch.save_model(path, config={"a": 2}, state_dict={"w": torch.ones(2)}, var_names=["g"])
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temporary directory left

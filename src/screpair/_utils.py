@@ -7,8 +7,12 @@ messages live in one place.
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import os
+import signal
+import threading
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -400,3 +404,48 @@ def jsonable(value: Any) -> Any:
     if value is None:
         return "None"
     return repr(value)
+
+
+_GUARDED = (signal.SIGINT, signal.SIGTERM)
+
+
+def _raise_for(signum: int, frame, previous) -> None:
+    """Act on ``signum`` as the handler before ours would (default: interrupt / exit)."""
+    if callable(previous):
+        previous(signum, frame)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def interrupt_guard() -> Iterator[list[int]]:
+    """Record SIGINT / SIGTERM during a write; raise for them (as their handlers would) after it.
+
+    An exception raised by a signal handler at an arbitrary point of a write is easily lost:
+    inside a garbage-collection callback Python prints "Exception ignored" and carries on, and
+    the write then finishes as if nothing happened (seen with anndata's ``write_h5ad``). So the
+    first signal is only recorded and the caller discards the finished temporary file; a second
+    signal raises at once. Outside the main thread signals cannot be
+    handled: no guard.
+    """
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = {s: signal.getsignal(s) for s in _GUARDED}
+
+    def handler(signum, frame):
+        got.append(signum)
+        if len(got) > 1:  # asked twice: stop now
+            _raise_for(signum, frame, previous[signum])
+
+    for s in _GUARDED:
+        signal.signal(s, handler)
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if got:
+        _raise_for(got[0], None, previous[got[0]])

@@ -13,9 +13,7 @@ import gzip
 import io
 import os
 import re
-import signal
 import tempfile
-import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -29,6 +27,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from ._logging import get_logger
+from ._utils import interrupt_guard
 
 __all__ = ["read", "write"]
 
@@ -854,51 +853,6 @@ def _target_mode(path: Path) -> int:
 
 #: test hook: seconds to pause inside the write, with the temporary file in place
 _PAUSE_ENV = "SCREPAIR_TEST_WRITE_PAUSE"
-_GUARDED = (signal.SIGINT, signal.SIGTERM)
-
-
-def _raise_for(signum: int, frame, previous) -> None:
-    """Act on ``signum`` as the handler before ours would (default: interrupt / exit)."""
-    if callable(previous):
-        previous(signum, frame)
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise SystemExit(128 + signum)
-
-
-@contextlib.contextmanager
-def _interrupt_guard() -> Iterator[list[int]]:
-    """Record SIGINT / SIGTERM during a write; raise for them (as their handlers would) after it.
-
-    An exception raised by a signal handler at an arbitrary point of a write is easily lost:
-    inside a garbage-collection callback Python prints "Exception ignored" and carries on, and
-    the write then finishes as if nothing happened (seen with anndata's ``write_h5ad``). So the
-    first signal is only recorded and the caller discards the finished temporary file; a second
-    signal raises at once. Outside the main thread signals cannot be
-    handled: no guard.
-    """
-    got: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield got
-        return
-    previous = {s: signal.getsignal(s) for s in _GUARDED}
-
-    def handler(signum, frame):
-        got.append(signum)
-        if len(got) > 1:  # asked twice: stop now
-            _raise_for(signum, frame, previous[signum])
-
-    for s in _GUARDED:
-        signal.signal(s, handler)
-    try:
-        yield got
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    if got:
-        _raise_for(got[0], None, previous[got[0]])
-
-
 @contextlib.contextmanager
 def _atomic_target(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
@@ -906,7 +860,7 @@ def _atomic_target(path: Path) -> Iterator[Path]:
     An exception or a SIGINT / SIGTERM at any point removes the temporary file and leaves
     ``path`` as it was.
     """
-    with _interrupt_guard() as got:
+    with interrupt_guard() as got:
         tmp = None
         try:
             fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -30,6 +30,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from .._logging import get_logger
+from .._utils import interrupt_guard
 
 if TYPE_CHECKING:
     import torch
@@ -93,6 +94,12 @@ class TrainConfig:
     max_seconds
         Optional wall-clock budget: training stops after the epoch that exceeds it (the best
         weights are restored as for early stopping). ``None`` means no limit.
+    warmup_epochs
+        Linear learning-rate warm-up over this many epochs (per step, from ``lr / steps`` to
+        ``lr``); ``0``: constant ``lr``.
+    min_delta
+        Early stopping on a *relative* improvement: an epoch counts as better only when the
+        monitored loss falls below ``best * (1 - min_delta)``; ``0``: any decrease counts.
     """
 
     n_epochs: int = 100
@@ -104,6 +111,8 @@ class TrainConfig:
     device: str = "auto"
     progress: bool = True
     max_seconds: float | None = None
+    warmup_epochs: int = 0
+    min_delta: float = 0.0
 
 
 def split_cells(n: int, val_frac: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -204,11 +213,17 @@ def train_loop(
     rows = []
     bar = tqdm(range(config.n_epochs), desc=desc, disable=not config.progress, leave=False)
     start = time.perf_counter()
+    n_steps = -(-len(train_idx) // config.batch_size)
+    warmup, step = config.warmup_epochs * n_steps, 0
     with heap_reuse():
         for epoch in bar:
             module.train()
             tot, n = 0.0, 0
             for b in row_batches(train_idx, config.batch_size, rng):
+                if step < warmup:
+                    for group in opt.param_groups:
+                        group["lr"] = config.lr * (step + 1) / warmup
+                step += 1
                 out = loss_fn(b, True)
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
@@ -228,7 +243,7 @@ def train_loop(
             rows.append((epoch, train_loss, val_loss, time.perf_counter() - start))
             bar.set_postfix(train=f"{train_loss:.4g}", val=f"{val_loss:.4g}")
             monitor = val_loss if len(val_idx) else train_loss
-            if monitor < best - 1e-7:
+            if monitor < best * (1.0 - config.min_delta) - 1e-7:
                 best, wait = monitor, 0
                 best_state = copy.deepcopy(module.state_dict())
             else:
@@ -336,25 +351,30 @@ def save_model(
     parent.mkdir(parents=True, exist_ok=True)
     tag = secrets.token_hex(4)
     tmp, old = parent / f".{target.name}.{tag}.tmp", parent / f".{target.name}.{tag}.old.tmp"
-    tmp.mkdir()  # created with the user's umask (mkdtemp would make it private)
-    try:
-        with open(tmp / "config.json", "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        with open(tmp / "weights.pt", "wb") as f:
-            torch.save(state_dict, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if target.exists() and any(target.iterdir()):
-            os.replace(target, old)  # a non-empty directory cannot be renamed over
-        os.replace(tmp, target)
-    except BaseException:
-        if old.exists() and not target.exists():
-            os.replace(old, target)  # interrupted between the two renames: the old model back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    with interrupt_guard() as got:  # SIGINT / SIGTERM: recorded, the save abandoned below
+        tmp.mkdir()  # created with the user's umask (mkdtemp would make it private)
+        try:
+            with open(tmp / "config.json", "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            with open(tmp / "weights.pt", "wb") as f:
+                torch.save(state_dict, f)
+                f.flush()
+                os.fsync(f.fileno())
+            if got:
+                msg = "interrupted during the save"
+                raise InterruptedError(msg)
+            if target.exists() and any(target.iterdir()):
+                os.replace(target, old)  # a non-empty directory cannot be renamed over
+            os.replace(tmp, target)
+        except BaseException:
+            if old.exists() and not target.exists():
+                os.replace(old, target)  # interrupted between the two renames: the old model back
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not got:
+                raise  # else the guard raises for the signal
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _release(version: str) -> tuple[int, ...] | None:
