@@ -53,7 +53,7 @@ def test_adata_function_signature(name, fn):
     params = list(sig.parameters.values())
     if params[0].name == "data":  # an AnnData or a bare matrix
         first = str(typing.get_type_hints(fn).get("data"))
-        assert "AnnData" in first and "ndarray" in first, f"{name}: data must accept AnnData and arrays"
+        assert "AnnData" in first and "ndarray" in first, f"{name}: data must take AnnData, arrays"
     n_pos = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
     assert n_pos <= 3, "Public functions should have <= 3 positional parameters"
     if "copy" in sig.parameters:

@@ -20,7 +20,7 @@ from screpair.methods.diffusion import (
     PairConfig,
     make_betas,
 )
-from screpair.methods.diffusion._module import EpsNet, timestep_embedding
+from screpair.methods.diffusion._module import DenoiserNet, timestep_embedding
 from screpair.methods._pairs import log_normalize, to_counts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -150,7 +150,7 @@ def test_step_clip_bounds_x0_hat():
 @pytest.mark.parametrize(("cond_concat", "cond_dim"), [(True, None), (False, 8), (True, 8)])
 @pytest.mark.parametrize(("n_genes", "patch_size", "n_tokens"), [(23, 5, 5), (20, 5, 4), (7, 1, 7)])
 def test_epsnet_shapes(n_genes, patch_size, n_tokens, cond_concat, cond_dim):
-    net = EpsNet(
+    net = DenoiserNet(
         n_genes,
         patch_size=patch_size,
         d_model=16,
@@ -178,7 +178,7 @@ def test_epsnet_shapes(n_genes, patch_size, n_tokens, cond_concat, cond_dim):
 @pytest.mark.parametrize(("cond_concat", "cond_dim"), [(True, None), (False, 8)])
 def test_epsnet_uses_condition_and_timestep(cond_concat, cond_dim):
     torch.manual_seed(0)  # test-local init; library code never seeds globally
-    net = EpsNet(
+    net = DenoiserNet(
         12,
         patch_size=4,
         d_model=16,
@@ -194,7 +194,7 @@ def test_epsnet_uses_condition_and_timestep(cond_concat, cond_dim):
     assert (net(x, t, c + 1.0) - base).abs().max() > 1e-4
     assert (net(x, torch.tensor([900, 900]), c) - base).abs().max() > 1e-4
     with pytest.raises(ValueError, match="cond_concat"):
-        EpsNet(12, patch_size=4, cond_concat=False, cond_dim=None)
+        DenoiserNet(12, patch_size=4, cond_concat=False, cond_dim=None)
     emb = timestep_embedding(torch.tensor([0, 5]), 8)
     assert emb.shape == (2, 8)
     np.testing.assert_allclose(emb[0].numpy(), [1, 1, 1, 1, 0, 0, 0, 0], atol=1e-7)

@@ -215,7 +215,8 @@ def run_benchmark(
         Method names: any registered screpair method (:func:`screpair.available_methods`) or a
         peer/baseline: ``raw``, ``gene_mean``, ``magic``, ``scvi``.
     protocols
-        Protocol names (``masked``, ``mcv``, ``clustering``, ``deg``, ``dropout``, ``degrade``) or
+        Protocol names (``masked``, ``mcv``, ``clustering``, ``deg``, ``dropout``, ``smfish``,
+        ``degrade``, ``degrade_reference``; see :data:`~screpair.evaluate.PROTOCOLS`) or
         :class:`~screpair.evaluate.Protocol` instances.
     seeds
         Seeds; each seeds both the protocol's randomness (the mask, the MCV split) and the method.

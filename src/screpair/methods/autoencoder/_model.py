@@ -75,7 +75,7 @@ class DAEImputer(_AEImputer):
     module
         Architecture (:class:`AEConfig`).
     train
-        Training settings (:class:`~screpair.methods._torch.TrainConfig`).
+        Training settings (:class:`~screpair.methods.TrainConfig`).
     pairs
         Training-pair settings (:class:`~screpair.methods.diffusion.PairConfig`).
     rng
@@ -104,7 +104,7 @@ class VAEImputer(_AEImputer):
     module
         Architecture and KL weight (:class:`AEConfig`).
     train
-        Training settings (:class:`~screpair.methods._torch.TrainConfig`).
+        Training settings (:class:`~screpair.methods.TrainConfig`).
     pairs
         Training-pair settings (:class:`~screpair.methods.diffusion.PairConfig`).
     rng

@@ -1,12 +1,13 @@
 """DiffRepairer: conditional diffusion repair of degraded profiles (``method="diffusion"``).
 
 - :class:`NoiseSchedule` (``_schedule.py``): DDPM/DDIM noise math, no network;
-- :class:`EpsNet` (``_module.py``): the transformer noise predictor (pure ``nn.Module``);
+- :class:`DenoiserNet` (``_module.py``): the transformer denoiser (pure ``nn.Module``), which
+  predicts ``v`` (default) or the noise;
 - :class:`DiffusionImputer` (``_model.py``): the estimator (data, training, repair, save/load);
 - ``methods/_pairs.py``: the (clean, degraded) pair pipeline shared with the ``dae``/``vae``
   baselines.
 
-torch is imported only when :class:`EpsNet` or a fitted model is used.
+torch is imported only when :class:`DenoiserNet` or a fitted model is used.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name == "EpsNet":
-        from ._module import EpsNet
+    if name == "DenoiserNet":
+        from ._module import DenoiserNet
 
-        return EpsNet
+        return DenoiserNet
     msg = f"module {__name__!r} has no attribute {name!r}"
     raise AttributeError(msg)

@@ -56,13 +56,16 @@ class DiffusionConfig:
 class DiffusionImputer(PairImputer):
     """DiffRepairer (Xiao et al., Biology 14:1652, 2025): conditional DDPM for profile repair.
 
-    A transformer predicts the noise in ``x_t`` given the timestep and the degraded profile ``c``
-    (standard epsilon-MSE); repair runs the reverse process with DDIM from pure noise, conditioned
-    on the observed profile, ``n_samples`` times: their variance is the uncertainty and the
-    repaired profile is either the mean of the samples (``mean="samples"``, the paper) or the
-    network's own estimate of ``E[x0 | c]`` (``mean="denoiser"``, default; see ``mean``). Trained on pairs made by degrading clean profiles with
-    :func:`screpair.simulate.degrade` (see :mod:`screpair.methods._pairs` for the
-    pipeline: 1e4 normalization, log1p, top HVGs, per-gene standardization, count scale out).
+    A transformer (:class:`~screpair.methods.diffusion._module.DenoiserNet`) is trained with an
+    MSE loss to predict the velocity ``v`` of ``x_t`` (``module.prediction_type="v_prediction"``,
+    the default; ``"epsilon"``: the noise) given the timestep and the degraded profile ``c``.
+    Repair runs the reverse process with DDIM from pure noise, conditioned on the observed
+    profile, ``n_samples`` times: their variance is the uncertainty and the repaired profile is
+    either the mean of the samples (``mean="samples"``, the paper) or the network's own estimate
+    of ``E[x0 | c]`` (``mean="denoiser"``, default; see ``mean``). Trained on pairs made by
+    degrading clean profiles with :func:`screpair.simulate.degrade_counts` (see
+    :mod:`screpair.methods._pairs` for the pipeline: 1e4 normalization, log1p, top HVGs, per-gene
+    standardization, count scale out).
 
     Use it inductively (``fit(reference).transform(degraded)``, the paper's setting; gene names
     are checked), or through ``screpair.impute(adata, method="diffusion")``, which trains on pairs
@@ -73,7 +76,7 @@ class DiffusionImputer(PairImputer):
     module
         Network and schedule settings (:class:`DiffusionConfig`).
     train
-        Training settings (:class:`~screpair.methods._torch.TrainConfig`).
+        Training settings (:class:`~screpair.methods.TrainConfig`).
     pairs
         Training-pair settings (:class:`~screpair.methods.diffusion.PairConfig`).
     n_samples
@@ -142,10 +145,10 @@ class DiffusionImputer(PairImputer):
         )
 
     def _build_module(self, n_genes: int):
-        from ._module import EpsNet
+        from ._module import DenoiserNet
 
         cfg = self._module_cfg()
-        return EpsNet(
+        return DenoiserNet(
             n_genes,
             patch_size=cfg.patch_size,
             d_model=cfg.d_model,
@@ -200,9 +203,9 @@ class DiffusionImputer(PairImputer):
         for i, t in enumerate(ts):
             prev_t = int(ts[i + 1]) if i + 1 < len(ts) else -1
             tt = torch.full((cond.shape[0],), int(t), device=c.device, dtype=torch.long)
-            eps = module(x, tt, cond)
+            pred = module(x, tt, cond)  # v or eps (module.prediction_type)
             out = sched.step(
-                eps,
+                pred,
                 int(t),
                 x,
                 prev_t=prev_t,

@@ -60,8 +60,12 @@ class PatchLinear(nn.Module):
         return torch.einsum("bki,kio->bko", x, self.weight) + self.bias
 
 
-class EpsNet(nn.Module):
-    """Conditional noise predictor ``eps_hat = f(x_t, t, c)`` on gene profiles.
+class DenoiserNet(nn.Module):
+    """Conditional denoiser ``f(x_t, t, c)`` on gene profiles.
+
+    It predicts the noise schedule's training target (:meth:`NoiseSchedule.target`): the velocity
+    ``v`` for ``prediction_type="v_prediction"`` (the default of :class:`DiffusionConfig`) or the
+    noise ``eps`` for ``"epsilon"``; the network itself is the same for both.
 
     Parameters
     ----------
@@ -156,7 +160,8 @@ class EpsNet(nn.Module):
     def forward(
         self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Predict the noise in ``x_t`` (B, G) at timesteps ``t`` (B,) given ``cond`` (B, G)."""
+        """The prediction (``v`` or ``eps``, see the class) for ``x_t`` (B, G) at timesteps ``t``
+        (B,) given ``cond`` (B, G)."""
         if x_t.ndim != 2 or x_t.shape[1] != self.n_genes:
             msg = f"x_t must have shape (batch, {self.n_genes}), got {tuple(x_t.shape)}."
             raise ValueError(msg)
