@@ -546,23 +546,56 @@ class SaverImputer(BaseImputer):
         return self
 
     def _fit(self, x, names, lib, rng: np.random.Generator) -> None:
+        """Fit the prior of every gene on validated counts ``x`` (every cell with counts).
+
+        Steps: normalized gene moments; the predictor genes and their standardized log values;
+        for the genes that can be regressed, a PCA of the predictors, each gene's maximum
+        correlation with them, the genes worth a Poisson LASSO (the learned cutoffs) and their
+        LASSO fits; then a constant (gene-mean) prior for every gene not predicted. Random draws
+        happen in this order: the PCA seed, the CV folds, the gene order.
+        """
         n, n_genes = x.shape
         sf = size_factors(lib)
         xc = x.tocsc() if sp.issparse(x) else x
         inv = 1.0 / sf
-        xt = x.T
-        gene_mean = np.asarray(xt @ inv).ravel() / n
-        sq = x.multiply(x) if sp.issparse(x) else x * x
-        gene_sq = np.asarray(sq.T @ (inv * inv)).ravel() / n
-        gene_var = np.maximum(gene_sq - gene_mean**2, 0.0)
-
+        gene_mean, gene_var = self._gene_moments(x, inv)
         self.var_names_ = names
         self.n_obs_ = n
         self.size_factors_ = sf
         self.gene_mean_ = gene_mean
         regressable = self._pred_mask(names) & (gene_var > 0)
+        logx = self._fit_predictors(xc, gene_mean, sf)
+        k = min(int(self.n_components), self.predictor_index_.size - 1, n - 2)
+        self._init_fitted(n_genes, k, gene_mean)
+        f_sum = _SumLog1p(sf)
 
-        # predictors: genes with mean normalized expression >= 0.1 (SAVER's "good genes")
+        if k >= 1 and np.any(regressable):
+            s = (logx - self.predictor_center_) / self.predictor_scale_
+            self._fit_components(s, k, rng)
+            reg_idx = np.flatnonzero(regressable)
+            self._fit_max_correlation(xc, s, inv, reg_idx)
+            folds = rng.permutation(np.arange(n) % int(self.n_folds))
+            order = rng.permutation(reg_idx)
+            rest = self._regression_genes(order, xc, s, sf, folds, f_sum)
+            self._fit_regressions(rest, xc, s, sf, folds, f_sum)
+        else:
+            self.scores_ = np.zeros((n, 0))
+            self.loadings_ = np.zeros((self.predictor_index_.size, 0))
+        self._fit_mean_priors(xc, gene_mean, sf, f_sum)
+
+    @staticmethod
+    def _gene_moments(x, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mean and variance of each gene's size-factor-normalized counts ``x / s``."""
+        n = x.shape[0]
+        gene_mean = np.asarray(x.T @ inv).ravel() / n
+        sq = x.multiply(x) if sp.issparse(x) else x * x
+        gene_sq = np.asarray(sq.T @ (inv * inv)).ravel() / n
+        return gene_mean, np.maximum(gene_sq - gene_mean**2, 0.0)
+
+    def _fit_predictors(self, xc, gene_mean: np.ndarray, sf: np.ndarray) -> np.ndarray:
+        """Choose the predictor genes (mean normalized expression >= 0.1, SAVER's "good genes",
+        and not constant) and store their log centre and scale; returns their
+        ``log1p(x) - log(s)`` values (dense, cells x predictors)."""
         pred_idx = np.flatnonzero(gene_mean >= 0.1)
         block = xc[:, pred_idx]
         block = block.toarray() if sp.issparse(block) else np.asarray(block, dtype=np.float64)
@@ -572,9 +605,12 @@ class SaverImputer(BaseImputer):
         pred_idx, center, scale = pred_idx[keep], center[keep], scale[keep]
         self.predictor_index_ = pred_idx
         self.predictor_center_, self.predictor_scale_ = center, scale
-        self._predictor_pos = np.full(n_genes, -1)
+        self._predictor_pos = np.full(gene_mean.size, -1)
         self._predictor_pos[pred_idx] = np.arange(pred_idx.size)
-        k = min(int(self.n_components), pred_idx.size - 1, n - 2)
+        return logx[:, keep]
+
+    def _init_fitted(self, n_genes: int, k: int, gene_mean: np.ndarray) -> None:
+        """Per-gene fitted attributes before any gene is fitted (the mean prior everywhere)."""
         self.maxcor_ = np.zeros(n_genes)
         self.predicted_ = np.zeros(n_genes, dtype=bool)
         self.intercept_ = np.log(np.maximum(gene_mean, 1e-300))
@@ -587,65 +623,78 @@ class SaverImputer(BaseImputer):
         self.neg_loglik_ = np.full((n_genes, 3), np.inf)
         self.maxcor_cutoff_ = np.nan
         self.lambda_coefs_ = None
-        f_sum = _SumLog1p(sf)
+
+    def _fit_components(self, s: np.ndarray, k: int, rng: np.random.Generator) -> None:
+        """``k`` principal components of the standardized predictors ``s`` (randomized SVD):
+        unit-variance ``scores_`` and ``loadings_`` with ``s @ loadings_ == scores_``."""
+        n = s.shape[0]
+        with log_task(f"PCA of {s.shape[1]} predictor genes ({k} components)", logger):
+            from sklearn.utils.extmath import randomized_svd
+
+            u, d, vt = randomized_svd(s, k, random_state=int(rng.integers(2**31)))
+            sd = d / np.sqrt(n)
+            self.scores_ = u * np.sqrt(n)  # unit-variance component scores
+            self.loadings_ = (vt / sd[:, None]).T  # (p, k): s @ loadings_ == scores_
+
+    def _fit_max_correlation(self, xc, s: np.ndarray, inv: np.ndarray, reg_idx) -> None:
+        """``maxcor_``: each regressable gene's largest absolute correlation with a predictor
+        gene other than itself (normalized counts against ``s``)."""
+        n, bs = s.shape[0], int(self.batch_size)
+        with log_task("max correlation with predictor genes", logger):
+            for start in range(0, reg_idx.size, bs):
+                genes = reg_idx[start : start + bs]
+                y = self._rows(xc, genes).multiply(inv[None, :]).toarray()
+                y -= y.mean(1, keepdims=True)
+                y /= y.std(1, keepdims=True)
+                corr = y @ s / n
+                pos = self._predictor_pos[genes]
+                rows = np.flatnonzero(pos >= 0)
+                corr[rows, pos[rows]] = 0.0
+                self.maxcor_[genes] = np.abs(corr).max(1)
+
+    def _regression_genes(self, order, xc, s, sf, folds, f_sum) -> np.ndarray:
+        """Learn the max-correlation cutoff (``"auto"``: from the first ``_N_CUTOFF_GENES`` of
+        ``order``, fitted with cutoff 0) and, in fast mode, lambda.min's trend from
+        ``_N_CV_GENES`` more; returns the sorted genes still to be regressed (the ones fitted
+        here are done)."""
+        cutoff = self.maxcor_cutoff
+        first = np.empty(0, dtype=int)
+        if cutoff == "auto":
+            first = order[:_N_CUTOFF_GENES]
+            with log_task(f"learning the max-correlation cutoff on {first.size} genes", logger):
+                self._fit_genes(first, xc, s, sf, folds, f_sum)
+            cutoff = self._learn_cutoff(first)
+        self.maxcor_cutoff_ = float(cutoff)
+        rest = order[~np.isin(order, first)]
+        rest = rest[self.maxcor_[rest] > cutoff]  # still in random order
+        if self.fast and rest.size > _N_CV_GENES:
+            second, rest = rest[:_N_CV_GENES], rest[_N_CV_GENES:]
+            with log_task(
+                f"learning lambda.min from max correlation on {second.size} genes", logger
+            ):
+                self._fit_genes(second, xc, s, sf, folds, f_sum)
+            cv_genes = np.concatenate([first, second])
+            self.lambda_coefs_ = self._learn_lambda(cv_genes[self.maxcor_[cv_genes] > cutoff])
+            if self.lambda_coefs_ is not None:
+                c0, c1 = self.lambda_coefs_
+                self.maxcor_cutoff_ = max(self.maxcor_cutoff_, -c0 / c1)
+                rest = rest[self.maxcor_[rest] > self.maxcor_cutoff_]
+        return np.sort(rest)
+
+    def _fit_regressions(self, genes, xc, s, sf, folds, f_sum) -> None:
+        """Poisson LASSO priors for ``genes`` in batches (lambda.min from the learned trend in
+        fast mode, else by cross-validation)."""
         bs = int(self.batch_size)
+        batches = [genes[i : i + bs] for i in range(0, genes.size, bs)]
+        how = "estimated lambda.min" if self.lambda_coefs_ is not None else "cross-validation"
+        with log_task(f"Poisson LASSO for {genes.size} genes ({how})", logger):
+            for batch in tqdm(batches, desc="SAVER regression", disable=not self.progress):
+                self._fit_genes(batch, xc, s, sf, folds, f_sum, coefs=self.lambda_coefs_)
 
-        if k >= 1 and np.any(regressable):
-            s = (logx[:, keep] - center) / scale
-            with log_task(f"PCA of {pred_idx.size} predictor genes ({k} components)", logger):
-                from sklearn.utils.extmath import randomized_svd
-
-                u, d, vt = randomized_svd(s, k, random_state=int(rng.integers(2**31)))
-                sd = d / np.sqrt(n)
-                self.scores_ = u * np.sqrt(n)  # unit-variance component scores
-                self.loadings_ = (vt / sd[:, None]).T  # (p, k): s @ loadings_ == scores_
-            with log_task("max correlation with predictor genes", logger):
-                reg_idx = np.flatnonzero(regressable)
-                for start in range(0, reg_idx.size, bs):
-                    genes = reg_idx[start : start + bs]
-                    y = self._rows(xc, genes).multiply(inv[None, :]).toarray()
-                    y -= y.mean(1, keepdims=True)
-                    y /= y.std(1, keepdims=True)
-                    corr = y @ s / n
-                    pos = self._predictor_pos[genes]
-                    rows = np.flatnonzero(pos >= 0)
-                    corr[rows, pos[rows]] = 0.0
-                    self.maxcor_[genes] = np.abs(corr).max(1)
-            folds = rng.permutation(np.arange(n) % int(self.n_folds))
-            order = rng.permutation(reg_idx)
-            cutoff = self.maxcor_cutoff
-            first = np.empty(0, dtype=int)
-            if cutoff == "auto":
-                first = order[:_N_CUTOFF_GENES]
-                with log_task(f"learning the max-correlation cutoff on {first.size} genes", logger):
-                    self._fit_genes(first, xc, s, sf, folds, f_sum)
-                cutoff = self._learn_cutoff(first)
-            self.maxcor_cutoff_ = float(cutoff)
-            rest = order[~np.isin(order, first)]
-            rest = rest[self.maxcor_[rest] > cutoff]  # still in random order
-            if self.fast and rest.size > _N_CV_GENES:
-                second, rest = rest[:_N_CV_GENES], rest[_N_CV_GENES:]
-                with log_task(
-                    f"learning lambda.min from max correlation on {second.size} genes", logger
-                ):
-                    self._fit_genes(second, xc, s, sf, folds, f_sum)
-                cv_genes = np.concatenate([first, second])
-                self.lambda_coefs_ = self._learn_lambda(cv_genes[self.maxcor_[cv_genes] > cutoff])
-                if self.lambda_coefs_ is not None:
-                    c0, c1 = self.lambda_coefs_
-                    self.maxcor_cutoff_ = max(self.maxcor_cutoff_, -c0 / c1)
-                    rest = rest[self.maxcor_[rest] > self.maxcor_cutoff_]
-            rest = np.sort(rest)
-            batches = [rest[i : i + bs] for i in range(0, rest.size, bs)]
-            how = "estimated lambda.min" if self.lambda_coefs_ is not None else "cross-validation"
-            with log_task(f"Poisson LASSO for {rest.size} genes ({how})", logger):
-                for genes in tqdm(batches, desc="SAVER regression", disable=not self.progress):
-                    self._fit_genes(genes, xc, s, sf, folds, f_sum, coefs=self.lambda_coefs_)
-        else:
-            self.scores_ = np.zeros((n, 0))
-            self.loadings_ = np.zeros((pred_idx.size, 0))
-
-        # constant (gene-mean) prior for every gene not predicted
+    def _fit_mean_priors(self, xc, gene_mean: np.ndarray, sf: np.ndarray, f_sum) -> None:
+        """Constant (gene-mean) prior and its variance form for every expressed gene not
+        predicted by a regression."""
+        bs = int(self.batch_size)
         null = np.flatnonzero(~self.predicted_ & (gene_mean > 0))
         with log_task(f"variance model for {null.size} mean-prior genes", logger):
             for start in range(0, null.size, 4 * bs):
