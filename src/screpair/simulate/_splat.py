@@ -324,6 +324,85 @@ def dropout_probability(cell_means: np.ndarray, mid, shape) -> np.ndarray:
     return expit(np.asarray(shape) * (eta - np.asarray(mid)))
 
 
+def _groups_and_libraries(p: SplatParams, gp: np.ndarray, rng: np.random.Generator):
+    """Steps 1-2: each cell's group and library size."""
+    n_obs, n_groups = int(p.n_obs), gp.size
+    groups = rng.choice(n_groups, size=n_obs, p=gp) if n_groups > 1 else np.zeros(n_obs, int)
+    if p.lib_norm:
+        lib = rng.normal(p.lib_loc, p.lib_scale, n_obs)
+        pos = lib[lib > 0]
+        if pos.size == 0:
+            msg = "lib_norm=True drew no positive library size; raise lib_loc."
+            raise ValueError(msg)
+        lib[lib <= 0] = pos.min() / 2
+    else:
+        lib = rng.lognormal(p.lib_loc, p.lib_scale, n_obs)
+    return groups, lib
+
+
+def _gene_means(p: SplatParams, rng: np.random.Generator):
+    """Step 3: base gene means, outlier factors, and the gene means with outliers."""
+    n_vars = int(p.n_vars)
+    base_mean = rng.gamma(p.mean_shape, 1.0 / p.mean_rate, n_vars)
+    out_fac = _lognormal_factors(rng, n_vars, p.out_prob, 0.0, p.out_fac_loc, p.out_fac_scale)
+    gene_mean = np.where(out_fac != 1, np.median(base_mean) * out_fac, base_mean)
+    return base_mean, out_fac, gene_mean
+
+
+def _de_factors(p: SplatParams, n_groups: int, rng: np.random.Generator) -> np.ndarray:
+    """Step 4: ``(n_groups, n_vars)`` differential-expression factors (all 1 for one group)."""
+    n_vars = int(p.n_vars)
+    de_fac = np.ones((n_groups, n_vars))
+    if n_groups > 1:
+        vals = [
+            _per_group(n, getattr(p, n), n_groups)
+            for n in ("de_prob", "de_down_prob", "de_fac_loc", "de_fac_scale")
+        ]
+        for k in range(n_groups):
+            de_fac[k] = _lognormal_factors(rng, n_vars, *(v[k] for v in vals))
+    return de_fac
+
+
+def _bcv_genes(p: SplatParams, rng: np.random.Generator):
+    """Step 6, per gene: the chi-squared draw and the BCV factor ``sqrt(bcv_df / X_g)``."""
+    n_vars = int(p.n_vars)
+    chi2 = rng.chisquare(p.bcv_df, n_vars) if np.isfinite(p.bcv_df) else np.full(n_vars, np.nan)
+    bcv_gene = np.sqrt(p.bcv_df / chi2) if np.isfinite(p.bcv_df) else np.ones(n_vars)
+    return chi2, bcv_gene
+
+
+def _counts(p: SplatParams, lib, groups, props, bcv_gene, curve, keep_intermediates, rng):
+    """Steps 5-8 in blocks of cells: base cell means, BCV cell means, Poisson true counts and
+    dropout. Returns the observed counts, true counts and dropout mask (CSR blocks) and the
+    intermediates (dense blocks, only with ``keep_intermediates``)."""
+    n_obs, n_vars = int(p.n_obs), int(p.n_vars)
+    step = max(1, _BLOCK_ENTRIES // n_vars)
+    counts, truth, masks, inter = [], [], [], {"base": [], "lam": [], "prob": []}
+    for start in range(0, n_obs, step):
+        sl = slice(start, min(start + step, n_obs))
+        mu = lib[sl, None] * props[groups[sl]]
+        bcv = (p.bcv_common + 1.0 / np.sqrt(mu)) * bcv_gene
+        bcv2 = bcv * bcv
+        lam = rng.gamma(1.0 / bcv2, mu * bcv2)
+        y = rng.poisson(lam).astype(np.float32)
+        if curve is not None:
+            prob = dropout_probability(lam, curve[0][sl, None], curve[1][sl, None])
+            dropped = rng.random(lam.shape) < prob
+            obs_y = np.where(dropped, np.float32(0), y)
+            masks.append(csr(dropped & (y > 0), dtype=bool))
+        else:
+            prob = np.zeros_like(lam)
+            obs_y = y
+            masks.append(sp.csr_matrix(y.shape, dtype=bool))
+        truth.append(csr(y))
+        counts.append(csr(obs_y))
+        if keep_intermediates:
+            inter["base"].append(mu)
+            inter["lam"].append(lam)
+            inter["prob"].append(prob)
+    return counts, truth, masks, inter
+
+
 def simulate_splat(
     params: SplatParams,
     *,
@@ -331,7 +410,12 @@ def simulate_splat(
     rng: RNGLike = None,
     preset: str | None = None,
 ) -> AnnData:
-    """Run the Splat model for a :class:`SplatParams` (what :func:`splat` calls)."""
+    """Run the Splat model for a :class:`SplatParams` (what :func:`splat` calls).
+
+    The steps of the module docstring, drawn in that order (groups, library sizes, gene means,
+    DE factors, BCV per gene, then per block of cells the cell means, counts and dropout); the
+    block size is a constant, so a seed gives the same simulation on every machine.
+    """
     _check(params)
     p = params
     rng = as_rng(rng)
@@ -341,66 +425,17 @@ def simulate_splat(
     n_groups = gp.size
 
     with log_task(f"simulating Splat counts ({n_obs} cells x {n_vars} genes)", logger):
-        # 1. groups; 2. library sizes
-        groups = rng.choice(n_groups, size=n_obs, p=gp) if n_groups > 1 else np.zeros(n_obs, int)
-        if p.lib_norm:
-            lib = rng.normal(p.lib_loc, p.lib_scale, n_obs)
-            pos = lib[lib > 0]
-            if pos.size == 0:
-                msg = "lib_norm=True drew no positive library size; raise lib_loc."
-                raise ValueError(msg)
-            lib[lib <= 0] = pos.min() / 2
-        else:
-            lib = rng.lognormal(p.lib_loc, p.lib_scale, n_obs)
-
-        # 3. gene means with expression outliers
-        base_mean = rng.gamma(p.mean_shape, 1.0 / p.mean_rate, n_vars)
-        out_fac = _lognormal_factors(rng, n_vars, p.out_prob, 0.0, p.out_fac_loc, p.out_fac_scale)
-        gene_mean = np.where(out_fac != 1, np.median(base_mean) * out_fac, base_mean)
-
-        # 4. group DE factors
-        de_fac = np.ones((n_groups, n_vars))
-        if n_groups > 1:
-            vals = [
-                _per_group(n, getattr(p, n), n_groups)
-                for n in ("de_prob", "de_down_prob", "de_fac_loc", "de_fac_scale")
-            ]
-            for k in range(n_groups):
-                de_fac[k] = _lognormal_factors(rng, n_vars, *(v[k] for v in vals))
-
-        # 6. per-gene chi-squared draw of the BCV
-        chi2 = rng.chisquare(p.bcv_df, n_vars) if np.isfinite(p.bcv_df) else np.full(n_vars, np.nan)
-        bcv_gene = np.sqrt(p.bcv_df / chi2) if np.isfinite(p.bcv_df) else np.ones(n_vars)
-
+        groups, lib = _groups_and_libraries(p, gp, rng)
+        base_mean, out_fac, gene_mean = _gene_means(p, rng)
+        de_fac = _de_factors(p, n_groups, rng)
+        chi2, bcv_gene = _bcv_genes(p, rng)
         curve = _dropout_curve(p, groups, n_groups)
         # 5. proportions per group (the base cell mean is lib_c * prop[group_c])
         group_means = gene_mean * de_fac
         props = group_means / group_means.sum(axis=1, keepdims=True)
-
-        step = max(1, _BLOCK_ENTRIES // n_vars)
-        counts, truth, masks, inter = [], [], [], {"base": [], "lam": [], "prob": []}
-        for start in range(0, n_obs, step):
-            sl = slice(start, min(start + step, n_obs))
-            mu = lib[sl, None] * props[groups[sl]]
-            bcv = (p.bcv_common + 1.0 / np.sqrt(mu)) * bcv_gene
-            bcv2 = bcv * bcv
-            lam = rng.gamma(1.0 / bcv2, mu * bcv2)
-            y = rng.poisson(lam).astype(np.float32)
-            if curve is not None:
-                prob = dropout_probability(lam, curve[0][sl, None], curve[1][sl, None])
-                dropped = rng.random(lam.shape) < prob
-                obs_y = np.where(dropped, np.float32(0), y)
-                masks.append(csr(dropped & (y > 0), dtype=bool))
-            else:
-                prob = np.zeros_like(lam)
-                obs_y = y
-                masks.append(sp.csr_matrix(y.shape, dtype=bool))
-            truth.append(csr(y))
-            counts.append(csr(obs_y))
-            if keep_intermediates:
-                inter["base"].append(mu)
-                inter["lam"].append(lam)
-                inter["prob"].append(prob)
+        counts, truth, masks, inter = _counts(
+            p, lib, groups, props, bcv_gene, curve, keep_intermediates, rng
+        )
 
     obs = pd.DataFrame(
         {
