@@ -435,13 +435,6 @@ def degrade(
         what="adata has",
     )
 
-    obs = adata.obs.copy()
-    obs["degrade_bias_3p"] = out.bias_3p
-    obs["degrade_dropout_rate"] = out.dropout_rate
-    obs["degrade_noise_sd"] = out.noise_sd
-    obs["clean_library_size"] = out.library_size
-    var = adata.var.copy()
-    var["gene_length"] = length
     params = {
         "layer": layer,
         **{
@@ -456,6 +449,20 @@ def degrade(
         "target_sum": target_sum,
         "rounding": rounding,
     }
+    return _degraded_adata(adata, x, out, length, params)
+
+
+def _degraded_adata(
+    adata: AnnData, x: sp.csr_matrix, out: DegradeCountsOutput, length: np.ndarray, params: dict
+) -> AnnData:
+    """The AnnData :func:`degrade` returns (see its "Returns")."""
+    obs = adata.obs.copy()
+    obs["degrade_bias_3p"] = out.bias_3p
+    obs["degrade_dropout_rate"] = out.dropout_rate
+    obs["degrade_noise_sd"] = out.noise_sd
+    obs["clean_library_size"] = out.library_size
+    var = adata.var.copy()
+    var["gene_length"] = length
     return truth_adata(
         out.counts, csr(x), out.dropout_mask, obs=obs, var=var, uns_key="degrade", params=params
     )
