@@ -458,9 +458,10 @@ def _add_benchmark(sub) -> None:
     p = sub.add_parser("benchmark", help="compare methods and peers on datasets and protocols")
     p.add_argument("--data", required=True, help="comma-separated .h5ad files (raw counts in X)")
     p.add_argument("--methods", default="raw,knn,alra",
-                   help="comma-separated: registered methods and peers raw, gene_mean, magic, scvi")
+                   help="comma-separated: registered methods and peers raw, gene_mean, cqn, magic, scvi")
     p.add_argument("--protocol", default="masked",
-                   help="comma-separated: masked, mcv, clustering, deg, dropout, degrade, degrade_reference, smfish")
+                   help="comma-separated: masked, mcv, clustering, deg, dropout, degrade, "
+                        "degrade_reference, smfish, downsample")
     p.add_argument("--seeds", default="0", help="comma-separated integer seeds")
     p.add_argument("--out", required=True, help="output folder (results.csv, summary.md, PNGs)")
     p.add_argument("--label-key", default=None, help="obs column of cell labels (default: auto)")

@@ -5,11 +5,14 @@
   :func:`entropy`, :func:`silhouette`, :func:`rank_genes`, :func:`deg_auc`, :func:`top_k`,
   :func:`jaccard`, :func:`f1`, :func:`marker_spearman`, :func:`gini`, :func:`gini_agreement`,
   :func:`dropout_detection`, :func:`dropout_calibration`, :func:`dropout_ece`,
-  :func:`zeros_imputed`, :func:`expression_recovery`, :func:`cosine_cell`;
+  :func:`zeros_imputed`, :func:`expression_recovery`, :func:`cosine_cell`,
+  :func:`downsample_recovery`;
 - protocols: :class:`Masked`, :class:`MCV`, :class:`Clustering`, :class:`DEG`, :class:`Dropout`,
-  :class:`Degrade`, :class:`DegradeReference`, :class:`Smfish` (:func:`get_protocol` by name);
+  :class:`Degrade`, :class:`DegradeReference`, :class:`Smfish`, :class:`Downsample`
+  (:func:`get_protocol` by name);
 - :func:`run_benchmark`: datasets x protocols x methods x seeds -> tidy CSV, markdown, PNG plots;
-  peers and baselines ``raw``, ``gene_mean``, ``magic``, ``scvi`` (:data:`PEERS`).
+  :func:`rank_table` (mean rank ± sd over experiments, time and memory per dataset);
+  peers and baselines ``raw``, ``gene_mean``, ``cqn``, ``magic``, ``scvi`` (:data:`PEERS`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ._benchmark import (
     markdown_summary,
     plot_reliability,
     plot_results,
+    rank_table,
     run_benchmark,
     run_method,
     summarize,
@@ -31,6 +35,7 @@ from ._metrics import (
     bh_adjust,
     cosine_cell,
     deg_auc,
+    downsample_recovery,
     dropout_calibration,
     dropout_detection,
     dropout_ece,
@@ -54,7 +59,7 @@ from ._metrics import (
     top_k,
     zeros_imputed,
 )
-from ._peers import PEERS, GeneMeanImputer, MagicImputer, RawImputer, ScviImputer
+from ._peers import PEERS, CQNImputer, GeneMeanImputer, MagicImputer, RawImputer, ScviImputer
 from ._protocols import (
     DEG,
     MCV,
@@ -62,6 +67,7 @@ from ._protocols import (
     Clustering,
     Degrade,
     DegradeReference,
+    Downsample,
     Dropout,
     Masked,
     Protocol,
@@ -77,9 +83,11 @@ __all__ = [
     "MCV",
     "PEERS",
     "PROTOCOLS",
+    "CQNImputer",
     "Clustering",
     "Degrade",
     "DegradeReference",
+    "Downsample",
     "Dropout",
     "GeneMeanImputer",
     "MagicImputer",
@@ -94,6 +102,7 @@ __all__ = [
     "bh_adjust",
     "cosine_cell",
     "deg_auc",
+    "downsample_recovery",
     "dropout_calibration",
     "dropout_detection",
     "dropout_ece",
@@ -118,6 +127,7 @@ __all__ = [
     "plot_results",
     "poisson_nll",
     "purity",
+    "rank_table",
     "rank_genes",
     "run_benchmark",
     "run_method",

@@ -360,6 +360,32 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
     return summ
 
 
+def rank_table(results: pd.DataFrame) -> pd.DataFrame:
+    """The cnnImpute paper's ranking (its Fig. 6): every method's rank over all experiments.
+
+    An *experiment* is one ranked (dataset, protocol, metric) of :func:`summarize`. Per method:
+    ``mean_rank`` and ``rank_sd`` (sample sd, 0 for one experiment) over the experiments it
+    took part in, ``n_experiments``, and its mean ``seconds`` and ``peak_mem_mb`` per job on
+    every dataset (columns ``seconds[<dataset>]`` / ``peak_mem_mb[<dataset>]``). Sorted by mean
+    rank (best first).
+    """
+    summ = summarize(results)
+    summ = summ[np.isfinite(summ["rank"].astype(float))]
+    if summ.empty:
+        return pd.DataFrame(columns=["mean_rank", "rank_sd", "n_experiments"])
+    g = summ.groupby("method")["rank"]
+    out = pd.DataFrame({"mean_rank": g.mean(), "rank_sd": g.std().fillna(0.0),
+                        "n_experiments": g.count()})
+    ok = results[results["status"] == "ok"].drop_duplicates(
+        ["dataset", "protocol", "method", "seed"])
+    for what in ("seconds", "peak_mem_mb"):
+        per = ok.pivot_table(index="method", columns="dataset", values=what, aggfunc="mean")
+        per.columns = [f"{what}[{d}]" for d in per.columns]
+        out = out.join(per)
+    out.index.name = "method"
+    return out.sort_values(["mean_rank", "rank_sd"])
+
+
 def _fmt(mean: float, sd: float) -> str:
     if not np.isfinite(mean):
         return "nan"
@@ -397,10 +423,21 @@ def markdown_summary(results: pd.DataFrame, *, command: str | None = None) -> st
                          + f" | {mb['rank'].mean():.2f} | {mb['seconds'].mean():.1f}"
                          f" | {mb['peak_mem_mb'].mean():.0f} |")
         lines.append("")
-    if not summ.empty:
-        overall = summ.groupby("method")["rank"].agg(["mean", "count"]).sort_values("mean")
-        lines += ["## Overall mean rank", "", "| method | mean rank | n scores |", "|---|---|---|"]
-        lines += [f"| {m} | {r['mean']:.2f} | {int(r['count'])} |" for m, r in overall.iterrows()]
+    ranks = rank_table(results)
+    if not ranks.empty:
+        datasets = list(dict.fromkeys(results["dataset"]))
+        lines += ["## Overall ranking", "",
+                  "Rank of every method over all experiments (dataset x protocol x metric; "
+                  "1 = best), as the cnnImpute paper's Fig. 6, with seconds / peak MB per job "
+                  "on each dataset.", "",
+                  "| method | mean rank | rank sd | experiments | "
+                  + " | ".join(f"{d} s / MB" for d in datasets) + " |",
+                  "|---" * (4 + len(datasets)) + "|"]
+        for m, r in ranks.iterrows():
+            cost = [f"{r.get(f'seconds[{d}]', np.nan):.1f} / {r.get(f'peak_mem_mb[{d}]', np.nan):.0f}"
+                    for d in datasets]
+            lines.append(f"| {m} | {r['mean_rank']:.2f} | {r['rank_sd']:.2f} | "
+                         f"{int(r['n_experiments'])} | " + " | ".join(cost) + " |")
         lines.append("")
     bad = results[results["status"] != "ok"]
     if not bad.empty:
@@ -497,7 +534,9 @@ def _save(fig, path: Path) -> Path:
 
 
 def plot_results(results: pd.DataFrame, out_dir, *, embeddings=None, labels=None) -> list[Path]:
-    """Metric bars per dataset and protocol, a rank heatmap, and 2-D embeddings by label."""
+    """Metric bars per dataset and protocol (a grid of panels, screpair's methods blue, peers
+    grey, each axis labelled with its direction), a rank heatmap, the overall ranking (mean rank
+    ± sd, :func:`rank_table`) and 2-D embeddings by label."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -506,16 +545,28 @@ def plot_results(results: pd.DataFrame, out_dir, *, embeddings=None, labels=None
     out = Path(out_dir)
     files: list[Path] = []
     summ = summarize(results)
+    from ..methods._registry import available_methods
+
+    ours = set(available_methods())
     for (dataset, protocol), block in summ.groupby(["dataset", "protocol"], sort=False):
         metrics = list(dict.fromkeys(block["metric"]))
-        fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.2), squeeze=False)
-        for ax, metric in zip(axes[0], metrics, strict=True):
+        ncols = min(4, len(metrics))
+        nrows = -(-len(metrics) // ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.0 * nrows), squeeze=False)
+        for ax, metric in zip(axes.ravel(), metrics, strict=False):
             b = block[block["metric"] == metric]
-            ax.bar(b["method"], b["mean"], yerr=b["sd"], capsize=3, color="C0")
-            arrow = "↑" if GREATER_IS_BETTER.get(metric, True) else "↓"
-            ax.set_title(f"{metric} {arrow}", fontsize=9)
+            colors = ["C0" if m in ours else "0.65" for m in b["method"]]  # screpair vs peers
+            ax.bar(b["method"], b["mean"], yerr=b["sd"], capsize=3, color=colors)
+            if metric in UNRANKED:
+                ax.set_ylabel(metric, fontsize=8)
+            else:
+                better = "higher" if GREATER_IS_BETTER.get(metric, True) else "lower"
+                ax.set_ylabel(f"{metric} ({better} is better)", fontsize=8)
             ax.tick_params(axis="x", rotation=45, labelsize=8)
-        fig.suptitle(f"{dataset} · {protocol}", fontsize=10)
+        for ax in axes.ravel()[len(metrics):]:
+            ax.set_visible(False)
+        fig.suptitle(f"{dataset} · {protocol}  (blue: screpair methods, grey: peers and "
+                     "baselines; bars: mean ± sd over seeds)", fontsize=10)
         files.append(_save(fig, out / f"bars_{_safe(dataset)}_{_safe(protocol)}.png"))
     if not summ.empty:
         summ = summ.assign(experiment=summ["dataset"] + "/" + summ["protocol"] + "/" + summ["metric"])
@@ -534,6 +585,15 @@ def plot_results(results: pd.DataFrame, out_dir, *, embeddings=None, labels=None
         fig.colorbar(im, ax=ax, label="rank (1 = best)")
         ax.set_title("rank per experiment")
         files.append(_save(fig, out / "rank_heatmap.png"))
+        ranks = rank_table(results)
+        fig, ax = plt.subplots(figsize=(5, 0.4 * len(ranks) + 1.2))
+        ypos = np.arange(len(ranks))[::-1]
+        colors = ["C0" if m in ours else "0.65" for m in ranks.index]
+        ax.barh(ypos, ranks["mean_rank"], xerr=ranks["rank_sd"], color=colors, capsize=3)
+        ax.set_yticks(ypos, ranks.index, fontsize=8)
+        ax.set_xlabel("mean rank over experiments ± sd (lower is better)")
+        ax.set_title("overall ranking (blue: screpair, grey: peers)", fontsize=9)
+        files.append(_save(fig, out / "rank_overall.png"))
     datasets = dict.fromkeys(d for d, _ in (embeddings or {}))
     for dataset in datasets:
         embs = {m: e for (d, m), e in embeddings.items() if d == dataset}

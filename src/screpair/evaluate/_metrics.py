@@ -42,6 +42,9 @@ GREATER_IS_BETTER: dict[str, bool] = {
     "pearson_log": True,
     "mse_log_dropped": False,
     "cosine_cell": True,
+    "gene_corr": True,
+    "cell_corr": True,
+    "corr_matrix_error": False,
 }
 
 #: Metrics reported next to the accuracy but not ranked (no direction is better).
@@ -573,3 +576,40 @@ def cosine_cell(truth, pred) -> float:
     den = np.linalg.norm(t, axis=1) * np.linalg.norm(p, axis=1)
     ok = den > 0
     return float(np.mean(num[ok] / den[ok])) if ok.any() else float("nan")
+
+
+# --------------------------------------------------------------------------- downsampling
+def _rowwise_pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson r of every row of ``a`` with the same row of ``b`` (NaN for constant rows)."""
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a * b).sum(1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def downsample_recovery(truth_log, pred_log, *, n_corr_genes: int = 200) -> dict[str, float]:
+    """SAVER's downsampling scores of a method's output against the deep original.
+
+    Both arguments are cells x genes on the same (normalized, log) scale. ``gene_corr``: mean over
+    genes of the Pearson r across cells of output and original; ``cell_corr``: mean over cells of
+    the r across genes; ``corr_matrix_error``: mean absolute difference, over gene pairs, between
+    the gene-gene correlation matrices of output and original on the ``n_corr_genes`` genes with
+    the highest mean in the original. Constant genes or cells (r undefined) are left out.
+    """
+    t, p = _as_float(truth_log), _as_float(pred_log)
+    gene = _rowwise_pearson(t.T, p.T)
+    cell = _rowwise_pearson(t, p)
+    top = np.sort(np.argsort(-t.mean(0), kind="stable")[: min(n_corr_genes, t.shape[1])])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ct = np.corrcoef(t[:, top].T)
+        cp = np.corrcoef(p[:, top].T)
+    iu = np.triu_indices(len(top), k=1)
+    diff = np.abs(ct[iu] - cp[iu])
+    diff = diff[np.isfinite(diff)]
+    nan = float("nan")
+    return {
+        "gene_corr": float(np.nanmean(gene)) if np.isfinite(gene).any() else nan,
+        "cell_corr": float(np.nanmean(cell)) if np.isfinite(cell).any() else nan,
+        "corr_matrix_error": float(diff.mean()) if diff.size else nan,
+    }

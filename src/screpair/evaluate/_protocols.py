@@ -15,7 +15,8 @@ input's zeros that the output makes positive, next to the accuracy (not ranked).
 Protocols: ``masked`` (cnnImpute / DeepImpute masked values, issue 5), ``mcv`` (Open Problems
 denoising), ``clustering``, ``deg``, ``dropout`` (simulations with truth), ``degrade`` (the hook for
 profile reconstruction on :func:`screpair.simulate.degrade` output), ``smfish`` (Gini agreement
-with smFISH).
+with smFISH), ``downsample`` (SAVER's: deep cells binomially thinned, scored against the
+original).
 """
 
 from __future__ import annotations
@@ -703,8 +704,61 @@ class Smfish(Protocol):
         return M.gini_agreement(np.array(sc_g), np.array(fish_g))
 
 
+# --------------------------------------------------------------------------- downsample
+class Downsample(Protocol):
+    """SAVER's downsampling experiment (Huang et al. 2018): deep cells thinned, then repaired.
+
+    The cells whose library size is at least the ``deep_quantile`` quantile are the reference;
+    genes with counts in at least ``min_frac_cells`` of them are kept. Every count is thinned
+    binomially to a fraction ``frac`` (``Binomial(x, frac)``, numpy ``default_rng(seed)``), cells
+    and genes left without counts are dropped, and the method sees only the thinned counts.
+    Scores (:func:`~screpair.evaluate.downsample_recovery`) compare ``log1p(x / L * 1e4)`` of the
+    output (``L`` the thinned library size) with the same of the original deep counts:
+    gene-wise and cell-wise Pearson r, and the error of the gene-gene correlation matrix of the
+    ``n_corr_genes`` most expressed genes. ``raw`` (the thinned counts themselves) is the
+    before-repair reference.
+    """
+
+    name = "downsample"
+
+    def __init__(self, *, frac: float = 0.1, deep_quantile: float = 0.5,
+                 min_frac_cells: float = 0.1, n_corr_genes: int = 200,
+                 layer: str | None = None, label_key: str | None = None):
+        super().__init__(layer=layer, label_key=label_key)
+        for name, v in (("frac", frac), ("deep_quantile", deep_quantile),
+                        ("min_frac_cells", min_frac_cells)):
+            if not 0.0 < v < 1.0 and not (name != "frac" and v == 0.0):
+                msg = f"{name} must be in (0, 1), got {v!r}."
+                raise ValueError(msg)
+        self.frac, self.deep_quantile = frac, deep_quantile
+        self.min_frac_cells, self.n_corr_genes = min_frac_cells, n_corr_genes
+
+    def prepare(self, adata: AnnData, *, rng: RNGLike = 0) -> Task:
+        x = self._counts(adata)
+        lib = library_size(x)
+        cells = np.flatnonzero(lib >= np.quantile(lib, self.deep_quantile))
+        deep = x[cells]
+        detected = np.bincount(deep.indices, minlength=x.shape[1]) / len(cells)
+        genes = np.flatnonzero(detected >= self.min_frac_cells)
+        deep = sp.csr_matrix(deep[:, genes])
+        thin = deep.copy()
+        thin.data = as_rng(rng).binomial(deep.data.astype(np.int64), self.frac).astype(np.float64)
+        thin.eliminate_zeros()
+        keep_c, keep_g = _nonempty_index(thin)
+        thin, deep = thin[keep_c][:, keep_g], deep[keep_c][:, keep_g]
+        sub = _clean(thin, adata.obs.iloc[cells[keep_c]], adata.var.iloc[genes[keep_g]])
+        return Task(sub, {"deep": deep})
+
+    def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
+        deep = task.truth["deep"]
+        truth_log = M.log1p_norm(deep, scale=1e4)
+        pred_log = M.log1p_norm(imputed, library_size(task.adata.X), scale=1e4)
+        return M.downsample_recovery(truth_log, pred_log, n_corr_genes=self.n_corr_genes)
+
+
 PROTOCOLS: dict[str, type[Protocol]] = {
-    p.name: p for p in (Masked, MCV, Clustering, DEG, Dropout, Degrade, DegradeReference, Smfish)
+    p.name: p
+    for p in (Masked, MCV, Clustering, DEG, Dropout, Degrade, DegradeReference, Smfish, Downsample)
 }
 
 

@@ -1,0 +1,142 @@
+"""Issue 19 pieces: the CQN baseline, the downsample protocol's scores and the rank table,
+each against hand-computed answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+
+from screpair.evaluate import _peers
+
+
+def _with_length_effect(rng, n=40, g=300):
+    """Integer counts whose log-expression depends on gene length with a per-cell slope."""
+    length = np.exp(rng.normal(np.log(2000), 0.7, g))
+    z = (np.log(length) - np.log(length).mean()) / np.log(length).std()
+    base = rng.gamma(2.0, 1.5, g)
+    slope = rng.normal(0.0, 0.6, n)
+    mean = base[None, :] * np.exp(slope[:, None] * z[None, :]) * rng.lognormal(1.5, 0.3, (n, 1))
+    x = rng.poisson(mean).astype(float)
+    var = pd.DataFrame({"gene_length": length}, index=[f"g{i}" for i in range(g)])
+    return AnnData(sp.csr_matrix(x), var=var), z, slope
+
+
+def test_cqn_matches_per_cell_least_squares():
+    """The vectorised fit equals numpy's lstsq, cell by cell, and the correction is exactly
+    ``y - B (beta_i - beta_mean)`` (without the intercept) at the observed entries."""
+    rng = np.random.default_rng(0)
+    ad, _, _ = _with_length_effect(rng)
+    x = ad.X.toarray()
+    lib = x.sum(1)
+    y = np.log1p(x / lib[:, None] * 1e4)
+    basis = _peers._cqn_basis(ad.var, ad.var_names, 3)
+    z = np.log(ad.var["gene_length"].to_numpy())
+    z = (z - z.mean()) / z.std()
+    np.testing.assert_allclose(basis, np.column_stack([z**0, z, z**2, z**3]), rtol=1e-12)
+    coefs = np.array([np.linalg.lstsq(basis[x[i] > 0], y[i, x[i] > 0], rcond=None)[0]
+                      for i in range(len(x))])
+    est = _peers.CQNImputer().fit(ad)
+    np.testing.assert_allclose(est.coef_mean_, coefs.mean(0), rtol=1e-6, atol=1e-8)
+    out = est.posterior(ad).mean.toarray()
+    want = y - (coefs - coefs.mean(0))[:, 1:] @ basis[:, 1:].T
+    want = np.where(x > 0, np.expm1(np.maximum(want, 0)) * lib[:, None] / 1e4, 0.0)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-8)
+
+
+def test_cqn_removes_a_known_length_effect():
+    rng = np.random.default_rng(1)
+    ad, z, slope = _with_length_effect(rng)
+    out = _peers.CQNImputer().fit(ad).posterior(ad).mean.toarray()
+
+    def cell_slopes(m):
+        lib = m.sum(1, keepdims=True)
+        lg = np.log1p(m / lib * 1e4)
+        return np.array([np.polyfit(z[r > 0], lg[i, r > 0], 1)[0] for i, r in enumerate(m)])
+
+    before, after = cell_slopes(ad.X.toarray()), cell_slopes(out)
+    assert np.corrcoef(before, slope)[0, 1] > 0.9  # the damage is there
+    assert np.std(after) < 0.15 * np.std(before)  # and gone: every cell has the common slope
+    assert not np.any((out > 0) & (ad.X.toarray() == 0))  # zeros stay zero: nothing imputed
+
+
+def test_cqn_bad_degree():
+    rng = np.random.default_rng(2)
+    ad, _, _ = _with_length_effect(rng, n=5, g=20)
+    with pytest.raises(ValueError, match="degree"):
+        _peers.CQNImputer(degree=0).fit(ad)
+
+
+# ----------------------------------------------------------------------------- downsample
+def test_downsample_scores_hand_computed():
+    from screpair.evaluate import downsample_recovery
+
+    t = np.array([[1.0, 2.0, 3.0], [2.0, 2.0, 5.0], [0.0, 1.0, 1.0], [3.0, 0.0, 2.0]])
+    perfect = downsample_recovery(t, t, n_corr_genes=3)
+    assert perfect == {"gene_corr": 1.0, "cell_corr": 1.0, "corr_matrix_error": 0.0}
+    p = t.copy()
+    p[:, 2] = p[::-1, 2]  # gene 2 reversed over cells
+    got = downsample_recovery(t, p, n_corr_genes=3)
+    r = lambda a, b: np.corrcoef(a, b)[0, 1]  # noqa: E731
+    want_gene = np.mean([1.0, 1.0, r(t[:, 2], p[:, 2])])
+    want_cell = np.mean([r(t[i], p[i]) for i in range(4)])
+    ct, cp = np.corrcoef(t.T), np.corrcoef(p.T)
+    want_err = np.mean(np.abs(ct - cp)[np.triu_indices(3, 1)])
+    np.testing.assert_allclose(
+        [got["gene_corr"], got["cell_corr"], got["corr_matrix_error"]],
+        [want_gene, want_cell, want_err], rtol=1e-12)
+    const = t.copy()
+    const[:, 0] = 1.0  # a constant gene has no correlation: left out, not NaN
+    assert np.isfinite(downsample_recovery(t, const, n_corr_genes=3)["gene_corr"])
+
+
+def test_downsample_protocol():
+    import screpair
+    from screpair.evaluate import get_protocol
+
+    ad = screpair.simulate.splat(n_obs=120, n_vars=150, rng=0)
+    proto = get_protocol("downsample", frac=0.2)
+    task = proto.prepare(ad, rng=0)
+    deep = task.truth["deep"]
+    lib = np.asarray(ad.X.sum(1)).ravel()
+    assert task.adata.n_obs <= int(np.ceil(0.5 * ad.n_obs)) + 1  # the deeper half of the cells
+    assert np.all(lib[ad.obs_names.get_indexer(task.adata.obs_names)] >= np.median(lib))
+    thin = task.adata.X
+    assert np.all(thin.toarray() <= deep.toarray())  # binomial thinning of each count
+    np.testing.assert_allclose(thin.sum() / deep.sum(), 0.2, atol=0.01)
+    again = proto.prepare(ad, rng=0).adata.X
+    assert (again != thin).nnz == 0  # seeded
+    oracle = deep.toarray() * (np.asarray(thin.sum(1)) / np.asarray(deep.sum(1)))
+    best = proto.score(task, oracle)
+    assert best["gene_corr"] > 0.999 and best["cell_corr"] > 0.999
+    assert best["corr_matrix_error"] < 1e-9
+    raw = proto.score(task, thin.toarray())
+    assert raw["gene_corr"] < best["gene_corr"] and raw["corr_matrix_error"] > 0.01
+    with pytest.raises(ValueError, match="frac"):
+        get_protocol("downsample", frac=1.5)
+
+
+# ----------------------------------------------------------------------------- ranking
+def test_rank_table_known_ranks():
+    from screpair.evaluate import rank_table
+
+    rows = []
+    # experiment 1 (mse, lower better): a 0.1, b 0.2, c 0.3 -> ranks 1, 2, 3
+    # experiment 2 (pearson, higher better): a 0.5, b 0.9, c 0.9 -> ranks 3, 1.5, 1.5
+    for m, mse, r, sec in (("a", 0.1, 0.5, 1.0), ("b", 0.2, 0.9, 2.0), ("c", 0.3, 0.9, 4.0)):
+        for metric, v in (("mse", mse), ("pearson", r), ("zeros_imputed", 0.3)):
+            rows.append({"dataset": "d", "protocol": "masked", "method": m, "seed": 0,
+                         "metric": metric, "value": v, "seconds": sec, "peak_mem_mb": 10 * sec,
+                         "status": "ok", "error": ""})
+    res = pd.DataFrame(rows)
+    tab = rank_table(res)
+    assert list(tab.index) == ["b", "a", "c"]  # mean ranks 1.75, 2, 2.25
+    np.testing.assert_allclose(tab.loc[["a", "b", "c"], "mean_rank"], [2.0, 1.75, 2.25])
+    np.testing.assert_allclose(tab.loc[["a", "b", "c"], "rank_sd"],
+                               [np.std([1, 3], ddof=1), np.std([2, 1.5], ddof=1),
+                                np.std([3, 1.5], ddof=1)])
+    assert (tab["n_experiments"] == 2).all()  # zeros_imputed is reported, not ranked
+    np.testing.assert_allclose(tab.loc[["a", "b", "c"], "seconds[d]"], [1.0, 2.0, 4.0])
+    np.testing.assert_allclose(tab.loc["c", "peak_mem_mb[d]"], 40.0)
