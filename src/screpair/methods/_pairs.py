@@ -134,23 +134,14 @@ def _check_range(bounds, name: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _draw(rng: np.random.Generator, bounds, n: int, name: str) -> np.ndarray:
-    lo, hi = _check_range(bounds, name)
-    return rng.uniform(lo, hi, size=n)
-
-
 def degrade_view(x, cfg: PairConfig, rng: np.random.Generator, gene_length: np.ndarray):
-    """One degraded copy of the count matrix ``x`` with per-cell damage drawn from ``cfg``
-    (:func:`screpair.simulate.degrade_counts`; ``gene_length``: one value per column)."""
+    """One degraded copy of the count matrix ``x`` with per-cell damage drawn uniformly from
+    ``cfg``'s ranges (:func:`screpair.simulate.degrade_counts`; ``gene_length``: one value per
+    column)."""
     from .. import simulate
 
-    n = x.shape[0]
-    params = {
-        "bias_3p": _draw(rng, cfg.bias_3p, n, "bias_3p"),
-        "dropout_rate": _draw(rng, cfg.dropout_rate, n, "dropout_rate"),
-        "noise_sd": _draw(rng, cfg.noise_sd, n, "noise_sd"),
-    }
-    out = simulate.degrade_counts(x, **params, gene_length=gene_length, rng=rng)
+    ranges = {name: tuple(getattr(cfg, name)) for name in ("bias_3p", "dropout_rate", "noise_sd")}
+    out = simulate.degrade_counts(x, **ranges, gene_length=gene_length, rng=rng)
     return sp.csr_matrix(out.counts, dtype=np.float64)
 
 

@@ -46,6 +46,30 @@ def _finish(adata: AnnData, copy: bool):
     return adata if copy else None
 
 
+def _to_layer(
+    data: Data,
+    compute,
+    *,
+    layer: str | None,
+    key_added: str,
+    copy: bool,
+    overwrite: bool,
+    require_integer: bool = True,
+):
+    """The body of the matrix-to-layer functions (:func:`normalize`, :func:`log1p`): check the
+    output key, read the matrix, ``compute`` it, then return the result for a bare matrix or
+    write it to ``layers[key_added]`` of an AnnData (``None``, or the copy)."""
+    if isinstance(data, AnnData):
+        check_output_keys(data, [key_added], layer=layer, overwrite=overwrite)
+    x = get_counts(data, layer, require_integer=require_integer, warn_empty=False)
+    out = compute(x)
+    if not isinstance(data, AnnData):
+        return out
+    adata = prepare_adata(data, copy, "screpair.pp")
+    adata.layers[key_added] = out
+    return _finish(adata, copy)
+
+
 def size_factors(
     data: Data, *, layer: str | None = None, key_added: str = "size_factor", copy: bool = False
 ) -> AnnData | np.ndarray | None:
@@ -83,15 +107,14 @@ def normalize(
     -------
     For an AnnData: ``None`` (or a copy), writing ``.layers[key_added]``. For a matrix: the result.
     """
-    if isinstance(data, AnnData):
-        check_output_keys(data, [key_added], layer=layer, overwrite=overwrite)
-    x = get_counts(data, layer, warn_empty=False)
-    out = normalize_rows(x, target_sum)
-    if not isinstance(data, AnnData):
-        return out
-    adata = prepare_adata(data, copy, "screpair.pp")
-    adata.layers[key_added] = out
-    return _finish(adata, copy)
+    return _to_layer(
+        data,
+        lambda x: normalize_rows(x, target_sum),
+        layer=layer,
+        key_added=key_added,
+        copy=copy,
+        overwrite=overwrite,
+    )
 
 
 def log1p(
@@ -112,15 +135,15 @@ def log1p(
     -------
     For an AnnData: ``None`` (or a copy), writing ``.layers[key_added]``. For a matrix: the result.
     """
-    if isinstance(data, AnnData):
-        check_output_keys(data, [key_added], layer=layer, overwrite=overwrite)
-    x = get_counts(data, layer, require_integer=False, warn_empty=False)
-    out = log1p_matrix(x, base)
-    if not isinstance(data, AnnData):
-        return out
-    adata = prepare_adata(data, copy, "screpair.pp")
-    adata.layers[key_added] = out
-    return _finish(adata, copy)
+    return _to_layer(
+        data,
+        lambda x: log1p_matrix(x, base),
+        layer=layer,
+        key_added=key_added,
+        copy=copy,
+        overwrite=overwrite,
+        require_integer=False,
+    )
 
 
 def _filter_mask(x, axis: int, min_counts: float | None, min_nonzero: int | None) -> np.ndarray:
