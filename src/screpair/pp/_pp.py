@@ -269,16 +269,3 @@ def highly_variable_genes(
     adata.var["dispersions"] = df["dispersion"].to_numpy()
     adata.var["dispersions_norm"] = df["dispersion_norm"].to_numpy()
     return _finish(adata, copy)
-
-
-__all__ = [
-    "filter_cells",
-    "filter_genes",
-    "highly_variable_genes",
-    "hvg_dispersion",
-    "log1p",
-    "log1p_matrix",
-    "normalize",
-    "normalize_rows",
-    "size_factors",
-]
