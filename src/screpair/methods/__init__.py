@@ -1,4 +1,5 @@
-"""Imputation methods: estimators, the registry and the AnnData wrapper.
+"""Imputation methods: estimators, the registry, the AnnData wrapper and :class:`TrainConfig`
+(the training settings of the neural methods).
 
 Names are imported on first use (``__getattr__``), so that the registry can be read without
 importing anndata or scikit-learn (the CLI lists the methods in its help).
