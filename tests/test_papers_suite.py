@@ -140,3 +140,77 @@ def test_rank_table_known_ranks():
     assert (tab["n_experiments"] == 2).all()  # zeros_imputed is reported, not ranked
     np.testing.assert_allclose(tab.loc[["a", "b", "c"], "seconds[d]"], [1.0, 2.0, 4.0])
     np.testing.assert_allclose(tab.loc["c", "peak_mem_mb[d]"], 40.0)
+
+
+# ----------------------------------------------------------------------------- suites, resume
+def test_benchmark_resumes_finished_jobs(tmp_path, monkeypatch):
+    """An interrupted run keeps every finished job in jobs.csv; resume=True runs only the rest."""
+    import screpair
+    from screpair import evaluate as ev
+
+    calls = []
+
+    class Counting(_peers.RawImputer):
+        name = "counting"
+
+        def fit(self, data, *, layer=None):
+            calls.append(self.rng)
+            return super().fit(data, layer=layer)
+
+    monkeypatch.setitem(_peers.PEERS, "counting", Counting)
+    ad = screpair.simulate.splat(n_obs=60, n_vars=50, rng=0)
+    first = ev.run_benchmark({"s": ad}, ["counting", "gene_mean"], ["masked"], [0, 1], tmp_path,
+                             plots=False, progress=False)
+    assert len(calls) == 2
+    journal = pd.read_csv(tmp_path / "jobs.csv")
+    assert len(journal) == len(first)
+    # an interruption after the first job of seed 1: drop the jobs that followed it
+    keep = ~((journal["seed"] == 1) & (journal["method"] == "gene_mean"))
+    journal[keep].to_csv(tmp_path / "jobs.csv", index=False)
+    calls.clear()
+    again = ev.run_benchmark({"s": ad}, ["counting", "gene_mean"], ["masked"], [0, 1], tmp_path,
+                             plots=False, progress=False, resume=True)
+    assert calls == []  # both counting jobs came from the journal
+    cols = ["dataset", "protocol", "method", "seed", "metric"]
+    a = first.sort_values(cols).reset_index(drop=True)
+    b = again.sort_values(cols).reset_index(drop=True)
+    np.testing.assert_allclose(a["value"], b["value"], rtol=1e-12)
+    assert list(a["metric"]) == list(b["metric"])
+    ev.run_benchmark({"s": ad}, ["counting"], ["masked"], [0], tmp_path, plots=False,
+                     progress=False)  # resume=False starts afresh
+    assert len(calls) == 1
+
+
+def test_suites_defined_and_checked(tmp_path):
+    from screpair.evaluate import SUITES, _suites
+
+    papers = SUITES["papers"]
+    protocols = {p for r in papers.runs for p in r.protocols}
+    assert protocols == {"masked", "clustering", "deg", "smfish", "mcv", "downsample", "degrade",
+                         "degrade_reference"}
+    assert {"cqn", "raw", "magic", "scvi", "cnn", "saver", "diffusion"} <= set(papers.methods)
+    assert papers.seeds == (0, 1, 2, 3, 4)
+    with pytest.raises(FileNotFoundError, match="missing from the data folder"):
+        _suites.check_suite("papers", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown suite"):
+        _suites.check_suite("nope")
+    assert _suites.check_suite("quick", data_dir=tmp_path) is SUITES["quick"]  # demo: no files
+
+
+@pytest.mark.slow
+def test_quick_suite_runs(tmp_path):
+    from screpair.cli import main
+
+    assert main(["benchmark", "--suite", "quick", "--out", str(tmp_path), "--no-progress",
+                 "-q"]) == 0
+    assert (tmp_path / "rank_overall.png").exists() and (tmp_path / "summary.md").exists()
+
+
+def test_cli_benchmark_needs_data_or_suite(tmp_path, capsys):
+    from screpair.cli import main
+
+    assert main(["benchmark", "--out", str(tmp_path)]) == 2
+    assert "exactly one of --data" in capsys.readouterr().err
+    assert main(["benchmark", "--suite", "papers", "--data-dir", str(tmp_path), "--out",
+                 str(tmp_path)]) == 2
+    assert "missing from the data folder" in capsys.readouterr().err

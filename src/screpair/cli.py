@@ -456,13 +456,22 @@ def _cmd_degrade(args) -> int:
 
 def _add_benchmark(sub) -> None:
     p = sub.add_parser("benchmark", help="compare methods and peers on datasets and protocols")
-    p.add_argument("--data", required=True, help="comma-separated .h5ad files (raw counts in X)")
-    p.add_argument("--methods", default="raw,knn,alra",
-                   help="comma-separated: registered methods and peers raw, gene_mean, cqn, magic, scvi")
+    p.add_argument("--suite", default=None, choices=("papers", "quick"),
+                   help="a named suite instead of --data/--protocol: 'papers' (every protocol on "
+                        "every dataset of --data-dir, 5 seeds, hours) or 'quick' (demo data, "
+                        "minutes); --methods / --seeds override the suite's")
+    p.add_argument("--data-dir", default=None,
+                   help="folder of the suite's datasets (default: $SCREPAIR_DATA or ../shared/data)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="--suite: continue from the jobs an interrupted run finished (jobs.csv)")
+    p.add_argument("--data", default=None, help="comma-separated .h5ad files (raw counts in X)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated: registered methods and peers raw, gene_mean, cqn, "
+                        "magic, scvi (default: raw,knn,alra, or the suite's)")
     p.add_argument("--protocol", default="masked",
                    help="comma-separated: masked, mcv, clustering, deg, dropout, degrade, "
                         "degrade_reference, smfish, downsample")
-    p.add_argument("--seeds", default="0", help="comma-separated integer seeds")
+    p.add_argument("--seeds", default=None, help="comma-separated integer seeds (default: 0)")
     p.add_argument("--out", required=True, help="output folder (results.csv, summary.md, PNGs)")
     p.add_argument("--label-key", default=None, help="obs column of cell labels (default: auto)")
     p.add_argument("--config", default=None,
@@ -502,10 +511,18 @@ def _cmd_benchmark(args) -> int:
             msg = (f"config file {args.config}: {key!r} must map names to tables of parameters, "
                    f'e.g. {{"{key}": {{"knn": {{"k": 10}}}}}}.')
             raise CLIError(msg)
-    for path in _names(args.data, "--data"):
-        if not Path(path).expanduser().exists():
-            msg = f"--data: no such file: '{path}'"
-            raise CLIError(msg)
+    if (args.suite is None) == (args.data is None):
+        msg = "benchmark needs exactly one of --data (files) and --suite (papers or quick)."
+        raise CLIError(msg)
+    if args.suite is not None:
+        from .evaluate._suites import check_suite
+
+        check_suite(args.suite, data_dir=args.data_dir)
+    else:
+        for path in _names(args.data, "--data"):
+            if not Path(path).expanduser().exists():
+                msg = f"--data: no such file: '{path}'"
+                raise CLIError(msg)
     method_params = {k: dict(v) for k, v in cfg.get("method_params", {}).items()}
     protocol_params = {k: dict(v) for k, v in cfg.get("protocol_params", {}).items()}
     if args.scvi_max_epochs is not None:
@@ -515,21 +532,33 @@ def _cmd_benchmark(args) -> int:
         for proto in protocols:
             protocol_params.setdefault(proto, {})["label_key"] = args.label_key
     try:
-        seeds = [_seed(v) for v in _names(args.seeds, "--seeds")]
+        seeds = None if args.seeds is None else [_seed(v) for v in _names(args.seeds, "--seeds")]
     except argparse.ArgumentTypeError:
         msg = f"--seeds takes integers from 0 to {MAX_SEED} separated by commas, got {args.seeds!r}."
         raise CLIError(msg) from None
-    parts = ["screpair", "benchmark", "--data", args.data, "--methods", args.methods,
-             "--protocol", args.protocol, "--seeds", args.seeds, "--out", args.out]
-    for flag, value in (("--label-key", args.label_key), ("--config", args.config),
+    methods = None if args.methods is None else _names(args.methods, "--methods")
+    parts = ["screpair", "benchmark"]
+    for flag, value in (("--suite", args.suite), ("--data-dir", args.data_dir),
+                        ("--data", args.data), ("--methods", args.methods),
+                        ("--protocol", None if args.suite else args.protocol),
+                        ("--seeds", args.seeds), ("--out", args.out),
+                        ("--label-key", args.label_key), ("--config", args.config),
                         ("--scvi-max-epochs", args.scvi_max_epochs)):
         if value is not None:
             parts += [flag, str(value)]
     command = shlex.join(parts)
-    res = run_benchmark(_names(args.data, "--data"), _names(args.methods, "--methods"), protocols,
-                        seeds, args.out, method_params=method_params,
-                        protocol_params=protocol_params, plots=args.plots,
-                        progress=args.progress and not args.quiet, command=command)
+    progress = args.progress and not args.quiet
+    if args.suite is not None:
+        from .evaluate import run_suite
+
+        res = run_suite(args.suite, args.out, data_dir=args.data_dir, methods=methods,
+                        seeds=seeds, method_params=method_params, plots=args.plots,
+                        progress=progress, resume=args.resume, command=command)
+    else:
+        res = run_benchmark(_names(args.data, "--data"), methods or ["raw", "knn", "alra"],
+                            protocols, seeds or [0], args.out, method_params=method_params,
+                            protocol_params=protocol_params, plots=args.plots,
+                            progress=progress, command=command)
     n_ok = int((res.groupby(["dataset", "protocol", "method", "seed"])["status"].first() == "ok").sum())
     n_jobs = res.groupby(["dataset", "protocol", "method", "seed"]).ngroups
     print(f"benchmark: {n_ok}/{n_jobs} jobs ok -> {args.out}/results.csv, summary.md")

@@ -12,6 +12,7 @@
   (:func:`get_protocol` by name);
 - :func:`run_benchmark`: datasets x protocols x methods x seeds -> tidy CSV, markdown, PNG plots;
   :func:`rank_table` (mean rank ± sd over experiments, time and memory per dataset);
+  :func:`run_suite`: the named suites of :data:`SUITES` (``papers``, ``quick``), resumable;
   peers and baselines ``raw``, ``gene_mean``, ``cqn``, ``magic``, ``scvi`` (:data:`PEERS`).
 """
 
@@ -59,6 +60,7 @@ from ._metrics import (
     top_k,
     zeros_imputed,
 )
+from ._suites import SUITES, run_suite
 from ._peers import PEERS, CQNImputer, GeneMeanImputer, MagicImputer, RawImputer, ScviImputer
 from ._protocols import (
     DEG,
@@ -83,6 +85,7 @@ __all__ = [
     "MCV",
     "PEERS",
     "PROTOCOLS",
+    "SUITES",
     "CQNImputer",
     "Clustering",
     "Degrade",
@@ -128,6 +131,7 @@ __all__ = [
     "poisson_nll",
     "purity",
     "rank_table",
+    "run_suite",
     "rank_genes",
     "run_benchmark",
     "run_method",

@@ -191,6 +191,43 @@ class _Job:
     seed: int
 
 
+#: per-job log of finished jobs in ``out_dir`` (what ``resume=True`` reads back)
+JOURNAL = "jobs.csv"
+
+
+def _read_journal(path: Path) -> dict[tuple, list[dict]]:
+    """The rows of the jobs that finished with status ``ok`` in an earlier run, by job."""
+    if not path.is_file():
+        return {}
+    try:
+        old = pd.read_csv(path, keep_default_na=False, na_values=[""], on_bad_lines="skip")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        logger.warning("could not read '%s'; starting the benchmark afresh", path)
+        return {}
+    if list(old.columns) != COLUMNS:
+        return {}
+    old["error"] = old["error"].fillna("")
+    old["metric"] = old["metric"].fillna("")
+    done: dict[tuple, list[dict]] = {}
+    for key, block in old.groupby(["dataset", "protocol", "method", "seed"], sort=False):
+        if (block["status"] == "ok").all():
+            done[(str(key[0]), str(key[1]), str(key[2]), int(key[3]))] = block.to_dict("records")
+    logger.info("resuming: %d finished jobs found in '%s'", len(done), path)
+    return done
+
+
+def _append_journal(path: Path | None, rows: list[dict]) -> None:
+    """Append a finished job's rows (flushed: an interrupt keeps every finished job)."""
+    if path is None or not rows:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        pd.DataFrame(rows, columns=COLUMNS).to_csv(f, header=new, index=False)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 # --------------------------------------------------------------------------- runner
 def run_benchmark(
     datasets,
@@ -204,6 +241,7 @@ def run_benchmark(
     plots: bool = True,
     progress: bool = True,
     command: str | None = None,
+    resume: bool = False,
 ) -> pd.DataFrame:
     """Run every method on every dataset, protocol and seed and write the results.
 
@@ -233,6 +271,11 @@ def run_benchmark(
         Show one tqdm bar over the jobs.
     command
         The command line that regenerates the run, quoted at the top of ``summary.md``.
+    resume
+        Continue an interrupted run: every finished job is appended to ``out_dir/jobs.csv`` as
+        it ends, and with ``resume=True`` the jobs found there with status ``ok`` are not run
+        again (their rows are reused; their embeddings and calibration tables are not redrawn).
+        Without it ``jobs.csv`` is started afresh.
 
     Returns
     -------
@@ -257,6 +300,11 @@ def run_benchmark(
     seeds = [int(s) for s in seeds]
     jobs = [_Job(d, p, m, s) for d in data for p in protos for s in seeds for m in methods]
 
+    journal = None if out_dir is None else Path(out_dir) / JOURNAL
+    done = _read_journal(journal) if resume and journal is not None else {}
+    if journal is not None and not resume:
+        journal.unlink(missing_ok=True)
+
     rows: list[dict] = []
     embeddings: dict[tuple[str, str], np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
@@ -267,6 +315,11 @@ def run_benchmark(
     bar = tqdm(jobs, desc="benchmark", unit="job", disable=not progress)
     for job in bar:
         bar.set_postfix_str(f"{job.dataset}/{job.protocol}/{job.method}/seed{job.seed}")
+        jkey = (job.dataset, job.protocol, job.method, job.seed)
+        if jkey in done:  # finished in an earlier, interrupted run
+            rows += done[jkey]
+            continue
+        n_before = len(rows)
         proto = protos[job.protocol]
         key = (job.dataset, job.protocol, job.seed)
         if key != task_key:
@@ -309,6 +362,7 @@ def run_benchmark(
         for metric, value in scores.items():
             rows.append({**base, "metric": metric, "value": float(value), "seconds": seconds,
                          "peak_mem_mb": mem.peak_mb, "status": "ok", "error": ""})
+        _append_journal(journal, rows[n_before:])
         if calib is not None:
             calibs.append(calib.assign(**base)[[*base, *calib.columns]])
         if plots and job.seed == seeds[0]:
