@@ -17,7 +17,7 @@ from .._utils import (
     RNGLike,
     check_output_keys,
     get_counts,
-    jsonable,  # noqa: F401 - re-exported (was defined here)
+    jsonable,
     nonempty,
     prepare_adata,
     var_names,
