@@ -367,7 +367,7 @@ def cluster_cells(
         with log_task("log2 normalized + PCA", logger):
             y = log_cpm(x, base=2.0, target_sum=target_sum)
             if n_top_genes is not None and n_top_genes < y.shape[1]:
-                from ..pp._pp import hvg_dispersion
+                from ..pp import hvg_dispersion
 
                 y = y[:, hvg_dispersion(x, n_top_genes)["highly_variable"].to_numpy()]
             if scale:

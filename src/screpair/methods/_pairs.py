@@ -196,6 +196,7 @@ class PairImputer(BaseImputer):
     _configs: ClassVar[dict[str, type]] = {"pairs": PairConfig, "train": TrainConfig}
     _predict_batch: ClassVar[int] = 256
     uses_reference: ClassVar[bool] = True
+    has_var: ClassVar[bool] = True
 
     # ---- hooks -------------------------------------------------------------------------------
     def _build_module(self, n_genes: int):  # pragma: no cover - abstract
