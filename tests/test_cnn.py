@@ -437,3 +437,97 @@ def test_quality_on_splat_zinb_imputes_likely_dropouts(sim):
     # 10-epoch network is not better than knn here, so only the gain over raw is asserted
     assert err(cnn) < 0.1 * err(obs)
     assert err(knn) > 0  # knn is computed for the record above
+
+
+# --------------------------------------------------------------------------- presets (issue 18)
+def test_paper_preset_table():
+    """``preset="paper"`` is Zhang et al. (2024) as described in the paper."""
+    from screpair.methods.cnn._model import PRESETS
+
+    assert PRESETS["paper"] == {
+        "pooling": "max",  # two conv + max-pool(2) + batch-norm blocks, flattened
+        "min_frac_cells": 0.0,  # every gene with a likely dropout is a target
+        "n_epochs": 150,
+        "batch_size": 32,
+        "lr": 1e-4,
+        "patience": 5,
+        "warmup_epochs": 0,
+        "min_delta": 0.0,
+    }
+    assert set(PRESETS["default"]) == set(PRESETS["paper"])
+    est = CNNImputer(preset="paper")
+    resolved = {k: est._p(k) for k in PRESETS["paper"]}
+    assert resolved == PRESETS["paper"]
+    # the parameters without a preset are the paper's too
+    p = est.get_params()
+    assert (p["threshold"], p["subset_size"], p["n_top"], p["max_missing_frac"]) == (0.5, 512, 5, 0.5)
+    assert (p["n_filters"], p["kernel_size"], p["n_hidden"], p["dropout"]) == (16, 3, 1024, 0.3)
+    assert (p["val_frac"], p["n_ensemble"], p["log"]) == (0.1, 1, True)
+
+
+def test_explicit_values_override_the_preset():
+    est = CNNImputer(preset="paper", batch_size=64, pooling="average")
+    assert est._p("batch_size") == 64 and est._p("pooling") == "average"
+    assert est._p("lr") == 1e-4
+    with pytest.raises(ValueError, match="preset"):
+        CNNImputer(preset="fast").fit(np.ones((5, 5)))
+    with pytest.raises(ValueError, match="pooling"):
+        CNNImputer(pooling="min").fit(np.ones((5, 5)))
+
+
+def test_paper_preset_equals_its_explicit_parameters():
+    from screpair.methods.cnn._model import PRESETS
+
+    x, _, _ = _latent_counts()
+    ad = _adata(x)
+    kw = dict(n_hidden=16, progress=False, device="cpu", dropout_layer="p", rng=0)
+    paper = {**PRESETS["paper"], "n_epochs": 2}
+    a = CNNImputer(preset="paper", n_epochs=2, **kw).fit_transform(ad)
+    b = CNNImputer(preset="default", **paper, **kw).fit_transform(ad)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_average_pooling_network_is_small():
+    big = GroupedCNN(3, 200, 10, n_hidden=8, pooling="max")
+    small = GroupedCNN(3, 200, 10, n_hidden=8, pooling="average")
+    assert small.w1.shape == (3, 16, 8) and big.w1.shape == (3, 16 * 48, 8)
+    small.reset_parameters(torch.Generator().manual_seed(0))
+    out = small(torch.randn(4, 3, 200))
+    assert out.shape == (4, 3, 10) and torch.isfinite(out).all()
+
+
+def test_min_frac_cells_drops_rarely_detected_targets():
+    x, _, _ = _latent_counts(n_vars=30)
+    x[:, :3] = 0
+    x[:4, :3] = 5  # three genes detected in 4 cells only
+    prob = np.where(x == 0, 0.9, 0.0)
+    ad = _adata(x, prob=prob)
+    kw = dict(dropout_layer="p", rng=0, pooling="average", **TINY)
+    est = CNNImputer(min_frac_cells=5 / 120, **kw).fit(ad)
+    targets = np.concatenate([g.targets for g in est.groups_])
+    assert not np.isin([0, 1, 2], targets).any()
+    out = est.transform(ad)
+    np.testing.assert_array_equal(out[:, :3], x[:, :3])  # not targets: returned as they came
+    all_t = np.concatenate([g.targets for g in CNNImputer(min_frac_cells=0.0, **kw).fit(ad).groups_])
+    assert np.isin([0, 1, 2], all_t).all()
+
+
+def test_models_saved_before_presets_load_with_paper_settings(tmp_path):
+    import json
+
+    from screpair.methods.cnn._model import PRESETS
+
+    x, _, _ = _latent_counts()
+    ad = _adata(x)
+    est = CNNImputer(dropout_layer="p", rng=0, preset="paper", **TINY).fit(ad)
+    est.save(tmp_path / "m")
+    cfg_file = tmp_path / "m" / "config.json"
+    meta = json.loads(cfg_file.read_text())
+    for k in ("preset", "pooling", "min_frac_cells", "warmup_epochs", "min_delta"):
+        meta["config"].pop(k)
+    cfg_file.write_text(json.dumps(meta))  # as written by screpair before issue 18
+    old = CNNImputer.load(tmp_path / "m")
+    assert old.preset == "paper"
+    assert {k: old._p(k) for k in PRESETS["paper"]} == {**PRESETS["paper"], **{
+        k: TINY[k] for k in ("n_epochs", "batch_size", "lr")}}
+    np.testing.assert_array_equal(old.transform(ad), est.transform(ad))

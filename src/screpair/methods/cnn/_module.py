@@ -28,6 +28,11 @@ class GroupedCNN(nn.Module):
         Targets per group (smaller groups are padded; padded outputs are masked out of the loss).
     n_filters, kernel_size, n_hidden, dropout
         Architecture (paper: 16, 3, 1024, 0.3).
+    pooling
+        End of the second block: ``"max"`` (the paper's text: max-pool(2), batch norm, flatten to
+        ``n_filters * length`` features) or ``"average"`` (the original cnnImpute code: global
+        average pooling over the input positions, then batch norm, ``n_filters`` features), which
+        makes the first dense layer ``length`` times smaller.
 
     Notes
     -----
@@ -47,8 +52,13 @@ class GroupedCNN(nn.Module):
         kernel_size: int = 3,
         n_hidden: int = 1024,
         dropout: float = 0.3,
+        pooling: str = "max",
     ):
         super().__init__()
+        if pooling not in ("max", "average"):
+            msg = f"pooling must be 'max' or 'average', got {pooling!r}."
+            raise ValueError(msg)
+        self.pooling = pooling
         g, f, k = n_groups, n_filters, kernel_size
         self.n_groups, self.n_inputs, self.n_outputs = n_groups, n_inputs, n_outputs
         self.dropout = dropout
@@ -59,7 +69,7 @@ class GroupedCNN(nn.Module):
         if length < 1:
             msg = f"n_inputs={n_inputs} is too short for two conv(k={k}) + maxpool(2) blocks."
             raise ValueError(msg)
-        self.n_features = f * length
+        self.n_features = f * length if pooling == "max" else f
         self.conv1 = nn.Conv1d(g, g * f, k, groups=g)
         self.bn1 = nn.BatchNorm1d(g * f)
         self.conv2 = nn.Conv1d(g * f, g * f, k, groups=g)
@@ -95,7 +105,10 @@ class GroupedCNN(nn.Module):
         b = x.shape[0]
         # max-pool and ReLU commute (ReLU is monotone): pooling first halves the ReLU's work
         h = self.bn1(torch.relu_(self.pool(self.conv1(x))))
-        h = self.bn2(torch.relu_(self.pool(self.conv2(h))))
+        if self.pooling == "max":
+            h = self.bn2(torch.relu_(self.pool(self.conv2(h))))
+        else:  # global average pooling: (b, g*f, L) -> (b, g*f)
+            h = self.bn2(torch.relu_(self.conv2(h)).mean(-1))
         if self.training and self.dropout > 0:
             keep = 1.0 - self.dropout
             mask = torch.rand(h.shape, generator=self.generator, device=h.device) < keep
