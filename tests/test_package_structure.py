@@ -23,6 +23,7 @@ LAYERS: dict[str, int] = {
     "screpair": 0,
     "_logging": 0,
     "_utils": 0,
+    "_norm": 0,
     "io": 0,
     "datasets": 0,
     "pp": 1,

@@ -6,8 +6,8 @@ messages live in one place.
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+
+from ._norm import library_size  # noqa: F401 - defined with the other normalizers; re-exported
 
 RNGLike = int | np.random.Generator | None
 ArrayLike = np.ndarray | sp.spmatrix | sp.sparray
@@ -362,9 +364,15 @@ def _make_unique(names: list[str]) -> list[str]:
 def check_var_names(expected: pd.Index, data: Data) -> None:
     """Raise if ``data``'s genes differ from the genes a model was fitted on."""
     got = var_names(data) if isinstance(data, AnnData) else None
+    compare_var_names(expected, got, data.shape[1])
+
+
+def compare_var_names(expected: pd.Index, got: pd.Index | None, n_genes: int) -> None:
+    """Raise if the genes ``got`` (``None`` for a bare matrix: only their number, ``n_genes``, is
+    known) differ from the genes ``expected`` by a fitted model."""
     if got is None:
-        if data.shape[1] != len(expected):
-            msg = f"data have {data.shape[1]} genes but the model was fitted on {len(expected)}."
+        if n_genes != len(expected):
+            msg = f"data have {n_genes} genes but the model was fitted on {len(expected)}."
             raise ValueError(msg)
         return
     if len(got) != len(expected) or not np.array_equal(got.values, np.asarray(expected)):
@@ -378,11 +386,6 @@ def check_var_names(expected: pd.Index, data: Data) -> None:
         if not len(missing) and not len(extra):
             msg = "genes are the same as the model's but in a different order; use `adata[:, model.var_names_]`."
         raise ValueError(msg)
-
-
-def library_size(x) -> np.ndarray:
-    """Total counts per cell (row sums) as a 1-D float array."""
-    return np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
 
 
 def to_dense(x) -> np.ndarray:

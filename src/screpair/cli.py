@@ -317,9 +317,10 @@ def _cmd_demo(args) -> int:
     if "cell_type" in adata.obs:
         from sklearn.metrics import silhouette_score
 
+        from . import _norm
+
         def sil(m):
-            lib = m.sum(1, keepdims=True)
-            lg = np.log1p(m / np.maximum(lib, 1) * 1e4)
+            lg = _norm.log_normalize(m, _norm.CP10K)
             from sklearn.decomposition import PCA
 
             pcs = PCA(20, random_state=0).fit_transform(lg)

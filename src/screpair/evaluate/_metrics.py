@@ -14,6 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy import stats
 
+from .. import _norm
 from .._utils import library_size, to_dense
 
 # metric name -> True when larger is better (used for ranks in the benchmark summary)
@@ -56,8 +57,8 @@ def _as_float(x) -> np.ndarray:
     return np.asarray(to_dense(x), dtype=np.float64)
 
 
-def log1p_norm(x, lib: np.ndarray | None = None, *, scale: float = 1e6) -> np.ndarray:
-    """``log1p(x / L * scale)`` per cell (row), densified.
+def log1p_norm(x, lib: np.ndarray | None = None, *, scale: float = _norm.CPM) -> np.ndarray:
+    """``log1p(x / L * scale)`` per cell (row), densified (:func:`screpair._norm.log_normalize`).
 
     Parameters
     ----------
@@ -74,8 +75,7 @@ def log1p_norm(x, lib: np.ndarray | None = None, *, scale: float = 1e6) -> np.nd
     if lib.shape[0] != xd.shape[0]:
         msg = f"lib has {lib.shape[0]} entries but x has {xd.shape[0]} cells."
         raise ValueError(msg)
-    denom = np.where(lib == 0, 1.0, lib)
-    return np.log1p(xd / denom[:, None] * scale)
+    return to_dense(_norm.log_normalize(xd, scale, np.where(lib == 0, 1.0, lib)))
 
 
 # --------------------------------------------------------------------------- masked accuracy

@@ -5,7 +5,8 @@ Every function takes an AnnData (writes the result into a slot named by ``key_ad
 input stays sparse.
 
 The matrix-level helpers behind them, for code that has already validated its counts (no checks,
-no AnnData): :func:`normalize_rows`, :func:`log1p_matrix` and :func:`hvg_dispersion`.
+no AnnData): :func:`normalize_rows` and :func:`log1p_matrix` (``screpair._norm.normalize`` and
+``screpair._norm.log1p``, re-exported) and :func:`hvg_dispersion`.
 """
 
 from ._pp import (

@@ -7,39 +7,11 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._utils import Data, check_output_keys, get_counts, library_size, prepare_adata
-
-
-def _scale_rows(x, factors: np.ndarray):
-    """Multiply each row by ``factors`` (sparse stays CSR)."""
-    factors = np.asarray(factors, dtype=np.float64)
-    if sp.issparse(x):
-        x = sp.csr_matrix(x, dtype=np.float64, copy=True)
-        x.data *= np.repeat(factors, np.diff(x.indptr))
-        return x
-    return np.asarray(x, dtype=np.float64) * factors[:, None]
-
-
-def normalize_rows(x, target_sum: float | None = 1e4, lib: np.ndarray | None = None):
-    """Scale each row to sum to ``target_sum`` (``None``: the median library size).
-
-    Rows with no counts stay zero.
-    """
-    lib = library_size(x) if lib is None else np.asarray(lib, dtype=np.float64)
-    target = float(np.median(lib[lib > 0])) if target_sum is None else float(target_sum)
-    with np.errstate(divide="ignore"):
-        f = np.where(lib > 0, target / np.where(lib > 0, lib, 1.0), 0.0)
-    return _scale_rows(x, f)
-
-
-def log1p_matrix(x, base: float | None = None):
-    """``log(1 + x)`` (natural, or in ``base``), sparse-preserving."""
-    div = 1.0 if base is None else np.log(base)
-    if sp.issparse(x):
-        x = sp.csr_matrix(x, dtype=np.float64, copy=True)
-        x.data = np.log1p(x.data) / div
-        return x
-    return np.log1p(np.asarray(x, dtype=np.float64)) / div
+from .._norm import CP10K, library_size
+from .._norm import log1p as log1p_matrix
+from .._norm import normalize as normalize_rows
+from .._norm import size_factors as _size_factors
+from .._utils import Data, check_output_keys, get_counts, prepare_adata
 
 
 def _finish(adata: AnnData, copy: bool):
@@ -80,8 +52,7 @@ def size_factors(
     For an AnnData: ``None`` (or a copy), writing ``.obs[key_added]``. For a matrix: the factors.
     """
     x = get_counts(data, layer, warn_empty=False)
-    lib = library_size(x)
-    sf = lib / lib.mean()
+    sf = _size_factors(library_size(x))
     if not isinstance(data, AnnData):
         return sf
     adata = prepare_adata(data, copy, "screpair.pp")
@@ -92,7 +63,7 @@ def size_factors(
 def normalize(
     data: Data,
     *,
-    target_sum: float | None = 1e4,
+    target_sum: float | None = CP10K,
     layer: str | None = None,
     key_added: str = "normalized",
     copy: bool = False,
@@ -219,7 +190,7 @@ def hvg_dispersion(x, n_top_genes: int, n_bins: int = 20) -> pd.DataFrame:
     normalized dispersion are selected (ties broken by gene order). Genes with zero mean are never
     selected.
     """
-    xn = normalize_rows(x, 1e4)
+    xn = normalize_rows(x, CP10K)
     mean = np.asarray(xn.mean(axis=0)).ravel()
     sq = xn.multiply(xn).mean(axis=0) if sp.issparse(xn) else (xn**2).mean(axis=0)
     var = np.asarray(sq).ravel() - mean**2

@@ -31,9 +31,9 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scipy.special import ndtri
 
+from .. import _norm
 from .._logging import get_logger, log_task
 from .._utils import RNGLike, as_rng, get_counts, library_size, to_dense
-from ..pp import log1p_matrix, normalize_rows
 from ._common import check_range, csr, truth_adata
 
 logger = get_logger(__name__)
@@ -301,8 +301,7 @@ def _degrade_matrix(
     r = _cell_values("dropout_rate", dropout_rate, n_obs, rng, high=1.0)
     s = _cell_values("noise_sd", noise_sd, n_obs, rng)
     lib = library_size(x)
-    scale = np.divide(target_sum, lib, out=np.zeros_like(lib), where=lib > 0)
-    unscale = lib / target_sum  # cells without counts stay empty: their y is 0 and so is L
+    scale = _norm.scale_factors(lib, target_sum)  # cells without counts: y = 0 and L = 0
 
     counts, masks = [], []
     step = max(1, _BLOCK_ENTRIES // n_vars)
@@ -310,11 +309,11 @@ def _degrade_matrix(
         for start in range(0, n_obs, step):
             sl = slice(start, min(start + step, n_obs))
             clean = x[sl].toarray()
-            y = np.log1p(clean * scale[sl, None])
+            y = _norm.log1p(_norm.scale_rows(clean, scale[sl]))
             out = degrade_log(
                 y, bias_3p=b[sl], dropout_rate=r[sl], noise_sd=s[sl], gene_length=length, rng=rng
             )
-            back = np.expm1(out.log) * unscale[sl, None]
+            back = _norm.unnormalize(np.expm1(out.log), lib[sl], target_sum)
             counts.append(csr(_round_counts(back, rounding, rng)))
             masks.append(csr(out.dropped & (clean > 0), dtype=bool))
     return DegradeCountsOutput(
@@ -470,7 +469,7 @@ def _degraded_adata(
 
 def log_normalize(counts, target_sum: float = 1e4) -> np.ndarray:
     """Dense ``log1p(x / L * target_sum)`` of a count matrix (the scale :func:`degrade_log` uses)."""
-    return to_dense(log1p_matrix(normalize_rows(counts, target_sum)))
+    return to_dense(_norm.log_normalize(counts, target_sum))
 
 
 __all__ = [

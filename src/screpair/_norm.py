@@ -1,0 +1,106 @@
+"""Count normalization in one place: library sizes, size factors, scaling to a target sum, log
+transforms and the way back to counts, for dense and sparse (CSR) matrices alike.
+
+The scales screpair uses:
+
+- :data:`CP10K` (``1e4``): counts per 10,000, ``log1p(CP10k)``, the scale of the imputation
+  methods (ALRA, kNN, the pair pipeline of diffusion/DAE/VAE, degradation) and of the Open
+  Problems metrics;
+- :data:`CPM` (``1e6``): counts per million, ``log1p(CPM)``, the scale of the masked-entry
+  metrics and of the MAGIC and gene-mean peers.
+
+Every function here works on a matrix whose counts are already validated
+(:func:`screpair._utils.get_counts`); none of them checks the values or modifies its input. A
+cell with no counts (library size 0) stays all zero: its scale factor is 0.
+
+The arithmetic is fixed, so that every caller gets the same bits: a cell's factor is
+``target_sum / L`` and its values are ``x * factor``; the inverse is ``v * (L / target_sum)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+#: counts per 10,000 (``log1p(CP10k)``)
+CP10K = 1e4
+#: counts per million (``log1p(CPM)``)
+CPM = 1e6
+
+
+def library_size(x) -> np.ndarray:
+    """Total counts per cell (row sums) as a 1-D float64 array."""
+    return np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
+
+
+def size_factors(lib: np.ndarray) -> np.ndarray:
+    """Size factors ``L / mean(L)`` from library sizes ``lib`` (SAVER's definition; the mean
+    includes cells without counts, whose factor is 0)."""
+    lib = np.asarray(lib, dtype=np.float64)
+    return lib / lib.mean()
+
+
+def scale_factors(lib: np.ndarray, target_sum: float | None = CP10K) -> np.ndarray:
+    """Per-cell factors ``target_sum / L`` that scale each cell to ``target_sum`` counts (0 for
+    ``L == 0``); ``target_sum=None`` uses the median of the positive library sizes."""
+    lib = np.asarray(lib, dtype=np.float64)
+    target = float(np.median(lib[lib > 0])) if target_sum is None else float(target_sum)
+    with np.errstate(divide="ignore"):
+        return np.where(lib > 0, target / np.where(lib > 0, lib, 1.0), 0.0)
+
+
+def scale_rows(x, factors: np.ndarray):
+    """``x`` with each row multiplied by ``factors`` (float64; sparse stays CSR, a copy)."""
+    factors = np.asarray(factors, dtype=np.float64)
+    if sp.issparse(x):
+        x = sp.csr_matrix(x, dtype=np.float64, copy=True)
+        x.data *= np.repeat(factors, np.diff(x.indptr))
+        return x
+    return np.asarray(x, dtype=np.float64) * factors[:, None]
+
+
+def normalize(x, target_sum: float | None = CP10K, lib: np.ndarray | None = None):
+    """Scale each cell (row) of ``x`` to ``target_sum`` total counts (``None``: the median
+    library size).
+
+    ``lib`` gives the library sizes to scale by (default: the row sums of ``x``), e.g. those of
+    all genes when ``x`` holds some of them. Cells with ``L == 0`` stay zero. Float64; sparse
+    input stays CSR.
+    """
+    lib = library_size(x) if lib is None else np.asarray(lib, dtype=np.float64)
+    return scale_rows(x, scale_factors(lib, target_sum))
+
+
+def log1p(x, base: float | None = None):
+    """``log(1 + x)``: natural (``base=None``), or in ``base`` (2 for ``log2(x + 1)``, 10 for
+    ``log10(x + 1)``), computed as ``log1p(x) / log(base)``. Float64; sparse stays CSR."""
+    div = 1.0 if base is None else np.log(base)
+    if sp.issparse(x):
+        x = sp.csr_matrix(x, dtype=np.float64, copy=True)
+        x.data = np.log1p(x.data) / div
+        return x
+    return np.log1p(np.asarray(x, dtype=np.float64)) / div
+
+
+def log_normalize(
+    x, target_sum: float | None = CP10K, lib: np.ndarray | None = None, base: float | None = None
+):
+    """``log1p(x / L * target_sum)`` per cell (:func:`normalize`, then :func:`log1p`), e.g.
+    ``log1p(CP10k)`` by default, ``log1p(CPM)`` with ``target_sum=CPM``, ``log2(CPM + 1)`` with
+    ``base=2``. Float64; sparse stays CSR."""
+    return log1p(normalize(x, target_sum, lib), base)
+
+
+def unnormalize(x, lib: np.ndarray, target_sum: float = CP10K) -> np.ndarray:
+    """Normalized values back on the count scale of library sizes ``lib``:
+    ``x * (L / target_sum)`` per cell (dense)."""
+    lib = np.asarray(lib, dtype=np.float64)
+    x = x.toarray() if sp.issparse(x) else np.asarray(x)
+    return x * (lib / target_sum)[:, None]
+
+
+def to_counts(log_values, lib: np.ndarray, target_sum: float = CP10K) -> np.ndarray:
+    """The inverse of :func:`log_normalize` (natural log) at library sizes ``lib``:
+    ``max(expm1(v), 0) * (L / target_sum)`` per cell (dense)."""
+    v = log_values.toarray() if sp.issparse(log_values) else np.asarray(log_values)
+    return unnormalize(np.maximum(np.expm1(v), 0.0), lib, target_sum)
