@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 from anndata import AnnData
+from sklearn.exceptions import NotFittedError
 
 import screpair
 from screpair.methods import BaseImputer, Posterior
@@ -136,3 +137,122 @@ def test_import_is_light():
     code = "import screpair, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ---- the BaseImputer template: counts validated once -------------------------------------------
+def _count_get_counts(monkeypatch) -> list[int]:
+    """Replace ``get_counts`` in every loaded screpair module with a counting wrapper."""
+    import sys
+
+    from screpair import _utils
+
+    orig, calls = _utils.get_counts, [0]
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return orig(*args, **kwargs)
+
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("screpair") and getattr(mod, "get_counts", None) is orig:
+            monkeypatch.setattr(mod, "get_counts", counting)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["alra", "knn", "saver", "raw", "gene_mean", "cqn"])
+def test_impute_validates_counts_once(counts_adata, monkeypatch, method):
+    """``impute`` hands its validated counts to the estimator (before the template: 3 calls)."""
+    import screpair.methods.saver  # noqa: F401 - loaded before patching
+    from screpair.evaluate._peers import PEERS
+
+    est = PEERS[method]() if method in PEERS else method
+    calls = _count_get_counts(monkeypatch)
+    screpair.impute(counts_adata, est, key_added="imp")
+    assert calls[0] == 1
+    assert "imp" in counts_adata.layers
+
+
+class _Template(BaseImputer):
+    """Test double on the template: records the validated matrix and its context."""
+
+    name = "template"
+    transductive = True
+
+    def __init__(self, *, shift: float = 1.0):
+        self.shift = shift
+
+    def _check_params(self):
+        if self.shift < 0:
+            msg = "shift must be >= 0"
+            raise ValueError(msg)
+
+    def _fit(self, x, ctx):
+        self.fit_x_, self.fit_ctx_ = x, ctx
+
+    def _posterior(self, x, ctx):
+        self.post_ctx_ = ctx
+        dense = x.toarray() if sp.issparse(x) else x
+        return Posterior(mean=dense + self.shift)
+
+
+def test_template_context_after_setting_aside(counts_adata):
+    ad = counts_adata.copy()
+    ad.var["gene_length"] = np.arange(ad.n_vars, dtype=float) + 100
+    x = ad.X.toarray()
+    x[3] = 0
+    x[:, 7] = 0
+    ad.X = sp.csr_matrix(x)
+    est = _Template()
+    with pytest.warns(UserWarning, match="1 cell.*1 gene"):
+        screpair.impute(ad, est, key_added="t")
+    ctx = est.fit_ctx_
+    assert est.post_ctx_ is ctx and est.fit_x_.shape == (ad.n_obs - 1, ad.n_vars - 1)
+    assert sp.isspmatrix_csr(est.fit_x_) and est.fit_x_.has_canonical_format
+    assert est.fit_x_.dtype == np.float64
+    assert ctx.n_obs == ad.n_obs - 1 and ctx.rows == slice(0, ad.n_obs - 1) and ctx.named
+    assert "GENE7" not in ctx.var_names and list(ctx.var.index) == list(ctx.var_names)
+    np.testing.assert_array_equal(ctx.var["gene_length"], np.delete(ad.var["gene_length"], 7))
+    assert len(ctx.obs) == ad.n_obs - 1 and "cell3" not in ctx.obs.index
+    assert list(est.var_names_) == list(ctx.var_names) and est.n_obs_ == ad.n_obs - 1
+    keep_r, keep_c = np.arange(ad.n_obs) != 3, np.arange(ad.n_vars) != 7
+    np.testing.assert_allclose(ad.layers["t"][np.ix_(keep_r, keep_c)],
+                               x[np.ix_(keep_r, keep_c)] + 1, rtol=1e-6)
+
+
+def test_template_public_methods_validate(counts_adata, array_type):
+    ad = counts_adata
+    est = _Template()
+    with pytest.raises(NotFittedError):
+        est.posterior(ad)
+    with pytest.raises(ValueError, match="shift"):
+        _Template(shift=-1).fit(ad)
+    bad = ad.copy()
+    bad.X = bad.X * 0.5
+    with pytest.raises(ValueError, match="non-integer"):
+        est.fit(bad)
+    est.fit(ad, layer="counts")
+    assert list(est.var_names_) == list(ad.var_names) and set(est.fit_ctx_.layers) == {"counts"}
+    other = ad.copy()
+    other.var_names = [f"OTHER{i}" for i in range(ad.n_vars)]
+    with pytest.raises(ValueError, match="genes differ"):
+        est.posterior(other)
+    with pytest.raises(ValueError, match="transductive"):
+        est.posterior(ad[:10].copy())
+    # bare matrices: made-up gene names, checked by number only
+    m = array_type(ad.X.toarray())
+    out = est.fit_transform(m)
+    np.testing.assert_allclose(out, ad.X.toarray() + 1, rtol=1e-12)
+    assert not est.fit_ctx_.named and est.fit_ctx_.var.shape == (ad.n_vars, 0)
+    with pytest.raises(ValueError, match="genes but the model was fitted on"):
+        est.posterior(array_type(ad.X.toarray()[:, :-1]))
+
+
+def test_subclass_overriding_public_methods_keeps_working(counts_adata):
+    """A subclass with its own ``fit`` / ``posterior`` (as ``CNNImputer`` has) bypasses the
+    template: ``impute`` and ``fit_transform`` call its public methods."""
+    est = _Double()
+    assert not est._is_template() and _Template._is_template()
+    out = est.fit_transform(counts_adata)
+    np.testing.assert_allclose(out, counts_adata.X.toarray() + 1, rtol=1e-12)
+    assert est.seen_shape_ == counts_adata.shape
+    screpair.impute(counts_adata, est, key_added="d")
+    assert "d" in counts_adata.layers

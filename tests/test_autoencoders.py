@@ -10,10 +10,10 @@ from sklearn.exceptions import NotFittedError
 
 import screpair
 from screpair.methods import TrainConfig
+from screpair.methods._pairs import _log_profiles
 from screpair.methods.autoencoder import AEConfig, DAEImputer, VAEImputer
 from screpair.methods.autoencoder._module import DenoisingAE, VariationalAE
 from screpair.methods.diffusion import PairConfig
-from screpair.methods._pairs import log_normalize
 
 N_TOP = 40
 CLASSES = [DAEImputer, VAEImputer]
@@ -40,7 +40,7 @@ def fitted(request, ref_and_degraded):
 
 
 def _log_mse(counts, clean, genes):
-    return float(np.mean((log_normalize(counts, genes) - log_normalize(clean, genes)) ** 2))
+    return float(np.mean((_log_profiles(counts, genes) - _log_profiles(clean, genes)) ** 2))
 
 
 def test_modules_shapes():

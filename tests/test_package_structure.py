@@ -80,7 +80,8 @@ def test_every_part_has_a_layer():
 
 def test_parser_resolves_relative_imports():
     got = dict((m, ln) for ln, m in _imports(ROOT / "methods" / "alra.py"))
-    assert "screpair._utils" in got and "screpair.pp" in got
+    assert "screpair._utils" in got and "screpair._norm" in got
+    assert "screpair.methods._base" in got
 
 
 @pytest.mark.parametrize("path", FILES, ids=[str(f.relative_to(ROOT)) for f in FILES])

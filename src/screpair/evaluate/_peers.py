@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from typing import Self
 
 import numpy as np
 import scipy.sparse as sp
 
-from .._utils import RNGLike, as_rng, get_counts, library_size, to_dense, torch_seed, var_names
-from ..methods._base import BaseImputer, Posterior
+from .. import _norm
+from .._utils import RNGLike, as_rng, library_size, to_dense, torch_seed
+from ..methods._base import BaseImputer, DataContext, Posterior
 
 #: name -> estimator class, for the benchmark runner (checked before the method registry).
 PEERS: dict[str, type[BaseImputer]] = {}
@@ -33,14 +33,6 @@ PEERS: dict[str, type[BaseImputer]] = {}
 def _register(cls: type[BaseImputer]) -> type[BaseImputer]:
     PEERS[cls.name] = cls
     return cls
-
-
-def _cpm_log(x: np.ndarray, lib: np.ndarray) -> np.ndarray:
-    return np.log1p(x / np.where(lib == 0, 1.0, lib)[:, None] * 1e6)
-
-
-def _from_cpm_log(v: np.ndarray, lib: np.ndarray) -> np.ndarray:
-    return np.clip(np.expm1(v), 0.0, None) * lib[:, None] / 1e6
 
 
 @_register
@@ -53,15 +45,10 @@ class RawImputer(BaseImputer):
     def __init__(self, *, rng: RNGLike = None):
         self.rng = rng
 
-    def fit(self, data, *, layer: str | None = None) -> Self:
-        x = get_counts(data, layer)
-        self.var_names_ = var_names(data)
-        self.n_obs_ = x.shape[0]
-        return self
+    def _fit(self, x, ctx: DataContext) -> None:
+        return None
 
-    def posterior(self, data, *, layer: str | None = None) -> Posterior:
-        self._check_fitted()
-        x = get_counts(data, layer)
+    def _posterior(self, x, ctx: DataContext) -> Posterior:
         return Posterior(mean=to_dense(x))
 
 
@@ -79,24 +66,19 @@ class GeneMeanImputer(BaseImputer):
     def __init__(self, *, rng: RNGLike = None):
         self.rng = rng
 
-    def fit(self, data, *, layer: str | None = None) -> Self:
-        x = to_dense(get_counts(data, layer))
+    def _fit(self, x, ctx: DataContext) -> None:
+        x = to_dense(x)
         lib = library_size(x)
-        lg = _cpm_log(x, lib)
+        lg = _norm.log_normalize(x, _norm.CPM, lib)
         nz = x > 0
         with np.errstate(invalid="ignore"):
             mean = np.where(nz, lg, 0.0).sum(0) / nz.sum(0)
         self.gene_log_mean_ = np.nan_to_num(mean, nan=0.0)
-        self.var_names_ = var_names(data)
-        self.n_obs_ = x.shape[0]
-        return self
 
-    def posterior(self, data, *, layer: str | None = None) -> Posterior:
-        self._check_fitted()
-        x = get_counts(data, layer)
+    def _posterior(self, x, ctx: DataContext) -> Posterior:
         lib = library_size(x)
         v = np.broadcast_to(self.gene_log_mean_, x.shape)
-        return Posterior(mean=_from_cpm_log(v, lib))
+        return Posterior(mean=_norm.to_counts(v, lib, _norm.CPM))
 
 
 #: ``var`` columns read as GC content (fraction or percent) by :class:`CQNImputer`
@@ -149,14 +131,13 @@ class CQNImputer(BaseImputer):
         self.degree = degree
         self.rng = rng
 
-    def _coef(self, data, layer) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray, np.ndarray]:
-        x = sp.csr_matrix(get_counts(data, layer), dtype=np.float64)
-        names = var_names(data)
-        var = data.var if hasattr(data, "var") else {}
-        basis = _cqn_basis(var, names, self.degree)
+    def _coef(self, x, ctx: DataContext) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray,
+                                                    np.ndarray]:
+        x = sp.csr_matrix(x, dtype=np.float64)
+        names = ctx.var_names
+        basis = _cqn_basis(ctx.var, names, self.degree)
         lib = library_size(x)
-        y = sp.diags(1e4 / np.where(lib == 0, 1.0, lib)) @ x
-        y.data = np.log1p(y.data)
+        y = _norm.log_normalize(x, _norm.CP10K, lib)
         expressed = y.copy()
         expressed.data[:] = 1.0
         p = basis.shape[1]
@@ -166,24 +147,23 @@ class CQNImputer(BaseImputer):
         coef = np.linalg.solve(gram, rhs[:, :, None])[:, :, 0]
         return y, lib, basis, coef
 
-    def fit(self, data, *, layer: str | None = None) -> Self:
+    def _check_params(self) -> None:
         if not isinstance(self.degree, (int, np.integer)) or self.degree < 1:
             msg = f"degree must be a positive integer, got {self.degree!r}."
             raise ValueError(msg)
-        _, _, _, coef = self._coef(data, layer)
-        self.coef_mean_ = coef.mean(0)
-        self.var_names_ = var_names(data)
-        return self
 
-    def posterior(self, data, *, layer: str | None = None) -> Posterior:
-        self._check_fitted()
-        y, lib, basis, coef = self._coef(data, layer)
+    def _fit(self, x, ctx: DataContext) -> None:
+        _, _, _, coef = self._coef(x, ctx)
+        self.coef_mean_ = coef.mean(0)
+
+    def _posterior(self, x, ctx: DataContext) -> Posterior:
+        y, lib, basis, coef = self._coef(x, ctx)
         rows = np.repeat(np.arange(y.shape[0]), np.diff(y.indptr))
         delta = (coef - self.coef_mean_)[:, 1:]
         shift = np.einsum("ek,ek->e", delta[rows], basis[y.indices, 1:])  # at the entries only
         out = y.copy()
         out.data = np.maximum(y.data - shift, 0.0)
-        out.data = np.expm1(out.data) * (lib[rows] / 1e4)
+        out.data = np.expm1(out.data) * (lib[rows] / _norm.CP10K)
         return Posterior(mean=out)
 
 
@@ -192,16 +172,8 @@ class _Precomputed(BaseImputer):
 
     transductive = True
 
-    def _store(self, imputed: np.ndarray, data) -> Self:
-        self.imputed_ = imputed
-        self.var_names_ = var_names(data)
-        self.n_obs_ = imputed.shape[0]
-        return self
-
-    def posterior(self, data, *, layer: str | None = None) -> Posterior:
-        self._check_fitted()
-        self._check_same_cells(data.shape[0])
-        return Posterior(mean=self.imputed_)
+    def _posterior(self, x, ctx: DataContext) -> Posterior:
+        return Posterior(mean=self.imputed_[ctx.rows])
 
 
 @_register
@@ -225,14 +197,14 @@ class MagicImputer(_Precomputed):
                  n_pca: int | None = None, rng: RNGLike = None):
         self.knn, self.t, self.n_pca, self.rng = knn, t, n_pca, rng
 
-    def fit(self, data, *, layer: str | None = None) -> Self:
+    def _fit(self, x, ctx: DataContext) -> None:
         try:
             import magic
         except ImportError as e:
             e.add_note("The `magic` peer needs magic-impute: `pip install 'screpair[bench]'` "
                        "or `pip install magic-impute`.")
             raise
-        x = to_dense(get_counts(data, layer))
+        x = to_dense(x)
         lib = library_size(x)
         kw = {k: v for k, v in {"knn": self.knn, "t": self.t, "n_pca": self.n_pca}.items()
               if v is not None}
@@ -240,8 +212,9 @@ class MagicImputer(_Precomputed):
         op = magic.MAGIC(random_state=seed, verbose=0, n_jobs=1, **kw)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # third-party chatter (graphtools, sklearn)
-            smooth = np.asarray(op.fit_transform(_cpm_log(x, lib)), dtype=np.float64)
-        return self._store(_from_cpm_log(smooth, lib), data)
+            smooth = np.asarray(op.fit_transform(_norm.log_normalize(x, _norm.CPM, lib)),
+                                dtype=np.float64)
+        self.imputed_ = _norm.to_counts(smooth, lib, _norm.CPM)
 
 
 @contextlib.contextmanager
@@ -285,7 +258,7 @@ class ScviImputer(_Precomputed):
                  rng: RNGLike = None):
         self.max_epochs, self.n_latent, self.rng = max_epochs, n_latent, rng
 
-    def fit(self, data, *, layer: str | None = None) -> Self:
+    def _fit(self, x, ctx: DataContext) -> None:
         try:
             import scvi
         except ImportError as e:
@@ -295,7 +268,6 @@ class ScviImputer(_Precomputed):
         import torch
         from anndata import AnnData
 
-        x = get_counts(data, layer)
         lib = library_size(x)
         ad = AnnData(X=sp.csr_matrix(x, dtype=np.float32))
         seed = torch_seed(as_rng(self.rng))
@@ -308,4 +280,4 @@ class ScviImputer(_Precomputed):
                         enable_progress_bar=False)
             rho = np.asarray(model.get_normalized_expression(ad, library_size=1.0,
                                                               return_numpy=True), dtype=np.float64)
-        return self._store(rho * lib[:, None], data)
+        self.imputed_ = rho * lib[:, None]

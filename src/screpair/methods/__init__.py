@@ -14,6 +14,7 @@ _LAZY = {
     "impute": "._api",
     "make_estimator": "._api",
     "BaseImputer": "._base",
+    "DataContext": "._base",
     "Posterior": "._base",
     "TrainConfig": "._torch",
     "available_methods": "._registry",

@@ -22,7 +22,7 @@ from .._utils import (
     prepare_adata,
     var_names,
 )
-from ._base import BaseImputer, Posterior
+from ._base import BaseImputer, DataContext, Posterior
 from ._registry import get_method
 
 logger = get_logger(__name__)
@@ -135,6 +135,17 @@ def _scatter(block, cells: np.ndarray, genes: np.ndarray, shape: tuple[int, int]
     return out
 
 
+def _subset(x, rows: np.ndarray, cols: np.ndarray):
+    """The counts of the cells ``rows`` and genes ``cols``, in the form ``get_counts`` returns
+    (CSR with sorted indices, or a C-ordered ndarray)."""
+    sub = x[rows][:, cols]
+    if sp.issparse(sub):
+        sub = sp.csr_matrix(sub)
+        sub.sort_indices()
+        return sub
+    return np.ascontiguousarray(sub)
+
+
 def _as_layer(m):
     if m is None:
         return None
@@ -212,22 +223,28 @@ def impute(
     x = get_counts(adata, layer)
     cells, genes = nonempty(x)
     names = var_names(adata)
+    rows, cols = np.flatnonzero(cells), np.flatnonzero(genes)
     if cells.all() and genes.all():
         sub_x = x
     else:
-        sub_x = x[np.flatnonzero(cells)][:, np.flatnonzero(genes)]
-    obs = adata.obs.iloc[np.flatnonzero(cells)].copy()
-    var = adata.var.iloc[np.flatnonzero(genes)].copy()  # methods may read columns (gene_length)
+        sub_x = _subset(x, rows, cols)
+    obs = adata.obs.iloc[rows].copy()
+    var = adata.var.iloc[cols].copy()  # methods may read columns (gene_length)
     var.index = names[genes]
-    rows, cols = np.flatnonzero(cells), np.flatnonzero(genes)
     read = {getattr(est, "dropout_layer", None)} & set(adata.layers)  # layers a method reads
     layers = {k: adata.layers[k] if cells.all() and genes.all() else adata.layers[k][rows][:, cols]
               for k in read}
-    sub = AnnData(X=sub_x, obs=obs, var=var, layers=layers)
 
     start = time.perf_counter()
-    with log_task(f"imputing {sub.n_obs} cells x {sub.n_vars} genes with {est.name!r}", logger):
-        post: Posterior = est.fit(sub).posterior(sub)
+    n_obs, n_vars = sub_x.shape
+    with log_task(f"imputing {n_obs} cells x {n_vars} genes with {est.name!r}", logger):
+        if est._is_template():  # hand over the validated counts: no second get_counts
+            ctx = DataContext(var_names=var.index, obs=obs, var=var, layers=layers, n_obs=n_obs,
+                              rows=slice(0, n_obs))
+            post: Posterior = est._fit_validated(sub_x, ctx)._posterior_validated(sub_x, ctx)
+        else:  # an estimator with its own public fit / posterior validates an AnnData itself
+            sub = AnnData(X=sub_x, obs=obs, var=var, layers=layers)
+            post = est.fit(sub).posterior(sub)
     seconds = time.perf_counter() - start
 
     shape = adata.shape

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Self
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
+from anndata import AnnData
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
-from .._utils import Data
+from .._utils import Data, compare_var_names, get_counts, var_names
 
 
 @dataclass
@@ -33,27 +36,129 @@ class Posterior:
     dropout_prob: np.ndarray | sp.csr_matrix | None = None
 
 
+@dataclass(frozen=True, kw_only=True)
+class DataContext:
+    """What a method may know about validated counts besides the matrix itself.
+
+    Built once per public call (:func:`data_context`) or by :func:`screpair.impute`, which
+    hands over what it validated; passed to :meth:`BaseImputer._fit` and
+    :meth:`BaseImputer._posterior`. Treat the frames and layers as read-only.
+
+    Attributes
+    ----------
+    var_names
+        Gene names, one per column (``gene_0 …`` for a bare matrix), unique.
+    obs, var
+        Cell and gene annotations (``var`` indexed by ``var_names``), e.g. ``var["gene_length"]``;
+        empty frames for a bare matrix. ``obs`` covers all ``n_obs`` cells.
+    layers
+        The input's layers a method may read (cells x genes, aligned with ``obs``); empty for a
+        bare matrix.
+    n_obs
+        Cells in the data set. ``_posterior`` may get a block of them (see ``rows``).
+    rows
+        The rows of the data set that ``x`` holds (``slice(0, n_obs)``: all of them).
+    named
+        Whether ``var_names`` came with the data (an AnnData) or were made up (a bare matrix,
+        whose genes can only be checked by their number).
+    """
+
+    var_names: pd.Index
+    obs: pd.DataFrame
+    var: pd.DataFrame
+    layers: Mapping[str, Any] = field(default_factory=dict)
+    n_obs: int
+    rows: slice
+    named: bool = True
+
+
+def data_context(data: Data, x) -> DataContext:
+    """The :class:`DataContext` of ``data`` whose validated counts are ``x`` (all cells)."""
+    n = x.shape[0]
+    names = var_names(data)
+    if isinstance(data, AnnData):
+        var = data.var if data.var.index.equals(names) else data.var.set_axis(names)
+        return DataContext(var_names=names, obs=data.obs, var=var, layers=data.layers, n_obs=n,
+                           rows=slice(0, n))
+    return DataContext(var_names=names, obs=pd.DataFrame(index=pd.RangeIndex(n).astype(str)),
+                       var=pd.DataFrame(index=names), n_obs=n, rows=slice(0, n), named=False)
+
+
 class BaseImputer(BaseEstimator):
     """sklearn-style base: ``__init__`` only stores parameters, ``fit`` returns ``self``.
 
-    Subclasses implement :meth:`fit` and :meth:`posterior`; :meth:`transform` returns the
-    posterior mean so estimators compose with sklearn. Transductive methods (those whose
-    ``transform`` only works on the fitted cells) set ``transductive = True``.
+    A template: the public :meth:`fit` / :meth:`posterior` check the parameters
+    (:meth:`_check_params`), validate the counts once (:func:`screpair._utils.get_counts`, with
+    the class's ``_fit_checks`` / ``_posterior_checks`` options), check that the model is fitted,
+    that the genes are the fitted ones and, for transductive methods (``transductive = True``:
+    ``posterior`` only works on the fitted cells), that the cells are; then they call the
+    subclass's hooks on the validated matrix:
+
+    ``_fit(x, ctx)``
+        ``x``: validated counts (float64 CSR with sorted indices, or a C-ordered ndarray), cells
+        x genes; ``ctx``: its :class:`DataContext`. Fits the model and stores fitted attributes
+        (names ending in ``_``); the template then sets ``var_names_`` (and, for transductive
+        methods, ``n_obs_``). Today
+        ``x`` holds every cell (``ctx.rows`` is ``slice(0, ctx.n_obs)``); an inductive method
+        must not assume it (a later path may fit on a sample of cells), a transductive one may.
+    ``_posterior(x, ctx) -> Posterior``
+        The same kind of ``x``: the rows ``ctx.rows`` of a data set of ``ctx.n_obs`` cells with
+        the fitted genes. Today it is called once with all rows; a chunked path will call it on
+        consecutive row blocks and stack the results, so a method whose output for a cell
+        depends only on that cell's row and fitted state should index per-cell fitted state
+        with ``ctx.rows``. Methods that need all rows at once (e.g. smoothing over neighbours)
+        set ``posterior_by_rows = False``.
+
+    Neither hook may modify ``x`` (``impute`` passes the same matrix to both). :meth:`transform`
+    returns the posterior mean so estimators compose with sklearn. A subclass may still
+    override the public ``fit`` / ``posterior`` instead (it then validates its input itself,
+    and :func:`screpair.impute` calls those public methods on an AnnData).
     """
 
     name: ClassVar[str] = "base"
     transductive: ClassVar[bool] = False
+    #: ``_posterior`` on a block of rows gives those rows of the whole (see the class docstring)
+    posterior_by_rows: ClassVar[bool] = True
     #: trained on clean profiles: a benchmark with a clean reference fits on it (degrade protocol)
     uses_reference: ClassVar[bool] = False
     #: the posterior may carry ``var`` / ``dropout_prob`` (``impute`` checks those output slots)
     has_var: ClassVar[bool] = False
     has_dropout_prob: ClassVar[bool] = False
+    #: keyword arguments of ``get_counts`` for the data of ``fit`` / ``posterior``
+    _fit_checks: ClassVar[dict[str, Any]] = {}
+    _posterior_checks: ClassVar[dict[str, Any]] = {"warn_empty": False}
 
-    def fit(self, data: Data, *, layer: str | None = None) -> Self:  # pragma: no cover - abstract
+    # ---- hooks -------------------------------------------------------------------------------
+    def _check_params(self) -> None:
+        """Check the parameters (types, ranges) before any data are read; ``fit`` calls it."""
+        return None
+
+    def _fit(self, x, ctx: DataContext) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def posterior(self, data: Data, *, layer: str | None = None) -> Posterior:  # pragma: no cover
+    def _posterior(self, x, ctx: DataContext) -> Posterior:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # ---- public API --------------------------------------------------------------------------
+    def fit(self, data: Data, *, layer: str | None = None) -> Self:
+        """Fit on the raw counts of ``data`` (AnnData: ``X`` or ``layers[layer]``; or a matrix).
+
+        Returns
+        -------
+        The fitted estimator: ``var_names_``, ``n_obs_`` (transductive methods) and the method's
+        own attributes.
+        """
+        self._check_params()
+        x = get_counts(data, layer, **self._fit_checks)
+        return self._fit_validated(x, data_context(data, x))
+
+    def posterior(self, data: Data, *, layer: str | None = None) -> Posterior:
+        """Imputed counts (and, where the method has them, variance and dropout probabilities)
+        for the raw counts of ``data``, which must have the fitted genes (and, for a
+        transductive method, the fitted cells)."""
+        self._check_fitted()
+        x = get_counts(data, layer, **self._posterior_checks)
+        return self._posterior_validated(x, data_context(data, x))
 
     def transform(self, data: Data, *, layer: str | None = None) -> np.ndarray:
         """Imputed counts as a dense ndarray (cells x genes)."""
@@ -61,8 +166,40 @@ class BaseImputer(BaseEstimator):
         return mean.toarray() if sp.issparse(mean) else np.asarray(mean)
 
     def fit_transform(self, data: Data, *, layer: str | None = None) -> np.ndarray:
-        return self.fit(data, layer=layer).transform(data, layer=layer)
+        """``fit(data).transform(data)``, validating ``data`` once."""
+        if not self._is_template():
+            return self.fit(data, layer=layer).transform(data, layer=layer)
+        self._check_params()
+        x = get_counts(data, layer, **self._fit_checks)
+        ctx = data_context(data, x)
+        mean = self._fit_validated(x, ctx)._posterior_validated(x, ctx).mean
+        return mean.toarray() if sp.issparse(mean) else np.asarray(mean)
 
+    # ---- validated entry points (used by ``impute``, which has validated the counts) ----------
+    @classmethod
+    def _is_template(cls) -> bool:
+        """Whether the public ``fit`` / ``posterior`` are the template's (not overridden)."""
+        return cls.fit is BaseImputer.fit and cls.posterior is BaseImputer.posterior
+
+    def _fit_validated(self, x, ctx: DataContext) -> Self:
+        """``fit`` on counts already validated by ``get_counts`` (``ctx``: their context)."""
+        self._check_params()
+        self._fit(x, ctx)
+        self.var_names_ = ctx.var_names
+        if self.transductive:
+            self.n_obs_ = ctx.n_obs
+        return self
+
+    def _posterior_validated(self, x, ctx: DataContext) -> Posterior:
+        """``posterior`` on counts already validated by ``get_counts``: the fitted, gene and
+        (transductive) cell checks, then ``_posterior``."""
+        self._check_fitted()
+        compare_var_names(self.var_names_, ctx.var_names if ctx.named else None, x.shape[1])
+        if self.transductive:
+            self._check_same_cells(ctx.n_obs)
+        return self._posterior(x, ctx)
+
+    # ---- checks ------------------------------------------------------------------------------
     def _check_fitted(self, attr: str = "var_names_") -> None:
         if not hasattr(self, attr):
             msg = f"This {type(self).__name__} is not fitted yet; call `fit` first."

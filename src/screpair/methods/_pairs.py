@@ -32,19 +32,11 @@ from typing import Any, ClassVar, Self
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from anndata import AnnData
 
+from .. import _norm
 from .._logging import get_logger, log_task
-from .._utils import (
-    Data,
-    as_rng,
-    check_var_names,
-    get_counts,
-    library_size,
-    torch_seed,
-    var_names,
-)
-from ._base import BaseImputer, Posterior
+from .._utils import as_rng, to_dense, torch_seed
+from ._base import BaseImputer, DataContext, Posterior
 from ._torch import (
     LossOutput,
     TrainConfig,
@@ -65,8 +57,6 @@ from ._torch import (
 )
 
 logger = get_logger(__name__)
-
-TARGET_SUM = 1e4
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,18 +102,11 @@ class PairConfig:
     zero_threshold: float = 0.5
 
 
-def log_normalize(x, genes: np.ndarray, lib: np.ndarray | None = None) -> np.ndarray:
-    """``log1p(x / L * 1e4)`` restricted to columns ``genes`` (dense float32; ``L`` over all genes)."""
-    lib = library_size(x) if lib is None else lib
-    f = np.where(lib > 0, TARGET_SUM / np.where(lib > 0, lib, 1.0), 0.0)
-    sub = x[:, genes]
-    sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
-    return np.log1p(sub * f[:, None]).astype(np.float32)
-
-
-def to_counts(log_values: np.ndarray, lib: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`log_normalize`: ``max(expm1(v), 0) * L / 1e4``."""
-    return np.maximum(np.expm1(log_values), 0.0) * (lib[:, None] / TARGET_SUM)
+def _log_profiles(x, genes, lib: np.ndarray | None = None) -> np.ndarray:
+    """``log1p(CP10k)`` of the columns ``genes`` as dense float32, ``L`` over all genes
+    (:func:`screpair._norm.log_normalize`)."""
+    lib = _norm.library_size(x) if lib is None else lib
+    return to_dense(_norm.log_normalize(x[:, genes], _norm.CP10K, lib)).astype(np.float32)
 
 
 def _check_range(bounds, name: str) -> tuple[float, float]:
@@ -167,10 +150,10 @@ def make_pairs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Clean log profiles ``(n, g)`` and ``k`` degraded ones ``(k, n, g)`` on the ``genes``
     columns (``k`` from :func:`n_views`; ``gene_length``: one value per column of ``x``)."""
-    clean = log_normalize(x, genes)
+    clean = _log_profiles(x, genes)
     views = np.empty((k, *clean.shape), dtype=np.float32)
     for v in range(k):
-        views[v] = log_normalize(degrade_view(x, cfg, rng, gene_length), genes)
+        views[v] = _log_profiles(degrade_view(x, cfg, rng, gene_length), genes)
     return clean, views
 
 
@@ -197,6 +180,10 @@ class PairImputer(BaseImputer):
     _predict_batch: ClassVar[int] = 256
     uses_reference: ClassVar[bool] = True
     has_var: ClassVar[bool] = True
+    #: the repair noise is one stream over the cells in order (seeded by ``posterior_seed_``)
+    posterior_by_rows: ClassVar[bool] = False
+    #: repairing degraded input: its counts need not be integers
+    _posterior_checks: ClassVar[dict[str, Any]] = {"warn_empty": False, "require_integer": False}
 
     # ---- hooks -------------------------------------------------------------------------------
     def _build_module(self, n_genes: int):  # pragma: no cover - abstract
@@ -266,29 +253,21 @@ class PairImputer(BaseImputer):
         return z * self.gene_scale_ + self.gene_mean_
 
     @staticmethod
-    def _gene_length(data: Data, names: pd.Index) -> np.ndarray:
-        """``var["gene_length"]`` when ``data`` has it, else stand-ins seeded by gene name
+    def _gene_length(ctx: DataContext) -> np.ndarray:
+        """``var["gene_length"]`` when the data have it, else stand-ins seeded by gene name
         (:func:`screpair.simulate.default_gene_length`), one per gene."""
         from .. import simulate
 
-        if isinstance(data, AnnData) and "gene_length" in data.var:
-            return data.var["gene_length"].to_numpy(dtype=np.float64)
-        return simulate.default_gene_length(names)
+        if "gene_length" in ctx.var:
+            return ctx.var["gene_length"].to_numpy(dtype=np.float64)
+        return simulate.default_gene_length(ctx.var_names)
 
     # ---- estimator API -----------------------------------------------------------------------
-    def fit(self, data: Data, *, layer: str | None = None) -> Self:
-        """Make training pairs from ``data``'s (clean) profiles and train the network.
+    def _fit(self, x, ctx: DataContext) -> None:
+        """Make training pairs from the (clean) profiles ``x`` and train the network.
 
-        Parameters
-        ----------
-        data
-            Cells x genes raw counts (AnnData, ndarray or sparse); the clean reference.
-        layer
-            Layer with the counts for an AnnData; ``None`` reads ``X``.
-
-        Returns
-        -------
-        The fitted estimator, with ``var_names_``, ``hvg_`` (bool mask over genes),
+        ``fit(data)`` takes cells x genes raw counts (AnnData, ndarray or sparse): the clean
+        reference. The fitted estimator has ``var_names_``, ``hvg_`` (bool mask over genes),
         ``gene_mean_``/``gene_scale_`` (standardization of the log values), ``module_``,
         ``history_`` (one row per epoch) and ``posterior_seed_`` (the integer seed of the repair
         noise: ``rng`` itself when it is an int, else one draw from it).
@@ -296,20 +275,17 @@ class PairImputer(BaseImputer):
         from .. import pp
 
         torch = import_torch()
-        self._check_params()
         pcfg, tcfg = self._pairs_cfg(), self._train_cfg()
         rng = as_rng(self.rng)
-        x = get_counts(data, layer)
-        names = var_names(data)
         n_top = int(pcfg.n_top_genes)
         if x.shape[1] <= n_top:
             hvg = np.ones(x.shape[1], dtype=bool)
         else:
-            hvg = np.asarray(pp.highly_variable_genes(x, n_top_genes=n_top), dtype=bool)
+            hvg = pp.hvg_dispersion(x, n_top)["highly_variable"].to_numpy(dtype=bool)
         genes = np.flatnonzero(hvg)
         k = n_views(pcfg, x.shape[0])
         with log_task(f"making {k} degraded view(s) of {x.shape[0]} cells", logger):
-            clean, views = make_pairs(x, genes, pcfg, k, rng, self._gene_length(data, names))
+            clean, views = make_pairs(x, genes, pcfg, k, rng, self._gene_length(ctx))
         # centred per gene, scaled by one overall sd: a per-gene sd would blow up rarely
         # detected genes (sd ~ 0 in the reference) when a degraded cell does express them
         self.gene_mean_ = clean.mean(0).astype(np.float32)
@@ -345,7 +321,6 @@ class PairImputer(BaseImputer):
                 history = train_loop(
                     module, loss_fn, train_idx, val_idx, tcfg, rng, desc=f"{self.name}"
                 )
-        self.var_names_ = names
         self.hvg_ = hvg
         self.module_ = module.cpu().eval()
         self.history_ = history
@@ -353,10 +328,9 @@ class PairImputer(BaseImputer):
         # every transform starts its noise from this seed: the same output on each call and
         # after save/load (drawn after training, so an int rng trains exactly as before)
         self.posterior_seed_ = fit_seed(self.rng)
-        return self
 
-    def posterior(self, data: Data, *, layer: str | None = None) -> Posterior:
-        """Repair ``data``'s profiles.
+    def _posterior(self, x, ctx: DataContext) -> Posterior:
+        """Repair the profiles ``x`` (counts, not necessarily integers).
 
         Returns
         -------
@@ -366,12 +340,9 @@ class PairImputer(BaseImputer):
         variance on the count scale; 0 for genes outside the HVG set).
         """
         torch = import_torch()
-        self._check_fitted()
-        check_var_names(self.var_names_, data)
-        x = get_counts(data, layer, require_integer=False)
         genes = np.flatnonzero(self.hvg_)
-        lib = library_size(x)
-        observed = log_normalize(x, genes, lib)
+        lib = _norm.library_size(x)
+        observed = _log_profiles(x, genes, lib)
         c = self._standardize(observed)
         n_samples = self._n_samples()
         zero_threshold = float(self._pairs_cfg().zero_threshold)
@@ -392,14 +363,16 @@ class PairImputer(BaseImputer):
                 stop = min(start + self._predict_batch, x.shape[0])
                 cb = torch.from_numpy(c[start:stop]).to(device)
                 z, point = self._sample(module, cb, n_samples, gen)
-                counts = to_counts(self._unstandardize(z.float().cpu().numpy()), lib[start:stop])
+                counts = _norm.to_counts(
+                    self._unstandardize(z.float().cpu().numpy()), lib[start:stop]
+                )
                 if point is None:
                     repaired = counts.mean(0)
                 else:
                     p = self._unstandardize(point.float().cpu().numpy())
-                    repaired = to_counts(p, lib[start:stop])
+                    repaired = _norm.to_counts(p, lib[start:stop])
                 if zero_threshold > 0:  # observed zeros whose repaired value is small stay zero
-                    low = log_normalize(repaired, slice(None), lib[start:stop]) < zero_threshold
+                    low = _log_profiles(repaired, slice(None), lib[start:stop]) < zero_threshold
                     repaired[(observed[start:stop] == 0) & low] = 0.0
                 mean[start:stop, genes] = repaired
                 if var is not None:

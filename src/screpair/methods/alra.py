@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Self
-
 import numpy as np
 import scipy.sparse as sp
 from sklearn.utils.extmath import randomized_svd
 
+from .. import _norm
 from .._logging import get_logger
-from .._utils import Data, RNGLike, as_rng, get_counts, library_size, var_names
-from ..pp import log1p_matrix, normalize_rows
-from ._base import BaseImputer, Posterior
+from .._utils import RNGLike, as_rng
+from ._base import BaseImputer, DataContext, Posterior
 
 logger = get_logger(__name__)
 
@@ -138,12 +136,9 @@ class ALRAImputer(BaseImputer):
         self.k, self.max_k, self.thresh, self.noise_start = k, max_k, thresh, noise_start
         self.quantile_prob, self.n_iter, self.rng = quantile_prob, n_iter, rng
 
-    def fit(self, data: Data, *, layer: str | None = None) -> Self:
-        x = get_counts(data, layer)
-        self.var_names_ = var_names(data)
-        self.n_obs_ = x.shape[0]
+    def _fit(self, x, ctx: DataContext) -> None:
         rng = as_rng(self.rng)
-        a = log1p_matrix(normalize_rows(x, 1e4))
+        a = _norm.log_normalize(x, _norm.CP10K)
         if self.k is None:
             self.k_, self.singular_values_ = choose_k(
                 a, max_k=self.max_k, thresh=self.thresh, noise_start=self.noise_start, rng=rng
@@ -156,11 +151,7 @@ class ALRAImputer(BaseImputer):
                 raise ValueError(msg)
         self.completed_ = alra_core(a, self.k_, quantile_prob=self.quantile_prob,
                                     n_iter=self.n_iter, rng=rng)
-        return self
 
-    def posterior(self, data: Data, *, layer: str | None = None) -> Posterior:
-        self._check_fitted("completed_")
-        x = get_counts(data, layer, warn_empty=False)
-        self._check_same_cells(x.shape[0])
-        lib = library_size(x)
-        return Posterior(mean=np.expm1(self.completed_) * (lib / 1e4)[:, None])
+    def _posterior(self, x, ctx: DataContext) -> Posterior:
+        lib = _norm.library_size(x)
+        return Posterior(mean=_norm.unnormalize(np.expm1(self.completed_[ctx.rows]), lib))

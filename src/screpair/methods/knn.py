@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Self
-
 import numpy as np
 import scipy.sparse as sp
 from sklearn.decomposition import TruncatedSVD
 from sklearn.neighbors import NearestNeighbors
 
-from .._utils import Data, RNGLike, as_rng, get_counts, library_size, var_names
-from ..pp import log1p_matrix, normalize_rows
-from ._base import BaseImputer, Posterior
+from .. import _norm
+from .._utils import RNGLike, as_rng
+from ._base import BaseImputer, DataContext, Posterior
 
 
 class KNNImputer(BaseImputer):
@@ -39,19 +37,19 @@ class KNNImputer(BaseImputer):
 
     name = "knn"
     transductive = True
+    posterior_by_rows = False  # a cell's output averages its neighbours' rows
 
     def __init__(self, *, k: int = 15, n_pcs: int = 30, rng: RNGLike = 0):
         self.k, self.n_pcs, self.rng = k, n_pcs, rng
 
-    def fit(self, data: Data, *, layer: str | None = None) -> Self:
+    def _check_params(self) -> None:
         if int(self.k) < 1:
             msg = f"k must be >= 1, got {self.k}."
             raise ValueError(msg)
-        x = get_counts(data, layer)
-        self.var_names_ = var_names(data)
-        self.n_obs_ = x.shape[0]
+
+    def _fit(self, x, ctx: DataContext) -> None:
         k = min(int(self.k), x.shape[0])
-        lg = log1p_matrix(normalize_rows(x, 1e4))
+        lg = _norm.log_normalize(x, _norm.CP10K)
         lg = lg.toarray() if hasattr(lg, "toarray") else lg
         lg = lg - lg.mean(axis=0)
         n_pcs = max(1, min(int(self.n_pcs), min(x.shape) - 1))
@@ -63,19 +61,14 @@ class KNNImputer(BaseImputer):
         self_missing = ~(idx == np.arange(len(idx))[:, None]).any(1)
         idx[self_missing, -1] = np.flatnonzero(self_missing)
         self.neighbors_ = idx
-        return self
 
-    def posterior(self, data: Data, *, layer: str | None = None) -> Posterior:
-        self._check_fitted("neighbors_")
-        x = get_counts(data, layer, warn_empty=False)
-        self._check_same_cells(x.shape[0])
-        lib = library_size(x)
+    def _posterior(self, x, ctx: DataContext) -> Posterior:
+        lib = _norm.library_size(x)
         n, k = self.neighbors_.shape
         # row-stochastic neighbour matrix: never builds a cells x k x genes array
         w = sp.csr_matrix(
             (np.full(n * k, 1.0 / k), self.neighbors_.ravel(), np.arange(0, n * k + 1, k)),
             shape=(n, n),
         )
-        smooth = w @ normalize_rows(x, 1e4)
-        smooth = smooth.toarray() if sp.issparse(smooth) else np.asarray(smooth)
-        return Posterior(mean=smooth * (lib / 1e4)[:, None])
+        smooth = w @ _norm.normalize(x, _norm.CP10K)
+        return Posterior(mean=_norm.unnormalize(smooth, lib))

@@ -24,7 +24,7 @@ The posterior is ``lambda | Y ~ Gamma(Y + alpha, s + beta)``. Its mean is the we
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import scipy.sparse as sp
@@ -35,16 +35,9 @@ from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from ..._logging import get_logger, log_task
-from ..._utils import (
-    Data,
-    RNGLike,
-    as_rng,
-    check_var_names,
-    get_counts,
-    library_size,
-    var_names,
-)
-from .._base import BaseImputer, Posterior
+from ..._norm import library_size, size_factors
+from ..._utils import RNGLike, as_rng
+from .._base import BaseImputer, DataContext, Posterior
 from . import _lasso
 
 logger = get_logger(__name__)
@@ -58,12 +51,6 @@ _GRID = np.exp((np.exp(_PPOINTS) - 1) / 2) - 1  # SAVER's sampling grid on (0, m
 
 
 # --------------------------------------------------------------------------- closed-form pieces
-def size_factors(library: np.ndarray) -> np.ndarray:
-    """SAVER's size factors: library size divided by the mean library size."""
-    library = np.asarray(library, dtype=np.float64)
-    return library / library.mean()
-
-
 def prior_shape_rate(model: str, param, mu) -> tuple[np.ndarray, np.ndarray]:
     """Gamma prior ``(alpha, beta)`` for a variance form, its parameter and the prior mean ``mu``.
 
@@ -414,6 +401,7 @@ class SaverImputer(BaseImputer):
     name = "saver"
     transductive = True
     has_var = True
+    _fit_checks: ClassVar[dict[str, Any]] = {"warn_empty": False}  # empty cells: fit refuses
 
     def __init__(
         self,
@@ -520,19 +508,10 @@ class SaverImputer(BaseImputer):
         return sp.csr_matrix(block.T) if sp.issparse(block) else sp.csr_matrix(np.asarray(block).T)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, data: Data, *, layer: str | None = None) -> Self:
-        """Fit the per-gene prior (regression and variance form).
-
-        Parameters
-        ----------
-        data
-            AnnData or matrix of raw counts (cells x genes). Every cell needs at least one count.
-        layer
-            Layer holding the counts (AnnData only); ``None`` uses ``X``.
-        """
-        self._check_params()
-        x = get_counts(data, layer, warn_empty=False)
-        names = var_names(data)
+    def _fit(self, x, ctx: DataContext) -> None:
+        """Fit the per-gene prior (regression and variance form) on validated counts ``x``
+        (cells x genes); every cell needs at least one count (:func:`screpair.impute` sets
+        cells without counts aside)."""
         lib = library_size(x)
         if np.any(lib == 0):
             msg = (
@@ -542,10 +521,9 @@ class SaverImputer(BaseImputer):
             raise ValueError(msg)
         rng = as_rng(self.rng)
         with threadpool_limits(limits=self._threads()), log_task("fitting SAVER", logger):
-            self._fit(x, names, lib, rng)
-        return self
+            self._fit_prior(x, ctx.var_names, lib, rng)
 
-    def _fit(self, x, names, lib, rng: np.random.Generator) -> None:
+    def _fit_prior(self, x, names, lib, rng: np.random.Generator) -> None:
         """Fit the prior of every gene on validated counts ``x`` (every cell with counts).
 
         Steps: normalized gene moments; the predictor genes and their standardized log values;
@@ -559,8 +537,6 @@ class SaverImputer(BaseImputer):
         xc = x.tocsc() if sp.issparse(x) else x
         inv = 1.0 / sf
         gene_mean, gene_var = self._gene_moments(x, inv)
-        self.var_names_ = names
-        self.n_obs_ = n
         self.size_factors_ = sf
         self.gene_mean_ = gene_mean
         regressable = self._pred_mask(names) & (gene_var > 0)
@@ -768,31 +744,14 @@ class SaverImputer(BaseImputer):
         return float((0.5 - intercept) / slope)
 
     # ------------------------------------------------------------------ posterior
-    def posterior(self, data: Data, *, layer: str | None = None) -> Posterior:
-        """Posterior mean and variance on the count scale for the fitted cells.
-
-        Parameters
-        ----------
-        data
-            The data given to :meth:`fit` (SAVER is transductive).
-        layer
-            Layer holding the counts (AnnData only).
-
-        Returns
-        -------
-        :class:`~screpair.methods.Posterior` with ``mean`` (``s_c E[lambda]``) and ``var``
-        (``s_c^2 Var[lambda]``), dense ``(n_cells, n_genes)`` float64.
-        """
-        self._check_fitted()
-        x = get_counts(data, layer, warn_empty=False)
-        check_var_names(self.var_names_, data)
-        self._check_same_cells(x.shape[0])
+    def _posterior(self, x, ctx: DataContext) -> Posterior:
+        """Posterior mean (``s_c E[lambda]``) and variance (``s_c^2 Var[lambda]``) on the count
+        scale for the fitted cells ``ctx.rows``, dense float64."""
         with threadpool_limits(limits=self._threads()):
-            return self._posterior(x)
+            return self._posterior_rows(x, self.size_factors_[ctx.rows])
 
-    def _posterior(self, x) -> Posterior:
+    def _posterior_rows(self, x, sf: np.ndarray) -> Posterior:
         n, n_genes = x.shape
-        sf = self.size_factors_
         xc = x.tocsc() if sp.issparse(x) else x
         mean = np.zeros((n, n_genes))
         var = np.zeros((n, n_genes))
