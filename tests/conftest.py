@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -12,13 +14,32 @@ def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="run slow tests")
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "requires(*modules): skip unless every module (an optional extra) can be imported",
+    )
+
+
+def _missing(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # a parent package of a dotted name is missing
+        return True
+
+
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--runslow"):
-        return
+    """Skip ``slow`` tests unless ``--runslow``; skip ``requires(...)`` tests whose optional
+    packages are not installed (scanpy's ``needs`` marks, instead of ``importorskip`` in bodies)."""
+    runslow = config.getoption("--runslow")
     skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
     for item in items:
-        if "slow" in item.keywords:
+        if "slow" in item.keywords and not runslow:
             item.add_marker(skip_slow)
+        for mark in item.iter_markers("requires"):
+            missing = [m for m in mark.args if _missing(m)]
+            if missing:
+                item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)}"))
 
 
 @pytest.fixture(params=["dense", "csr"])

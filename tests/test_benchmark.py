@@ -145,8 +145,8 @@ def test_gene_mean_baseline_hand():
     np.testing.assert_allclose(out, np.expm1([[v0, v1], [v0, v1]]) * lib[:, None] / 1e6, rtol=1e-12)
 
 
+@pytest.mark.requires("magic")
 def test_magic_peer_runs(counts_adata):
-    pytest.importorskip("magic")
     x = counts_adata.X
     out = ev.run_method("magic", counts_adata, rng=0)[0]
     assert out.shape == x.shape and np.all(np.isfinite(out)) and out.min() >= 0
@@ -156,8 +156,8 @@ def test_magic_peer_runs(counts_adata):
 
 
 @pytest.mark.slow
+@pytest.mark.requires("scvi")
 def test_scvi_peer_runs(counts_adata):
-    pytest.importorskip("scvi")
     out = ev.run_method("scvi", counts_adata, rng=0, params={"max_epochs": 2})[0]
     lib = np.asarray(counts_adata.X.sum(1)).ravel()
     np.testing.assert_allclose(out.sum(1), lib, rtol=1e-3)

@@ -29,6 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .. import _norm
 from .._utils import RNGLike, as_rng, get_counts, library_size, to_dense
 from . import _metrics as M
 
@@ -208,10 +209,7 @@ def _variable_genes(x: sp.csr_matrix, n_top_genes: int | None) -> np.ndarray:
     x = sp.csr_matrix(x)
     genes = np.flatnonzero(np.bincount(x.indices, minlength=x.shape[1]) >= 3)
     if n_top_genes is not None and genes.size > n_top_genes:
-        lg = sp.csr_matrix(x[:, genes], dtype=np.float64)
-        lib = library_size(x)
-        lg = sp.diags(1e6 / np.where(lib == 0, 1, lib)) @ lg
-        lg.data = np.log1p(lg.data)
+        lg = _norm.log_normalize(x[:, genes], _norm.CPM, library_size(x))
         mean = np.asarray(lg.mean(0)).ravel()
         var = np.asarray(lg.multiply(lg).mean(0)).ravel() - mean**2
         genes = np.sort(genes[np.argsort(-var, kind="stable")[:n_top_genes]])
@@ -560,7 +558,7 @@ class Degrade(_Labelled):
         # scored: the clean data's variable genes; reference values computed once
         scored = _variable_genes(truth, None)
         if self.n_top_genes is not None and scored.size > self.n_top_genes:
-            from ..pp._pp import hvg_dispersion
+            from ..pp import hvg_dispersion
 
             hv = hvg_dispersion(truth[:, scored], self.n_top_genes)["highly_variable"]
             scored = scored[hv.to_numpy()]
