@@ -74,6 +74,8 @@ def run_cnn(args) -> dict:
     adata = ad.read_h5ad(DATA)
     t0 = time.perf_counter()
     kw = {"n_epochs": args.cnn_epochs} if args.cnn_epochs else {}
+    if args.dropout_model:
+        kw["dropout_model"] = args.dropout_model
     est = CNNImputer(rng=0, progress=args.progress, device="cpu", preset=args.preset, **kw)
     est.fit(adata)
     t_fit = time.perf_counter() - t0
@@ -83,6 +85,7 @@ def run_cnn(args) -> dict:
     return {
         "method": "cnn",
         "preset": args.preset,
+        "dropout_model": est.dropout_model,
         "seconds": secs,
         "fit_seconds": t_fit,
         "peak_mb": _peak_mb(),
@@ -140,6 +143,9 @@ def main() -> None:
     p.add_argument("--only", choices=["cnn", "scvi"])
     p.add_argument("--preset", default="default", choices=["default", "paper"])
     p.add_argument(
+        "--dropout-model", default=None, choices=["zinb", "scimpute"], help="cnn's (default: its)"
+    )
+    p.add_argument(
         "--scvi-python",
         default=sys.executable,
         help="python of an environment with scvi-tools (default: this one)",
@@ -171,6 +177,7 @@ def main() -> None:
             method,
             "--preset",
             args.preset,
+            *(["--dropout-model", args.dropout_model] if args.dropout_model else []),
             "--threads",
             str(args.threads),
             "--cnn-epochs",
