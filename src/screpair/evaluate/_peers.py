@@ -81,6 +81,8 @@ class GeneMeanImputer(BaseImputer):
         return Posterior(mean=_norm.to_counts(v, lib, _norm.CPM))
 
 
+#: expressed genes a cell needs per fitted term before :class:`CQNImputer` corrects it
+_CQN_GENES_PER_TERM = 10
 #: ``var`` columns read as GC content (fraction or percent) by :class:`CQNImputer`
 GC_KEYS = ("gc", "gc_content", "GC", "percent_gc")
 
@@ -122,7 +124,9 @@ class CQNImputer(BaseImputer):
     protocol's damage does). Departures from CQN: least squares instead of median regression and
     polynomials instead of natural splines (fast and vectorised over cells), and no quantile
     normalization of the residuals across cells (with most entries zero in single cells it would
-    mostly rank zeros).
+    mostly rank zeros). Cells with fewer than 10 expressed genes per fitted term are left as they
+    are (a cubic through a handful of genes extrapolates wildly), and a corrected value never
+    exceeds the cell's largest observed one.
     """
 
     name = "cqn"
@@ -131,8 +135,7 @@ class CQNImputer(BaseImputer):
         self.degree = degree
         self.rng = rng
 
-    def _coef(self, x, ctx: DataContext) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray,
-                                                    np.ndarray]:
+    def _coef(self, x, ctx: DataContext) -> tuple:
         x = sp.csr_matrix(x, dtype=np.float64)
         names = ctx.var_names
         basis = _cqn_basis(ctx.var, names, self.degree)
@@ -145,7 +148,8 @@ class CQNImputer(BaseImputer):
         gram = (expressed @ outer).reshape(-1, p, p) + 1e-6 * np.eye(p)
         rhs = np.asarray(y @ basis)
         coef = np.linalg.solve(gram, rhs[:, :, None])[:, :, 0]
-        return y, lib, basis, coef
+        enough = np.diff(y.indptr) >= _CQN_GENES_PER_TERM * p  # a curve worth fitting
+        return y, lib, basis, coef, enough
 
     def _check_params(self) -> None:
         if not isinstance(self.degree, (int, np.integer)) or self.degree < 1:
@@ -153,16 +157,19 @@ class CQNImputer(BaseImputer):
             raise ValueError(msg)
 
     def _fit(self, x, ctx: DataContext) -> None:
-        _, _, _, coef = self._coef(x, ctx)
-        self.coef_mean_ = coef.mean(0)
+        _, _, _, coef, enough = self._coef(x, ctx)
+        self.coef_mean_ = coef[enough].mean(0) if enough.any() else np.zeros(coef.shape[1])
 
     def _posterior(self, x, ctx: DataContext) -> Posterior:
-        y, lib, basis, coef = self._coef(x, ctx)
+        y, lib, basis, coef, enough = self._coef(x, ctx)
         rows = np.repeat(np.arange(y.shape[0]), np.diff(y.indptr))
-        delta = (coef - self.coef_mean_)[:, 1:]
+        delta = np.where(enough[:, None], coef - self.coef_mean_, 0.0)[:, 1:]
         shift = np.einsum("ek,ek->e", delta[rows], basis[y.indices, 1:])  # at the entries only
+        has = np.diff(y.indptr) > 0
+        cell_max = np.zeros(y.shape[0])
+        cell_max[has] = np.maximum.reduceat(y.data, y.indptr[:-1][has]) if y.nnz else 0.0
         out = y.copy()
-        out.data = np.maximum(y.data - shift, 0.0)
+        out.data = np.clip(y.data - shift, 0.0, cell_max[rows])
         out.data = np.expm1(out.data) * (lib[rows] / _norm.CP10K)
         return Posterior(mean=out)
 
