@@ -4,11 +4,15 @@ Usage::
 
     python benchmarks/dropout_models.py OUT [--protocols masked,mcv] [--seeds 0]
         [--n-genes 500] [--n-epochs 150] [--datasets pbmc3k,baron]
+        [--models zinb,scimpute] [--no-baselines]
 
 Runs ``raw`` (no denoising), ``gene_mean`` and cnn with each dropout model through
-:func:`screpair.evaluate.run_benchmark`, renames the cnn runs ``cnn`` / ``cnn_scimpute`` and
-writes the combined ``results.csv``, ``summary.md`` (with ``zeros_imputed``, the fraction of the
-input's zeros each output makes positive) and plots into ``OUT``.
+:func:`screpair.evaluate.run_benchmark`, names the cnn runs ``cnn_<model>`` and writes the
+combined ``results.csv`` and ``summary.md`` (with ``zeros_imputed``, the fraction of the input's
+zeros each output makes positive) into ``OUT``. ``--models`` names entries of ``MODELS``:
+``zinb`` (``dropout_model="zinb"`` with ``inflation="none"``: the logistic curve alone, the
+model before the gene term), ``zinb_gene`` (``inflation="gene"``: the curve noisy-OR a per-gene
+zero inflation), ``zinb_cluster`` (per gene and cluster) and ``scimpute``.
 
 ``--n-genes N`` keeps only the N most highly variable genes (``pp.highly_variable_genes``) of
 each dataset before the protocol runs (cnn on all 13,714 pbmc3k genes takes ~35-70 min on a
@@ -29,6 +33,12 @@ from screpair.evaluate import run_benchmark
 from screpair.evaluate._benchmark import write_outputs
 
 DATA = Path("/work/shared/data")
+MODELS = {
+    "zinb": {"dropout_model": "zinb", "dropout_kwargs": {"inflation": "none"}},
+    "zinb_gene": {"dropout_model": "zinb", "dropout_kwargs": {"inflation": "gene"}},
+    "zinb_cluster": {"dropout_model": "zinb", "dropout_kwargs": {"inflation": "cluster"}},
+    "scimpute": {"dropout_model": "scimpute"},
+}
 DATASETS = {
     "pbmc3k": DATA / "pbmc3k_10x/pbmc3k_2700cells_13714genes.h5ad",
     "baron": DATA / "baron2016_mouse_pancreas/baron2016_mouse1_822cells.h5ad",
@@ -54,17 +64,22 @@ def main() -> None:
     p.add_argument("--n-genes", type=int, default=500)
     p.add_argument("--n-epochs", type=int, default=150)
     p.add_argument("--datasets", default="pbmc3k,baron")
+    p.add_argument("--models", default="zinb,scimpute")
+    p.add_argument("--no-baselines", action="store_true", help="skip raw and gene_mean")
     args = p.parse_args()
     suffix = f"_hvg{args.n_genes}" if args.n_genes else ""
     data = {f"{n}{suffix}": _load(n, args.n_genes) for n in args.datasets.split(",")}
     protocols = args.protocols.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    parts = [run_benchmark(data, ["raw", "gene_mean"], protocols, seeds, plots=False,
-                           progress=False)]
-    calib = [pd.DataFrame(parts[0].attrs["calibration"])]
-    for model, name in (("zinb", "cnn"), ("scimpute", "cnn_scimpute")):
+    parts, calib = [], []
+    if not args.no_baselines:
+        parts = [run_benchmark(data, ["raw", "gene_mean"], protocols, seeds, plots=False,
+                               progress=False)]
+        calib = [pd.DataFrame(parts[0].attrs["calibration"])]
+    for model in args.models.split(","):
+        name = f"cnn_{model}"
         res = run_benchmark(data, ["cnn"], protocols, seeds, plots=False, progress=False,
-                            method_params={"cnn": {"dropout_model": model,
+                            method_params={"cnn": {**MODELS[model],
                                                    "n_epochs": args.n_epochs}})
         calib.append(pd.DataFrame(res.attrs["calibration"]).assign(method=name))
         parts.append(res.assign(method=name))
@@ -73,7 +88,8 @@ def main() -> None:
         cal = pd.concat(calib, ignore_index=True)
         command = ("python benchmarks/dropout_models.py " + args.out
                    + f" --protocols {args.protocols} --seeds {args.seeds} --n-genes {args.n_genes}"
-                   + f" --n-epochs {args.n_epochs} --datasets {args.datasets}")
+                   + f" --n-epochs {args.n_epochs} --datasets {args.datasets}"
+                   + f" --models {args.models}" + (" --no-baselines" * args.no_baselines))
         write_outputs(out, args.out, command=command, calibration=cal)
     print(Path(args.out, "summary.md").read_text())
 

@@ -486,6 +486,92 @@ def test_zinb_zero_probabilities_by_hand():
     assert zero_dropout_prob(0.0, 0.5, (0.0, 0.0)) == 0.0
 
 
+def test_zinb_gene_inflation_probabilities_by_hand():
+    from screpair.dropout import zero_dropout_prob
+
+    # noisy-OR pi = 1 - (1 - c)(1 - g): flat curve c = 1/2 and g = 1/2 -> pi = 3/4; m = 2,
+    # phi = 0.5 -> P0 = 1/4; z = 0.75 / (0.75 + 0.25 * 0.25) = 12/13, p = z (1 - P0) = 9/13
+    np.testing.assert_allclose(zero_dropout_prob(2.0, 0.5, (0.0, 0.0), 0.5), 9 / 13, rtol=1e-12)
+    # c = 1/3 (b0 = log(1/2)), g = 1/3 -> pi = 1 - 4/9 = 5/9; m = 4, phi = 1 -> P0 = 1/5;
+    # z = (5/9) / (5/9 + (4/9)(1/5)) = 25/29, p = 25/29 * 4/5 = 20/29
+    np.testing.assert_allclose(zero_dropout_prob(4.0, 1.0, (np.log(0.5), 0.0), 1 / 3), 20 / 29,
+                               rtol=1e-12)
+    # g = 0 is the curve alone; g broadcasts per gene
+    np.testing.assert_allclose(zero_dropout_prob([2.0, 2.0], 0.5, (0.0, 0.0), [0.0, 0.5]),
+                               [0.6, 9 / 13], rtol=1e-12)
+    # a highly expressed gene (m = 50, phi = 0.1 -> P0 = 6^-10): the curve gives
+    # c = expit(1 - log 50) ~ 0.05, so a gene term of 0.2 makes its zero a near-certain dropout
+    p_curve = zero_dropout_prob(50.0, 0.1, (1.0, -1.0))
+    p_gene = zero_dropout_prob(50.0, 0.1, (1.0, -1.0), 0.2)
+    c = 1 / (1 + np.exp(-(1 - np.log(50.0))))
+    pi, p0 = 1 - (1 - c) * 0.8, 6.0**-10
+    np.testing.assert_allclose(p_gene, pi * (1 - p0) / (pi + (1 - pi) * p0), rtol=1e-10)
+    assert p_curve > 0.99 and p_gene > p_curve
+
+
+def test_zinb_gene_inflation_em_update_by_hand():
+    # one EM update of the gene term from its starting value g0: g = sum over the zeros of
+    # E[gene dropout | y = 0] = z g0 / pi, over the number of cells; z = pi / (pi + (1 - pi) P0),
+    # pi = 1 - (1 - c)(1 - g0), c from the starting curve (-1, -0.5), P0 from the starting
+    # dispersion 0.1 and the starting (shrunk) cluster means
+    from screpair.dropout import fit_zinb_dropout
+
+    x = np.array([[4.0, 0.0, 3.0], [0.0, 2.0, 3.0], [2.0, 0.0, 6.0], [0.0, 1.0, 0.0]])
+    lib = x.sum(axis=1)
+    s = lib / lib.mean()
+    mu = (x.sum(axis=0) + x.sum(axis=0) / s.sum()) / (s.sum() + 1.0)  # shrinkage 1
+    m = s[:, None] * mu
+    p0 = (1 + 0.1 * m) ** -10.0
+    c = 1 / (1 + np.exp(-(-1.0 - 0.5 * np.log(m))))
+    g0 = 0.05
+    pi = 1 - (1 - c) * (1 - g0)
+    z = pi / (pi + (1 - pi) * p0)
+    want = np.where(x == 0, z * g0 / pi, 0.0).sum(axis=0) / 4
+    fit = fit_zinb_dropout(x, np.zeros(4), max_iter=1, min_prob=0.0, inflation="gene",
+                           inflation_init=g0)
+    np.testing.assert_allclose(fit.inflation, want[None, :], rtol=1e-10)
+    # a prior of N pseudo-cells without inflation divides by 4 + N instead
+    fit = fit_zinb_dropout(x, np.zeros(4), max_iter=1, min_prob=0.0, inflation="gene",
+                           inflation_init=g0, inflation_prior=4.0)
+    np.testing.assert_allclose(fit.inflation, want[None, :] / 2, rtol=1e-10)
+    # per cluster: the same sums over each cluster's cells
+    lab = np.array([0, 0, 1, 1])
+    fit = fit_zinb_dropout(x, lab, max_iter=1, min_prob=0.0, inflation="cluster",
+                           inflation_init=g0)
+    assert fit.inflation.shape == (2, 3)
+    # inflation="none" is the curve alone: no gene term
+    fit = fit_zinb_dropout(x, np.zeros(4), max_iter=1, min_prob=0.0, inflation="none")
+    assert fit.inflation.shape == (0, 3)
+
+
+def test_zinb_gene_inflation_recovers_inflated_genes_and_is_calibrated():
+    from screpair.dropout import fit_zinb_dropout
+
+    rng = np.random.default_rng(7)
+    curve, phi = (0.5, -0.8), 0.2
+    x, t = _zinb_sample(rng, 500, 120, curve, phi)
+    # a gene term of 0.3 on every third gene, on top of the curve
+    g = np.where(np.arange(120) % 3 == 0, 0.3, 0.0)
+    x = np.where(rng.random(x.shape) < g, 0.0, x)
+    keep = x.sum(axis=0) > 0
+    x, t, g = x[:, keep], t[:, keep], g[keep]
+    fit = fit_zinb_dropout(sp.csr_matrix(x), np.zeros(500), min_prob=0.0, max_iter=300,
+                           tol=1e-12, inflation="gene")
+    gi = fit.inflation[0]
+    assert abs(np.median(gi[g > 0]) - 0.3) < 0.08, np.median(gi[g > 0])
+    assert np.median(gi[g == 0]) < 0.05, np.median(gi[g == 0])
+    # reliability: the curve and the gene term trade off along a ridge the EM climbs slowly
+    # (after 100 updates the curve is (0.01, -0.66) for (0.5, -0.8) and one bin is 0.13 off;
+    # after 300, (0.09, -0.68) and at most 0.073 off), so this test runs 300 updates
+    zero = x == 0
+    p, y = fit.prob.toarray()[zero], t[zero] > 0
+    idx = np.minimum((p * 10).astype(int), 9)
+    for b in np.unique(idx):
+        sel = idx == b
+        if sel.sum() >= 200:
+            assert abs(p[sel].mean() - y[sel].mean()) < 0.09, (b, p[sel].mean(), y[sel].mean())
+
+
 def test_zinb_prob_uses_size_factors_and_cluster_means(array_type):
     from screpair.dropout import fit_zinb_dropout, zero_dropout_prob
 
@@ -598,6 +684,12 @@ def test_zinb_errors():
         fit_zinb_dropout(np.ones((3, 2)), np.zeros(3), max_iter=0)
     with pytest.raises(ValueError, match="shrinkage"):
         fit_zinb_dropout(np.ones((3, 2)), np.zeros(3), shrinkage=0.0)
+    with pytest.raises(ValueError, match="inflation must be"):
+        fit_zinb_dropout(np.ones((3, 2)), np.zeros(3), inflation="per-cell")
+    with pytest.raises(ValueError, match="inflation_prior"):
+        fit_zinb_dropout(np.ones((3, 2)), np.zeros(3), inflation_prior=-1.0)
+    with pytest.raises(ValueError, match="inflation_init"):
+        fit_zinb_dropout(np.ones((3, 2)), np.zeros(3), inflation_init=0.0)
 
 
 def test_dropout_probability_zinb_writes_slots():
@@ -621,6 +713,23 @@ def test_dropout_probability_zinb_writes_slots():
     assert (out.X != before.X).nnz == 0
     with pytest.raises(ValueError, match="model"):
         dropout_probability(ad, groupby="group", model="nope")
+
+
+def test_dropout_probability_zinb_gene_inflation_slots():
+    from screpair.dropout import fit_zinb_dropout
+
+    ad = _adata(np.random.default_rng(18))
+    out = dropout_probability(ad, groupby="group", inflation="gene", copy=True)
+    fit = fit_zinb_dropout(ad.X, ad.obs["group"], inflation="gene")
+    np.testing.assert_allclose(out.layers["dropout_prob"].toarray(), fit.prob.toarray(), rtol=1e-7)
+    df = out.varm["dropout_prob_inflation"]
+    assert list(df.columns) == ["all"]
+    np.testing.assert_allclose(df.to_numpy(), fit.inflation.T, rtol=1e-12)
+    assert out.uns["dropout_prob"]["params"]["inflation"] == "gene"
+    # the default writes no gene term
+    assert "dropout_prob_inflation" not in dropout_probability(ad, groupby="group", copy=True).varm
+    with pytest.raises(ValueError, match="inflation"):
+        dropout_probability(ad, groupby="group", model="scimpute", inflation="gene")
 
 
 def test_cli_dropout_zinb_default(tmp_path):

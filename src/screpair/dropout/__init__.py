@@ -3,7 +3,8 @@
 - :func:`cluster_cells` / :func:`cluster`: log2(CPM+1), 3-D t-SNE, ADPclust centres, k-means;
 - :func:`fit_zinb_dropout` (the default of :func:`dropout_probability`): a zero-inflated negative
   binomial per gene and cluster with size factors and a logistic dropout curve on the log expected
-  count, fitted by a vectorised EM; a zero's probability is P(true count > 0 | observed 0);
+  count (optionally noisy-OR a per-gene zero inflation, ``inflation="gene"``), fitted by a
+  vectorised EM; a zero's probability is P(true count > 0 | observed 0);
 - :func:`fit_dropout` (``model="scimpute"``): scImpute's gamma-normal mixture per gene and
   cluster on log10(CPM+1.01), fitted by a vectorised EM; the posterior weight of the gamma
   component is the probability that a zero is a technical dropout.

@@ -141,6 +141,7 @@ def dropout_probability(
     model: str = "zinb",
     invalid_fill: float = 0.0,
     max_iter: int | None = None,
+    inflation: str = "none",
     overwrite: bool = False,
     **cluster_kwargs,
 ) -> AnnData | None:
@@ -188,6 +189,10 @@ def dropout_probability(
         cluster (0.0: not missing, as in scImpute and cnnImpute; 1.0: all missing).
     max_iter
         EM iteration limit (``None``: 15 for ``"zinb"``, 100 for ``"scimpute"``, as scImpute).
+    inflation
+        ``model="zinb"`` only: the gene term of the dropout probability (``"none"``: the curve
+        alone; ``"gene"`` / ``"cluster"``: the curve noisy-OR a zero inflation per gene / per
+        gene and cluster; see :func:`screpair.dropout.fit_zinb_dropout`).
     **cluster_kwargs
         Passed to :func:`cluster` (``perplexity``, ``n_clusters``, ``n_pcs``, ``target_sum``,
         ``n_jobs``).
@@ -199,7 +204,8 @@ def dropout_probability(
     - ``.layers[key_added]``: dropout probabilities (CSR float32; stored only at zero counts;
       ``"zinb"`` leaves out probabilities below 1e-3);
     - ``"zinb"``: ``.varm[f"{key_added}_mean"]`` (NB mean of each gene in each cluster at size
-      factor 1; DataFrame, one column per cluster), ``.var[f"{key_added}_dispersion"]``;
+      factor 1; DataFrame, one column per cluster), ``.var[f"{key_added}_dispersion"]``, and with
+      a gene term ``.varm[f"{key_added}_inflation"]`` (column ``"all"`` or one per cluster);
     - ``"scimpute"``: ``.varm[f"{key_added}_{name}"]`` for ``name`` in eta, alpha, beta, mu, sigma,
       zero_prob: per-gene, per-cluster parameters (DataFrame, one column per cluster; NaN where no
       fit);
@@ -232,6 +238,9 @@ def dropout_probability(
     if model not in DROPOUT_MODELS:
         msg = f"model must be one of {DROPOUT_MODELS}, got {model!r}."
         raise ValueError(msg)
+    if model != "zinb" and inflation != "none":
+        msg = f"inflation={inflation!r} applies to model='zinb' only."
+        raise ValueError(msg)
     x = get_counts(adata, layer)
     start = time.perf_counter()
     if groupby is None:
@@ -248,7 +257,8 @@ def dropout_probability(
             raise KeyError(msg)
         labels_key = groupby
     if model == "zinb":
-        fit = fit_zinb_dropout(x, adata.obs[labels_key], max_iter=max_iter or 15)
+        fit = fit_zinb_dropout(x, adata.obs[labels_key], max_iter=max_iter or 15,
+                               inflation=inflation)
     else:
         fit = fit_dropout(
             x, adata.obs[labels_key], max_iter=max_iter or 100, invalid_fill=invalid_fill
@@ -264,6 +274,11 @@ def dropout_probability(
         )
         adata.var[f"{key_added}_dispersion"] = fit.dispersion
         extra = {"curve": np.asarray(fit.curve, dtype=np.float64), "n_iter": int(fit.n_iter)}
+        if fit.inflation.shape[0]:
+            adata.varm[f"{key_added}_inflation"] = pd.DataFrame(
+                fit.inflation.T, index=adata.var_names,
+                columns=["all"] if fit.inflation.shape[0] == 1 else cols,
+            )
     else:
         for name in _PARAMS:
             adata.varm[f"{key_added}_{name}"] = pd.DataFrame(
@@ -280,6 +295,7 @@ def dropout_probability(
         "model": model,
         "invalid_fill": invalid_fill,
         "max_iter": max_iter,
+        "inflation": inflation,
         **cluster_kwargs,
     }
     adata.uns[key_added] = {

@@ -21,6 +21,16 @@ The probability stored for an observed zero is the probability that it hides a p
 so zeros of the same gene and cluster are ranked by the cell's depth: where a deep cell should have
 seen the gene, its zero is more likely a dropout than the zero of a shallow cell.
 
+Optionally (``inflation="gene"`` / ``"cluster"``) an entry also drops out by a zero inflation of its
+gene (or gene and cluster), independently of the curve (noisy-OR)::
+
+    pi_ij = 1 - (1 - expit(b0 + b1 log m_ij)) (1 - g_j)
+
+so that excess zeros of an otherwise highly expressed gene can become likely dropouts. Measured on
+Splat and real data (benchmarks/RESULTS.md, section dropout), it keeps the PR-AUC, worsens the
+calibration on two of three Splat settings and does not help cnn on the masked or MCV protocols, so
+the default is the curve alone (``inflation="none"``).
+
 Fitting is by EM over all entries at once, cell block by cell block (no Python loop over genes,
 never the whole cells x genes matrix dense): the E-step gives every zero its posterior
 ``z = P(D = 1 | y = 0) = pi / (pi + (1 - pi) P0)``; the M-step updates
@@ -32,7 +42,10 @@ never the whole cells x genes matrix dense): the E-step gives every zero its pos
   clipped to ``[1e-4, 1e3]``;
 - ``(b0, b1)`` by a weighted logistic regression of ``z`` (0 at non-zero counts) on ``log m``,
   with the entries pooled into bins of ``log m`` of width 0.05 (a 1-D covariate loses nothing
-  noticeable to such binning, and the regression stays small).
+  noticeable to such binning, and the regression stays small); with a gene term the regression
+  takes the curve's share ``z c / pi`` (``c = expit(b0 + b1 log m)``);
+- ``g`` (with a gene term) as the expected gene-term dropouts ``sum z g / pi`` over the zeros,
+  divided by the number of cells (plus ``inflation_prior`` pseudo-cells without inflation).
 
 It stops when the log-likelihood gains less than ``tol`` (relative) or after ``max_iter`` updates
 (15 by default: early-stopped, see :func:`fit_zinb_dropout`).
@@ -56,6 +69,8 @@ logger = get_logger(__name__)
 _PHI_MIN, _PHI_MAX = 1e-4, 1e3
 _BIN_WIDTH = 0.05
 _T_MIN, _T_MAX = -20.0, 15.0  # log expected count range of the curve's bins
+_G_MAX = 0.99  # largest gene inflation
+INFLATION = ("gene", "cluster", "none")
 
 
 @dataclass
@@ -76,6 +91,10 @@ class ZINBDropoutFit:
     curve
         ``(b0, b1)``: the dropout probability of an entry with expected count ``m`` is
         ``expit(b0 + b1 log m)``.
+    inflation
+        Gene term ``g`` of the dropout probability ``pi = 1 - (1 - expit(b0 + b1 log m)) (1 - g)``:
+        1 x n_genes (``inflation="gene"``), n_clusters x n_genes (``"cluster"``) or 0 x n_genes
+        (``"none"``, the curve alone).
     size_factor
         Size factor of every cell (library size over the mean library size of the cells with
         counts; 0 for cells without counts, which are set aside).
@@ -92,6 +111,7 @@ class ZINBDropoutFit:
     mean: np.ndarray
     dispersion: np.ndarray
     curve: tuple[float, float]
+    inflation: np.ndarray
     size_factor: np.ndarray
     cell_cluster: np.ndarray
     n_iter: int
@@ -108,7 +128,8 @@ class ZINBDropoutFit:
     @property
     def zero_prob(self) -> np.ndarray:
         """Dropout probability of a zero in a cell of size factor 1 (n_clusters x n_genes)."""
-        return zero_dropout_prob(self.mean, self.dispersion[None, :], self.curve)
+        g = self.inflation if self.inflation.shape[0] else 0.0
+        return zero_dropout_prob(self.mean, self.dispersion[None, :], self.curve, g)
 
 
 def nb_zero_logprob(m, phi) -> np.ndarray:
@@ -117,27 +138,40 @@ def nb_zero_logprob(m, phi) -> np.ndarray:
     return -np.log1p(phi * m) / phi
 
 
-def zero_dropout_prob(m, phi, curve: tuple[float, float]) -> np.ndarray:
-    """``P(T > 0 | y = 0)`` for expected count ``m``, dispersion ``phi`` and curve ``(b0, b1)``.
+def zero_dropout_prob(m, phi, curve: tuple[float, float], inflation=0.0) -> np.ndarray:
+    """``P(T > 0 | y = 0)`` for expected count ``m``, dispersion ``phi``, curve ``(b0, b1)`` and
+    gene inflation ``g`` (dropout probability ``pi = 1 - (1 - expit(b0 + b1 log m)) (1 - g)``).
 
-    Broadcasts over ``m`` and ``phi``; 0 where ``m == 0`` (a gene that cannot be expressed).
+    Broadcasts over ``m``, ``phi`` and ``inflation``; 0 where ``m == 0`` (a gene that cannot be
+    expressed).
     """
     m = np.asarray(m, dtype=np.float64)
     with np.errstate(divide="ignore"):
         t = np.log(m)
     lp0 = nb_zero_logprob(m, phi)
-    p = _posterior(t, lp0, curve)[1]
+    g = np.asarray(inflation, dtype=np.float64)
+    lg1 = None if not np.any(g) else np.log1p(-np.minimum(g, _G_MAX))
+    p = _posterior(t, lp0, curve, lg1)[1]
     return np.where(m > 0, p, 0.0)
 
 
-def _posterior(t, lp0, curve):
-    """(z, p): ``P(D = 1 | y = 0)`` and ``P(T > 0 | y = 0)`` from ``log m`` and ``log P0``."""
+def _posterior(t, lp0, curve, lg1=None):
+    """(z, p, c): ``P(D = 1 | y = 0)``, ``P(T > 0 | y = 0)`` and ``P(curve dropout | D = 1)``,
+    the share of ``z`` the curve's logistic regression is fitted to.
+
+    ``lg1`` is ``log(1 - g)`` of the gene inflation (``None``: no gene term, ``c = 1``).
+    """
     b0, b1 = curve
     eta = b0 + b1 * np.clip(t, _T_MIN, _T_MAX)
-    # logit z = logit pi - log P0, computed stably
-    z = expit(eta - lp0)
-    p = z * -np.expm1(lp0)
-    return z, p
+    if lg1 is None:
+        # logit z = logit pi - log P0, computed stably
+        z = expit(eta - lp0)
+        return z, z * -np.expm1(lp0), 1.0
+    l1 = log_expit(-eta) + lg1  # log(1 - pi), noisy-OR of the curve and the gene term
+    lpi = np.log(-np.expm1(l1))  # log pi (pi > 0: the curve term is positive)
+    z = expit(lpi - l1 - lp0)
+    c = np.exp(log_expit(eta) - lpi)
+    return z, z * -np.expm1(lp0), c
 
 
 def _logistic_fit(t: np.ndarray, pos: np.ndarray, tot: np.ndarray, start) -> tuple[float, float]:
@@ -164,6 +198,9 @@ def fit_zinb_dropout(
     tol: float = 1e-5,
     shrinkage: float = 1.0,
     min_prob: float = 1e-3,
+    inflation: str = "none",
+    inflation_prior: float = 0.0,
+    inflation_init: float = 0.05,
     dtype: np.dtype | type = np.float32,
     block_size: int = 2**21,
 ) -> ZINBDropoutFit:
@@ -194,6 +231,18 @@ def fit_zinb_dropout(
     min_prob
         Probabilities below this are not stored (most zeros are zeros of lowly expressed genes
         with a probability near 0; storing them would hold nearly cells x genes values).
+    inflation
+        Gene term of the dropout probability, ``pi_ij = 1 - (1 - expit(b0 + b1 log m_ij))
+        (1 - g)`` (noisy-OR: an entry drops out by the curve or by the gene's own zero inflation):
+        ``"none"`` (default): no gene term, the curve alone; ``"gene"``: one ``g_j`` per gene;
+        ``"cluster"``: one ``g_kj`` per gene and cluster. ``g`` is fitted in the same EM (its
+        M-step: the expected gene-term dropouts over the cells). See RESULTS.md (section
+        dropout) for why ``"none"`` stays the default.
+    inflation_prior
+        Pseudo-cells without gene-term dropout added to each ``g`` (a Beta(1, 1 + N) prior
+        pulling ``g`` towards 0).
+    inflation_init
+        Starting value of ``g`` (the EM cannot leave ``g = 0``).
     dtype
         Floating dtype of ``prob``.
     block_size
@@ -218,6 +267,15 @@ def fit_zinb_dropout(
         raise ValueError(msg)
     if shrinkage <= 0:
         msg = f"shrinkage must be positive, got {shrinkage!r}."
+        raise ValueError(msg)
+    if inflation not in INFLATION:
+        msg = f"inflation must be one of {INFLATION}, got {inflation!r}."
+        raise ValueError(msg)
+    if inflation_prior < 0:
+        msg = f"inflation_prior must be non-negative, got {inflation_prior!r}."
+        raise ValueError(msg)
+    if not 0.0 < inflation_init < _G_MAX:
+        msg = f"inflation_init must be in (0, {_G_MAX}), got {inflation_init!r}."
         raise ValueError(msg)
     x = get_counts(x, warn_empty=False)
     x = x if sp.issparse(x) else sp.csr_matrix(x)
@@ -248,13 +306,21 @@ def fit_zinb_dropout(
     mu = (y_sum + shrinkage * mu_all) / (s_sum[:, None] + shrinkage)
     phi = np.full(n_genes, 0.1)
     curve = (-1.0, -0.5)
+    n_cells_k = np.asarray(onehot.sum(axis=1)).ravel()  # cells with counts per cluster
+    k_g = {"gene": 1, "cluster": k, "none": 0}[inflation]
+    g = np.full((k_g, n_genes), inflation_init)
     logliks: list[float] = []
     n_iter = 0
     with log_task(f"fitting the ZINB dropout model ({k} clusters x {n_genes} genes)", logger):
         for n_iter in range(1, max_iter + 1):
-            stats = _e_step(x, codes, s, mu, phi, curve, blocks, k, n_bins)
-            zs_sum, num, den, bin_t, bin_z, bin_n, ll = stats
+            stats = _e_step(x, codes, s, mu, phi, curve, g, blocks, k, n_bins)
+            zs_sum, num, den, bin_t, bin_z, bin_n, dg_sum, ll = stats
             logliks.append(ll)
+            if k_g == 1:  # Beta(1, 1 + inflation_prior) MAP of the gene term
+                g = dg_sum.sum(axis=0, keepdims=True) / (n_cells_k.sum() + inflation_prior)
+            elif k_g:
+                g = dg_sum / (n_cells_k[:, None] + inflation_prior)
+            g = np.clip(g, 0.0, _G_MAX)
             # ---- M-step
             mu = (y_sum + shrinkage * mu_all) / (s_sum[:, None] - zs_sum + shrinkage)
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -267,18 +333,22 @@ def fit_zinb_dropout(
                 break
     mu[:, gene_empty] = 0.0
     phi[gene_empty] = 0.0
-    prob = _assemble(x, codes, s, mu, phi, curve, blocks, min_prob=min_prob, dtype=dtype)
+    g[:, gene_empty] = 0.0
+    prob = _assemble(x, codes, s, mu, phi, curve, g, blocks, min_prob=min_prob, dtype=dtype)
     return ZINBDropoutFit(
         prob=prob,
         clusters=clusters,
         mean=mu,
         dispersion=phi,
         curve=curve,
+        inflation=g,
         size_factor=s,
         cell_cluster=codes,
         n_iter=n_iter,
         loglik=np.asarray(logliks),
-        params={"max_iter": max_iter, "tol": tol, "shrinkage": shrinkage, "min_prob": min_prob},
+        params={"max_iter": max_iter, "tol": tol, "shrinkage": shrinkage, "min_prob": min_prob,
+                "inflation": inflation, "inflation_prior": inflation_prior,
+                "inflation_init": inflation_init},
     )
 
 
@@ -297,7 +367,17 @@ def _block_means(x, codes, s, mu, phi, start, stop):
     return y, m, t, lp0, ok
 
 
-def _e_step(x, codes, s, mu, phi, curve, blocks, k, n_bins):
+def _block_lg1(g, codes, start, stop):
+    """``log(1 - g)`` of the gene inflation for a block of cells (``None`` without one)."""
+    if g.shape[0] == 0:
+        return None
+    if g.shape[0] == 1:
+        return np.log1p(-g)
+    c = codes[start:stop]
+    return np.log1p(-g[np.where(c >= 0, c, 0)])
+
+
+def _e_step(x, codes, s, mu, phi, curve, g, blocks, k, n_bins):
     n_genes = x.shape[1]
     zs_sum = np.zeros((k, n_genes))
     num = np.zeros(n_genes)
@@ -305,6 +385,7 @@ def _e_step(x, codes, s, mu, phi, curve, blocks, k, n_bins):
     bin_t = np.zeros(n_bins)
     bin_z = np.zeros(n_bins)
     bin_n = np.zeros(n_bins)
+    dg_sum = np.zeros((k, n_genes))
     ll = 0.0
     b0, b1 = curve
     phi_safe = np.where(phi > 0, phi, _PHI_MIN)
@@ -313,7 +394,8 @@ def _e_step(x, codes, s, mu, phi, curve, blocks, k, n_bins):
         y, m, t, lp0, ok = _block_means(x, codes, s, mu, phi, start, stop)
         live = ok[:, None] & (m > 0)
         zero = (y == 0) & live
-        z, _ = _posterior(t, lp0, curve)
+        lg1 = _block_lg1(g, codes, start, stop)
+        z, _, cshare = _posterior(t, lp0, curve, lg1)
         z = np.where(zero, z, 0.0)
         c = codes[start:stop]
         # per (cluster, gene): sum of z s over the zeros
@@ -321,17 +403,30 @@ def _e_step(x, codes, s, mu, phi, curve, blocks, k, n_bins):
             (s[start:stop][ok], (c[ok], np.flatnonzero(ok))), shape=(k, stop - start)
         )
         zs_sum += ind @ z
+        if lg1 is not None:
+            # E[gene-term dropout | y = 0] = z g / pi; the curve is fitted to z c / pi
+            eta = curve[0] + curve[1] * np.clip(t, _T_MIN, _T_MAX)
+            gg = -np.expm1(lg1)
+            pi = -np.expm1(log_expit(-eta) + lg1)
+            one = sp.csr_matrix(
+                (np.ones(int(ok.sum())), (c[ok], np.flatnonzero(ok))), shape=(k, stop - start)
+            )
+            dg_sum += one @ np.where(zero, z * gg / pi, 0.0)
+            zc = z * cshare
+        else:
+            zc = z
         w = 1.0 - z
         num += np.sum(w * ((y - m) ** 2 - m), axis=0, where=live)
         den += np.sum(w * m * m, axis=0, where=live)
         tl = t[live]
         idx = np.clip(((tl - _T_MIN) / _BIN_WIDTH).astype(np.int64), 0, n_bins - 1)
         bin_t += np.bincount(idx, weights=tl, minlength=n_bins)
-        bin_z += np.bincount(idx, weights=z[live], minlength=n_bins)
+        bin_z += np.bincount(idx, weights=zc[live], minlength=n_bins)
         bin_n += np.bincount(idx, minlength=n_bins)
         # log-likelihood: zeros log(pi + (1 - pi) P0), non-zeros log(1 - pi) + NB log-pmf
         eta = b0 + b1 * np.clip(t, _T_MIN, _T_MAX)
-        lz = np.logaddexp(log_expit(eta), log_expit(-eta) + lp0)
+        l1 = log_expit(-eta) + (0.0 if lg1 is None else lg1)  # log(1 - pi)
+        lz = np.logaddexp(np.log(-np.expm1(l1)), l1 + lp0)
         ll += float(lz[zero].sum())
         nz = (y > 0) & live
         yy, mm = y[nz], m[nz]
@@ -340,16 +435,16 @@ def _e_step(x, codes, s, mu, phi, curve, blocks, k, n_bins):
             gammaln(yy + rr) - gammaln(rr) - gammaln(yy + 1.0)
             + rr * np.log(rr / (rr + mm)) + yy * np.log(mm / (rr + mm))
         )
-        ll += float(np.sum(log_expit(-eta[nz]) + lnb))
-    return zs_sum, num, den, bin_t, bin_z, bin_n, ll
+        ll += float(np.sum(l1[nz] + lnb))
+    return zs_sum, num, den, bin_t, bin_z, bin_n, dg_sum, ll
 
 
-def _assemble(x, codes, s, mu, phi, curve, blocks, *, min_prob, dtype) -> sp.csr_matrix:
+def _assemble(x, codes, s, mu, phi, curve, g, blocks, *, min_prob, dtype) -> sp.csr_matrix:
     """CSR of ``P(T > 0 | y = 0)`` at the zeros of ``x`` (values below ``min_prob`` dropped)."""
     indices, data, counts = [], [], []
     for start, stop in blocks:
         y, m, t, lp0, ok = _block_means(x, codes, s, mu, phi, start, stop)
-        _, p = _posterior(t, lp0, curve)
+        _, p, _ = _posterior(t, lp0, curve, _block_lg1(g, codes, start, stop))
         keep = (y == 0) & (m > 0) & ok[:, None] & (p >= min_prob) & (p > 0)
         counts.append(keep.sum(axis=1))
         indices.append(np.nonzero(keep)[1].astype(np.int32))
