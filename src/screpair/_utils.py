@@ -114,6 +114,16 @@ def check_layer_name(key: str, what: str = "key_added") -> None:
         raise ValueError(msg)
 
 
+def check_not_input_layer(key: str | None, layer: str | None, what: str = "key_added") -> None:
+    """Raise if the output name ``key`` is the layer ``layer`` the counts are read from."""
+    if layer is not None and key == layer:
+        msg = (
+            f"{what}={key!r} would overwrite the input counts in layers[{layer!r}]; "
+            "choose another name."
+        )
+        raise ValueError(msg)
+
+
 def check_output_keys(
     adata: AnnData, keys: list[str], *, layer: str | None, overwrite: bool, what: str = "key_added"
 ) -> None:
@@ -124,12 +134,7 @@ def check_output_keys(
     """
     for key in keys:
         check_layer_name(key, what)
-        if layer is not None and key == layer:
-            msg = (
-                f"{what}={key!r} would overwrite the input counts in layers[{layer!r}]; "
-                "choose another name."
-            )
-            raise ValueError(msg)
+        check_not_input_layer(key, layer, what)
         if key in adata.layers and not overwrite:
             msg = (
                 f"layers[{key!r}] already exists and would be replaced; choose another {what} "
@@ -293,20 +298,12 @@ def looks_normalized(x) -> str | None:
                 f"library sizes are nearly constant (median {median:.0f}, coefficient of "
                 f"variation {cv:.3f}; raw counts vary far more)"
             )
-    if sp.issparse(x):
-        x = sp.csr_matrix(x)
-        has = np.diff(x.indptr) > 0
-        data = np.where(x.data > 0, x.data, np.inf)
-        mins = np.minimum.reduceat(data, x.indptr[:-1][has]) if has.any() else np.array([])
-        nnz = x.nnz
-        vmax = float(x.data.max()) if nnz else 0.0
-    else:
-        arr = np.asarray(x)
-        pos = np.where(arr > 0, arr, np.inf)
-        mins = pos.min(axis=1)
-        mins = mins[np.isfinite(mins)]
-        nnz = int(np.count_nonzero(arr))
-        vmax = float(arr.max())
+    x = sp.csr_matrix(x)  # a copy only for dense input, which is small
+    has = np.diff(x.indptr) > 0
+    data = np.where(x.data > 0, x.data, np.inf)  # explicit zeros are not the smallest count
+    mins = np.minimum.reduceat(data, x.indptr[:-1][has]) if has.any() else np.array([])
+    nnz = x.nnz
+    vmax = float(x.data.max()) if nnz else 0.0
     if mins.size >= _MIN_CELLS_SIGNATURE and nnz / n_cells >= 100:
         frac = float(np.mean(mins > 1))
         if frac >= 0.5:

@@ -27,7 +27,6 @@ EXIT_FAILED_JOBS = 1
 EXIT_INTERRUPT = 130
 EXIT_TERMINATED = 143
 MAX_SEED = 2**32 - 1
-_TEXT_EXT = (".csv", ".tsv", ".txt")
 
 
 class CLIError(Exception):
@@ -84,13 +83,11 @@ def _same_file(a: Path, b: Path) -> bool:
 def _check_output(path: str, *, inputs: Sequence[str] = (), overwrite: bool = False,
                   h5ad_only: bool = False) -> Path:
     """Check an output path before any work: extension, directory, not the input, not existing."""
+    from .io import output_format
+
     out = Path(path).expanduser()
-    name = out.name.lower()
-    base = name[:-3] if name.endswith(".gz") else name
-    text_ok = not h5ad_only and Path(base).suffix in _TEXT_EXT
-    if not (name.endswith(".h5ad") or text_ok):
-        kinds = ".h5ad" if h5ad_only else ".h5ad, or .csv/.tsv/.txt (optionally .gz)"
-        msg = f"output '{path}' has an unknown extension; use {kinds}."
+    if output_format(out)[0] != "h5ad" and h5ad_only:
+        msg = f"output '{path}' must be an .h5ad file."
         raise CLIError(msg)
     if out.is_dir():
         msg = f"output '{path}' is a directory; give a file name such as '{out / 'out.h5ad'}'."
@@ -118,17 +115,17 @@ def _check_output(path: str, *, inputs: Sequence[str] = (), overwrite: bool = Fa
 
 
 def _check_name(value: str | None, flag: str) -> None:
-    if value is not None and (not value.strip() or "/" in value):
-        msg = f"{flag} {value!r} is not a valid name: h5ad and zarr names must be non-empty, without '/'."
-        raise CLIError(msg)
+    if value is not None:
+        from ._utils import check_layer_name
+
+        check_layer_name(value, flag)
 
 
 def _check_not_input_layer(args) -> None:
-    key = args.key_added or getattr(args, "method", None)
-    if args.layer is not None and key == args.layer:
-        msg = (f"--key-added {key!r} would overwrite the input counts in layers[{args.layer!r}]; "
-               "choose another name.")
-        raise CLIError(msg)
+    from ._utils import check_not_input_layer
+
+    check_not_input_layer(args.key_added or getattr(args, "method", None), args.layer,
+                          "--key-added")
 
 
 def _set_trust(args) -> None:
@@ -200,18 +197,16 @@ def _add_impute(sub) -> None:
 
 
 def _cmd_impute(args) -> int:
-    from .methods._registry import get_method
-
     _check_name(args.layer, "--layer")
     _check_name(args.key_added, "--key-added")
     _check_not_input_layer(args)
     _check_output(args.output, inputs=[args.input], overwrite=args.overwrite)
-    get_method(args.method)  # an unknown name fails here, before any heavy import
     params = _load_config(args.config)
     import screpair
+
     from .methods import make_estimator
 
-    est = make_estimator(args.method, rng=args.seed, **params)
+    est = make_estimator(args.method, rng=args.seed, **params)  # checks name and parameters
     _set_trust(args)
     adata = screpair.read(args.input, transpose=args.transpose)
     screpair.impute(adata, est, layer=args.layer, key_added=args.key_added,
@@ -227,7 +222,7 @@ def _write_result(adata, path: str, key: str) -> None:
     """Write ``adata``: ``.h5ad`` keeps every slot; text formats get the ``key`` layer."""
     import screpair
 
-    is_h5ad = Path(path).name.lower().endswith(".h5ad")
+    is_h5ad = screpair.io.output_format(path)[0] == "h5ad"
     screpair.write(adata, path, layer=None if is_h5ad else key)
 
 
@@ -421,7 +416,7 @@ def _cell_param(text: str, flag: str) -> float | tuple[float, float]:
 def _check_damage(damage: dict) -> None:
     highs = {"dropout_rate": 1.0}
     for name, value in damage.items():
-        flag = "--" + name.replace("_", "-").replace("-3p", "-3p")
+        flag = "--" + name.replace("_", "-")
         values = value if isinstance(value, tuple) else (value,)
         high = highs.get(name, float("inf"))
         if any(not (0.0 <= v <= high) for v in values):

@@ -148,7 +148,8 @@ def write(adata: AnnData, path: PathLike, *, layer: str | None = None) -> None:
     complete new file. The temporary file is removed on error, on Ctrl-C (SIGINT) and on SIGTERM:
     a signal during the write is recorded, the temporary file is finished and then discarded (a
     second signal stops at once), and the signal is re-raised once the temporary file is gone.
-    Only SIGKILL or a power cut can leave the temporary file behind, never a partial ``path``. A symbolic link is written through: its target is replaced and the link kept.
+    Only SIGKILL or a power cut can leave the temporary file behind, never a partial ``path``.
+    A symbolic link is written through: its target is replaced and the link kept.
     ``adata`` is not modified.
 
     - ``.h5ad``: every slot, gzip-compressed (:meth:`anndata.AnnData.write_h5ad`; string columns
@@ -188,19 +189,8 @@ def write(adata: AnnData, path: PathLike, *, layer: str | None = None) -> None:
     if path.is_dir():
         msg = f"'{path}' is a directory; give a file name such as '{path / 'out.h5ad'}'."
         raise IsADirectoryError(msg)
+    fmt, suffix = output_format(path)
     name = path.name.lower()
-    base = name[:-3] if name.endswith(".gz") else name
-    suffix = Path(base).suffix
-    if name.endswith(".h5ad"):
-        fmt = "h5ad"
-    elif suffix in _WRITE_SEPARATORS:
-        fmt = "text"
-    else:
-        msg = (
-            f"cannot write '{path.name}': unknown extension; use .h5ad, or .csv/.tsv/.txt "
-            "(optionally .gz) for a genes x cells table."
-        )
-        raise ValueError(msg)
     if not path.parent.is_dir():
         msg = f"cannot write '{path}': directory '{path.parent}' does not exist."
         raise FileNotFoundError(msg)
@@ -229,6 +219,22 @@ def write(adata: AnnData, path: PathLike, *, layer: str | None = None) -> None:
         else f"genes x cells {suffix[1:]}" + (f", layer {layer!r}" if layer else "")
     )
     logger.info("wrote '%s' (%s): %d cells x %d genes", path, what, adata.n_obs, adata.n_vars)
+
+
+def output_format(path: PathLike) -> tuple[str, str]:
+    """``("h5ad" | "text", suffix)`` for an output path, from its name (``.gz`` allowed for text);
+    ``ValueError`` for any other extension."""
+    name = Path(path).name.lower()
+    suffix = Path(name[:-3] if name.endswith(".gz") else name).suffix
+    if name.endswith(".h5ad"):
+        return "h5ad", ".h5ad"
+    if suffix in _WRITE_SEPARATORS:
+        return "text", suffix
+    msg = (
+        f"cannot write '{Path(path).name}': unknown extension; use .h5ad, or .csv/.tsv/.txt "
+        "(optionally .gz) for a genes x cells table."
+    )
+    raise ValueError(msg)
 
 
 # --------------------------------------------------------------------------------------------
