@@ -593,6 +593,38 @@ def test_zinb_prob_uses_size_factors_and_cluster_means(array_type):
     assert fit.prob.dtype == np.float32 and np.all(base[fit.prob.nonzero()] == 0)
 
 
+def test_dropout_scales_are_screpair_norm(array_type):
+    # log_cpm (clustering), scImpute's log10(CPM + 1.01) and the ZINB size factors are _norm's
+    # arithmetic, bit for bit; a cell without counts stays out of all three
+    from screpair import _norm
+    from screpair.dropout import fit_zinb_dropout, log_cpm
+    from screpair.dropout._em import _scimpute_log
+
+    rng = np.random.default_rng(5)
+    x = rng.poisson(1.5, size=(12, 7)).astype(float)
+    x[4] = 0.0
+    lib = x.sum(axis=1)
+
+    def dense(m):
+        return m.toarray() if sp.issparse(m) else np.asarray(m)
+
+    for kw in ({}, {"target_sum": None}, {"target_sum": 1e4, "base": 10.0}):
+        want = _norm.log_normalize(array_type(x), kw.get("target_sum", _norm.CPM),
+                                   base=kw.get("base", 2.0))
+        np.testing.assert_array_equal(dense(log_cpm(array_type(x), **kw)), dense(want))
+    scale = np.where(lib > 0, 1e6 / np.where(lib > 0, lib, 1.0), 0.0)[:, None]
+    got = log_cpm(array_type(x), pseudocount=0.5, base=10.0)  # any other pseudocount: dense
+    np.testing.assert_allclose(got, np.log10(x * scale + 0.5), rtol=1e-13)
+    sci = _scimpute_log(sp.csr_matrix(x))
+    np.testing.assert_allclose(sci.data, np.log10(x[x > 0] * scale.repeat(7, 1)[x > 0] + 1.01),
+                               rtol=1e-13)
+    assert sci.nnz == np.count_nonzero(x)  # the zeros stay implicit (they stand for POINT)
+    fit = fit_zinb_dropout(array_type(x), np.repeat([0, 1], 6), max_iter=1)
+    want = np.zeros(12)
+    want[lib > 0] = _norm.size_factors(lib[lib > 0])  # the mean over the cells with counts
+    np.testing.assert_array_equal(fit.size_factor, want)
+
+
 def test_zinb_mean_is_the_zero_inflated_mean_by_hand():
     # one cluster, three cells of size factor 1, counts (4, 4, 0) of one gene: with dropout
     # weight z at the zero the M-step mean is (8 + a mu_all) / (3 - z + a)

@@ -44,8 +44,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from .. import _norm
 from .._logging import get_logger, log_task
-from .._utils import RNGLike, as_rng, get_counts, library_size
+from .._utils import RNGLike, as_rng, get_counts
 
 logger = get_logger(__name__)
 
@@ -85,23 +86,26 @@ class ClusterResult:
 # --------------------------------------------------------------------------- preprocessing
 
 
-def log_cpm(x, *, base: float = 2.0, pseudocount: float = 1.0, target_sum: float | None = 1e6):
-    """``log_base(x / library * target_sum + pseudocount)``: log CPM by default.
+def log_cpm(
+    x, *, base: float = 2.0, pseudocount: float = 1.0, target_sum: float | None = _norm.CPM
+):
+    """``log_base(x / L * target_sum + pseudocount)`` per cell: ``log2(CPM + 1)`` by default, the
+    t-SNE input of cnnImpute.
 
-    ``target_sum=None`` scales every cell to the median library size. Sparsity is kept when
-    ``pseudocount == 1``. Cells without counts stay all zero (their library size is taken as 1, as
-    cnnImpute/scImpute do).
+    The scaling is :func:`screpair._norm.normalize` (``target_sum=None``: the median of the positive
+    library sizes) and, for ``pseudocount == 1``, the log is :func:`screpair._norm.log1p` in ``base``,
+    so this is ``_norm.log_normalize(x, target_sum, base=base)`` (sparse input stays CSR). Another
+    pseudocount gives a dense ``log(x' + pseudocount) / log(base)``. Cells without counts stay all
+    zero.
     """
-    lib = library_size(x)
-    if target_sum is None:
-        target_sum = float(np.median(lib[lib > 0])) if np.any(lib > 0) else 1.0
-    scale = target_sum / np.where(lib > 0, lib, 1.0)
-    if sp.issparse(x) and pseudocount == 1.0:
-        out = sp.csr_matrix(x, dtype=np.float64, copy=True)
-        out.data = np.log1p(out.data * np.repeat(scale, np.diff(out.indptr))) / np.log(base)
-        return out
-    dense = x.toarray() if sp.issparse(x) else np.asarray(x, dtype=np.float64)
-    return np.log(dense * scale[:, None] + pseudocount) / np.log(base)
+    lib = _norm.library_size(x)
+    if target_sum is None and not np.any(lib > 0):
+        target_sum = 1.0  # no counts at all: nothing to scale, and no median to take
+    y = _norm.normalize(x, target_sum, lib)
+    if pseudocount == 1.0:
+        return _norm.log1p(y, base)
+    y = y.toarray() if sp.issparse(y) else y
+    return np.log(y + pseudocount) / np.log(base)
 
 
 def _pca(y, n_pcs: int, seed: int, *, max_dense: int = 250_000_000) -> np.ndarray:
@@ -365,7 +369,7 @@ def cluster_cells(
     seed_pca, seed_tsne, seed_km = (int(s) for s in gen.integers(0, 2**31 - 1, size=3))
     with log_task(f"clustering {n} cells (log2 CPM, PCA, 3-D t-SNE, ADPclust, k-means)", logger):
         with log_task("log2 normalized + PCA", logger):
-            y = log_cpm(x, base=2.0, target_sum=target_sum)
+            y = _norm.log_normalize(x, target_sum, base=2.0)
             if n_top_genes is not None and n_top_genes < y.shape[1]:
                 from ..pp import hvg_dispersion
 

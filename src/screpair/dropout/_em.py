@@ -70,13 +70,16 @@ import pandas as pd
 import scipy.sparse as sp
 from scipy.special import digamma, gammaln, polygamma
 
+from .. import _norm
 from .._logging import get_logger, log_task
-from .._utils import get_counts, library_size
+from .._utils import get_counts
 
 logger = get_logger(__name__)
 
+#: scImpute's pseudocount: its scale is ``log10(CPM + 1.01)``.
+PSEUDOCOUNT = 1.01
 #: The value of a zero count on scImpute's scale, ``log10(0 + 1.01)``.
-POINT = float(np.log10(1.01))
+POINT = float(np.log10(PSEUDOCOUNT))
 
 #: Status codes of a (cluster, gene) fit, indexed by the integer stored in ``DropoutFit.status``.
 STATUS: tuple[str, ...] = (
@@ -487,14 +490,10 @@ def fit_dropout(
     n_cells, n_genes = x.shape
     clusters, codes = _labels_codes(labels, n_cells)
     k = clusters.size
-    lib = library_size(x)
-    nonempty_cell = lib > 0
-    codes = np.where(nonempty_cell, codes, -1)
+    lib = _norm.library_size(x)
+    codes = np.where(lib > 0, codes, -1)
     gene_empty = np.bincount(x.indices, minlength=n_genes) == 0
-    # scImpute's scale: log10(CPM + 1.01); zeros sit at POINT
-    vals = x.copy()
-    scale = np.repeat(1e6 / np.where(nonempty_cell, lib, 1.0), np.diff(x.indptr))
-    vals.data = np.log10(vals.data * scale + 1.01)
+    vals = _scimpute_log(x, lib)
 
     shape = (k, n_genes)
     pars = {name: np.full(shape, np.nan) for name in _PARAM_NAMES}
@@ -552,6 +551,17 @@ def fit_dropout(
             "min_valid_genes": min_valid_genes,
         },
     )
+
+
+def _scimpute_log(x: sp.csr_matrix, lib: np.ndarray | None = None) -> sp.csr_matrix:
+    """scImpute's log-expression ``log10(CPM + 1.01)`` at the non-zero counts of ``x`` (CSR).
+
+    The CPM scaling is :func:`screpair._norm.normalize`; only the stored (non-zero) entries are
+    transformed, so the implicit zeros of the result stand for :data:`POINT`, not 0.
+    """
+    vals = _norm.normalize(x, _norm.CPM, lib)
+    vals.data = np.log10(vals.data + PSEUDOCOUNT)
+    return vals
 
 
 def _zero_logit(eta, alpha, beta, mu, sigma) -> np.ndarray:

@@ -60,8 +60,9 @@ import scipy.sparse as sp
 from scipy import optimize
 from scipy.special import expit, gammaln, log_expit
 
+from .. import _norm
 from .._logging import get_logger, log_task
-from .._utils import get_counts, library_size
+from .._utils import get_counts
 from ._em import _labels_codes
 
 logger = get_logger(__name__)
@@ -283,10 +284,11 @@ def fit_zinb_dropout(
     n_cells, n_genes = x.shape
     clusters, codes = _labels_codes(labels, n_cells)
     k = clusters.size
-    lib = library_size(x)
+    lib = _norm.library_size(x)
     nonempty = lib > 0
     codes = np.where(nonempty, codes, -1)
-    s = np.where(nonempty, lib / lib[nonempty].mean(), 0.0)
+    s = np.zeros(n_cells)  # size factors over the cells with counts; 0 for the others
+    s[nonempty] = _norm.size_factors(lib[nonempty])
     gene_sum = np.asarray(x.sum(axis=0), dtype=np.float64).ravel()
     gene_empty = gene_sum == 0
     onehot = sp.csr_matrix(
@@ -309,10 +311,9 @@ def fit_zinb_dropout(
     n_cells_k = np.asarray(onehot.sum(axis=1)).ravel()  # cells with counts per cluster
     k_g = {"gene": 1, "cluster": k, "none": 0}[inflation]
     g = np.full((k_g, n_genes), inflation_init)
-    logliks: list[float] = []
-    n_iter = 0
+    logliks: list[float] = []  # one per EM update
     with log_task(f"fitting the ZINB dropout model ({k} clusters x {n_genes} genes)", logger):
-        for n_iter in range(1, max_iter + 1):
+        for _ in range(max_iter):
             stats = _e_step(x, codes, s, mu, phi, curve, g, blocks, k, n_bins)
             zs_sum, num, den, bin_t, bin_z, bin_n, dg_sum, ll = stats
             logliks.append(ll)
@@ -344,7 +345,7 @@ def fit_zinb_dropout(
         inflation=g,
         size_factor=s,
         cell_cluster=codes,
-        n_iter=n_iter,
+        n_iter=len(logliks),
         loglik=np.asarray(logliks),
         params={"max_iter": max_iter, "tol": tol, "shrinkage": shrinkage, "min_prob": min_prob,
                 "inflation": inflation, "inflation_prior": inflation_prior,
