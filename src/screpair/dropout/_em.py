@@ -266,12 +266,34 @@ def _segment_sum(values: np.ndarray, seg_start: np.ndarray) -> np.ndarray:
 
 
 def _fit_block(x, m, unit_len, out: MixtureFit, offset: int, point, max_iter, tol) -> None:
+    """Fit the units of one block (consecutive units ``offset, offset + 1, ...`` of ``out``).
+
+    scImpute's start values and the degenerate units first (:func:`_initial_values`), then the
+    EM on the other units (:func:`_run_em`), then the results into ``out`` (parameters and
+    likelihood NaN for units without a fit).
+    """
+    pars, status = _initial_values(x, m, unit_len, point)
+    n_iter = np.zeros(unit_len.size, dtype=np.int64)
+    loglik = np.full(unit_len.size, np.nan)
+    _run_em(x, m, unit_len, pars, status, n_iter, loglik, max_iter=max_iter, tol=tol)
+    units = np.arange(offset, offset + unit_len.size)
+    fitted = (status == _CONVERGED) | (status == _MAX_ITER)
+    for name, arr in zip(_PARAM_NAMES, pars, strict=True):
+        getattr(out, name)[units] = np.where(fitted, arr, np.nan)
+    out.n_iter[units] = n_iter
+    out.status[units] = status
+    out.loglik[units] = np.where(fitted, loglik, np.nan)
+
+
+def _initial_values(x, m, unit_len, point) -> tuple[np.ndarray, np.ndarray]:
+    """scImpute's start values (``get_mix``) and the units the EM cannot fit.
+
+    Returns the parameters (a ``5 x n_units`` array in the order of ``_PARAM_NAMES``) and the
+    status of every unit: ``"all_zero"`` (no entry, or none above ``point``), ``"constant"``
+    (the values above ``point`` have no spread), else ``"failed"`` until the EM says otherwise.
+    """
     n = unit_len.size
-    units = np.arange(offset, offset + n)
-    status = np.full(n, _FAILED, dtype=np.int8)
-    has = unit_len > 0
     idx = np.repeat(np.arange(n), unit_len)
-    # ---- initial values (scImpute get_mix)
     is_zero = x == point
     above = x > point
     n_tot = np.bincount(idx, weights=m, minlength=n)
@@ -285,83 +307,89 @@ def _fit_block(x, m, unit_len, out: MixtureFit, offset: int, point, max_iter, to
         ss = np.bincount(idx, weights=m * dev * dev, minlength=n)
         sigma = np.sqrt(ss / (n_above - 1.0))
     eta = np.where(eta == 0, 0.01, eta)
-    alpha = np.full(n, 0.5)
-    beta = np.ones(n)
-    # degenerate: no value above the point, or a non-zero part without spread
+    pars = np.stack([eta, np.full(n, 0.5), np.ones(n), mu, sigma])  # alpha 0.5, beta 1
+    status = np.full(n, _FAILED, dtype=np.int8)
     all_zero = n_above == 0
     constant = ~all_zero & ~(sigma > 1e-12 * np.maximum(1.0, np.abs(mu)))
-    status[~has | all_zero] = _ALL_ZERO
+    status[(unit_len == 0) | all_zero] = _ALL_ZERO
     status[constant] = _CONSTANT
-    active = has & ~all_zero & ~constant
-    n_iter = np.zeros(n, dtype=np.int64)
-    loglik_old = np.zeros(n)
-    loglik = np.full(n, np.nan)
+    return pars, status
 
-    # compact arrays of the active units; finished units leave them after each update
-    act = np.flatnonzero(active)  # block-local ids of active units, in order
-    sel = active[idx]
+
+def _run_em(x, m, unit_len, pars, status, n_iter, loglik, *, max_iter, tol) -> None:
+    """scImpute's EM on every unit whose status is still ``"failed"`` (the fittable ones).
+
+    The entries of the active units are kept in compact arrays; after each update
+    (:func:`_em_update`) the units that failed, converged (squared log10-likelihood change
+    ``<= tol``) or passed ``max_iter`` leave them. ``pars``, ``status``, ``n_iter`` and ``loglik``
+    are updated in place (parameters and likelihood only for units that did not fail).
+    """
+    act = np.flatnonzero(status == _FAILED)  # block-local ids of the active units, in order
+    sel = np.repeat(status == _FAILED, unit_len)
     x_c, m_c = x[sel], m[sel]
     lx_c = np.log(x_c)
     len_c = unit_len[act]
-    pars = np.stack([eta[act], alpha[act], beta[act], mu[act], sigma[act]])
-    l1, l2 = _log_densities(x_c, lx_c, len_c, *pars)
+    l1, l2 = _log_densities(x_c, lx_c, len_c, *pars[:, act])
+    loglik_old = np.zeros(unit_len.size)
     it = 0
     while act.size:
         it += 1
-        seg = np.concatenate([[0], np.cumsum(len_c)[:-1]])
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            pz1 = np.exp(l1)
-            pz2 = np.exp(l2)
-            w1 = pz1 / (pz1 + pz2)
-            w1[pz1 == 0] = 0.0
-            mw1 = m_c * w1
-            mw2 = m_c * (1.0 - w1)
-            s1 = _segment_sum(mw1, seg)
-            eta_n = s1 / _segment_sum(m_c, seg)
-            s2 = _segment_sum(mw2, seg)
-            mu_n = _segment_sum(mw2 * x_c, seg) / s2
-            d = x_c - np.repeat(mu_n, len_c)
-            sigma_n = np.sqrt(_segment_sum(mw2 * d * d, seg) / s2)
-            t1 = _segment_sum(mw1 * x_c, seg)
-            u1 = _segment_sum(mw1 * lx_c, seg)
-            v = -u1 / s1 - np.log(s1 / t1)
-            alpha_n = solve_alpha(v)
-            beta_n = s1 / t1 * alpha_n
-            l1, l2 = _log_densities(x_c, lx_c, len_c, eta_n, alpha_n, beta_n, mu_n, sigma_n)
-            dens = np.exp(l1) + np.exp(l2)
-            ll = _segment_sum(m_c * np.log10(dens), seg)
+        new, s1, ll, l1, l2 = _em_update(x_c, lx_c, m_c, len_c, l1, l2)
+        with np.errstate(over="ignore", invalid="ignore"):
             eps = (ll - loglik_old[act]) ** 2
-        new = np.stack([eta_n, alpha_n, beta_n, mu_n, sigma_n])
-        failed = ~np.all(np.isfinite(new), axis=0) | ~(sigma_n > 0) | ~(s1 > 0) | np.isnan(eps)
+        failed = ~np.all(np.isfinite(new), axis=0) | ~(new[4] > 0) | ~(s1 > 0) | np.isnan(eps)
         done_conv = ~failed & (eps <= tol)
         done_max = ~failed & ~done_conv & (it > max_iter)
-        pars = new
         loglik_old[act] = ll
         finished = failed | done_conv | done_max
-        if finished.any():
-            fin = act[finished]
-            status[fin] = np.where(failed, _FAILED, np.where(done_conv, _CONVERGED, _MAX_ITER))[
-                finished
-            ]
-            ok = finished & ~failed
-            eta[act[ok]], alpha[act[ok]], beta[act[ok]] = pars[0, ok], pars[1, ok], pars[2, ok]
-            mu[act[ok]], sigma[act[ok]] = pars[3, ok], pars[4, ok]
-            loglik[act[ok]] = ll[ok]
-            n_iter[fin] = it
-            keep = ~finished
-            keep_e = np.repeat(keep, len_c)
-            x_c, lx_c, m_c = x_c[keep_e], lx_c[keep_e], m_c[keep_e]
-            l1, l2 = l1[keep_e], l2[keep_e]
-            len_c = len_c[keep]
-            act = act[keep]
-            pars = pars[:, keep]
-            del keep_e
-    fitted = (status == _CONVERGED) | (status == _MAX_ITER)
-    for name, arr in zip(_PARAM_NAMES, (eta, alpha, beta, mu, sigma), strict=True):
-        getattr(out, name)[units] = np.where(fitted, arr, np.nan)
-    out.n_iter[units] = n_iter
-    out.status[units] = status
-    out.loglik[units] = np.where(fitted, loglik, np.nan)
+        if not finished.any():
+            continue
+        fin = act[finished]
+        status[fin] = np.where(failed, _FAILED, np.where(done_conv, _CONVERGED, _MAX_ITER))[
+            finished
+        ]
+        ok = finished & ~failed
+        pars[:, act[ok]] = new[:, ok]
+        loglik[act[ok]] = ll[ok]
+        n_iter[fin] = it
+        keep = ~finished
+        keep_e = np.repeat(keep, len_c)
+        x_c, lx_c, m_c = x_c[keep_e], lx_c[keep_e], m_c[keep_e]
+        l1, l2 = l1[keep_e], l2[keep_e]
+        len_c = len_c[keep]
+        act = act[keep]
+
+
+def _em_update(x_c, lx_c, m_c, len_c, l1, l2):
+    """One EM update of the active units from their current log densities ``l1``, ``l2``.
+
+    E-step: the gamma weight ``w`` of every entry (0 where the weighted gamma density is 0).
+    M-step in scImpute's order: ``eta``, then ``mu`` and ``sigma`` weighted by ``1 - w``, then
+    ``alpha`` (:func:`solve_alpha`) and ``beta``. Returns the new parameters (``5 x n_active``),
+    the gamma weight sums ``s1``, the new log10-likelihoods and the new log densities.
+    """
+    seg = np.concatenate([[0], np.cumsum(len_c)[:-1]])
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        pz1 = np.exp(l1)
+        pz2 = np.exp(l2)
+        w1 = pz1 / (pz1 + pz2)
+        w1[pz1 == 0] = 0.0
+        mw1 = m_c * w1
+        mw2 = m_c * (1.0 - w1)
+        s1 = _segment_sum(mw1, seg)
+        eta = s1 / _segment_sum(m_c, seg)
+        s2 = _segment_sum(mw2, seg)
+        mu = _segment_sum(mw2 * x_c, seg) / s2
+        d = x_c - np.repeat(mu, len_c)
+        sigma = np.sqrt(_segment_sum(mw2 * d * d, seg) / s2)
+        t1 = _segment_sum(mw1 * x_c, seg)
+        u1 = _segment_sum(mw1 * lx_c, seg)
+        v = -u1 / s1 - np.log(s1 / t1)
+        alpha = solve_alpha(v)
+        beta = s1 / t1 * alpha
+        l1, l2 = _log_densities(x_c, lx_c, len_c, eta, alpha, beta, mu, sigma)
+        ll = _segment_sum(m_c * np.log10(np.exp(l1) + np.exp(l2)), seg)
+    return np.stack([eta, alpha, beta, mu, sigma]), s1, ll, l1, l2
 
 
 # --------------------------------------------------------------------------- cells x genes
