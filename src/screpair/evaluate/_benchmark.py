@@ -185,10 +185,31 @@ def _read(path) -> AnnData:
 
 @dataclass
 class _Job:
+    """One (dataset, protocol, method, seed) of a benchmark run."""
+
     dataset: str
     protocol: str
     method: str
     seed: int
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.dataset, self.protocol, self.method, self.seed)
+
+    @property
+    def task_key(self) -> tuple[str, str, int]:
+        """The prepared task this job uses (shared by the methods of a dataset, protocol, seed)."""
+        return (self.dataset, self.protocol, self.seed)
+
+    def row(self, **values) -> dict:
+        """A results row of this job (:data:`COLUMNS`)."""
+        return {"dataset": self.dataset, "protocol": self.protocol, "method": self.method,
+                "seed": self.seed, **values}
+
+    def failure_row(self, status: str, error: str) -> dict:
+        """The one row of a job that did not run (``status``: ``failed`` or ``skipped``)."""
+        return self.row(metric="", value=np.nan, seconds=np.nan, peak_mem_mb=np.nan,
+                        status=status, error=error)
 
 
 #: per-job log of finished jobs in ``out_dir`` (what ``resume=True`` reads back)
@@ -251,11 +272,14 @@ def run_benchmark(
         ``.h5ad`` paths, a mapping ``name -> AnnData | path``, or one AnnData. Raw counts in ``X``.
     methods
         Method names: any registered screpair method (:func:`screpair.available_methods`) or a
-        peer/baseline: ``raw``, ``gene_mean``, ``magic``, ``scvi``.
+        peer/baseline: ``raw``, ``gene_mean``, ``cqn``, ``magic``, ``scvi``. A method that
+        fails is recorded as ``failed``, one whose package is missing as ``skipped``.
     protocols
-        Protocol names (``masked``, ``mcv``, ``clustering``, ``deg``, ``dropout``, ``smfish``,
-        ``degrade``, ``degrade_reference``; see :data:`~screpair.evaluate.PROTOCOLS`) or
-        :class:`~screpair.evaluate.Protocol` instances.
+        Protocol names (``masked``, ``mcv``, ``clustering``, ``deg``, ``dropout``, ``degrade``,
+        ``degrade_reference``, ``smfish``, ``downsample``; see
+        :data:`~screpair.evaluate.PROTOCOLS`) or :class:`~screpair.evaluate.Protocol` instances.
+        Each (dataset, protocol, seed) is prepared once for all methods; a preparation that
+        fails marks its jobs ``failed``.
     seeds
         Seeds; each seeds both the protocol's randomness (the mask, the MCV split) and the method.
     out_dir
@@ -290,98 +314,159 @@ def run_benchmark(
     from tqdm.auto import tqdm
 
     method_params = dict(method_params or {})
-    protocol_params = dict(protocol_params or {})
     data = _load_datasets(datasets)
-    protos = {}
-    for p in protocols:
-        proto = get_protocol(p, **dict(protocol_params.get(p if isinstance(p, str) else p.name, {})))
-        protos[proto.name] = proto
+    protos = _make_protocols(protocols, dict(protocol_params or {}))
     methods = list(dict.fromkeys(methods))
     seeds = [int(s) for s in seeds]
     jobs = [_Job(d, p, m, s) for d in data for p in protos for s in seeds for m in methods]
-
-    journal = None if out_dir is None else Path(out_dir) / JOURNAL
-    done = _read_journal(journal) if resume and journal is not None else {}
-    if journal is not None and not resume:
-        journal.unlink(missing_ok=True)
+    journal, done = _start_journal(out_dir, resume)
 
     rows: list[dict] = []
     embeddings: dict[tuple[str, str], np.ndarray] = {}
     labels: dict[str, np.ndarray] = {}
     calibs: list[pd.DataFrame] = []
-    task: Task | None = None
-    task_key = None
-    task_error: str | None = None
+    tasks = _CurrentTask(data, protos)
     bar = tqdm(jobs, desc="benchmark", unit="job", disable=not progress)
     for job in bar:
         bar.set_postfix_str(f"{job.dataset}/{job.protocol}/{job.method}/seed{job.seed}")
-        jkey = (job.dataset, job.protocol, job.method, job.seed)
-        if jkey in done:  # finished in an earlier, interrupted run
-            rows += done[jkey]
+        if job.key in done:  # finished in an earlier, interrupted run
+            rows += done[job.key]
             continue
-        n_before = len(rows)
-        proto = protos[job.protocol]
-        key = (job.dataset, job.protocol, job.seed)
-        if key != task_key:
-            task_key, task, task_error = key, None, None
-            try:
-                with log_task(f"preparing {job.protocol} on {job.dataset} (seed {job.seed})", logger):
-                    task = proto.prepare(data[job.dataset], rng=job.seed)
-            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-                task_error = f"protocol preparation failed: {type(e).__name__}: {e}"
-                logger.warning("%s/%s seed %s: %s", job.dataset, job.protocol, job.seed, task_error)
-        base = {"dataset": job.dataset, "protocol": job.protocol, "method": job.method,
-                "seed": job.seed}
+        task, error = tasks.get(job)
         if task is None:
-            rows.append({**base, "metric": "", "value": np.nan, "seconds": np.nan,
-                         "peak_mem_mb": np.nan, "status": "failed", "error": task_error})
+            rows.append(job.failure_row("failed", error))
             continue
-        try:
-            with log_task(f"{job.method} on {job.dataset}/{job.protocol} (seed {job.seed})",
-                          logger), PeakMemory() as mem:
-                start = time.perf_counter()
-                imputed, post = run_method(job.method, task.adata, rng=job.seed,
-                                           params=method_params.get(job.method),
-                                           reference=task.reference, progress=progress)
-                seconds = time.perf_counter() - start
-            scores = proto.score(task, imputed, post)
-            calib = proto.calibration(task, post)
-        except ImportError as e:
-            rows.append({**base, "metric": "", "value": np.nan, "seconds": np.nan,
-                         "peak_mem_mb": np.nan, "status": "skipped",
-                         "error": _one_line(e, with_notes=True)})
-            logger.warning("skipping %s: %s", job.method, rows[-1]["error"])
+        proto = protos[job.protocol]
+        job_rows, imputed, calib = _run_job(job, proto, task, progress=progress,
+                                            params=method_params.get(job.method))
+        rows += job_rows
+        if imputed is None:  # failed or skipped: not journaled, so a resumed run retries it
             continue
-        except Exception as e:  # noqa: BLE001 - a failing method must not stop the run
-            rows.append({**base, "metric": "", "value": np.nan, "seconds": np.nan,
-                         "peak_mem_mb": np.nan, "status": "failed", "error": _one_line(e)})
-            logger.warning("%s failed on %s/%s seed %s: %s", job.method, job.dataset,
-                           job.protocol, job.seed, rows[-1]["error"])
-            logger.debug("%s", traceback.format_exc())
-            continue
-        for metric, value in scores.items():
-            rows.append({**base, "metric": metric, "value": float(value), "seconds": seconds,
-                         "peak_mem_mb": mem.peak_mb, "status": "ok", "error": ""})
-        _append_journal(journal, rows[n_before:])
+        _append_journal(journal, job_rows)
         if calib is not None:
-            calibs.append(calib.assign(**base)[[*base, *calib.columns]])
+            calibs.append(calib)
         if plots and job.seed == seeds[0]:
-            emb = proto.embedding(task, imputed)
-            if emb is not None:
-                embeddings[(job.dataset, job.method)] = emb
-                labels[job.dataset] = task.truth.get("labels")
-                if "raw" not in methods and (job.dataset, "raw") not in embeddings:
-                    embeddings[(job.dataset, "raw")] = proto.embedding(task, task.adata.X)
+            _add_embedding(embeddings, labels, proto, task, job, imputed,
+                           with_raw="raw" not in methods)
     bar.close()
-    results = pd.DataFrame(rows, columns=COLUMNS)
-    calibration = (pd.concat(calibs, ignore_index=True) if calibs
-                   else pd.DataFrame(columns=[*CALIBRATION_COLUMNS]))
-    # records, not a DataFrame: pandas compares attrs when concatenating results
-    results.attrs["calibration"] = calibration.to_dict("records")
+    results, calibration = _results_frame(rows, calibs)
     if out_dir is not None:
         write_outputs(results, out_dir, embeddings=embeddings, labels=labels, plots=plots,
                       command=command, calibration=calibration)
     return results
+
+
+def _make_protocols(protocols: Sequence[str | Protocol], protocol_params: Mapping[str, Mapping]
+                    ) -> dict[str, Protocol]:
+    """Protocol instances by name, each built with its ``protocol_params`` entry."""
+    protos = {}
+    for p in protocols:
+        params = protocol_params.get(p if isinstance(p, str) else p.name, {})
+        proto = get_protocol(p, **dict(params))
+        protos[proto.name] = proto
+    return protos
+
+
+def _start_journal(out_dir, resume: bool) -> tuple[Path | None, dict[tuple, list[dict]]]:
+    """The journal path (``None`` without ``out_dir``) and the finished jobs to reuse: those of
+    the journal with ``resume=True``; without it the journal is started afresh."""
+    if out_dir is None:
+        return None, {}
+    journal = Path(out_dir) / JOURNAL
+    if resume:
+        return journal, _read_journal(journal)
+    journal.unlink(missing_ok=True)
+    return journal, {}
+
+
+class _CurrentTask:
+    """The prepared task of the current (dataset, protocol, seed), prepared when a job first
+    needs it. Jobs come ordered by task, so one task is held at a time (the previous one is
+    released before the next is prepared), and a task whose jobs all finished in an earlier run
+    is never prepared."""
+
+    def __init__(self, data: Mapping[str, AnnData], protos: Mapping[str, Protocol]):
+        self.data, self.protos = data, protos
+        self.key: tuple | None = None
+        self.task: Task | None = None
+        self.error: str | None = None
+
+    def get(self, job: _Job) -> tuple[Task | None, str | None]:
+        """``(task, None)``, or ``(None, error)`` when the preparation failed."""
+        if job.task_key != self.key:
+            self.key, self.task, self.error = job.task_key, None, None
+            try:
+                what = f"preparing {job.protocol} on {job.dataset} (seed {job.seed})"
+                with log_task(what, logger):
+                    proto = self.protos[job.protocol]
+                    self.task = proto.prepare(self.data[job.dataset], rng=job.seed)
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                self.error = f"protocol preparation failed: {type(e).__name__}: {e}"
+                logger.warning("%s/%s seed %s: %s", job.dataset, job.protocol, job.seed,
+                               self.error)
+        return self.task, self.error
+
+
+def _run_job(job: _Job, proto: Protocol, task: Task, *, params: Mapping | None, progress: bool
+             ) -> tuple[list[dict], np.ndarray | None, pd.DataFrame | None]:
+    """Run one method on a prepared task (timed, peak memory measured) and score it.
+
+    Returns the job's rows (one per metric, status ``ok``; or one ``skipped`` row when the
+    method's package is missing, one ``failed`` row when it raised), the imputed counts
+    (``None`` unless ``ok``) and the calibration table with the job's columns in front (or
+    ``None``).
+    """
+    try:
+        with log_task(f"{job.method} on {job.dataset}/{job.protocol} (seed {job.seed})",
+                      logger), PeakMemory() as mem:
+            start = time.perf_counter()
+            imputed, post = run_method(job.method, task.adata, rng=job.seed, params=params,
+                                       reference=task.reference, progress=progress)
+            seconds = time.perf_counter() - start
+        scores = proto.score(task, imputed, post)
+        calib = proto.calibration(task, post)
+    except ImportError as e:
+        row = job.failure_row("skipped", _one_line(e, with_notes=True))
+        logger.warning("skipping %s: %s", job.method, row["error"])
+        return [row], None, None
+    except Exception as e:  # noqa: BLE001 - a failing method must not stop the run
+        row = job.failure_row("failed", _one_line(e))
+        logger.warning("%s failed on %s/%s seed %s: %s", job.method, job.dataset,
+                       job.protocol, job.seed, row["error"])
+        logger.debug("%s", traceback.format_exc())
+        return [row], None, None
+    rows = [job.row(metric=metric, value=float(value), seconds=seconds,
+                    peak_mem_mb=mem.peak_mb, status="ok", error="")
+            for metric, value in scores.items()]
+    if calib is not None:
+        base = job.row()
+        calib = calib.assign(**base)[[*base, *calib.columns]]
+    return rows, imputed, calib
+
+
+def _add_embedding(embeddings: dict, labels: dict, proto: Protocol, task: Task, job: _Job,
+                   imputed: np.ndarray, *, with_raw: bool) -> None:
+    """Keep the protocol's 2-D embedding of ``imputed`` (and the task's labels) for the plots;
+    ``with_raw``: also the embedding of the raw input, once per dataset."""
+    emb = proto.embedding(task, imputed)
+    if emb is None:
+        return
+    embeddings[(job.dataset, job.method)] = emb
+    labels[job.dataset] = task.truth.get("labels")
+    if with_raw and (job.dataset, "raw") not in embeddings:
+        embeddings[(job.dataset, "raw")] = proto.embedding(task, task.adata.X)
+
+
+def _results_frame(rows: list[dict], calibs: list[pd.DataFrame]
+                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The tidy results (:data:`COLUMNS`) and the jobs' calibration tables in one frame
+    (:data:`CALIBRATION_COLUMNS`), also stored as records in ``results.attrs["calibration"]``
+    (records, not a DataFrame: pandas compares attrs when concatenating results)."""
+    results = pd.DataFrame(rows, columns=COLUMNS)
+    calibration = (pd.concat(calibs, ignore_index=True) if calibs
+                   else pd.DataFrame(columns=[*CALIBRATION_COLUMNS]))
+    results.attrs["calibration"] = calibration.to_dict("records")
+    return results, calibration
 
 
 def _one_line(e: BaseException, *, with_notes: bool = False) -> str:
