@@ -71,24 +71,37 @@ def normalize(x, target_sum: float | None = CP10K, lib: np.ndarray | None = None
     return scale_rows(x, scale_factors(lib, target_sum))
 
 
-def log1p(x, base: float | None = None):
+def _log1p(v: np.ndarray, base: float | None) -> np.ndarray:
+    out = np.log1p(v)
+    if base is not None:
+        out /= np.log(base)  # in place: the result keeps the dtype of ``v``
+    return out
+
+
+def log1p(x, base: float | None = None, *, dtype: np.dtype | type = np.float64):
     """``log(1 + x)``: natural (``base=None``), or in ``base`` (2 for ``log2(x + 1)``, 10 for
-    ``log10(x + 1)``), computed as ``log1p(x) / log(base)``. Float64; sparse stays CSR."""
-    div = 1.0 if base is None else np.log(base)
+    ``log10(x + 1)``), computed as ``log1p(x) / log(base)``. ``x`` is cast to ``dtype`` (float64;
+    e.g. ``np.float32`` for a network's input) and the log computed in it; sparse stays CSR."""
     if sp.issparse(x):
-        x = sp.csr_matrix(x, dtype=np.float64, copy=True)
-        x.data = np.log1p(x.data) / div
+        x = sp.csr_matrix(x, dtype=dtype, copy=True)
+        x.data = _log1p(x.data, base)
         return x
-    return np.log1p(np.asarray(x, dtype=np.float64)) / div
+    return _log1p(np.asarray(x, dtype=dtype), base)
 
 
 def log_normalize(
-    x, target_sum: float | None = CP10K, lib: np.ndarray | None = None, base: float | None = None
+    x,
+    target_sum: float | None = CP10K,
+    lib: np.ndarray | None = None,
+    base: float | None = None,
+    *,
+    dtype: np.dtype | type = np.float64,
 ):
     """``log1p(x / L * target_sum)`` per cell (:func:`normalize`, then :func:`log1p`), e.g.
     ``log1p(CP10k)`` by default, ``log1p(CPM)`` with ``target_sum=CPM``, ``log2(CPM + 1)`` with
-    ``base=2``. Float64; sparse stays CSR."""
-    return log1p(normalize(x, target_sum, lib), base)
+    ``base=2``. The scaling is computed in float64, then cast to ``dtype`` (default float64), in
+    which the log is taken; sparse stays CSR."""
+    return log1p(normalize(x, target_sum, lib), base, dtype=dtype)
 
 
 def unnormalize(x, lib: np.ndarray, target_sum: float = CP10K) -> np.ndarray:
