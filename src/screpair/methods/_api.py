@@ -22,7 +22,7 @@ from .._utils import (
     prepare_adata,
     var_names,
 )
-from ._base import BaseImputer, DataContext, Posterior
+from ._base import BaseImputer, DataContext, Posterior, moved_params_error
 from ._registry import get_method
 
 logger = get_logger(__name__)
@@ -32,13 +32,23 @@ def make_estimator(method: str | BaseImputer, *, rng: RNGLike = 0, **params) -> 
     """Build the estimator for ``method`` (a registered name or an estimator instance)."""
     if isinstance(method, BaseImputer):
         if params:
+            moved = moved_params_error(type(method), params)
+            if moved is not None:
+                raise moved
             method = method.set_params(**params)
         return method
     if not isinstance(method, str):
         msg = f"method must be a method name or a BaseImputer, got {type(method).__name__}."
         raise TypeError(msg)
     cls = get_method(method)
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    moved = moved_params_error(cls, params)  # a name that moved into a nested config
+    if moved is not None:
+        raise moved
+    accepted = {
+        k
+        for k, p in inspect.signature(cls.__init__).parameters.items()
+        if k != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    }
     unknown = set(params) - accepted
     if unknown:
         msg = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
@@ -84,6 +85,30 @@ def data_context(data: Data, x) -> DataContext:
                        var=pd.DataFrame(index=names), n_obs=n, rows=slice(0, n), named=False)
 
 
+def moved_params_error(cls: type, params: Mapping[str, Any]) -> TypeError | None:
+    """The error for parameters of ``cls`` passed by a name that moved into a nested config
+    (``cls._moved_params``), e.g. "n_epochs is now train.n_epochs: pass train={'n_epochs': 5}";
+    ``None`` when no name in ``params`` moved."""
+    moved = getattr(cls, "_moved_params", {})
+    sections: dict[str, dict[str, Any]] = {}
+    for k, v in params.items():
+        if k in moved:
+            sections.setdefault(moved[k], {})[k] = v
+    if not sections:
+        return None
+    parts = []
+    for section, kv in sections.items():
+        names = ", ".join(kv)
+        where = ", ".join(f"{section}.{k}" for k in kv)
+        verb = "is" if len(kv) == 1 else "are"
+        parts.append(f"{names} {verb} now {where}: pass {section}={kv!r}")
+    example = {s: {k: v if isinstance(v, (bool, int, float, str)) or v is None else repr(v)
+                   for k, v in kv.items()} for s, kv in sections.items()}
+    msg = (f"{cls.__name__}: {'; '.join(parts)} (in a --config file: "
+           f"{json.dumps(example)}).")
+    return TypeError(msg)
+
+
 class BaseImputer(BaseEstimator):
     """sklearn-style base: ``__init__`` only stores parameters, ``fit`` returns ``self``.
 
@@ -127,6 +152,10 @@ class BaseImputer(BaseEstimator):
     #: keyword arguments of ``get_counts`` for the data of ``fit`` / ``posterior``
     _fit_checks: ClassVar[dict[str, Any]] = {}
     _posterior_checks: ClassVar[dict[str, Any]] = {"warn_empty": False}
+    #: parameters that moved into a nested config: old flat name -> config parameter (e.g.
+    #: ``{"n_epochs": "train"}``); passing the old name is an error that says where it went
+    #: (:func:`moved_params_error`), and saved models with the old names still load
+    _moved_params: ClassVar[dict[str, str]] = {}
 
     # ---- hooks -------------------------------------------------------------------------------
     def _check_params(self) -> None:

@@ -40,16 +40,16 @@ from ._base import BaseImputer, DataContext, Posterior
 from ._torch import (
     LossOutput,
     TrainConfig,
-    check_loaded,
     fit_seed,
     import_torch,
-    json_config,
     load_model,
     load_state,
     model_error,
+    params_json,
+    resolve_config,
     resolve_device,
     save_model,
-    saved_params,
+    saved_estimator,
     saved_seed,
     split_cells,
     tensor_entry,
@@ -206,21 +206,10 @@ class PairImputer(BaseImputer):
 
     # ---- helpers -----------------------------------------------------------------------------
     def _config(self, name: str):
-        """The ``name`` config: the default when ``None``; a dict (e.g. from a CLI config file)
-        is turned into the config class."""
-        typ, value = self._configs[name], getattr(self, name)
-        if value is None:
-            return typ()
-        if isinstance(value, dict):
-            try:
-                return typ(**value)
-            except TypeError as e:
-                msg = f"invalid {name!r} settings for {typ.__name__}: {e}"
-                raise TypeError(msg) from None
-        if not isinstance(value, typ):
-            msg = f"{name} must be a {typ.__name__} or a dict, got {type(value).__name__}."
-            raise TypeError(msg)
-        return value
+        """The ``name`` config (:func:`screpair.methods._torch.resolve_config`): the config
+        class's defaults when ``None``; a dict (e.g. from a CLI config file) replaces those
+        fields of the defaults."""
+        return resolve_config(self._configs[name], getattr(self, name), name=name)
 
     def _pairs_cfg(self) -> PairConfig:
         return self._config("pairs")
@@ -381,12 +370,6 @@ class PairImputer(BaseImputer):
         return Posterior(mean=mean, var=var)
 
     # ---- persistence ---------------------------------------------------------------------------
-    def _params_json(self) -> dict[str, Any]:
-        params = self.get_params(deep=False)
-        if not isinstance(params["rng"], (int, np.integer)):
-            params["rng"] = None  # posterior_seed_ carries the fitted model's randomness
-        return json_config(params)
-
     def save(self, path: str | Path) -> None:
         """Write ``config.json`` (parameters, version, var_names, seed) and ``weights.pt`` into
         directory ``path``, atomically (:func:`screpair.methods._torch.save_model`); the loaded
@@ -407,7 +390,7 @@ class PairImputer(BaseImputer):
         }
         save_model(
             path,
-            config=self._params_json(),
+            config=params_json(self),
             state_dict=state,
             var_names=self.var_names_,
             extra=extra,
@@ -427,8 +410,7 @@ class PairImputer(BaseImputer):
         if extra.get("class") != cls.__name__:
             what = f"it holds a {extra.get('class')!r} model, not a {cls.__name__}"
             raise model_error(cfg_file, what)
-        est = cls(**saved_params(cls, meta, cfg_file))
-        check_loaded(est, est._check_params, cfg_file)
+        est = saved_estimator(cls, meta, cfg_file)
         est.var_names_ = pd.Index(meta["var_names"])
         est.hvg_ = tensor_entry(state, "hvg", wts_file, shape=(len(est.var_names_),)) != 0
         n_hvg = int(est.hvg_.sum())

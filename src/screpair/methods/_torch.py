@@ -20,8 +20,8 @@ import shutil
 import time
 import types
 import typing
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -113,6 +113,43 @@ class TrainConfig:
     max_seconds: float | None = None
     warmup_epochs: int = 0
     min_delta: float = 0.0
+
+
+def resolve_config(typ: type, value, *, name: str, default=None):
+    """One nested config of an estimator, from its parameter ``value`` (the one rule every
+    estimator with config parameters follows):
+
+    - ``None``: ``default`` (the estimator's, e.g. a preset's; ``typ()`` when not given);
+    - a mapping (e.g. a table of a CLI config file): ``default`` with those fields replaced, so
+      ``train={"lr": 3e-4}`` keeps every other default;
+    - an instance of ``typ``: used as it is.
+
+    Anything else, or a mapping with a field ``typ`` does not have, raises a one-line
+    ``TypeError`` naming the parameter and the config class.
+    """
+    base = typ() if default is None else default
+    if value is None:
+        return base
+    if isinstance(value, Mapping):
+        accepted = [f.name for f in fields(typ) if f.init]
+        unknown = [k for k in value if k not in accepted]
+        if unknown:
+            msg = (
+                f"invalid {name!r} settings for {typ.__name__}: unknown field(s) "
+                f"{', '.join(repr(k) for k in unknown)} (accepted: {', '.join(accepted)})."
+            )
+            raise TypeError(msg)
+        return dataclasses.replace(base, **value)
+    if isinstance(value, typ):
+        return value
+    msg = f"{name} must be a {typ.__name__} or a dict, got {type(value).__name__}."
+    raise TypeError(msg)
+
+
+def resolved_configs(est) -> dict[str, Any]:
+    """``{name: config}`` for each config parameter of ``est`` (its ``_configs``), resolved by
+    the estimator's ``_config`` (:func:`resolve_config` with the estimator's defaults)."""
+    return {name: est._config(name) for name in getattr(est, "_configs", {})}
 
 
 def split_cells(n: int, val_frac: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -309,6 +346,20 @@ def json_config(params: dict, *, where: str = "parameter") -> dict:
     return {k: conv(v, k) for k, v in params.items()}
 
 
+def params_json(est) -> dict:
+    """A fitted estimator's parameters for ``config.json``, the one format of every saved model:
+    ``get_params()`` with each config parameter resolved (:func:`resolved_configs`; saved as a
+    nested object holding every field, so that a later change of a default or a preset does not
+    change what a saved model computes), ``None`` as JSON null, and a ``Generator`` ``rng`` as
+    null (``posterior_seed_`` carries the fitted model's randomness)."""
+    params = est.get_params(deep=False)
+    params.update(resolved_configs(est))
+    rng = params.get("rng")
+    if "rng" in params and (isinstance(rng, bool) or not isinstance(rng, (int, np.integer))):
+        params["rng"] = None
+    return json_config(params)
+
+
 def save_model(
     path: str | os.PathLike, *, config: dict, state_dict: dict, var_names, extra=None
 ) -> None:
@@ -494,7 +545,7 @@ def tensor_entry(state: dict, key: str, file, *, shape: tuple | None = None) -> 
         raise model_error(file, f"missing tensor {key!r}")
     arr = v.detach().cpu().numpy()
     if shape is not None and (
-        arr.ndim != len(shape) or any(s is not None and a != s for a, s in zip(arr.shape, shape))
+        arr.ndim != len(shape) or any(s is not None and a != s for a, s in zip(arr.shape, shape, strict=True))
     ):
         want = tuple("any" if s is None else s for s in shape)
         raise model_error(file, f"tensor {key!r} has shape {arr.shape}, expected {want}")
@@ -557,7 +608,7 @@ def _coerce(value, hint, name: str):
         if value is None:
             return None
     elif dataclasses.is_dataclass(hint):
-        if isinstance(value, dict):
+        if isinstance(value, dict):  # checked here, made a config by the estimator's resolution
             return coerce_params(hint, value, prefix=f"{name}.")
     elif origin is tuple or hint is tuple:
         if isinstance(value, (list, tuple)):
@@ -567,7 +618,7 @@ def _coerce(value, hint, name: str):
                 return tuple(_coerce(v, inner, f"{name}[{i}]") for i, v in enumerate(value))
             if len(args) == len(value):
                 return tuple(
-                    _coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args))
+                    _coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
                 )
     elif origin is list or hint is list:
         if isinstance(value, list):
@@ -593,9 +644,11 @@ def _coerce(value, hint, name: str):
     raise ValueError(msg)
 
 
-def coerce_params(target, params: dict, *, prefix: str = ""):
-    """Saved parameters checked against ``target``'s signature: an estimator class (returns
-    the keyword arguments for ``target(**kw)``) or a config dataclass (returns an instance).
+def coerce_params(target, params: dict, *, prefix: str = "") -> dict:
+    """Saved parameters checked against ``target``'s signature: an estimator class or a config
+    dataclass. Returns the checked values as a dict (the keyword arguments of ``target``; a
+    nested config stays a dict of its checked fields, which the estimator resolves as any dict
+    setting, :func:`resolve_config`: fields not saved take the estimator's defaults).
 
     Unknown names and values of the wrong type raise ``ValueError`` naming them; names not
     saved take their defaults (parameters added since the model was saved).
@@ -619,10 +672,24 @@ def coerce_params(target, params: dict, *, prefix: str = ""):
             f"{', '.join(accepted)})"
         )
         raise ValueError(msg)
-    kw = {k: _coerce(v, hints.get(k, Any), prefix + k) for k, v in params.items()}
-    if dataclasses.is_dataclass(target):
-        return target(**kw)
-    return kw
+    return {k: _coerce(v, hints.get(k, Any), prefix + k) for k, v in params.items()}
+
+
+def _nest_moved(cls, config: dict) -> dict:
+    """An older flat config with the names ``cls._moved_params`` lists (``name -> config``)
+    moved into their nested configs (a null or ``"None"`` value, "the preset's", is dropped:
+    the config's default applies)."""
+    moved = getattr(cls, "_moved_params", {})
+    out = {k: v for k, v in config.items() if k not in moved}
+    for k, v in config.items():
+        if k not in moved or v is None or v == "None":
+            continue
+        section = out.get(moved[k])
+        if section is None:
+            section = out[moved[k]] = {}
+        if isinstance(section, dict):  # a config saved nested wins over a stray flat name
+            section.setdefault(k, v)
+    return out
 
 
 def saved_params(cls, meta: dict, file) -> dict:
@@ -631,13 +698,33 @@ def saved_params(cls, meta: dict, file) -> dict:
 
     A parameter missing from the config (the model was saved before it existed) takes its value
     from ``cls._saved_defaults`` when listed there, so that a new default that changes results
-    does not change an old model's output; otherwise the ``__init__`` default.
+    does not change an old model's output; otherwise the ``__init__`` default. Flat names of an
+    older layout that now live in a nested config (``cls._moved_params``) are moved there.
     """
-    config = {**getattr(cls, "_saved_defaults", {}), **meta["config"]}
+    config = _nest_moved(cls, {**getattr(cls, "_saved_defaults", {}), **meta["config"]})
     try:
         return coerce_params(cls, config)
     except (ValueError, TypeError) as e:
         raise model_error(file, str(e)) from None
+
+
+def saved_estimator(cls, meta: dict, file, **configs: dict):
+    """The estimator ``cls`` with the parameters saved in ``meta`` (:func:`saved_params`), its
+    own parameter checks run (as one-line load errors) and its nested configs resolved as in
+    ``fit`` (a saved table missing fields added since takes the estimator's defaults for them).
+    ``configs`` updates fields of nested configs, e.g. ``train={"device": "cpu"}``."""
+    params = saved_params(cls, meta, file)
+    for name, fields_ in configs.items():
+        if fields_:
+            saved = params.get(name)
+            params[name] = {**(saved if isinstance(saved, dict) else {}), **fields_}
+    est = cls(**params)
+    check_loaded(est, est._check_params, file)
+    try:
+        est.set_params(**resolved_configs(est))
+    except (ValueError, TypeError) as e:
+        raise model_error(file, str(e)) from None
+    return est
 
 
 def saved_seed(extra: dict, rng, file) -> int:
@@ -657,8 +744,3 @@ def check_loaded(est, check: Callable[[], Any], file) -> None:
         check()
     except (ValueError, TypeError) as e:
         raise model_error(file, str(e)) from None
-
-
-def config_dict(cfg) -> dict:
-    """A config dataclass as a plain dict (for ``config.json``)."""
-    return asdict(cfg)
