@@ -247,8 +247,8 @@ def test_template_public_methods_validate(counts_adata, array_type):
 
 
 def test_subclass_overriding_public_methods_keeps_working(counts_adata):
-    """A subclass with its own ``fit`` / ``posterior`` (as ``CNNImputer`` has) bypasses the
-    template: ``impute`` and ``fit_transform`` call its public methods."""
+    """A subclass with its own ``fit`` / ``posterior`` bypasses the template: ``impute`` and
+    ``fit_transform`` call its public methods."""
     est = _Double()
     assert not est._is_template() and _Template._is_template()
     out = est.fit_transform(counts_adata)

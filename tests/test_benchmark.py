@@ -188,10 +188,11 @@ def test_cli_benchmark(tiny, tmp_path):
 def test_make_method_quiet_turns_off_epoch_bars():
     from screpair.methods._torch import TrainConfig
 
-    assert ev.make_method("cnn", progress=False).progress is False
-    assert ev.make_method("cnn", params={"progress": True}, progress=False).progress is True
-    assert ev.make_method("cnn").progress is True
-    assert ev.make_method("dae", progress=False).train.progress is False
+    assert ev.make_method("cnn", progress=False)._config("train").progress is False
+    kept = ev.make_method("cnn", params={"train": {"progress": True}}, progress=False)
+    assert kept._config("train").progress is True
+    assert ev.make_method("cnn")._config("train").progress is True
+    assert ev.make_method("dae", progress=False)._config("train").progress is False
     kept = ev.make_method("dae", params={"train": TrainConfig(n_epochs=3)}, progress=False).train
     assert kept == TrainConfig(n_epochs=3, progress=False)
     assert ev.make_method("vae", params={"train": {"n_epochs": 2}}, progress=False).train == {
@@ -199,6 +200,23 @@ def test_make_method_quiet_turns_off_epoch_bars():
         "progress": False,
     }
     assert ev.make_method("knn", progress=False).get_params() == ev.make_method("knn").get_params()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="evaluate._benchmark._quiet sets train=TrainConfig(progress=False) when train is None, "
+    "which replaces cnn's preset training settings by TrainConfig's defaults; it should set "
+    "train={'progress': False} (a dict updates each method's own defaults)",
+)
+def test_make_method_quiet_keeps_cnn_preset_training():
+    import dataclasses
+
+    from screpair.methods.cnn import PRESETS
+
+    for preset in ("default", "paper"):
+        est = ev.make_method("cnn", params={"preset": preset}, progress=False)
+        want = dataclasses.replace(PRESETS[preset]["train"], progress=False)
+        assert est._config("train") == want
 
 
 def test_zeros_imputed_is_reported_not_ranked(bench):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,12 +12,14 @@ import torch
 from anndata import AnnData
 from sklearn.exceptions import NotFittedError
 
-from screpair.methods.cnn import CNNImputer
-from screpair.methods.cnn._model import normalize, to_counts
+from screpair import _norm
+from screpair.methods import TrainConfig
+from screpair.methods.cnn import PRESETS, CNNConfig, CNNImputer, TargetConfig
 from screpair.methods.cnn._module import GroupedCNN
 from screpair.methods.cnn._select import build_groups, pearson_columns, split_targets, top_inputs
 
-TINY = dict(n_hidden=16, n_epochs=2, batch_size=32, lr=1e-3, progress=False, device="cpu")
+TINY_TRAIN = {"n_epochs": 2, "batch_size": 32, "lr": 1e-3, "progress": False, "device": "cpu"}
+TINY = dict(module={"n_hidden": 16}, train=TINY_TRAIN)
 
 
 def _latent_counts(n_obs=120, n_vars=30, seed=0, frac_drop=0.25):
@@ -111,7 +115,8 @@ def test_per_cluster_vs_global_correlation():
     prob = np.where(x == 0, 0.9, 0.0)
     ad = _adata(x, prob)
     ad.obs["grp"] = pd.Categorical(np.repeat(["a", "b"], n))
-    params = dict(dropout_layer="p", groupby="grp", n_top=1, min_subsets=1, rng=0, **TINY)
+    params = dict(dropout_layer="p", groupby="grp", targets={"n_top": 1, "min_subsets": 1}, rng=0,
+                  **TINY)
     est = CNNImputer(correlation="cluster", **params).fit(ad)
     inputs = {est.clusters_[g.cluster]: list(g.inputs) for g in est.groups_}
     assert inputs == {"a": [1], "b": [2]}
@@ -168,10 +173,10 @@ def test_module_dropout_uses_its_generator_only():
 def test_padding_and_missing_never_enter_the_loss():
     x, _, _ = _latent_counts(n_obs=60, n_vars=11)
     ad = _adata(x)
-    est = CNNImputer(dropout_layer="p", min_subsets=3, rng=0, **TINY).fit(ad)
+    est = CNNImputer(dropout_layer="p", targets={"min_subsets": 3}, rng=0, **TINY).fit(ad)
     assert est.target_index_.shape == (3, 4)  # 11 targets -> 4, 4, 3 (+1 padding)
     n_genes = x.shape[1]
-    xlog = normalize(sp.csr_matrix(x), x.sum(1), log=True)
+    xlog = _norm.log_normalize(sp.csr_matrix(x), _norm.CPM, x.sum(1), dtype=np.float32)
     missing = est._missing(est.dropout_prob_)
     rows = np.arange(60)
     xin, y, mask = est._batch(xlog, missing, np.full(60, -1), rows)
@@ -213,13 +218,24 @@ def test_observed_values_bit_identical_and_count_scale(array_type):
 
 
 def test_count_scale_round_trip():
+    """cnn's scale: log1p(CPM) (log=False: CPM) in float32, scaled in float64 (cnnImpute's order:
+    ``(x * 1e6 / L).astype(float32)``, then the log in float32), and back at each entry's
+    library size."""
     x = np.array([[0, 3, 7], [10, 0, 1]], float)
     lib = x.sum(1)
+    rows, cols = np.nonzero(np.ones_like(x))
     for log in (True, False):
-        z = normalize(x, lib, log=log)
-        np.testing.assert_allclose(to_counts(z, lib, log=log), x, rtol=1e-5)
-    z = normalize(sp.csr_matrix(x), lib, log=True).toarray()
-    np.testing.assert_allclose(z, np.log1p(x / lib[:, None] * 1e6), rtol=1e-6)
+        est = CNNImputer(log=log)
+        for xm in (x, sp.csr_matrix(x)):
+            z = est._normalized(xm, lib)
+            z = z.toarray() if sp.issparse(z) else z
+            assert z.dtype == np.float32
+            scaled = (x * (1e6 / lib)[:, None]).astype(np.float32)
+            np.testing.assert_array_equal(z, np.log1p(scaled) if log else scaled)
+            back = est._to_counts(z[rows, cols].astype(np.float64), lib[rows])
+            np.testing.assert_allclose(back.reshape(x.shape), x, rtol=1e-5, atol=1e-9)
+    # negative predictions come back as 0
+    assert est._to_counts(np.array([-0.5]), np.array([10.0]))[0] == 0.0
 
 
 def test_reproducible_and_no_global_seeding():
@@ -239,7 +255,7 @@ def test_reproducible_and_no_global_seeding():
 def test_log_false_variant_and_ensemble():
     x, _, _ = _latent_counts()
     ad = _adata(x)
-    est = CNNImputer(dropout_layer="p", log=False, n_ensemble=2, rng=0, **TINY).fit(ad)
+    est = CNNImputer(dropout_layer="p", log=False, targets={"n_ensemble": 2}, rng=0, **TINY).fit(ad)
     n_per_rep = len(est.groups_) // 2
     assert len(est.groups_) == 2 * n_per_rep
     out = est.transform(ad)
@@ -255,7 +271,7 @@ def test_save_load_identical_output(tmp_path):
     new = CNNImputer.load(tmp_path / "m")
     np.testing.assert_array_equal(new.transform(ad), est.transform(ad))
     pd.testing.assert_index_equal(new.var_names_, est.var_names_)
-    assert new.get_params()["n_hidden"] == 16
+    assert new.get_params()["module"].n_hidden == 16 and new._config("module").n_hidden == 16
     assert len(new.history_) == len(est.history_)
 
 
@@ -287,7 +303,8 @@ def test_impute_wrapper_with_dropout_model(sim):
     import screpair
 
     ad = sim.copy()
-    screpair.impute(ad, "cnn", layer="counts", rng=0, subset_size=32, min_subsets=1, **TINY)
+    screpair.impute(ad, "cnn", layer="counts", rng=0, targets={"subset_size": 32, "min_subsets": 1},
+                    **TINY)
     x = ad.layers["counts"].toarray()
     prob = ad.layers["dropout_prob"].toarray()
     out = ad.layers["cnn"]
@@ -309,7 +326,7 @@ def test_dropout_model_choice(sim):
     counts = ad.layers["counts"]
     labels = ad.obs["group"].astype(str).to_numpy()
     assert CNNImputer().get_params()["dropout_model"] == "zinb"
-    params = dict(groupby="group", rng=0, subset_size=32, min_subsets=1, **TINY)
+    params = dict(groupby="group", rng=0, targets={"subset_size": 32, "min_subsets": 1}, **TINY)
     for model, fit_fn in (("zinb", fit_zinb_dropout), ("scimpute", fit_dropout)):
         est = CNNImputer(dropout_model=model, **params).fit(ad, layer="counts")
         ref = fit_fn(counts, labels).prob.toarray()
@@ -326,7 +343,10 @@ def test_quality_beats_raw_on_dropped_entries():
     x, true, drop = _latent_counts(n_obs=300, n_vars=30, frac_drop=0.25)
     ad = _adata(x)
     est = CNNImputer(
-        dropout_layer="p", rng=0, n_hidden=64, n_epochs=15, lr=1e-3, progress=False, device="cpu"
+        dropout_layer="p",
+        rng=0,
+        module={"n_hidden": 64},
+        train={"n_epochs": 15, "lr": 1e-3, "progress": False, "device": "cpu"},
     )
     out = est.fit_transform(ad)
     lib = x.sum(1, keepdims=True)
@@ -351,13 +371,9 @@ def test_quality_on_splat_beats_raw_and_knn(sim):
         rng=0,
         dropout_model="scimpute",
         groupby="group",
-        n_hidden=64,
-        n_epochs=10,
-        lr=1e-3,
-        subset_size=32,
-        min_subsets=1,
-        progress=False,
-        device="cpu",
+        module={"n_hidden": 64},
+        train={"n_epochs": 10, "lr": 1e-3, "progress": False, "device": "cpu"},
+        targets={"subset_size": 32, "min_subsets": 1},
     )
     cnn = est.fit_transform(ad, layer="counts")
     knn = KNNImputer(rng=0).fit_transform(ad, layer="counts")
@@ -399,7 +415,7 @@ def test_cli_impute_method_cnn(sim, tmp_path, capsys):
 
     src, dst, cfg = tmp_path / "in.h5ad", tmp_path / "out.h5ad", tmp_path / "cfg.json"
     sim.copy().write_h5ad(src)
-    cfg.write_text(json.dumps({**TINY, "subset_size": 32, "min_subsets": 1}))
+    cfg.write_text(json.dumps({**TINY, "targets": {"subset_size": 32, "min_subsets": 1}}))
     rc = main(
         ["impute", str(src), str(dst), "--method", "cnn", "--layer", "counts", "--config", str(cfg)]
     )
@@ -415,8 +431,9 @@ def test_quality_on_splat_zinb_imputes_likely_dropouts(sim):
     from screpair.methods.knn import KNNImputer
 
     ad = sim.copy()
-    est = CNNImputer(rng=0, groupby="group", n_hidden=64, n_epochs=10, lr=1e-3, subset_size=32,
-                     min_subsets=1, progress=False, device="cpu")
+    est = CNNImputer(rng=0, groupby="group", module={"n_hidden": 64},
+                     train={"n_epochs": 10, "lr": 1e-3, "progress": False, "device": "cpu"},
+                     targets={"subset_size": 32, "min_subsets": 1})
     cnn = est.fit_transform(ad, layer="counts")
     knn = KNNImputer(rng=0).fit_transform(ad, layer="counts")
     obs = ad.layers["counts"].toarray()
@@ -442,48 +459,95 @@ def test_quality_on_splat_zinb_imputes_likely_dropouts(sim):
 # --------------------------------------------------------------------------- presets (issue 18)
 def test_paper_preset_table():
     """``preset="paper"`` is Zhang et al. (2024) as described in the paper."""
-    from screpair.methods.cnn._model import PRESETS
-
-    assert PRESETS["paper"] == {
-        "pooling": "max",  # two conv + max-pool(2) + batch-norm blocks, flattened
-        "min_frac_cells": 0.0,  # every gene with a likely dropout is a target
-        "n_epochs": 150,
-        "batch_size": 32,
-        "lr": 1e-4,
-        "patience": 5,
-        "warmup_epochs": 0,
-        "min_delta": 0.0,
-    }
-    assert set(PRESETS["default"]) == set(PRESETS["paper"])
+    paper = PRESETS["paper"]
+    assert set(paper) == set(PRESETS["default"]) == {"module", "train", "targets"}
+    # two conv + max-pool(2) + batch-norm blocks, flattened; the paper's architecture
+    assert paper["module"] == CNNConfig(
+        n_filters=16, kernel_size=3, n_hidden=1024, dropout=0.3, pooling="max"
+    )
+    # every gene with a likely dropout is a target; the paper's subsets and input genes
+    assert paper["targets"] == TargetConfig(
+        subset_size=512, min_subsets=4, n_top=5, max_missing_frac=0.5, n_ensemble=1,
+        min_frac_cells=0.0,
+    )
+    assert paper["train"] == TrainConfig(
+        n_epochs=150, batch_size=32, lr=1e-4, patience=5, warmup_epochs=0, min_delta=0.0,
+        val_frac=0.1, weight_decay=0.0, device="auto", progress=True, max_seconds=None,
+    )
     est = CNNImputer(preset="paper")
-    resolved = {k: est._p(k) for k in PRESETS["paper"]}
-    assert resolved == PRESETS["paper"]
+    assert {k: est._config(k) for k in paper} == paper
     # the parameters without a preset are the paper's too
     p = est.get_params()
-    assert (p["threshold"], p["subset_size"], p["n_top"], p["max_missing_frac"]) == (0.5, 512, 5, 0.5)
-    assert (p["n_filters"], p["kernel_size"], p["n_hidden"], p["dropout"]) == (16, 3, 1024, 0.3)
-    assert (p["val_frac"], p["n_ensemble"], p["log"]) == (0.1, 1, True)
+    assert (p["threshold"], p["log"], p["correlation"]) == (0.5, True, "global")
+    # the defaults: the measured departures only
+    default = PRESETS["default"]
+    assert default["module"] == CNNConfig() and default["targets"] == TargetConfig()
+    assert default["module"].pooling == "average" and default["targets"].min_frac_cells == 0.01
+    t = default["train"]
+    assert (t.n_epochs, t.batch_size, t.lr, t.patience, t.warmup_epochs, t.min_delta) == (
+        150, 256, 1e-3, 10, 2, 1e-3
+    )
 
 
-def test_explicit_values_override_the_preset():
-    est = CNNImputer(preset="paper", batch_size=64, pooling="average")
-    assert est._p("batch_size") == 64 and est._p("pooling") == "average"
-    assert est._p("lr") == 1e-4
+def test_config_dicts_update_the_preset_and_instances_are_used_as_is():
+    est = CNNImputer(preset="paper", train={"batch_size": 64}, module={"pooling": "average"})
+    assert est._config("train").batch_size == 64 and est._config("module").pooling == "average"
+    assert est._config("train").lr == 1e-4 and est._config("train").patience == 5  # the preset's
+    assert est._config("targets") == PRESETS["paper"]["targets"]
+    est = CNNImputer(preset="paper", train=TrainConfig(n_epochs=3))  # as given, not the preset's
+    assert est._config("train") == TrainConfig(n_epochs=3)
     with pytest.raises(ValueError, match="preset"):
         CNNImputer(preset="fast").fit(np.ones((5, 5)))
-    with pytest.raises(ValueError, match="pooling"):
-        CNNImputer(pooling="min").fit(np.ones((5, 5)))
+    with pytest.raises(ValueError, match="module.pooling"):
+        CNNImputer(module={"pooling": "min"}).fit(np.ones((5, 5)))
+    with pytest.raises(TypeError, match="'train' settings for TrainConfig: unknown field.*'n_epoch'"):
+        CNNImputer(train={"n_epoch": 3}).fit(np.ones((5, 5)))
+    with pytest.raises(TypeError, match="targets must be a TargetConfig or a dict"):
+        CNNImputer(targets=CNNConfig()).fit(np.ones((5, 5)))
+    with pytest.raises(ValueError, match="train.n_epochs must be a positive integer"):
+        CNNImputer(train={"n_epochs": 0}).fit(np.ones((5, 5)))
+
+
+def test_flat_parameters_name_their_new_place(tmp_path, capsys):
+    """The flat names of earlier releases are one-line errors that say where they went."""
+    import json
+
+    import screpair
+    from screpair.cli import main
+
+    with pytest.raises(TypeError, match=r"n_epochs is now train.n_epochs: pass train=\{'n_epochs': 5\}"):
+        CNNImputer(n_epochs=5)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_epoch'"):
+        CNNImputer(n_epoch=5)
+    ad = AnnData(sp.csr_matrix(np.ones((4, 3))))
+    with pytest.raises(TypeError, match=r"n_hidden is now module.n_hidden.*subset_size is now "
+                                        r"targets.subset_size"):
+        screpair.impute(ad, "cnn", n_hidden=16, subset_size=32)
+    with pytest.raises(TypeError, match="lr is now train.lr"):
+        screpair.impute(ad, CNNImputer(), lr=1e-3)
+    src, cfg = tmp_path / "in.h5ad", tmp_path / "cfg.json"
+    ad.write_h5ad(src)
+    cfg.write_text(json.dumps({"n_epochs": 5}))
+    rc = main(["impute", str(src), str(tmp_path / "o.h5ad"), "--method", "cnn", "--config", str(cfg)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err, err
+    assert "n_epochs is now train.n_epochs" in err and '{"train": {"n_epochs": 5}}' in err, err
 
 
 def test_paper_preset_equals_its_explicit_parameters():
-    from screpair.methods.cnn._model import PRESETS
-
     x, _, _ = _latent_counts()
     ad = _adata(x)
-    kw = dict(n_hidden=16, progress=False, device="cpu", dropout_layer="p", rng=0)
-    paper = {**PRESETS["paper"], "n_epochs": 2}
-    a = CNNImputer(preset="paper", n_epochs=2, **kw).fit_transform(ad)
-    b = CNNImputer(preset="default", **paper, **kw).fit_transform(ad)
+    kw = dict(dropout_layer="p", rng=0)
+    train = {"n_epochs": 2, "progress": False, "device": "cpu"}
+    paper = PRESETS["paper"]
+    a = CNNImputer(preset="paper", module={"n_hidden": 16}, train=train, **kw).fit_transform(ad)
+    b = CNNImputer(
+        preset="default",
+        module=dataclasses.replace(paper["module"], n_hidden=16),
+        train=dataclasses.replace(paper["train"], **train),
+        targets=paper["targets"],
+        **kw,
+    ).fit_transform(ad)
     np.testing.assert_array_equal(a, b)
 
 
@@ -502,20 +566,23 @@ def test_min_frac_cells_drops_rarely_detected_targets():
     x[:4, :3] = 5  # three genes detected in 4 cells only
     prob = np.where(x == 0, 0.9, 0.0)
     ad = _adata(x, prob=prob)
-    kw = dict(dropout_layer="p", rng=0, pooling="average", **TINY)
-    est = CNNImputer(min_frac_cells=5 / 120, **kw).fit(ad)
+    kw = dict(dropout_layer="p", rng=0, module={"n_hidden": 16, "pooling": "average"},
+              train=TINY_TRAIN)
+    est = CNNImputer(targets={"min_frac_cells": 5 / 120}, **kw).fit(ad)
     targets = np.concatenate([g.targets for g in est.groups_])
     assert not np.isin([0, 1, 2], targets).any()
     out = est.transform(ad)
     np.testing.assert_array_equal(out[:, :3], x[:, :3])  # not targets: returned as they came
-    all_t = np.concatenate([g.targets for g in CNNImputer(min_frac_cells=0.0, **kw).fit(ad).groups_])
+    all_t = np.concatenate(
+        [g.targets for g in CNNImputer(targets={"min_frac_cells": 0.0}, **kw).fit(ad).groups_]
+    )
     assert np.isin([0, 1, 2], all_t).all()
 
 
 def test_models_saved_before_presets_load_with_paper_settings(tmp_path):
+    """A model of the flat layout saved before presets (no preset, pooling, min_frac_cells,
+    warmup_epochs, min_delta) loads with the paper's values for them."""
     import json
-
-    from screpair.methods.cnn._model import PRESETS
 
     x, _, _ = _latent_counts()
     ad = _adata(x)
@@ -523,11 +590,71 @@ def test_models_saved_before_presets_load_with_paper_settings(tmp_path):
     est.save(tmp_path / "m")
     cfg_file = tmp_path / "m" / "config.json"
     meta = json.loads(cfg_file.read_text())
-    for k in ("preset", "pooling", "min_frac_cells", "warmup_epochs", "min_delta"):
-        meta["config"].pop(k)
+    flat = {k: v for k, v in meta["config"].items() if k not in ("module", "train", "targets")}
+    for section in ("module", "train", "targets"):
+        flat.update(meta["config"][section])
+    for k in ("preset", "pooling", "min_frac_cells", "warmup_epochs", "min_delta",
+              "weight_decay", "max_seconds"):
+        flat.pop(k)
+    meta["config"] = flat
     cfg_file.write_text(json.dumps(meta))  # as written by screpair before issue 18
     old = CNNImputer.load(tmp_path / "m")
     assert old.preset == "paper"
-    assert {k: old._p(k) for k in PRESETS["paper"]} == {**PRESETS["paper"], **{
-        k: TINY[k] for k in ("n_epochs", "batch_size", "lr")}}
+    paper = PRESETS["paper"]
+    assert old._config("module") == dataclasses.replace(paper["module"], n_hidden=16)
+    assert old._config("targets") == paper["targets"]
+    assert old._config("train") == dataclasses.replace(paper["train"], **TINY_TRAIN)
     np.testing.assert_array_equal(old.transform(ad), est.transform(ad))
+
+
+# --------------------------------------------------------------------------- validate once (issue 15)
+def _count_dropout_fits(monkeypatch) -> list:
+    import screpair.dropout as dropout
+
+    calls = []
+    real = dropout.fit_dropout
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dropout, "fit_dropout", counted)
+    return calls
+
+
+def test_dropout_model_fitted_once_per_impute_and_fit_transform(sim, monkeypatch):
+    """``impute`` and ``fit_transform`` validate once and hand the same matrix to the fit and
+    the posterior, which reuses the fit's dropout probabilities; separate ``fit`` and
+    ``posterior`` calls refit the dropout model from ``posterior_seed_``: the same output."""
+    import screpair
+
+    calls = _count_dropout_fits(monkeypatch)
+    params = dict(groupby="group", dropout_model="scimpute", rng=0,
+                  targets={"subset_size": 32, "min_subsets": 1}, **TINY)
+    ad = sim.copy()
+    screpair.impute(ad, "cnn", layer="counts", **params)
+    assert len(calls) == 1
+    est = CNNImputer(**params)
+    assert est._is_template()
+    out = est.fit_transform(sim, layer="counts")
+    assert len(calls) == 2
+    np.testing.assert_array_equal(out.astype(np.float32), ad.layers["cnn"])
+    est = CNNImputer(**params).fit(sim, layer="counts")
+    post = est.posterior(sim, layer="counts")  # a new validated matrix: refitted
+    assert len(calls) == 4
+    np.testing.assert_array_equal(post.mean, out)
+    np.testing.assert_array_equal(post.dropout_prob.toarray(), est.dropout_prob_.toarray())
+
+
+def test_fitted_cnn_pickles_and_clones(tmp_path):
+    import pickle
+
+    from sklearn.base import clone
+
+    x, _, _ = _latent_counts(n_obs=40, n_vars=10)
+    ad = _adata(x)
+    est = CNNImputer(dropout_layer="p", rng=0, **TINY)
+    out = est.fit_transform(ad)
+    again = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(again.transform(ad), out)
+    assert clone(est).get_params() == est.get_params()

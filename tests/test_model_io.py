@@ -21,7 +21,10 @@ from screpair.methods.diffusion import DiffusionConfig, DiffusionImputer, PairCo
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CNN_TINY = dict(n_hidden=16, n_epochs=2, batch_size=32, lr=1e-3, progress=False, device="cpu")
+CNN_TINY = dict(
+    module={"n_hidden": 16},
+    train={"n_epochs": 2, "batch_size": 32, "lr": 1e-3, "progress": False, "device": "cpu"},
+)
 TRAIN = TrainConfig(n_epochs=1, batch_size=64, patience=0, progress=False, device="cpu")
 PAIRS = PairConfig(n_top_genes=40, n_views=1)
 DIFF_TINY = DiffusionConfig(patch_size=8, d_model=16, n_layers=1, n_heads=2, dim_feedforward=16)
@@ -123,14 +126,14 @@ OUT_OF_RANGE = {
     "vae": (("pairs", "n_top_genes"), 0, "n_top_genes must be positive"),
 }
 WRONG_TYPE = {
-    "cnn": (("n_epochs",), "abc", "n_epochs must be int"),
+    "cnn": (("train", "n_epochs"), "abc", "train.n_epochs must be int"),
     "diffusion": (("train", "n_epochs"), "abc", "train.n_epochs must be int"),
     "dae": (("module", "hidden"), 1.5, "module.hidden must be int"),
     "vae": (("pairs", "bias_3p"), "low", "pairs.bias_3p must be"),
 }
 # a shape parameter changed: the weights no longer fit the network the config describes
 RESHAPE = {
-    "cnn": (("n_hidden",), 32),
+    "cnn": (("module", "n_hidden"), 32),
     "diffusion": (("module", "d_model"), 32),
     "dae": (("module", "hidden"), 16),
     "vae": (("module", "latent"), 8),
@@ -178,14 +181,68 @@ def test_saved_config_is_plain_json_with_nulls(saved, name):
     assert '"None"' not in text  # None is JSON null, never the string
     if name == "cnn":
         assert meta["config"]["groupby"] is None
+        assert meta["config"]["train"]["max_seconds"] is None  # nested, resolved, null
+        assert meta["config"]["module"]["n_hidden"] == 16 and meta["config"]["preset"] == "default"
     else:
         assert meta["config"]["pairs"]["n_views"] == 1
+        assert meta["config"]["train"]["n_epochs"] == 1  # nested configs saved resolved
 
 
 def test_old_none_strings_still_load(saved, tmp_path):
     cls, d = _copy(saved, "cnn", tmp_path)
     _edit(d, lambda m: (_set(m, ("groupby",), "None"), m.pop("format", None)))
     assert cls.load(d).groupby is None
+
+
+def _flat(config: dict) -> dict:
+    """A nested cnn config as screpair wrote it before nested configs: every field flat, the
+    configs' fields that cnn did not have (weight_decay, max_seconds) left out."""
+    flat = {k: v for k, v in config.items() if k not in ("module", "train", "targets")}
+    for section in ("module", "train", "targets"):
+        flat.update(config[section])
+    for k in ("weight_decay", "max_seconds"):
+        flat.pop(k)
+    return flat
+
+
+def test_old_flat_cnn_config_loads_into_nested_configs(saved, tmp_path):
+    """A cnn model of the flat layout (n_hidden, n_epochs, subset_size, ... at the top, "None"
+    strings of screpair <= 0.1.0) loads into the nested configs and gives the same output."""
+    cls, d = _copy(saved, "cnn", tmp_path)
+    ad = _cnn_adata(with_prob=True)
+    ref = cls.load(saved["cnn"][1])
+
+    def flatten(meta):
+        meta["config"] = {**_flat(meta["config"]), "groupby": "None", "cluster_kwargs": "None"}
+
+    _edit(d, flatten)
+    cfg = json.loads((d / "config.json").read_text())["config"]
+    assert "n_epochs" in cfg and "train" not in cfg and cfg["pooling"] == "average"
+    old = cls.load(d)
+    assert old.groupby is None and old.cluster_kwargs is None
+    for name in ("module", "train", "targets"):
+        assert getattr(old, name) == ref._config(name), name
+    np.testing.assert_array_equal(old.transform(ad), ref.transform(ad))
+    # a flat value of the wrong type is named by its new place
+    _edit(d, lambda m: _set(m, ("n_epochs",), "abc"))
+    _refused(cls, d, "config.json", "train.n_epochs must be int")
+
+
+def test_nested_cnn_round_trip_bit_identical(saved, tmp_path):
+    """save -> load -> save writes the same config.json, and the reloaded model computes the
+    same bits; ``device=`` overrides the saved ``train.device``."""
+    cls, d = saved["cnn"]
+    ad = _cnn_adata(with_prob=True)
+    first = cls.load(d)
+    assert isinstance(first.train, TrainConfig) and first.train.n_epochs == 2
+    assert first.module.n_hidden == 16 and first.targets.min_frac_cells == 0.01
+    first.save(tmp_path / "again")
+    a = json.loads((d / "config.json").read_text())
+    b = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert a["config"] == b["config"] and a["var_names"] == b["var_names"]
+    second = cls.load(tmp_path / "again", device="cpu")
+    assert second.train.device == "cpu"
+    np.testing.assert_array_equal(second.transform(ad), first.transform(ad))
 
 
 def test_parameter_missing_from_old_model_takes_saved_default(saved, tmp_path, monkeypatch):
@@ -201,10 +258,9 @@ def test_unknown_key_refused(saved, name, tmp_path):
     cls, d = _copy(saved, name, tmp_path)
     _edit(d, lambda m: _set(m, ("n_epoch",), 3))
     _refused(cls, d, "config.json", "unknown parameter", "n_epoch")
-    if name != "cnn":  # inside a nested config too
-        cls, d = _copy(saved, name, tmp_path / "nested")
-        _edit(d, lambda m: _set(m, ("train", "n_epoch"), 3))
-        _refused(cls, d, "config.json", "train.n_epoch")
+    cls, d = _copy(saved, name, tmp_path / "nested")  # inside a nested config too
+    _edit(d, lambda m: _set(m, ("train", "n_epoch"), 3))
+    _refused(cls, d, "config.json", "train.n_epoch")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,5 +1,10 @@
-"""cnnImpute: CNN imputation of likely dropouts (``method="cnn"``)."""
+"""cnnImpute: CNN imputation of likely dropouts (``method="cnn"``).
 
-from ._model import CNNImputer
+:class:`CNNImputer` takes its settings as nested configs: ``module`` (:class:`CNNConfig`),
+``train`` (:class:`~screpair.methods.TrainConfig`) and ``targets`` (:class:`TargetConfig`), each
+``None`` (the preset's, :data:`PRESETS`), a dict of fields to change or a config instance.
+"""
 
-__all__ = ["CNNImputer"]
+from ._model import PRESETS, CNNConfig, CNNImputer, TargetConfig
+
+__all__ = ["PRESETS", "CNNConfig", "CNNImputer", "TargetConfig"]

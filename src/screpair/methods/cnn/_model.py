@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-from anndata import AnnData
 
+from ... import _norm
 from ..._logging import get_logger, log_task
-from ..._utils import (
-    Data,
-    RNGLike,
-    as_rng,
-    check_var_names,
-    get_counts,
-    library_size,
-    torch_seed,
-    var_names,
-)
-from .._base import BaseImputer, Posterior
+from ..._utils import RNGLike, as_rng, torch_seed
+from .._base import BaseImputer, DataContext, Posterior, moved_params_error
 from .._torch import (
     LossOutput,
     TrainConfig,
-    check_loaded,
-    coerce_params,
     dense_rows,
     fit_seed,
     heap_reuse,
@@ -37,10 +27,12 @@ from .._torch import (
     load_model,
     load_state,
     model_error,
+    params_json,
+    resolve_config,
     resolve_device,
     row_batches,
     save_model,
-    saved_params,
+    saved_estimator,
     saved_seed,
     split_cells,
     tensor_entry,
@@ -50,63 +42,106 @@ from ._select import Group, build_groups
 
 logger = get_logger(__name__)
 
-_SCALE = 1e6  # counts per million, as in the paper
 _MIN_INPUTS = 10  # shortest input that survives two conv(k=3) + maxpool(2) blocks with room
 
-#: values of the preset-dependent parameters (those left at ``None``); see ``CNNImputer``
-PRESETS: dict[str, dict] = {
+
+@dataclass(frozen=True, kw_only=True)
+class CNNConfig:
+    """The network of each target subset (:class:`._module.GroupedCNN`).
+
+    The defaults are those of ``preset="default"``; see :data:`PRESETS` for the paper's.
+
+    Attributes
+    ----------
+    n_filters, kernel_size, n_hidden, dropout
+        Convolution filters and kernel width, width of the hidden dense layer and its dropout
+        rate (paper: 16, 3, 1024, 0.3).
+    pooling
+        End of the second convolution block: ``"average"`` (global average pooling, as in the
+        original cnnImpute code) or ``"max"`` (the paper's text: max-pool(2) and flatten).
+    """
+
+    n_filters: int = 16
+    kernel_size: int = 3
+    n_hidden: int = 1024
+    dropout: float = 0.3
+    pooling: str = "average"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetConfig:
+    """Which genes are imputed (targets), how they are split into subset networks and which
+    genes each subset reads (:mod:`._select`).
+
+    The defaults are those of ``preset="default"``; see :data:`PRESETS` for the paper's.
+
+    Attributes
+    ----------
+    subset_size
+        Targets per subset network N (paper: 512).
+    min_subsets
+        Split the targets into at least this many subsets, so that small gene sets still have
+        input genes outside each subset (with a single subset holding every target, no gene
+        would be left to read from).
+    n_top
+        Input genes per target (paper: 5).
+    max_missing_frac
+        Largest missing fraction of an input gene P (paper: 0.5).
+    n_ensemble
+        Number of independent target partitions, trained together and averaged (1 = paper).
+    min_frac_cells
+        Only genes with non-zero counts in at least this fraction of the cells are targets
+        (default 0.01; the paper: 0, every gene with a likely dropout). Other genes come back
+        unchanged.
+    """
+
+    subset_size: int = 512
+    min_subsets: int = 4
+    n_top: int = 5
+    max_missing_frac: float = 0.5
+    n_ensemble: int = 1
+    min_frac_cells: float = 0.01
+
+
+#: the configs of each preset: what ``module`` / ``train`` / ``targets`` left at ``None`` mean,
+#: and the base a dict of settings updates (see ``CNNImputer``)
+PRESETS: dict[str, dict[str, Any]] = {
     # Zhang et al. (2024) as described in the paper, and screpair <= 0.2's only behaviour
     "paper": {
-        "pooling": "max",
-        "min_frac_cells": 0.0,
-        "n_epochs": 150,
-        "batch_size": 32,
-        "lr": 1e-4,
-        "patience": 5,
-        "warmup_epochs": 0,
-        "min_delta": 0.0,
+        "module": CNNConfig(n_filters=16, kernel_size=3, n_hidden=1024, dropout=0.3, pooling="max"),
+        "train": TrainConfig(
+            n_epochs=150,
+            batch_size=32,
+            lr=1e-4,
+            patience=5,
+            warmup_epochs=0,
+            min_delta=0.0,
+            val_frac=0.1,
+        ),
+        "targets": TargetConfig(
+            subset_size=512,
+            min_subsets=4,
+            n_top=5,
+            max_missing_frac=0.5,
+            n_ensemble=1,
+            min_frac_cells=0.0,
+        ),
     },
     # measured departures (issue 18; see the CNNImputer docstring)
     "default": {
-        "pooling": "average",
-        "min_frac_cells": 0.01,
-        "n_epochs": 150,
-        "batch_size": 256,
-        "lr": 1e-3,
-        "patience": 10,
-        "warmup_epochs": 2,
-        "min_delta": 1e-3,
+        "module": CNNConfig(),
+        "train": TrainConfig(
+            n_epochs=150,
+            batch_size=256,
+            lr=1e-3,
+            patience=10,
+            warmup_epochs=2,
+            min_delta=1e-3,
+            val_frac=0.1,
+        ),
+        "targets": TargetConfig(),
     },
 }
-
-
-def _fingerprint(x) -> str:
-    h = hashlib.sha1(str(x.shape).encode())
-    if sp.issparse(x):
-        for a in (x.indptr, x.indices, x.data):
-            h.update(np.ascontiguousarray(a).tobytes())
-    else:
-        h.update(np.ascontiguousarray(x).tobytes())
-    return h.hexdigest()
-
-
-def normalize(x, lib: np.ndarray, *, log: bool = True) -> sp.csr_matrix | np.ndarray:
-    """Counts -> ``log1p(x / L * 1e6)`` (or without the log), keeping sparsity; float32."""
-    scale = np.divide(_SCALE, lib, out=np.zeros_like(lib, dtype=np.float64), where=lib > 0)
-    if sp.issparse(x):
-        out = sp.csr_matrix(sp.diags(scale) @ x, dtype=np.float32)
-        if log:
-            out.data = np.log1p(out.data)
-        return out
-    out = (np.asarray(x, np.float64) * scale[:, None]).astype(np.float32)
-    return np.log1p(out) if log else out
-
-
-def to_counts(pred: np.ndarray, lib: np.ndarray, *, log: bool = True) -> np.ndarray:
-    """Inverse of :func:`normalize` at each cell's observed library size ``lib`` (non-negative)."""
-    pred = np.maximum(np.asarray(pred, np.float64), 0.0)
-    val = np.expm1(pred) if log else pred
-    return val * (np.asarray(lib, np.float64)[:, None] / _SCALE)
 
 
 class CNNImputer(BaseImputer):
@@ -119,9 +154,10 @@ class CNNImputer(BaseImputer):
        its probability exceeds ``threshold``.
     2. Counts are normalized to counts per million and ``log1p``-transformed (``log=False``:
        cnnImpute_nl, no log).
-    3. Genes with a missing entry are *targets*, split into subsets of at most ``subset_size``;
-       each subset's inputs are, per target, the ``n_top`` most correlated genes outside the
-       subset whose missing fraction is at most ``max_missing_frac`` (see :mod:`._select`).
+    3. Genes with a missing entry are *targets*, split into subsets of at most
+       ``targets.subset_size``; each subset's inputs are, per target, the ``targets.n_top`` most
+       correlated genes outside the subset whose missing fraction is at most
+       ``targets.max_missing_frac`` (see :mod:`._select`).
     4. One CNN per subset (:class:`._module.GroupedCNN`: all subsets train at once as one batched
        network), trained on 90% of the cells with a masked MSE (only observed target entries count;
        padding and missing entries are masked out), Adam, early stopping on the other 10%.
@@ -129,6 +165,26 @@ class CNNImputer(BaseImputer):
 
     Parameters
     ----------
+    module
+        Network (:class:`CNNConfig`: ``n_filters``, ``kernel_size``, ``n_hidden``, ``dropout``,
+        ``pooling``).
+    train
+        Training (:class:`~screpair.methods.TrainConfig`): at most ``n_epochs`` epochs of Adam,
+        learning rate warmed up linearly over ``warmup_epochs``, early stopping after
+        ``patience`` epochs without a relative validation improvement of ``min_delta`` (the best
+        weights are kept), ``val_frac`` of the cells for validation, ``device="auto"`` (a GPU
+        when one is available), ``progress`` (a bar over epochs). Defaults: 150 epochs, batch
+        256, lr 1e-3, patience 10, 2 warm-up epochs, min_delta 1e-3, val_frac 0.1; the paper:
+        150, 32, 1e-4, 5, 0, 0 (any improvement), 0.1.
+    targets
+        Targets and input genes (:class:`TargetConfig`: ``subset_size``, ``min_subsets``,
+        ``n_top``, ``max_missing_frac``, ``n_ensemble``, ``min_frac_cells``).
+
+        Each of ``module``, ``train`` and ``targets`` takes ``None`` (the preset's config), a
+        dict (the preset's config with those fields replaced: ``train={"n_epochs": 20}`` keeps
+        the preset's other training settings; this is what a CLI ``--config`` file gives, e.g.
+        ``{"train": {"lr": 3e-4}}``) or a config instance, used as it is (the config classes'
+        own defaults are ``preset="default"``'s).
     threshold
         Dropout-probability threshold T above which a zero is missing (paper: 0.5).
     log
@@ -154,40 +210,13 @@ class CNNImputer(BaseImputer):
         probability near 1 (81-85% of the zeros of 10x data are imputed) and wins the masked
         protocol. ``dropout_kwargs={"inflation": "gene"}`` adds a per-gene zero inflation to
         ``"zinb"`` (measured, not better; see ``benchmarks/RESULTS.md``).
-    subset_size
-        Targets per subset network N (paper: 512).
-    min_subsets
-        Split the targets into at least this many subsets, so that small gene sets still have
-        input genes outside each subset (with a single subset holding every target, no gene
-        would be left to read from).
-    n_top
-        Input genes per target (paper: 5).
-    max_missing_frac
-        Largest missing fraction of an input gene P (paper: 0.5).
-    n_ensemble
-        Number of independent target partitions, trained together and averaged (1 = paper).
-    n_filters, kernel_size, n_hidden, dropout
-        Network architecture (paper: 16, 3, 1024, 0.3).
-    pooling
-        End of the second convolution block: ``"average"`` (default; global average pooling, as
-        in the original cnnImpute code) or ``"max"`` (the paper's text: max-pool(2) and flatten).
-    min_frac_cells
-        Only genes with non-zero counts in at least this fraction of the cells are targets
-        (default 0.01; the paper: 0, every gene with a likely dropout). Other genes come back
-        unchanged.
-    n_epochs, batch_size, lr, patience, warmup_epochs, min_delta, val_frac, device, progress
-        Training: at most ``n_epochs`` epochs of Adam, learning rate warmed up linearly over
-        ``warmup_epochs``, early stopping after ``patience`` epochs without a relative
-        validation improvement of ``min_delta`` (the best weights are kept), ``val_frac`` of the
-        cells for validation. Defaults: 150, 256, 1e-3, 10, 2, 1e-3, 0.1; the paper: 150, 32,
-        1e-4, 5, 0, 0 (any improvement), 0.1. ``device="auto"`` uses a GPU when one is available.
     preset
-        ``"default"`` or ``"paper"``: the values of ``pooling``, ``min_frac_cells``,
-        ``n_epochs``, ``batch_size``, ``lr``, ``patience``, ``warmup_epochs`` and ``min_delta``
-        left at ``None`` (explicit values win). ``preset="paper"`` is Zhang et al. (2024) as
-        described and reproduces screpair <= 0.2 bit for bit; the defaults depart from it where
-        a measurement showed the same or better accuracy in much less time (Notes).
-        ``PRESETS`` in this module holds both tables.
+        ``"default"`` or ``"paper"``: the configs that ``module``, ``train`` and ``targets``
+        stand for when ``None``, and that a dict of settings updates (:data:`PRESETS` holds
+        both). ``preset="paper"`` is Zhang et al. (2024) as described and reproduces screpair
+        <= 0.2; the defaults depart from it where a measurement showed the same or better
+        accuracy in much less time (Notes): ``module.pooling``, ``targets.min_frac_cells`` and
+        ``train``'s ``batch_size``, ``lr``, ``patience``, ``warmup_epochs`` and ``min_delta``.
     cluster_kwargs, dropout_kwargs
         Extra keyword arguments for :func:`screpair.dropout.cluster_cells` and the dropout model
         (:func:`screpair.dropout.fit_zinb_dropout` or :func:`screpair.dropout.fit_dropout`).
@@ -218,9 +247,10 @@ class CNNImputer(BaseImputer):
     -----
     Where this differs from the paper's description or the original code, and why:
 
-    - targets are split into at least ``min_subsets`` subsets (balanced sizes) so that a data set
-      with fewer than ~1,000 targets still has input genes outside each subset (the paper's single
-      512-gene subset would leave no inputs at all on the 61-381-gene masked benchmarks);
+    - targets are split into at least ``targets.min_subsets`` subsets (balanced sizes) so that a
+      data set with fewer than ~1,000 targets still has input genes outside each subset (the
+      paper's single 512-gene subset would leave no inputs at all on the 61-381-gene masked
+      benchmarks);
     - the output layer is linear (clipped at 0 when predicting) and its bias starts at each
       target's mean observed value on the training cells (a zero start needs hundreds of epochs at
       lr 1e-4 to reach log1p(CPM) values of 5-10);
@@ -230,28 +260,28 @@ class CNNImputer(BaseImputer):
       seed 0, scImpute dropout model as in that table; MSE / r, seconds on the shared 2-core
       CPU):
 
-      * ``pooling="average"``: the original code's global average pooling instead of the
-        paper's max-pool + flatten. The first dense layer shrinks from ``16 * L/4 x 1024`` to
-        ``16 x 1024`` per subset (~100x fewer weights on 10x data: 14 M instead of 179 M on
+      * ``module.pooling="average"``: the original code's global average pooling instead of
+        the paper's max-pool + flatten. The first dense layer shrinks from ``16 * L/4 x 1024``
+        to ``16 x 1024`` per subset (~100x fewer weights on 10x data: 14 M instead of 179 M on
         pbmc3k with all genes), and it is *more* accurate: 0.483 / 0.771 vs 0.539 / 0.740 with
         the paper's training (30 s vs 87 s); the flattened layer overfits the few hundred
         training cells;
-      * ``batch_size=256, lr=1e-3, warmup_epochs=2, min_delta=1e-3``: on Baron 0.473 / 0.776
-        in 23 s (41 epochs, patience 5), against 0.483 / 0.771 with batch 32 and lr 1e-4;
-        batch 128 with lr 4e-4 gave 0.478 / 0.774, batch 128 with lr 1e-3 stopped too early
-        (0.521 / 0.754). With max pooling the larger batches are worse (batch 128: 0.545,
+      * ``train``: ``batch_size=256, lr=1e-3, warmup_epochs=2, min_delta=1e-3``: on Baron
+        0.473 / 0.776 in 23 s (41 epochs, patience 5), against 0.483 / 0.771 with batch 32 and
+        lr 1e-4; batch 128 with lr 4e-4 gave 0.478 / 0.774, batch 128 with lr 1e-3 stopped too
+        early (0.521 / 0.754). With max pooling the larger batches are worse (batch 128: 0.545,
         batch 256: 0.559);
-      * ``patience=10``: on pbmc3k (seed 0, dropout probabilities fitted once and passed in)
-        patience 5 stopped at epoch 17 (0.366 / 0.823, against 0.344 / 0.835 for the paper's
-        settings on the same probabilities); patience 10 gives 0.340 / 0.837 in 59 epochs.
-        ``min_delta=1e-4`` (or 0) with patience 10 gives 0.331 / 0.842 but trains 120 epochs,
-        twice as long; lr 3e-4 without warm-up: 0.354 / 0.830;
-      * ``min_frac_cells=0.01``: a gene detected in a handful of cells has noise for
+      * ``train.patience=10``: on pbmc3k (seed 0, dropout probabilities fitted once and passed
+        in) patience 5 stopped at epoch 17 (0.366 / 0.823, against 0.344 / 0.835 for the
+        paper's settings on the same probabilities); patience 10 gives 0.340 / 0.837 in 59
+        epochs. ``min_delta=1e-4`` (or 0) with patience 10 gives 0.331 / 0.842 but trains 120
+        epochs, twice as long; lr 3e-4 without warm-up: 0.354 / 0.830;
+      * ``targets.min_frac_cells=0.01``: a gene detected in a handful of cells has noise for
         correlations and its prediction is close to its mean non-zero value, written into
         every zero flagged missing. No gene of the masked protocol (detected in >= 50% of the
         cells) is affected; on pbmc3k with all genes it keeps 8,948 of the 13,443 targets of
         the scImpute model and all 442 of the ZINB model (every one detected in >= 122 cells);
-    - with ``pooling="max"``, the issue's (paper's) architecture with two max-pool +
+    - with ``module.pooling="max"``, the issue's (paper's) architecture with two max-pool +
       batch-norm blocks is used;
     - ``correlation="global"`` (default) trains one set of networks on all cells; the original
       code's per-cluster networks are ``correlation="cluster"``.
@@ -260,102 +290,109 @@ class CNNImputer(BaseImputer):
     --------
     >>> import screpair
     >>> adata = screpair.simulate.splat(n_obs=200, n_vars=100, rng=0)  # doctest: +SKIP
-    >>> screpair.impute(adata, "cnn", n_epochs=5, layer="counts")  # doctest: +SKIP
+    >>> screpair.impute(adata, "cnn", train={"n_epochs": 5}, layer="counts")  # doctest: +SKIP
     >>> adata.layers["cnn"]  # doctest: +SKIP
     """
 
     name: ClassVar[str] = "cnn"
+    _configs: ClassVar[dict[str, type]] = {
+        "module": CNNConfig,
+        "train": TrainConfig,
+        "targets": TargetConfig,
+    }
+    #: the flat parameters of earlier releases, now fields of the nested configs
+    _moved_params: ClassVar[dict[str, str]] = {
+        **dict.fromkeys(("n_filters", "kernel_size", "n_hidden", "dropout", "pooling"), "module"),
+        **dict.fromkeys(
+            ("n_epochs", "batch_size", "lr", "patience", "warmup_epochs", "min_delta",
+             "val_frac", "device", "progress"),
+            "train",
+        ),
+        **dict.fromkeys(
+            ("subset_size", "min_subsets", "n_top", "max_missing_frac", "n_ensemble",
+             "min_frac_cells"),
+            "targets",
+        ),
+    }
     #: models saved before presets existed were trained with the paper's settings
     _saved_defaults: ClassVar[dict] = {"preset": "paper"}
     transductive: ClassVar[bool] = False
     has_dropout_prob: ClassVar[bool] = True
+    #: a cell's output depends on its row and the fitted state, except through the dropout
+    #: model refitted on new data (``posterior`` on other cells than the fitted ones), which
+    #: clusters all cells together: the posterior needs all rows at once
+    posterior_by_rows: ClassVar[bool] = False
 
     def __init__(
         self,
         *,
+        module: CNNConfig | None = None,
+        train: TrainConfig | None = None,
+        targets: TargetConfig | None = None,
         threshold: float = 0.5,
         log: bool = True,
         correlation: str = "global",
         groupby: str | None = None,
         dropout_layer: str | None = None,
         dropout_model: str = "zinb",
-        subset_size: int = 512,
-        min_subsets: int = 4,
-        n_top: int = 5,
-        max_missing_frac: float = 0.5,
-        n_ensemble: int = 1,
-        n_filters: int = 16,
-        kernel_size: int = 3,
-        n_hidden: int = 1024,
-        dropout: float = 0.3,
-        n_epochs: int | None = None,
-        batch_size: int | None = None,
-        lr: float | None = None,
-        patience: int | None = None,
-        warmup_epochs: int | None = None,
-        min_delta: float | None = None,
-        pooling: str | None = None,
-        min_frac_cells: float | None = None,
         preset: str = "default",
-        val_frac: float = 0.1,
-        device: str = "auto",
-        progress: bool = True,
         cluster_kwargs: dict | None = None,
         dropout_kwargs: dict | None = None,
         rng: RNGLike = None,
+        **moved,
     ):
+        if moved:  # a flat name of earlier releases (e.g. n_epochs): say where it went
+            err = moved_params_error(type(self), moved)
+            if err is None:
+                name = next(iter(moved))
+                msg = f"{type(self).__name__}.__init__() got an unexpected keyword argument {name!r}"
+                err = TypeError(msg)
+            raise err
+        self.module = module
+        self.train = train
+        self.targets = targets
         self.threshold = threshold
         self.log = log
         self.correlation = correlation
         self.groupby = groupby
         self.dropout_layer = dropout_layer
         self.dropout_model = dropout_model
-        self.subset_size = subset_size
-        self.min_subsets = min_subsets
-        self.n_top = n_top
-        self.max_missing_frac = max_missing_frac
-        self.n_ensemble = n_ensemble
-        self.n_filters = n_filters
-        self.kernel_size = kernel_size
-        self.n_hidden = n_hidden
-        self.dropout = dropout
-        self.n_epochs = n_epochs
-        self.batch_size = batch_size
-        self.lr = lr
-        self.patience = patience
-        self.warmup_epochs = warmup_epochs
-        self.min_delta = min_delta
-        self.pooling = pooling
-        self.min_frac_cells = min_frac_cells
         self.preset = preset
-        self.val_frac = val_frac
-        self.device = device
-        self.progress = progress
         self.cluster_kwargs = cluster_kwargs
         self.dropout_kwargs = dropout_kwargs
         self.rng = rng
 
-    # ------------------------------------------------------------------ checks and inputs
-    def _p(self, name: str):
-        """Parameter ``name``: its explicit value, or the preset's when it is ``None``."""
-        value = getattr(self, name)
-        return PRESETS[self.preset][name] if value is None else value
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_fit_counts", None)  # a weak reference (a cache key) is not picklable
+        return state
 
-    def _check_params(self) -> None:
+    # ------------------------------------------------------------------ checks and inputs
+    def _config(self, name: str):
+        """The ``name`` config (``module``, ``train`` or ``targets``), resolved against the
+        preset (:func:`screpair.methods._torch.resolve_config`)."""
         if self.preset not in PRESETS:
             msg = f"preset must be one of {sorted(PRESETS)}, got {self.preset!r}."
             raise ValueError(msg)
-        if self._p("pooling") not in ("max", "average"):
-            msg = f"pooling must be 'max' or 'average', got {self.pooling!r}."
+        default = PRESETS[self.preset][name]
+        return resolve_config(self._configs[name], getattr(self, name), name=name, default=default)
+
+    def _check_params(self) -> None:
+        module, train, targets = (self._config(name) for name in self._configs)
+        if module.pooling not in ("max", "average"):
+            msg = f"module.pooling must be 'max' or 'average', got {module.pooling!r}."
             raise ValueError(msg)
-        if not 0.0 <= float(self._p("min_frac_cells")) <= 1.0:
-            msg = f"min_frac_cells must be in [0, 1], got {self.min_frac_cells!r}."
+        if not 0.0 <= float(targets.min_frac_cells) <= 1.0:
+            msg = f"targets.min_frac_cells must be in [0, 1], got {targets.min_frac_cells!r}."
             raise ValueError(msg)
-        if int(self._p("warmup_epochs")) < 0:
-            msg = f"warmup_epochs must be a non-negative integer, got {self.warmup_epochs!r}."
+        if int(train.warmup_epochs) < 0:
+            msg = (
+                "train.warmup_epochs must be a non-negative integer, got "
+                f"{train.warmup_epochs!r}."
+            )
             raise ValueError(msg)
-        if not 0.0 <= float(self._p("min_delta")) < 1.0:
-            msg = f"min_delta must be in [0, 1), got {self.min_delta!r}."
+        if not 0.0 <= float(train.min_delta) < 1.0:
+            msg = f"train.min_delta must be in [0, 1), got {train.min_delta!r}."
             raise ValueError(msg)
         if self.correlation not in ("global", "cluster"):
             msg = f"correlation must be 'global' or 'cluster', got {self.correlation!r}."
@@ -366,31 +403,49 @@ class CNNImputer(BaseImputer):
         if not 0.0 <= self.threshold < 1.0:
             msg = f"threshold must be in [0, 1), got {self.threshold!r}."
             raise ValueError(msg)
-        for name in ("subset_size", "min_subsets", "n_top", "n_ensemble", "batch_size", "n_epochs"):
-            if int(self._p(name) if name in PRESETS["paper"] else getattr(self, name)) < 1:
-                msg = f"{name} must be a positive integer, got {getattr(self, name)!r}."
+        positive = [(f"targets.{k}", getattr(targets, k))
+                    for k in ("subset_size", "min_subsets", "n_top", "n_ensemble")]
+        positive += [(f"train.{k}", getattr(train, k)) for k in ("batch_size", "n_epochs")]
+        for name, value in positive:
+            if int(value) < 1:
+                msg = f"{name} must be a positive integer, got {value!r}."
                 raise ValueError(msg)
 
-    def _obs_labels(self, data: Data) -> np.ndarray | None:
+    def _normalized(self, x, lib: np.ndarray):
+        """``log1p(CPM)`` (``log=False``: CPM) of the counts ``x`` in float32, the network's
+        scale (the scaling in float64, :mod:`screpair._norm`); CSR stays CSR."""
+        if self.log:
+            return _norm.log_normalize(x, _norm.CPM, lib, dtype=np.float32)
+        return _norm.normalize(x, _norm.CPM, lib).astype(np.float32)
+
+    def _to_counts(self, values: np.ndarray, lib: np.ndarray) -> np.ndarray:
+        """Predictions (1-D, on the network's scale) back on the count scale of the library
+        sizes ``lib`` (one per value), clipped at 0 (:func:`screpair._norm.to_counts`)."""
+        v = values[:, None]
+        if self.log:
+            return _norm.to_counts(v, lib, _norm.CPM)[:, 0]
+        return _norm.unnormalize(np.maximum(v, 0.0), lib, _norm.CPM)[:, 0]
+
+    def _obs_labels(self, ctx: DataContext) -> np.ndarray | None:
         if self.groupby is None:
             return None
-        if not isinstance(data, AnnData) or self.groupby not in data.obs:
+        if self.groupby not in ctx.obs:
             msg = f"groupby={self.groupby!r} must name a column of adata.obs."
             raise KeyError(msg)
-        return np.asarray(data.obs[self.groupby].astype(str))
+        return np.asarray(ctx.obs[self.groupby].astype(str))
 
     def _dropout(
-        self, data: Data, x, rng: np.random.Generator
+        self, x, ctx: DataContext, rng: np.random.Generator
     ) -> tuple[sp.csr_matrix, np.ndarray | None]:
         """Dropout probabilities (CSR, zero at observed non-zeros) and cluster labels."""
-        labels = self._obs_labels(data)
+        labels = self._obs_labels(ctx)
         if self.dropout_layer is not None:
-            if not isinstance(data, AnnData) or self.dropout_layer not in data.layers:
+            if self.dropout_layer not in ctx.layers:
                 msg = (
                     f"dropout_layer={self.dropout_layer!r} must name a layer of the AnnData input."
                 )
                 raise KeyError(msg)
-            prob = sp.csr_matrix(data.layers[self.dropout_layer], dtype=np.float64)
+            prob = sp.csr_matrix(ctx.layers[self.dropout_layer], dtype=np.float64)
             if prob.shape != x.shape:
                 msg = f"layer {self.dropout_layer!r} has shape {prob.shape}, counts have {x.shape}."
                 raise ValueError(msg)
@@ -416,35 +471,26 @@ class CNNImputer(BaseImputer):
         return m
 
     # ------------------------------------------------------------------ fit
-    def fit(self, data: Data, *, layer: str | None = None) -> Self:
-        """Fit the dropout model, choose targets and inputs, and train the subset networks.
-
-        Parameters
-        ----------
-        data
-            AnnData (raw counts in ``X`` or ``layers[layer]``) or a cells x genes count matrix.
-        layer
-            Layer holding the counts.
-
-        Returns
-        -------
-        ``self``.
-        """
-        self._check_params()
+    def _fit(self, x, ctx: DataContext) -> None:
+        """Fit the dropout model, choose targets and inputs, and train the subset networks on
+        the validated counts ``x`` (``fit(data, layer=...)``: AnnData with raw counts in ``X``
+        or ``layers[layer]``, or a cells x genes count matrix)."""
         torch = import_torch()
+        train = self._config("train")
         # one integer seed stands for `rng`; the dropout model (re)fitted at transform time
         # starts a fresh generator from it, so it is the same on every call and after load
         self.posterior_seed_ = fit_seed(self.rng)
         rng = as_rng(self.posterior_seed_)
-        x = get_counts(data, layer)
-        self.var_names_ = var_names(data)
         n_cells, n_genes = x.shape
-        lib = library_size(x)
-        xlog = normalize(x, lib, log=self.log)
-        prob, labels = self._dropout(data, x, rng)
+        lib = _norm.library_size(x)
+        xlog = self._normalized(x, lib)
+        prob, labels = self._dropout(x, ctx, rng)
         missing = self._missing(prob)
         self.dropout_prob_, self.labels_ = prob, labels
-        self._fit_key = _fingerprint(x)
+        # a cache key, not a fingerprint: `posterior` reuses these probabilities only for this
+        # very matrix object (impute and fit_transform pass the one they validated); other
+        # input refits the dropout model from `posterior_seed_`, which gives the same values
+        self._fit_counts = weakref.ref(x)
 
         with log_task("selecting targets and input genes", logger):
             self.groups_, self.clusters_ = self._select(xlog, missing, labels, rng)
@@ -452,24 +498,13 @@ class CNNImputer(BaseImputer):
             logger.info(
                 "cnn: no entry has dropout probability > %g; nothing to impute", self.threshold
             )
-        self._build_index()
-        self.device_ = resolve_device(self.device)
-        config = TrainConfig(
-            n_epochs=self._p("n_epochs"),
-            batch_size=self._p("batch_size"),
-            lr=self._p("lr"),
-            patience=self._p("patience"),
-            warmup_epochs=self._p("warmup_epochs"),
-            min_delta=self._p("min_delta"),
-            val_frac=self.val_frac,
-            device=self.device,
-            progress=self.progress,
-        )
+        self._build_index(n_genes)
+        self.device_ = resolve_device(train.device)
         self.module_ = self._make_module(torch_seed(rng))
         if not self.groups_:
             self.history_ = pd.DataFrame(columns=["epoch", "train_loss", "val_loss", "seconds"])
-            return self
-        train_idx, val_idx = split_cells(n_cells, self.val_frac, rng)
+            return
+        train_idx, val_idx = split_cells(n_cells, train.val_frac, rng)
         gen = torch.Generator(self.device_).manual_seed(torch_seed(rng))
         self.module_.generator = gen
         cell_cluster = self._cell_cluster(labels, n_cells)
@@ -483,12 +518,12 @@ class CNNImputer(BaseImputer):
 
         with log_task(f"training {len(self.groups_)} subset CNN(s)", logger):
             self.history_ = train_loop(
-                self.module_, loss_fn, train_idx, val_idx, config, rng, desc="cnn"
+                self.module_, loss_fn, train_idx, val_idx, train, rng, desc="cnn"
             )
         self.module_.generator = None
-        return self
 
     def _select(self, xlog, missing: sp.csr_matrix, labels, rng) -> tuple[list[Group], list[str]]:
+        cfg = self._config("targets")
         groups: list[Group] = []
         n = xlog.shape[0]
         if self.correlation == "cluster":
@@ -500,25 +535,25 @@ class CNNImputer(BaseImputer):
         else:
             clusters, parts = [], [(-1, None)]
         kw = dict(
-            subset_size=self.subset_size,
-            min_subsets=self.min_subsets,
-            n_top=self.n_top,
-            max_missing_frac=self.max_missing_frac,
+            subset_size=cfg.subset_size,
+            min_subsets=cfg.min_subsets,
+            n_top=cfg.n_top,
+            max_missing_frac=cfg.max_missing_frac,
         )
         for cid, cells in parts:
             sub_missing = missing if cells is None else missing[cells]
             n_sub = n if cells is None else len(cells)
             counts = np.bincount(sp.csr_matrix(sub_missing).indices, minlength=xlog.shape[1])
             keep = counts > 0
-            if self._p("min_frac_cells") > 0:  # rarely detected genes: their correlations are noise
+            if cfg.min_frac_cells > 0:  # rarely detected genes: their correlations are noise
                 sub = xlog if cells is None else xlog[cells]
                 detected = np.asarray((sub != 0).sum(0)).ravel()
-                keep &= detected >= self._p("min_frac_cells") * n_sub
+                keep &= detected >= cfg.min_frac_cells * n_sub
             targets = np.flatnonzero(keep)
             if not len(targets):
                 continue
             frac = counts / max(n_sub, 1)
-            for rep in range(int(self.n_ensemble)):
+            for rep in range(int(cfg.n_ensemble)):
                 groups += build_groups(
                     xlog,
                     frac,
@@ -553,10 +588,9 @@ class CNNImputer(BaseImputer):
         with torch.no_grad():
             self.module_.b2.copy_(torch.as_tensor(means[:, None, :], dtype=self.module_.b2.dtype))
 
-    def _build_index(self) -> None:
+    def _build_index(self, n_genes: int) -> None:
         """Padded index arrays: inputs (G x I) and targets (G x O); padding points at column
         ``n_genes`` (a zero column for inputs; masked out of the loss for targets)."""
-        n_genes = len(self.var_names_)
         g = len(self.groups_)
         n_in = max([_MIN_INPUTS, *(len(gr.inputs) for gr in self.groups_)])
         n_out = max([1, *(len(gr.targets) for gr in self.groups_)])
@@ -581,15 +615,16 @@ class CNNImputer(BaseImputer):
         return module.to(self.device_ if hasattr(self, "device_") else "cpu")
 
     def _new_module(self, cls, g: int, n_in: int):
+        cfg = self._config("module")
         return cls(
             max(g, 1),
             n_in,
             self.target_index_.shape[1],
-            n_filters=self.n_filters,
-            kernel_size=self.kernel_size,
-            n_hidden=self.n_hidden,
-            dropout=self.dropout,
-            pooling=self._p("pooling"),
+            n_filters=cfg.n_filters,
+            kernel_size=cfg.kernel_size,
+            n_hidden=cfg.n_hidden,
+            dropout=cfg.dropout,
+            pooling=cfg.pooling,
         )
 
     def _cell_cluster(self, labels, n_cells: int) -> np.ndarray:
@@ -639,7 +674,8 @@ class CNNImputer(BaseImputer):
         dev = self.device_
         tg_idx = torch.as_tensor(self.target_index_, device=dev)
         with torch.inference_mode(), heap_reuse():
-            for rows in row_batches(np.arange(n_cells), max(self._p("batch_size"), 256)):
+            batch = max(self._config("train").batch_size, 256)
+            for rows in row_batches(np.arange(n_cells), batch):
                 xin, _, _ = self._batch(xlog, missing, cell_cluster, rows)
                 pred = self.module_(xin)  # (B, G, O)
                 valid = (tg_idx < n_genes)[None].expand_as(pred)
@@ -659,30 +695,25 @@ class CNNImputer(BaseImputer):
                 out[rows] = mean.cpu().numpy()
         return out
 
-    def posterior(self, data: Data, *, layer: str | None = None) -> Posterior:
+
+    def _posterior(self, x, ctx: DataContext) -> Posterior:
         """Imputed counts: predictions at the missing entries, the input everywhere else.
 
-        Parameters
-        ----------
-        data
-            Cells x genes counts with the genes of the fitted model (same order).
-        layer
-            Layer holding the counts.
+        ``posterior(data, layer=...)`` takes cells x genes counts with the genes of the fitted
+        model (same order).
 
         Returns
         -------
         :class:`~screpair.methods.Posterior` with ``mean`` (dense float64, count scale) and
         ``dropout_prob`` (CSR).
         """
-        self._check_fitted("module_")
-        check_var_names(self.var_names_, data)
-        x = get_counts(data, layer)
-        lib = library_size(x)
-        xlog = normalize(x, lib, log=self.log)
-        if _fingerprint(x) == self._fit_key and self.dropout_layer is None:
-            prob, labels = self.dropout_prob_, self.labels_
+        lib = _norm.library_size(x)
+        xlog = self._normalized(x, lib)
+        fitted = getattr(self, "_fit_counts", None)
+        if self.dropout_layer is None and fitted is not None and fitted() is x:
+            prob, labels = self.dropout_prob_, self.labels_  # the fit's, for the same matrix
         else:
-            prob, labels = self._dropout(data, x, as_rng(self.posterior_seed_))
+            prob, labels = self._dropout(x, ctx, as_rng(self.posterior_seed_))
         missing = self._missing(prob)
         cell_cluster = (
             self._cell_cluster(labels, x.shape[0])
@@ -696,10 +727,7 @@ class CNNImputer(BaseImputer):
         vals = pred[m.row, m.col]
         ok = np.isfinite(vals)
         r, c = m.row[ok], m.col[ok]
-        if self.log:
-            mean[r, c] = np.expm1(np.maximum(vals[ok], 0.0)) * lib[r] / _SCALE
-        else:
-            mean[r, c] = np.maximum(vals[ok], 0.0) * lib[r] / _SCALE
+        mean[r, c] = self._to_counts(vals[ok], lib[r])
         return Posterior(mean=mean, dropout_prob=prob)
 
     # ------------------------------------------------------------------ persistence
@@ -707,8 +735,11 @@ class CNNImputer(BaseImputer):
         """Write ``config.json`` (parameters, genes, seed, history) and ``weights.pt`` (network,
         subsets) into directory ``path``, atomically (:func:`screpair.methods._torch.save_model`).
 
-        A ``Generator`` ``rng`` is saved as null: ``posterior_seed_`` carries the fitted model's
-        randomness, so the loaded model's output is bit-identical (on the same device).
+        The configs are saved resolved, every field explicit (a later change of the defaults
+        or the presets does not change what a saved model computes), ``None`` as null, nested
+        configs as nested objects (:func:`screpair.methods._torch.params_json`). A ``Generator``
+        ``rng`` is saved as null: ``posterior_seed_`` carries the fitted model's randomness, so
+        the loaded model's output is bit-identical (on the same device).
         """
         self._check_fitted("module_")
         torch = import_torch()
@@ -717,15 +748,9 @@ class CNNImputer(BaseImputer):
         state["_index.inputs"] = torch.as_tensor(self.input_index_)
         state["_index.targets"] = torch.as_tensor(self.target_index_)
         state["_index.cluster"] = torch.as_tensor(self.group_cluster_)
-        params = self.get_params(deep=False)
-        # the preset's values are saved as explicit values: a later change of the defaults
-        # must not change what a saved model computes
-        params.update({k: self._p(k) for k in PRESETS[self.preset]})
-        if not isinstance(params["rng"], (int, np.integer)):
-            params["rng"] = None
         save_model(
             path,
-            config=json_config(params),
+            config=params_json(self),
             state_dict=state,
             var_names=self.var_names_,
             extra={
@@ -738,11 +763,15 @@ class CNNImputer(BaseImputer):
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: str | None = None) -> CNNImputer:
-        """Load a model written by :meth:`save` (``device`` overrides the saved one).
+        """Load a model written by :meth:`save` (``device`` overrides the saved
+        ``train.device``).
 
-        The saved parameters go through the same checks as in ``fit`` (names, types, ranges),
-        the weights are checked against them, and a model saved by a newer screpair is refused:
-        each problem is a one-line ``ValueError`` naming the file.
+        The saved parameters go through the same checks as in ``fit`` (names, types, ranges;
+        nested configs resolved as a dict of settings is), the weights are checked against
+        them, and a model saved by a newer screpair is refused: each problem is a one-line
+        ``ValueError`` naming the file. Models saved by earlier releases, with flat parameters
+        (``n_epochs``, ``pooling``, ...) and without a preset (then the paper's), load into the
+        nested configs and compute what they did.
         """
         meta, state = load_model(path)
         cfg_file, wts_file = Path(path) / "config.json", Path(path) / "weights.pt"
@@ -750,11 +779,9 @@ class CNNImputer(BaseImputer):
         if extra.get("class", cls.__name__) != cls.__name__:
             what = f"it holds a {extra['class']!r} model, not a {cls.__name__}"
             raise model_error(cfg_file, what)
-        params = saved_params(cls, meta, cfg_file)
-        if device is not None:
-            params["device"] = device
-        est = cls(**params)
-        check_loaded(est, est._check_params, cfg_file)
+        est = saved_estimator(
+            cls, meta, cfg_file, train=None if device is None else {"device": device}
+        )
         est.var_names_ = pd.Index(meta["var_names"])
         n_genes = len(est.var_names_)
         inputs = tensor_entry(state, "_index.inputs", wts_file, shape=(None, None))
@@ -786,10 +813,10 @@ class CNNImputer(BaseImputer):
         except (ValueError, TypeError) as e:
             raise model_error(cfg_file, f"'extra.history' is not a table ({e})") from None
         est.posterior_seed_ = saved_seed(extra, est.rng, cfg_file)
-        est.device_ = resolve_device(est.device)
+        est.device_ = resolve_device(est._config("train").device)
         est.module_ = est._make_module(0)
         load_state(est.module_, state, wts_file)
         est.module_.eval()
-        est._fit_key = None
+        est._fit_counts = None
         est.dropout_prob_, est.labels_ = None, None
         return est
