@@ -73,10 +73,11 @@ def run_cnn(args) -> dict:
     phases = _Phases()
     adata = ad.read_h5ad(DATA)
     t0 = time.perf_counter()
-    kw = {"n_epochs": args.cnn_epochs} if args.cnn_epochs else {}
-    if args.dropout_model:
-        kw["dropout_model"] = args.dropout_model
-    est = CNNImputer(rng=0, progress=args.progress, device="cpu", preset=args.preset, **kw)
+    train = {"progress": args.progress, "device": "cpu"}
+    if args.cnn_epochs:
+        train["n_epochs"] = args.cnn_epochs
+    kw = {"dropout_model": args.dropout_model} if args.dropout_model else {}
+    est = CNNImputer(rng=0, train=train, preset=args.preset, **kw)
     est.fit(adata)
     t_fit = time.perf_counter() - t0
     est.transform(adata)

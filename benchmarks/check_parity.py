@@ -23,7 +23,8 @@ the repository (e.g. under /tmp).
 
 Parameters that a later commit may change the default of are passed explicitly (the dropout
 model of ``cnn`` and ``dropout_probability``), and only when the running version has them, so the
-same script runs before and after.
+same script runs before and after; ``cnn``'s settings are passed nested (``module`` / ``train`` /
+``targets``) when the running version has those configs, else flat.
 """
 
 from __future__ import annotations
@@ -47,15 +48,12 @@ TINY_DIFFUSION = {
 }
 TINY_AE = {"hidden": 64, "latent": 8, "dropout": 0.1, "kl_weight": 0.1}
 TINY_PAIRS = {"n_top_genes": 60, "n_views": 2}
+#: cnn's settings in nested form (module / train / targets, each updating the preset's config);
+#: versions before the nested configs take the same values flat (``_flat_cnn``)
 TINY_CNN = {
-    "n_hidden": 16,
-    "n_epochs": 2,
-    "batch_size": 32,
-    "lr": 1e-3,
-    "subset_size": 32,
-    "min_subsets": 1,
-    "progress": False,
-    "device": "cpu",
+    "module": {"n_hidden": 16},
+    "train": {"n_epochs": 2, "batch_size": 32, "lr": 1e-3, "progress": False, "device": "cpu"},
+    "targets": {"subset_size": 32, "min_subsets": 1},
 }
 SEED = 0
 
@@ -110,7 +108,10 @@ def method_params(method: str) -> dict:
     if method in ("dae", "vae"):
         return {"module": TINY_AE, "train": TINY_TRAIN, "pairs": TINY_PAIRS}
     if method == "cnn":
-        params = dict(TINY_CNN)
+        if _accepts(cls, "train"):  # nested configs
+            params = {k: dict(v) for k, v in TINY_CNN.items()}
+        else:  # the flat parameters of earlier versions: the same settings
+            params = {k: v for section in TINY_CNN.values() for k, v in section.items()}
         if _accepts(cls, "dropout_model"):
             params["dropout_model"] = "scimpute"
         return params

@@ -66,7 +66,8 @@ def run_one(name: str, seed: int, params: dict) -> dict:
     proto, task = masked_task(ad.read_h5ad(DATA / DATASETS[name]), seed)
     masked, mask = task.adata, task.truth["mask"]
     t0 = time.perf_counter()
-    est = CNNImputer(rng=seed, progress=False, **params).fit(masked)
+    train = {**params.get("train", {}), "progress": False}
+    est = CNNImputer(rng=seed, **{**params, "train": train}).fit(masked)
     post = est.posterior(masked)
     secs = time.perf_counter() - t0
     res = proto.score(task, post.mean)
@@ -139,7 +140,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datasets", default=",".join(DATASETS))
     p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--params", default="{}", help="JSON dict of CNNImputer parameters")
+    p.add_argument("--params", default="{}",
+                   help='JSON dict of CNNImputer parameters, e.g. \'{"train": {"n_epochs": 50}}\'')
     p.add_argument("--write", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", default=str(Path(__file__).with_name("cnn_masked_results.md")))
     p.add_argument("--jsonl", help="append each run's row to this file as it finishes")

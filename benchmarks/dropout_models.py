@@ -80,7 +80,7 @@ def main() -> None:
         name = f"cnn_{model}"
         res = run_benchmark(data, ["cnn"], protocols, seeds, plots=False, progress=False,
                             method_params={"cnn": {**MODELS[model],
-                                                   "n_epochs": args.n_epochs}})
+                                                   "train": {"n_epochs": args.n_epochs}}})
         calib.append(pd.DataFrame(res.attrs["calibration"]).assign(method=name))
         parts.append(res.assign(method=name))
         out = pd.concat([r.assign() for r in parts], ignore_index=True)

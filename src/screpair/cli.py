@@ -142,7 +142,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _load_config(path: str | None) -> dict:
-    """Method parameters from a JSON or TOML file (flags given on the command line win)."""
+    """Method parameters from a JSON or TOML file (flags given on the command line win).
+
+    A nested table (``{"train": {"lr": 3e-4}}``) is passed on as a dict, which a method with
+    config parameters reads as "its default config with these fields changed"
+    (:func:`screpair.methods._torch.resolve_config`).
+    """
     if not path:
         return {}
     p = Path(path)
@@ -188,7 +193,9 @@ def _add_impute(sub) -> None:
     p.add_argument("--layer", default=None, help="layer holding raw counts (default: X)")
     p.add_argument("--key-added", default=None, help="name of the output layer (default: method)")
     p.add_argument("--seed", type=_seed, default=0, help="random seed")
-    p.add_argument("--config", default=None, help="JSON/TOML file of method parameters")
+    p.add_argument("--config", default=None,
+                   help='JSON/TOML file of method parameters; a nested table updates a config of '
+                        'the method, e.g. {"train": {"lr": 3e-4}}')
     p.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None,
                    help="text input: cells in rows (--transpose) or genes in rows (--no-transpose); default: auto")
     _overwrite(p)
