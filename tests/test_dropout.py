@@ -252,8 +252,6 @@ def test_fit_dropout_prob_lives_on_zeros_only(array_type):
     expected = fit.zero_prob[fit.cell_cluster][zeros]
     np.testing.assert_allclose(dense[zeros], expected, rtol=1e-6)  # float32 storage
     assert np.all((dense >= 0) & (dense <= 1))
-    miss = fit.missing(0.5).toarray()
-    np.testing.assert_array_equal(miss, dense > 0.5)
 
 
 def test_fit_dropout_validity_rules_and_fill(monkeypatch):

@@ -1,6 +1,8 @@
 """Cell clustering and dropout probabilities (cnnImpute steps 1-2).
 
-- :func:`cluster_cells` / :func:`cluster`: log2(CPM+1), 3-D t-SNE, ADPclust centres, k-means;
+- :func:`cluster_cells` / :func:`cluster`: log2 normalized counts (:func:`log_cpm`; by default
+  1e4 per cell, 2,000 HVGs scaled to unit variance), PCA (10 PCs), 3-D t-SNE, ADPclust centres,
+  k-means;
 - :func:`fit_zinb_dropout` (the default of :func:`dropout_probability`): a zero-inflated negative
   binomial per gene and cluster with size factors and a logistic dropout curve on the log expected
   count (optionally noisy-OR a per-gene zero inflation, ``inflation="gene"``), fitted by a

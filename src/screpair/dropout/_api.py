@@ -38,7 +38,7 @@ def cluster(
     scale: bool = True,
     n_jobs: int = 1,
 ) -> AnnData | None:
-    """Cluster cells as cnnImpute does (log2 CPM, 3-D t-SNE, ADPclust, k-means).
+    """Cluster cells as cnnImpute does (log2 normalized counts, PCA, 3-D t-SNE, ADPclust, k-means).
 
     See :func:`screpair.dropout.cluster_cells` for the method.
 
@@ -195,7 +195,7 @@ def dropout_probability(
         gene and cluster; see :func:`screpair.dropout.fit_zinb_dropout`).
     **cluster_kwargs
         Passed to :func:`cluster` (``perplexity``, ``n_clusters``, ``n_pcs``, ``target_sum``,
-        ``n_jobs``).
+        ``n_top_genes``, ``scale``, ``n_jobs``).
 
     Returns
     -------

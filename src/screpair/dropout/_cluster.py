@@ -1,4 +1,4 @@
-"""Cell clustering of cnnImpute: log2(CPM + 1), 3-D t-SNE, ADPclust centres, then k-means.
+"""Cell clustering of cnnImpute: log2 normalized counts, PCA, 3-D t-SNE, ADPclust, k-means.
 
 cnnImpute (Zhang et al. 2024) labels cells before estimating dropout probabilities::
 
@@ -11,9 +11,13 @@ This module does the same in Python, with one documented change to the preproces
 (1e4 scaling, 2,000 highly-variable genes, unit-variance genes, 10 PCs; see
 :func:`cluster_cells`, whose parameters restore cnnImpute's exact input):
 
+- **input**: ``log2(x / L * target_sum + 1)`` (:func:`screpair._norm.log_normalize`) of the
+  ``n_top_genes`` highly-variable genes, each scaled to unit variance (``scale=True``); cnnImpute
+  takes ``log2(CPM + 1)`` of every gene, unscaled.
 - **t-SNE**: Rtsne first reduces the data to 50 principal components (its default
-  ``pca = TRUE, initial_dims = 50``); so do we (centred, not scaled; randomized PCA on a dense
-  float32 copy up to 2.5e8 entries, ARPACK on the sparse matrix beyond). The 3-D
+  ``pca = TRUE, initial_dims = 50``, centred, not scaled); we keep ``n_pcs`` (10 by default,
+  cnnImpute: 50) centred components (randomized PCA on a dense float32 copy up to 2.5e8 entries,
+  ARPACK on the sparse matrix beyond, which only unscaled input can reach). The 3-D
   embedding is computed by openTSNE's Barnes-Hut solver (its FFT solver is 2-D only) from exact
   nearest neighbours (``3 * perplexity`` of them), with openTSNE's defaults otherwise (PCA
   initialisation, 250 early-exaggeration + 500 iterations; Rtsne runs 1000 in all).
@@ -92,9 +96,10 @@ def log_cpm(
     """``log_base(x / L * target_sum + pseudocount)`` per cell: ``log2(CPM + 1)`` by default, the
     t-SNE input of cnnImpute.
 
-    The scaling is :func:`screpair._norm.normalize` (``target_sum=None``: the median of the positive
-    library sizes) and, for ``pseudocount == 1``, the log is :func:`screpair._norm.log1p` in ``base``,
-    so this is ``_norm.log_normalize(x, target_sum, base=base)`` (sparse input stays CSR). Another
+    The scaling is :func:`screpair._norm.normalize` (``target_sum=None``: the median of the
+    positive library sizes) and, for ``pseudocount == 1``, the log is
+    :func:`screpair._norm.log1p` in ``base``, so this is
+    ``_norm.log_normalize(x, target_sum, base=base)`` (sparse input stays CSR). Another
     pseudocount gives a dense ``log(x' + pseudocount) / log(base)``. Cells without counts stay all
     zero.
     """
@@ -314,7 +319,7 @@ def cluster_cells(
     scale: bool = True,
     n_jobs: int = 1,
 ) -> ClusterResult:
-    """Cluster cells as cnnImpute does: log2(CPM+1) → PCA → 3-D t-SNE → ADPclust → k-means.
+    """Cluster cells as cnnImpute does: log2 normalized → PCA → 3-D t-SNE → ADPclust → k-means.
 
     Parameters
     ----------
@@ -343,6 +348,12 @@ def cluster_cells(
     scale
         Scale each gene to unit variance (clipped at 10 sd) before PCA, as scanpy/Seurat do;
         cnnImpute does not.
+    n_jobs
+        Threads for t-SNE (results do not depend on it).
+
+    Returns
+    -------
+    :class:`ClusterResult`.
 
     Notes
     -----
@@ -353,12 +364,6 @@ def cluster_cells(
     0.98-0.99 over seeds 0-2). On Baron mouse pancreas (13 types) the ARI is 0.75 with the
     defaults and 0.59 with cnnImpute's preprocessing.
     t-SNE, ADPclust and k-means are unchanged.
-    n_jobs
-        Threads for t-SNE (results do not depend on it).
-
-    Returns
-    -------
-    :class:`ClusterResult`.
     """
     x = get_counts(x, warn_empty=False)
     n = x.shape[0]
@@ -367,7 +372,8 @@ def cluster_cells(
         raise ValueError(msg)
     gen = as_rng(rng)
     seed_pca, seed_tsne, seed_km = (int(s) for s in gen.integers(0, 2**31 - 1, size=3))
-    with log_task(f"clustering {n} cells (log2 CPM, PCA, 3-D t-SNE, ADPclust, k-means)", logger):
+    with log_task(f"clustering {n} cells (log2 normalized, PCA, 3-D t-SNE, ADPclust, k-means)",
+                  logger):
         with log_task("log2 normalized + PCA", logger):
             y = _norm.log_normalize(x, target_sum, base=2.0)
             if n_top_genes is not None and n_top_genes < y.shape[1]:

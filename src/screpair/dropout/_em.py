@@ -444,13 +444,6 @@ class DropoutFit:
     cell_cluster: np.ndarray
     params: dict = field(default_factory=dict)
 
-    def missing(self, threshold: float = 0.5) -> sp.csr_matrix:
-        """Boolean CSR of the entries whose dropout probability exceeds ``threshold``."""
-        p = self.prob.copy()
-        p.data = p.data > threshold
-        p.eliminate_zeros()
-        return p.astype(bool)
-
     def status_counts(self) -> dict[str, int]:
         """Number of (cluster, gene) units in each status."""
         counts = np.bincount(self.status.ravel(), minlength=len(STATUS))

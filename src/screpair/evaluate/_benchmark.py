@@ -98,8 +98,8 @@ class PeakMemory:
 # --------------------------------------------------------------------------- methods
 def make_method(name: str, *, rng: int = 0, params: Mapping | None = None,
                 progress: bool = True):
-    """Estimator for a benchmark method: a peer/baseline (``raw``, ``gene_mean``, ``magic``,
-    ``scvi``) or any name in the screpair method registry. ``progress=False`` turns off the
+    """Estimator for a benchmark method: a peer/baseline (``raw``, ``gene_mean``, ``cqn``,
+    ``magic``, ``scvi``) or any name in the screpair method registry. ``progress=False`` turns off the
     method's own progress bars (``progress`` parameter or ``train`` settings) unless ``params``
     sets them."""
     from ..methods import make_estimator

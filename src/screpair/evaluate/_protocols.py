@@ -173,8 +173,8 @@ class MCV(Protocol):
 
         x = self._counts(adata)
         base = _clean(x, adata.obs, adata.var)
-        train, test = _mcv_pair(simulate.mcv_split(base, train_frac=self.train_frac,
-                                                   rng=as_rng(rng)))
+        split = simulate.mcv_split(base, train_frac=self.train_frac, rng=as_rng(rng))
+        train, test = (sp.csr_matrix(half.X) for half in split)
         cells, genes = _nonempty_index(train)
         train, test = train[cells][:, genes], test[cells][:, genes]
         sub = _clean(train, adata.obs.iloc[cells], adata.var.iloc[genes])
@@ -189,16 +189,6 @@ class MCV(Protocol):
                                              order="mcv"),
             "zeros_imputed": M.zeros_imputed(task.adata.X, imputed),
         }
-
-
-def _mcv_pair(out) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """(train, test) CSR counts from whatever :func:`screpair.simulate.mcv_split` returns."""
-    if isinstance(out, tuple):
-        a, b = out
-        a = a.X if isinstance(a, AnnData) else a
-        b = b.X if isinstance(b, AnnData) else b
-        return sp.csr_matrix(a), sp.csr_matrix(b)
-    return sp.csr_matrix(out.layers["train"]), sp.csr_matrix(out.layers["test"])
 
 
 # --------------------------------------------------------------------------- labelled data
@@ -544,8 +534,7 @@ class Degrade(_Labelled):
         else:
             base = _clean(x, adata.obs, adata.var)
         deg = simulate.degrade(base, rng=gen, **self.degrade_params)
-        deg = deg if isinstance(deg, AnnData) else deg.adata
-        damaged = sp.csr_matrix(deg.layers["counts"] if "counts" in deg.layers else deg.X)
+        damaged = sp.csr_matrix(deg.layers["counts"])
         truth = sp.csr_matrix(deg.layers["true_counts"])
         cells, genes = _nonempty_index(damaged)
         damaged, truth = damaged[cells][:, genes], truth[cells][:, genes]
