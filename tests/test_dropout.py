@@ -409,6 +409,33 @@ def test_dropout_probability_errors():
         dropout_probability(ad.X, groupby="group")
 
 
+def test_dropout_probability_needs_overwrite_for_existing_uns(monkeypatch):
+    # an existing uns[key_added] (e.g. a result whose layer was deleted) is refused before any
+    # fit, with nothing written; overwrite=True replaces it
+    import screpair.dropout._api as api
+
+    ad = _adata(np.random.default_rng(15))
+    ad.uns["dp"] = {"mine": 1}
+    before = ad.copy()
+
+    def no_fit(*args, **kwargs):
+        msg = "fitted before the output keys were checked"
+        raise AssertionError(msg)
+
+    with monkeypatch.context() as m:
+        m.setattr(api, "fit_zinb_dropout", no_fit)
+        m.setattr(api, "fit_dropout", no_fit)
+        for model in api.DROPOUT_MODELS:
+            with pytest.raises(ValueError, match=r"uns\['dp'\] already exists.*overwrite=True"):
+                dropout_probability(ad, groupby="group", key_added="dp", model=model)
+    assert ad.uns["dp"] == {"mine": 1} and set(ad.layers) == set(before.layers)
+    assert set(ad.varm) == set(before.varm) and list(ad.var.columns) == list(before.var.columns)
+    dropout_probability(ad, groupby="group", key_added="dp", overwrite=True)
+    assert ad.uns["dp"]["model"] == "zinb" and "dp" in ad.layers
+    with pytest.raises(ValueError, match=r"layers\['dp'\] already exists"):  # a second run
+        dropout_probability(ad, groupby="group", key_added="dp")
+
+
 def test_dropout_probability_clusters_when_no_groupby(tmp_path):
     import anndata
 

@@ -83,8 +83,9 @@ def cluster(
 
     Examples
     --------
-    >>> from screpair import simulate, dropout
+    >>> from screpair import dropout, pp, simulate
     >>> sim = simulate.splat(n_obs=60, n_vars=200, group_prob=(0.5, 0.5), de_prob=0.3, rng=0)
+    >>> pp.filter_genes(sim, min_cells=1)  # drop genes without counts (else a warning)
     >>> dropout.cluster(sim, rng=0)
     >>> sim.obsm["X_tsne"].shape
     (60, 3)
@@ -177,7 +178,8 @@ def dropout_probability(
     copy
         Return a modified copy instead of writing into ``adata``.
     overwrite
-        Allow ``layers[key_added]`` to replace an existing layer (never the input ``layer``).
+        Allow ``layers[key_added]`` and ``uns[key_added]`` to replace existing entries (the
+        layer is never the input ``layer``).
     rng
         Seed or Generator for the clustering.
     cluster_key
@@ -218,11 +220,12 @@ def dropout_probability(
 
     Examples
     --------
-    >>> from screpair import simulate, dropout
+    >>> from screpair import dropout, pp, simulate
     >>> sim = simulate.splat(n_obs=60, n_vars=200, group_prob=(0.5, 0.5), rng=0)
+    >>> pp.filter_genes(sim, min_cells=1)  # drop genes without counts (else a warning)
     >>> dropout.dropout_probability(sim, groupby="group")
     >>> sim.layers["dropout_prob"].shape
-    (60, 200)
+    (60, 199)
     >>> dropout.dropout_probability(sim, groupby="group", model="scimpute", key_added="dp_sci")
     >>> sim.uns["dp_sci"]["model"]
     'scimpute'
@@ -232,6 +235,12 @@ def dropout_probability(
 
     adata = prepare_adata(adata, copy, "dropout_probability")
     check_output_keys(adata, [key_added], layer=layer, overwrite=overwrite)
+    if key_added in adata.uns and not overwrite:
+        msg = (
+            f"uns[{key_added!r}] already exists and would be replaced; choose another key_added "
+            "or pass overwrite=True (CLI: --overwrite)."
+        )
+        raise ValueError(msg)
     if not 0.0 <= threshold <= 1.0:
         msg = f"threshold must be in [0, 1], got {threshold}."
         raise ValueError(msg)
