@@ -202,12 +202,6 @@ def test_make_method_quiet_turns_off_epoch_bars():
     assert ev.make_method("knn", progress=False).get_params() == ev.make_method("knn").get_params()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evaluate._benchmark._quiet sets train=TrainConfig(progress=False) when train is None, "
-    "which replaces cnn's preset training settings by TrainConfig's defaults; it should set "
-    "train={'progress': False} (a dict updates each method's own defaults)",
-)
 def test_make_method_quiet_keeps_cnn_preset_training():
     import dataclasses
 

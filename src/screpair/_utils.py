@@ -125,22 +125,32 @@ def check_not_input_layer(key: str | None, layer: str | None, what: str = "key_a
 
 
 def check_output_keys(
-    adata: AnnData, keys: list[str], *, layer: str | None, overwrite: bool, what: str = "key_added"
+    adata: AnnData,
+    keys: list[str],
+    *,
+    layer: str | None,
+    overwrite: bool,
+    what: str = "key_added",
+    uns: tuple[str, ...] = (),
 ) -> None:
     """Refuse output layer names that would replace the input counts or an existing layer.
 
-    ``keys`` are the layers a function is about to write. With ``overwrite=True`` existing layers
-    may be replaced, but never the layer the counts are read from.
+    ``keys`` are the layers a function is about to write, ``uns`` its ``uns`` entries. With
+    ``overwrite=True`` existing entries may be replaced, but never the layer the counts are read
+    from.
     """
     for key in keys:
         check_layer_name(key, what)
         check_not_input_layer(key, layer, what)
-        if key in adata.layers and not overwrite:
-            msg = (
-                f"layers[{key!r}] already exists and would be replaced; choose another {what} "
-                "or pass overwrite=True (CLI: --overwrite)."
-            )
-            raise ValueError(msg)
+    taken = [("layers", k) for k in keys if k in adata.layers]
+    taken += [("uns", k) for k in uns if k in adata.uns]
+    if taken and not overwrite:
+        slot, key = taken[0]
+        msg = (
+            f"{slot}[{key!r}] already exists and would be replaced; choose another {what} "
+            "or pass overwrite=True (CLI: --overwrite)."
+        )
+        raise ValueError(msg)
 
 
 def _values(x) -> np.ndarray:

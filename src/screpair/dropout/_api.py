@@ -234,13 +234,7 @@ def dropout_probability(
     from .._utils import jsonable
 
     adata = prepare_adata(adata, copy, "dropout_probability")
-    check_output_keys(adata, [key_added], layer=layer, overwrite=overwrite)
-    if key_added in adata.uns and not overwrite:
-        msg = (
-            f"uns[{key_added!r}] already exists and would be replaced; choose another key_added "
-            "or pass overwrite=True (CLI: --overwrite)."
-        )
-        raise ValueError(msg)
+    check_output_keys(adata, [key_added], layer=layer, overwrite=overwrite, uns=(key_added,))
     if not 0.0 <= threshold <= 1.0:
         msg = f"threshold must be in [0, 1], got {threshold}."
         raise ValueError(msg)

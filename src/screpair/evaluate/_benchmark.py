@@ -115,7 +115,11 @@ def make_method(name: str, *, rng: int = 0, params: Mapping | None = None,
 
 
 def _quiet(est, params: Mapping) -> None:
-    """Switch off an estimator's epoch bars where the user did not ask for them."""
+    """Switch off an estimator's epoch bars where the user did not ask for them.
+
+    A ``train`` config given as a dict updates the method's own default (for cnn: its preset's
+    training settings), so only ``progress`` changes.
+    """
     import dataclasses
 
     own = est.get_params(deep=False)
@@ -123,9 +127,7 @@ def _quiet(est, params: Mapping) -> None:
         est.set_params(progress=False)
     train = own.get("train", False)
     if train is None:
-        from ..methods import TrainConfig
-
-        est.set_params(train=TrainConfig(progress=False))
+        est.set_params(train={"progress": False})
     elif dataclasses.is_dataclass(train):
         est.set_params(train=dataclasses.replace(train, progress=False))
     elif isinstance(train, Mapping) and "progress" not in train:

@@ -221,13 +221,7 @@ def impute(
         outputs.append(f"{key}_var")
     if est.has_dropout_prob and getattr(est, "dropout_layer", None) != "dropout_prob":
         outputs.append("dropout_prob")
-    check_output_keys(adata, outputs, layer=layer, overwrite=overwrite)
-    if key in adata.uns and not overwrite:
-        msg = (
-            f"uns[{key!r}] already exists and would be replaced; choose another key_added or pass "
-            "overwrite=True (CLI: --overwrite)."
-        )
-        raise ValueError(msg)
+    check_output_keys(adata, outputs, layer=layer, overwrite=overwrite, uns=(key,))
     adata = prepare_adata(adata, copy, "impute")
 
     x = get_counts(adata, layer)
