@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "_logging": 0,
     "_utils": 0,
     "_norm": 0,
+    "_chunks": 0,
     "io": 0,
     "datasets": 0,
     "pp": 1,

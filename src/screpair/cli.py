@@ -73,45 +73,17 @@ def _trust(p: argparse.ArgumentParser) -> None:
                         "rounded normalized values (integers are still required)")
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return os.path.realpath(a) == os.path.realpath(b)
-
-
 def _check_output(path: str, *, inputs: Sequence[str] = (), overwrite: bool = False,
                   h5ad_only: bool = False) -> Path:
-    """Check an output path before any work: extension, directory, not the input, not existing."""
-    from .io import output_format
+    """Check an output path before any work (:func:`screpair.io.check_output_path`)."""
+    from .io import check_output_path
 
-    out = Path(path).expanduser()
-    if output_format(out)[0] != "h5ad" and h5ad_only:
-        msg = f"output '{path}' must be an .h5ad file."
-        raise CLIError(msg)
-    if out.is_dir():
-        msg = f"output '{path}' is a directory; give a file name such as '{out / 'out.h5ad'}'."
-        raise CLIError(msg)
-    parent = Path(os.path.realpath(out)).parent
-    if not parent.is_dir():
-        msg = f"cannot write '{path}': directory '{parent}' does not exist."
-        raise CLIError(msg)
-    if not os.access(parent, os.W_OK | os.X_OK):
-        msg = f"cannot write '{path}': directory '{parent}' is not writable."
-        raise CLIError(msg)
-    for inp in inputs:
-        if out.exists() and _same_file(Path(inp).expanduser(), out):
-            if not overwrite:
-                msg = (
-                    f"output '{path}' is the input file; it would be replaced. Write to another "
-                    "file, or pass --overwrite (written to a temporary file, then renamed)."
-                )
-                raise CLIError(msg)
-            return out
-    if out.exists() and not overwrite:
-        msg = f"output '{path}' already exists; pass --overwrite to replace it."
-        raise CLIError(msg)
-    return out
+    try:
+        return check_output_path(path, inputs=inputs, overwrite=overwrite,
+                                 formats=("h5ad",) if h5ad_only else None,
+                                 overwrite_hint="--overwrite")
+    except (ValueError, FileExistsError, FileNotFoundError, PermissionError) as e:
+        raise CLIError(str(e)) from None
 
 
 def _check_name(value: str | None, flag: str) -> None:

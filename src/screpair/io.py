@@ -29,7 +29,7 @@ from anndata import AnnData
 from ._logging import get_logger
 from ._utils import interrupt_guard
 
-__all__ = ["read", "write"]
+__all__ = ["check_output_path", "read", "write"]
 
 logger = get_logger(__name__)
 
@@ -52,7 +52,7 @@ _FLOAT32_EXACT = 2**24
 # --------------------------------------------------------------------------------------------
 
 
-def read(path: PathLike, *, transpose: bool | None = None) -> AnnData:
+def read(path: PathLike, *, transpose: bool | None = None, backed: bool = False) -> AnnData:
     """Read a count matrix as an AnnData of raw counts (cells x genes, CSR ``X``).
 
     The format is taken from the path:
@@ -66,6 +66,14 @@ def read(path: PathLike, *, transpose: bool | None = None) -> AnnData:
     - a 10x Cell Ranger ``.h5`` (v2: one group per genome; v3: a ``matrix`` group).
     - ``.csv``, ``.tsv``, ``.txt`` (optionally ``.gz``): a labelled table with names in the first
       column and in the header, genes x cells (the cnnImpute/SAVER/scImpute layout) or cells x genes.
+    - a ``.zarr`` AnnData store (:func:`anndata.read_zarr`).
+
+    With ``backed=True`` (``.h5ad`` and ``.zarr`` only) ``X`` stays on disk: an ``.h5ad`` is opened
+    with ``anndata.read_h5ad(path, backed="r")`` (anndata reads its layers into memory), a
+    ``.zarr`` store as an AnnData whose ``X`` is an :func:`anndata.io.sparse_dataset` (or the dense
+    zarr array) and whose other slots are ``obs`` and ``var`` only. Nothing is converted: ``X``
+    keeps its stored format. For files larger than memory, :func:`screpair.impute_file` reads
+    blocks of cells from the file itself (any layer, by rows).
 
     For 10x input, ``var_names`` are the gene symbols, ``var['gene_ids']`` the feature IDs and
     ``var['feature_types']`` the feature type where the file has one; when a v3 file holds
@@ -77,6 +85,8 @@ def read(path: PathLike, *, transpose: bool | None = None) -> AnnData:
     ----------
     path
         File or 10x directory.
+    backed
+        Keep ``X`` on disk (``.h5ad`` and ``.zarr``; read-only).
     transpose
         Text input only. ``False``: rows are genes and columns are cells; ``True``: rows are cells
         and columns are genes; ``None`` (default): decide from the labels (a first-column header
@@ -122,8 +132,12 @@ def read(path: PathLike, *, transpose: bool | None = None) -> AnnData:
         )
         raise ValueError(msg)
 
+    if backed:
+        return _read_backed(path, fmt)
     notes: list[str] = []
     table = None
+    if fmt == "zarr":
+        return _read_zarr(path)
     if fmt == "10x_mtx":
         table = _read_10x_mtx(path if path.is_dir() else path.parent, mtx_prefix)
     elif fmt in ("10x_h5", "h5ad"):
@@ -186,7 +200,7 @@ def write(adata: AnnData, path: PathLike, *, layer: str | None = None) -> None:
         msg = f"write() needs an AnnData, got {type(adata).__name__}."
         raise TypeError(msg)
     path = Path(os.path.realpath(Path(path).expanduser()))  # through a link: replace its target
-    if path.is_dir():
+    if path.is_dir() and not path.name.lower().endswith(".zarr"):
         msg = f"'{path}' is a directory; give a file name such as '{path / 'out.h5ad'}'."
         raise IsADirectoryError(msg)
     fmt, suffix = output_format(path)
@@ -194,12 +208,19 @@ def write(adata: AnnData, path: PathLike, *, layer: str | None = None) -> None:
     if not path.parent.is_dir():
         msg = f"cannot write '{path}': directory '{path.parent}' does not exist."
         raise FileNotFoundError(msg)
-    if fmt == "h5ad" and layer is not None:
-        msg = "layer= applies to text output only; .h5ad files keep X and every layer."
+    if fmt in ("h5ad", "zarr") and layer is not None:
+        msg = f"layer= applies to text output only; .{fmt} files keep X and every layer."
         raise ValueError(msg)
     if fmt == "text":
         matrix = _matrix_for_text(adata, layer)
 
+    if fmt == "zarr":
+        with _atomic_dir(path) as tmp, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Writing zarr v2", category=UserWarning)
+            src = adata.to_memory() if adata.isbacked else adata
+            src.write_zarr(tmp, convert_strings_to_categoricals=False)
+        logger.info("wrote '%s' (zarr): %d cells x %d genes", path, adata.n_obs, adata.n_vars)
+        return
     with _atomic_target(path) as tmp:
         if fmt == "h5ad":
             src = adata.to_memory() if adata.isbacked else adata
@@ -221,17 +242,67 @@ def write(adata: AnnData, path: PathLike, *, layer: str | None = None) -> None:
     logger.info("wrote '%s' (%s): %d cells x %d genes", path, what, adata.n_obs, adata.n_vars)
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_output_path(path: PathLike, *, inputs: Sequence[PathLike] = (), overwrite: bool = False,
+                      formats: Sequence[str] | None = None,
+                      overwrite_hint: str = "overwrite=True") -> Path:
+    """Check an output path before any work: a known extension (one of ``formats`` if given),
+    an existing writable directory, not a directory itself (a ``.zarr`` store may be), and
+    neither the input nor an existing file unless ``overwrite``. Returns the path.
+
+    Raises ``ValueError`` (extension, directory, the input), ``FileNotFoundError`` (no such
+    directory), ``PermissionError`` (not writable) or ``FileExistsError``."""
+    out = Path(path).expanduser()
+    if out.is_dir() and not out.name.lower().endswith(".zarr"):
+        msg = f"output '{path}' is a directory; give a file name such as '{out / 'out.h5ad'}'."
+        raise ValueError(msg)
+    fmt = output_format(out)[0]
+    if formats is not None and fmt not in formats:
+        kinds = " or ".join(f".{f}" if f != "text" else ".csv/.tsv/.txt" for f in formats)
+        msg = f"output '{path}' must be an {kinds} file." if len(formats) == 1 else (
+            f"output '{path}' must be {kinds}.")
+        raise ValueError(msg)
+    parent = Path(os.path.realpath(out)).parent
+    if not parent.is_dir():
+        msg = f"cannot write '{path}': directory '{parent}' does not exist."
+        raise FileNotFoundError(msg)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        msg = f"cannot write '{path}': directory '{parent}' is not writable."
+        raise PermissionError(msg)
+    for inp in inputs:
+        if out.exists() and _same_file(Path(inp).expanduser(), out):
+            if not overwrite:
+                msg = (
+                    f"output '{path}' is the input file; it would be replaced. Write to another "
+                    f"file, or pass {overwrite_hint} (written to a temporary file, then renamed)."
+                )
+                raise ValueError(msg)
+            return out
+    if out.exists() and not overwrite:
+        msg = f"output '{path}' already exists; pass {overwrite_hint} to replace it."
+        raise FileExistsError(msg)
+    return out
+
+
 def output_format(path: PathLike) -> tuple[str, str]:
-    """``("h5ad" | "text", suffix)`` for an output path, from its name (``.gz`` allowed for text);
+    """``("h5ad" | "zarr" | "text", suffix)`` for an output path, from its name (``.gz`` allowed for text);
     ``ValueError`` for any other extension."""
     name = Path(path).name.lower()
     suffix = Path(name[:-3] if name.endswith(".gz") else name).suffix
     if name.endswith(".h5ad"):
         return "h5ad", ".h5ad"
+    if name.rstrip("/").endswith(".zarr"):
+        return "zarr", ".zarr"
     if suffix in _WRITE_SEPARATORS:
         return "text", suffix
     msg = (
-        f"cannot write '{Path(path).name}': unknown extension; use .h5ad, or .csv/.tsv/.txt "
+        f"cannot write '{Path(path).name}': unknown extension; use .h5ad, .zarr, or .csv/.tsv/.txt "
         "(optionally .gz) for a genes x cells table."
     )
     raise ValueError(msg)
@@ -243,6 +314,7 @@ def output_format(path: PathLike) -> tuple[str, str]:
 
 _FORMAT_NAMES = {
     "h5ad": "an .h5ad file",
+    "zarr": "a .zarr store",
     "10x_mtx": "a 10x matrix directory",
     "10x_h5": "a 10x .h5 file",
     "text": "a text table",
@@ -252,6 +324,8 @@ _MTX_NAME = re.compile(r"^(?P<prefix>.*?)matrix\.mtx(\.gz)?$", re.IGNORECASE)
 
 def _detect_format(path: Path) -> tuple[str, str | None]:
     """Return the format name and, for a 10x matrix file path, its file-name prefix."""
+    if path.name.lower().endswith(".zarr"):
+        return "zarr", None
     if path.is_dir():
         return "10x_mtx", None
     name = path.name.lower()
@@ -332,6 +406,53 @@ def _read_h5ad(path: Path, notes: list[str]) -> AnnData:
         adata.var_names = _unique(adata.var_names, "gene", notes)
     if adata.obs_names.has_duplicates:
         adata.obs_names = _unique(adata.obs_names, "cell", notes)
+    return adata
+
+
+def _read_zarr(path: Path) -> AnnData:
+    import anndata
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NOT_UNIQUE.pattern, category=UserWarning)
+            adata = anndata.read_zarr(path)
+    except (OSError, KeyError, TypeError, ValueError) as e:
+        msg = f"could not read '{path}' as a .zarr AnnData store ({_one_line(e)})."
+        raise ValueError(msg) from None
+    if adata.X is not None and sp.issparse(adata.X) and not isinstance(adata.X, sp.csr_matrix):
+        adata.X = sp.csr_matrix(adata.X)
+    logger.info("read '%s' (zarr): %d cells x %d genes", path, adata.n_obs, adata.n_vars)
+    return adata
+
+
+def _read_backed(path: Path, fmt: str) -> AnnData:
+    """``path`` with ``X`` left on disk (read-only)."""
+    import anndata
+
+    try:
+        if fmt == "h5ad":
+            adata = anndata.read_h5ad(path, backed="r")
+        elif fmt == "zarr":
+            import zarr
+            from anndata.io import read_elem, sparse_dataset
+
+            root = zarr.open_group(str(path), mode="r")
+            x = root["X"] if "X" in root else None
+            if x is not None and str(x.attrs.get("encoding-type", "")).endswith("_matrix"):
+                x = sparse_dataset(x)
+            adata = AnnData(X=x, obs=read_elem(root["obs"]), var=read_elem(root["var"]),
+                            uns=read_elem(root["uns"]) if "uns" in root else None)
+        else:
+            msg = (f"backed=True needs an .h5ad file or a .zarr store; '{path.name}' is "
+                   f"{_FORMAT_NAMES.get(fmt, fmt)}. Read it into memory (backed=False).")
+            raise TypeError(msg)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
+    except (OSError, KeyError, ValueError) as e:
+        msg = f"could not read '{path}' as {_FORMAT_NAMES[fmt]} ({_one_line(e)})."
+        raise ValueError(msg) from None
+    logger.info("opened '%s' backed (%s): %d cells x %d genes", path, fmt, adata.n_obs,
+                adata.n_vars)
     return adata
 
 
@@ -890,6 +1011,53 @@ def _atomic_target(path: Path) -> Iterator[Path]:
             if got:
                 return  # the guard raises for the signal
             raise
+
+
+def _is_zarr_store(path: Path) -> bool:
+    return any((path / name).exists() for name in (".zgroup", "zarr.json"))
+
+
+@contextlib.contextmanager
+def _atomic_dir(path: Path) -> Iterator[Path]:
+    """:func:`_atomic_target` for a directory store (``.zarr``): a temporary directory next to
+    ``path``, moved onto it only if the block succeeds (an existing store is first moved aside,
+    then removed). An existing directory that is not a zarr store is never replaced."""
+    import shutil
+
+    if path.exists() and not (path.is_dir() and _is_zarr_store(path)):
+        msg = f"'{path}' exists and is not a zarr store; not replacing it."
+        raise ValueError(msg)
+    with interrupt_guard() as got:
+        tmp = None
+        try:
+            tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+            yield tmp
+            end = time.monotonic() + float(os.environ.get(_PAUSE_ENV, "0") or 0)
+            while not got and time.monotonic() < end:
+                time.sleep(0.05)
+            if got:
+                msg = "interrupted during the write"
+                raise InterruptedError(msg)
+            old = None
+            if path.exists():
+                old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+                os.replace(path, old / "store")
+            os.replace(tmp, path)
+            tmp = None
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if got:
+                return
+            raise
+
+
+def atomic_output(path: Path):
+    """The atomic-write context for ``path``: a temporary file (``.h5ad``, text) or directory
+    (``.zarr``) next to it, renamed onto it at the end (see :func:`write`)."""
+    return _atomic_dir(path) if output_format(path)[0] == "zarr" else _atomic_target(path)
 
 
 def _matrix_for_text(adata: AnnData, layer: str | None):

@@ -6,7 +6,7 @@ input stays sparse.
 
 The matrix-level helpers behind them, for code that has already validated its counts (no checks,
 no AnnData): :func:`normalize_rows` and :func:`log1p_matrix` (``screpair._norm.normalize`` and
-``screpair._norm.log1p``, re-exported) and :func:`hvg_dispersion`.
+``screpair._norm.log1p``, re-exported) and :func:`hvg_dispersion` (:func:`hvg_from_moments`: the same from per-gene moments).
 """
 
 from ._pp import (
@@ -14,6 +14,7 @@ from ._pp import (
     filter_genes,
     highly_variable_genes,
     hvg_dispersion,
+    hvg_from_moments,
     log1p,
     log1p_matrix,
     normalize,
@@ -26,6 +27,7 @@ __all__ = [
     "filter_genes",
     "highly_variable_genes",
     "hvg_dispersion",
+    "hvg_from_moments",
     "log1p",
     "log1p_matrix",
     "normalize",

@@ -188,13 +188,22 @@ def hvg_dispersion(x, n_top_genes: int, n_bins: int = 20) -> pd.DataFrame:
     Mean and dispersion (variance / mean) of the normalized values per gene; the log dispersion is
     z-scored within ``n_bins`` bins of log mean expression; the ``n_top_genes`` with the largest
     normalized dispersion are selected (ties broken by gene order). Genes with zero mean are never
-    selected.
+    selected. :func:`hvg_from_moments` does the selection from the moments (e.g. those of a
+    streaming pass over a file, ``screpair._chunks.gene_stats``).
     """
     xn = normalize_rows(x, CP10K)
     mean = np.asarray(xn.mean(axis=0)).ravel()
     sq = xn.multiply(xn).mean(axis=0) if sp.issparse(xn) else (xn**2).mean(axis=0)
-    var = np.asarray(sq).ravel() - mean**2
-    var *= x.shape[0] / max(x.shape[0] - 1, 1)
+    return hvg_from_moments(mean, np.asarray(sq).ravel(), x.shape[0], n_top_genes, n_bins)
+
+
+def hvg_from_moments(mean: np.ndarray, mean_sq: np.ndarray, n_obs: int, n_top_genes: int,
+                     n_bins: int = 20) -> pd.DataFrame:
+    """:func:`hvg_dispersion` from the per-gene mean and mean square of the normalized values
+    over ``n_obs`` cells."""
+    mean = np.asarray(mean, dtype=np.float64)
+    var = np.asarray(mean_sq, dtype=np.float64) - mean**2
+    var *= n_obs / max(n_obs - 1, 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         disp = np.log(np.where(mean > 0, var / np.where(mean > 0, mean, 1), np.nan) + 1e-12)
         logm = np.log1p(mean)

@@ -1,0 +1,514 @@
+"""Row blocks of a count matrix that may stay on disk, and streaming passes over them.
+
+:func:`open_rows` wraps an in-memory matrix, an AnnData's ``X`` or layer (in memory or backed),
+an ``.h5ad`` file or a ``.zarr`` AnnData store in a :class:`RowSource`, whose
+:meth:`RowSource.blocks` yields validated CSR blocks of consecutive cells (each checked by
+:func:`screpair._utils.get_counts`: finite, non-negative integers, no duplicate entries). Files
+are opened read-only and only the rows of the block being read are in memory: sparse rows come
+from :func:`anndata.io.sparse_dataset` row slices, dense rows from the dataset itself.
+
+:func:`gene_stats` is the streaming pass over all cells: library sizes, per-gene count sums,
+detection counts and the moments of the library-normalized (CP10k) values that
+:func:`screpair.pp.hvg_dispersion` uses, accumulated in the row order of the whole matrix, so the
+result is the same, bit for bit, as the in-memory computation on CSR counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from ._logging import get_logger
+from ._norm import CP10K, library_size, normalize
+from ._utils import RAW_LAYER, _layer_matrix, get_counts
+
+logger = get_logger(__name__)
+
+#: cells per block when nothing else is said (about 0.5 GB of float64 CSR at 5% density and
+#: 20,000 genes; dense float32 output blocks of 20,000 genes: 0.8 GB)
+DEFAULT_CHUNK_ROWS = 10_000
+
+
+def store_format(path: str | os.PathLike[str]) -> str | None:
+    """``"h5ad"`` or ``"zarr"`` for an AnnData store path (by its name), else ``None``."""
+    name = Path(path).name.lower().rstrip("/")
+    if name.endswith(".h5ad"):
+        return "h5ad"
+    if name.endswith(".zarr"):
+        return "zarr"
+    return None
+
+
+@dataclass
+class RowSource:
+    """The count matrix of a data set, read by blocks of rows (cells).
+
+    Attributes
+    ----------
+    matrix
+        The stored matrix: CSR / ndarray in memory, an anndata sparse dataset or an h5py / zarr
+        dense array on disk.
+    obs, var
+        Cell and gene annotations (in memory).
+    layer
+        The layer the counts come from (``None``: ``X``).
+    path
+        The file, for a source opened from a path.
+    """
+
+    matrix: Any
+    obs: pd.DataFrame
+    var: pd.DataFrame
+    layer: str | None = None
+    path: Path | None = None
+    _handle: Any = field(default=None, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.matrix.shape[0]), int(self.matrix.shape[1])
+
+    @property
+    def n_obs(self) -> int:
+        return self.shape[0]
+
+    @property
+    def n_vars(self) -> int:
+        return self.shape[1]
+
+    @property
+    def var_names(self) -> pd.Index:
+        return pd.Index(self.var.index.astype(str))
+
+    @property
+    def is_sparse(self) -> bool:
+        return sp.issparse(self.matrix) or hasattr(self.matrix, "format")
+
+    def nbytes_sparse(self) -> int:
+        """Bytes of the whole matrix as validated float64 CSR (values, int32/64 indices)."""
+        nnz = self._nnz()
+        return int(nnz * (8 + 4) + 8 * (self.n_obs + 1))
+
+    def _nnz(self) -> int:
+        m = self.matrix
+        if sp.issparse(m):
+            return int(m.nnz)
+        group = getattr(m, "group", None)
+        if group is not None:  # anndata sparse dataset
+            return int(group["data"].shape[0])
+        return int(self.n_obs * self.n_vars)  # dense: every entry
+
+    def read(self, start: int, stop: int):
+        """Rows ``start:stop`` as stored (CSR or ndarray), not validated."""
+        block = self.matrix[start:stop]
+        if sp.issparse(block):
+            return sp.csr_matrix(block)
+        return np.asarray(block)
+
+    def blocks(self, chunk_rows: int = DEFAULT_CHUNK_ROWS, *, progress: bool = False,
+               desc: str = "reading") -> Iterator[tuple[int, int, sp.csr_matrix]]:
+        """``(start, stop, counts)`` for consecutive blocks of ``chunk_rows`` cells: validated
+        float64 CSR with sorted indices (see :func:`check_block`)."""
+        check_chunk_rows(chunk_rows)
+        starts = range(0, self.n_obs, chunk_rows)
+        bar = progress_bar(self.n_obs, desc, progress and len(starts) > 1)
+        try:
+            for start in starts:
+                stop = min(start + chunk_rows, self.n_obs)
+                yield start, stop, check_block(self.read(start, stop), self.layer)
+                bar.update(stop - start)
+        finally:
+            bar.close()
+
+    def close(self) -> None:
+        """Close the file of a source opened from a path (nothing for other sources)."""
+        if self._handle is not None and hasattr(self._handle, "close"):
+            self._handle.close()
+        self._handle = None
+
+    def __enter__(self) -> RowSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_chunk_rows(chunk_rows) -> int:
+    """Raise unless ``chunk_rows`` is a positive integer."""
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+        msg = f"chunk_rows must be a positive integer, got {chunk_rows!r}."
+        raise ValueError(msg)
+    return int(chunk_rows)
+
+
+def check_block(block, layer: str | None = None) -> sp.csr_matrix:
+    """A block of rows validated as :func:`get_counts` validates a whole matrix (finite,
+    non-negative integers, no duplicate entries, and integers that do not look like rounded
+    normalized values), as float64 CSR with sorted indices. A block without any count (e.g. a
+    run of empty cells) is valid: only the whole matrix must hold counts."""
+    if sp.issparse(block):
+        empty = block.nnz == 0 or not np.any(block.data)
+    else:
+        block = np.asarray(block)
+        empty = block.size > 0 and np.isfinite(block).all() and not np.any(block)
+    if empty and block.ndim == 2:
+        return sp.csr_matrix(block.shape, dtype=np.float64)
+    try:
+        x = get_counts(block, warn_empty=False)
+    except ValueError as e:
+        if layer is not None:  # get_counts saw a bare block: name the layer
+            msg = str(e).replace("the count matrix", f"layer {layer!r}", 1)
+            raise ValueError(msg) from None
+        raise
+    if not sp.issparse(x):
+        x = sp.csr_matrix(x)
+    x.sort_indices()
+    return x
+
+
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar over ``total`` cells (cells/s in the bar)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="cells", unit_scale=True, disable=not enabled,
+                leave=False)
+
+
+# ------------------------------------------------------------------------------- opening
+
+
+def open_rows(data, layer: str | None = None) -> RowSource:
+    """A :class:`RowSource` over the counts of ``data``.
+
+    Parameters
+    ----------
+    data
+        A path to an ``.h5ad`` file or a ``.zarr`` AnnData store (opened read-only; close the
+        source, or use it as a context manager), an AnnData (in memory or backed: ``X`` stays on
+        disk) or a matrix.
+    layer
+        The layer holding the counts (``None``: ``X``; ``"raw"``: ``raw/X`` when no layer has that
+        name). For a file, the layer is read by rows from disk, unlike anndata's backed mode,
+        which reads every layer into memory.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        return _open_path(Path(data).expanduser(), layer)
+    if isinstance(data, AnnData):
+        m = _layer_matrix(data, layer)
+        return RowSource(matrix=m, obs=data.obs, var=data.var, layer=layer)
+    if layer is not None:
+        msg = "`layer=` can only be used with an AnnData input or a file."
+        raise TypeError(msg)
+    m = data if sp.issparse(data) else np.asarray(data)
+    if m.ndim != 2:
+        msg = f"the count matrix must be 2-D (cells x genes), got shape {m.shape}."
+        raise ValueError(msg)
+    n, g = m.shape
+    return RowSource(matrix=m, obs=pd.DataFrame(index=pd.RangeIndex(n).astype(str)),
+                     var=pd.DataFrame(index=pd.Index([f"gene_{i}" for i in range(g)])))
+
+
+def open_store(path: Path, mode: str = "r"):
+    """The root group of an ``.h5ad`` file (h5py) or a ``.zarr`` store (zarr), read-only."""
+    fmt = store_format(path)
+    if not path.exists():
+        msg = f"no such file or directory: '{path}'"
+        raise FileNotFoundError(msg)
+    try:
+        if fmt == "h5ad":
+            import h5py
+
+            return h5py.File(path, mode)
+        if fmt == "zarr":
+            import zarr
+
+            return zarr.open_group(str(path), mode=mode)
+    except (OSError, ValueError, KeyError) as e:
+        msg = f"could not open '{path}' as {fmt} ({' '.join(str(e).split())})."
+        raise ValueError(msg) from None
+    msg = f"'{path}' is not an .h5ad file or a .zarr store; read it with screpair.read first."
+    raise ValueError(msg)
+
+
+def _open_path(path: Path, layer: str | None) -> RowSource:
+    from anndata.io import read_elem
+
+    root = open_store(path)
+    try:
+        key = _element_key(root, layer, path)
+        obs = read_elem(root["obs"]) if "obs" in root else None
+        var = read_elem(root["var"]) if "var" in root else None
+        if key == "raw/X" and "raw/var" in root:
+            raw_var = read_elem(root["raw/var"])
+            if var is not None and not raw_var.index.equals(var.index):
+                msg = (f"'{path}': raw holds {len(raw_var)} genes but X holds {len(var)} (or in "
+                       "another order); output layers must align with X.")
+                raise ValueError(msg)
+        matrix = _matrix_element(root[key], key, path)
+        n, g = matrix.shape
+        obs = obs if obs is not None else pd.DataFrame(index=pd.RangeIndex(n).astype(str))
+        var = var if var is not None else pd.DataFrame(index=[f"gene_{i}" for i in range(g)])
+        if (len(obs), len(var)) != (n, g):
+            msg = f"'{path}': {key} is {n} x {g} but obs/var describe {len(obs)} x {len(var)}."
+            raise ValueError(msg)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            root.close()
+        raise
+    return RowSource(matrix=matrix, obs=obs, var=var, layer=layer, path=path, _handle=root)
+
+
+def _element_key(root, layer: str | None, path: Path) -> str:
+    if layer is None:
+        if "X" not in root:
+            layers = list(root["layers"].keys()) if "layers" in root else []
+            hint = f" (available layers: {', '.join(map(repr, layers))})" if layers else ""
+            msg = f"'{path}' has no X; pass the layer that holds the counts with `layer=`{hint}."
+            raise ValueError(msg)
+        return "X"
+    if "layers" in root and layer in root["layers"]:
+        return f"layers/{layer}"
+    if layer == RAW_LAYER and "raw" in root and "X" in root["raw"]:
+        return "raw/X"
+    avail = ", ".join(map(repr, root["layers"].keys())) if "layers" in root else ""
+    msg = f"layer {layer!r} not found in '{path}' (available: {avail or 'none'})."
+    raise KeyError(msg)
+
+
+def _matrix_element(elem, key: str, path: Path):
+    from anndata.io import sparse_dataset
+
+    enc = str(elem.attrs.get("encoding-type", ""))
+    if enc == "csr_matrix":
+        return sparse_dataset(elem)
+    if enc == "csc_matrix":
+        msg = (f"'{path}': {key} is stored by columns (CSC); reading blocks of cells needs rows "
+               "(CSR): convert it once in memory, e.g. `adata.X = adata.X.tocsr()`, and write "
+               "it again.")
+        raise ValueError(msg)
+    if enc in ("array", "") and hasattr(elem, "shape") and len(elem.shape) == 2:
+        return elem
+    msg = f"'{path}': {key} is not a cells x genes matrix (encoding {enc or 'unknown'!r})."
+    raise ValueError(msg)
+
+
+# ------------------------------------------------------------------------------- passes
+
+
+@dataclass
+class GeneStats:
+    """What one streaming pass over all cells gives.
+
+    Attributes
+    ----------
+    n_obs
+        Cells.
+    library_size
+        Total counts per cell.
+    counts
+        Total counts per gene.
+    n_cells
+        Cells in which each gene is detected (count > 0).
+    mean, mean_sq
+        Per-gene mean and mean square of the library-normalized values (``target_sum`` counts per
+        cell, CP10k by default), the moments of :func:`screpair.pp.hvg_dispersion`.
+    """
+
+    n_obs: int
+    library_size: np.ndarray
+    counts: np.ndarray
+    n_cells: np.ndarray
+    mean: np.ndarray
+    mean_sq: np.ndarray
+
+
+def gene_stats(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
+               target_sum: float = CP10K, progress: bool = False) -> GeneStats:
+    """One pass over the rows of ``source`` (blocks of ``chunk_rows`` cells): library sizes and
+    per-gene sums, detection counts and normalized moments (:class:`GeneStats`).
+
+    The sums are accumulated entry by entry in row order (``np.add.at``), as scipy's column mean
+    of a CSR matrix is, so the moments equal those of the whole matrix in memory bit for bit,
+    whatever the block size.
+    """
+    n, g = source.shape
+    lib = np.zeros(n)
+    counts, n_cells = np.zeros(g), np.zeros(g, dtype=np.int64)
+    mean, mean_sq = np.zeros(g), np.zeros(g)
+    inv = 1.0 / n
+    for start, stop, x in source.blocks(chunk_rows, progress=progress, desc="gene statistics"):
+        lib[start:stop] = library_size(x)
+        np.add.at(counts, x.indices, x.data)
+        n_cells += np.bincount(x.indices[x.data > 0], minlength=g)
+        xn = normalize(x, target_sum, lib[start:stop])
+        np.add.at(mean, xn.indices, (xn * inv).data)
+        sq = xn.multiply(xn).tocsr()
+        np.add.at(mean_sq, sq.indices, (sq * inv).data)
+    if not lib.any():
+        what = f"layer {source.layer!r}" if source.layer is not None else "the count matrix"
+        msg = f"{what} is all zeros; there is nothing to impute."
+        raise ValueError(msg)
+    return GeneStats(n_obs=n, library_size=lib, counts=counts, n_cells=n_cells, mean=mean,
+                     mean_sq=mean_sq)
+
+
+def read_all(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
+             rows: np.ndarray | None = None, cols: np.ndarray | None = None,
+             progress: bool = False) -> sp.csr_matrix:
+    """The validated counts of the cells ``rows`` and genes ``cols`` (default: all) as one
+    float64 CSR with sorted indices, read block by block (never densified)."""
+    keep_rows = None
+    if rows is not None:
+        keep_rows = np.zeros(source.n_obs, dtype=bool)
+        keep_rows[rows] = True
+    parts = []
+    for start, stop, x in source.blocks(chunk_rows, progress=progress, desc="reading counts"):
+        if keep_rows is not None:
+            x = x[np.flatnonzero(keep_rows[start:stop])]
+        if cols is not None:
+            x = x[:, cols]
+        parts.append(sp.csr_matrix(x))
+    out = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+    out = sp.csr_matrix(out, dtype=np.float64)
+    out.sort_indices()
+    return out
+
+
+# ------------------------------------------------------------------------------- writing
+
+
+class StoreWriter:
+    """An AnnData store (``.h5ad`` via h5py, ``.zarr`` via zarr) whose matrices are written by
+    blocks of consecutive rows, with anndata's element writers and encodings, so that plain
+    :func:`anndata.read_h5ad` / :func:`anndata.read_zarr` read it.
+
+    Made by :func:`stream_store`. :meth:`matrix` declares a matrix (``"X"`` or
+    ``"layers/<name>"``); :meth:`append` adds its next rows: a dense block goes into a float32
+    array created with its final shape and chunked by rows, a sparse one is appended to a CSR
+    element (64-bit ``indptr``). Every declared matrix must have received all ``n_obs`` rows
+    when the store is closed.
+    """
+
+    def __init__(self, root, n_obs: int, fmt: str, chunk_rows: int):
+        self.root, self.n_obs, self.fmt, self.chunk_rows = root, n_obs, fmt, chunk_rows
+        self._rows: dict[str, int] = {}
+        self._sparse: dict[str, bool | None] = {}
+        self._n_vars: dict[str, int] = {}
+
+    def _kwargs(self) -> dict:
+        return {"compression": "gzip"} if self.fmt == "h5ad" else {}
+
+    def matrix(self, key: str, n_vars: int, *, sparse: bool | None = None) -> None:
+        """Declare the matrix ``key`` (cells x ``n_vars``); ``sparse=None``: stored as the first
+        block comes (CSR for a sparse block, a dense array otherwise)."""
+        self._rows[key], self._sparse[key], self._n_vars[key] = 0, sparse, n_vars
+
+    def append(self, key: str, block) -> None:
+        """Write the next rows of ``key`` (float32)."""
+        from anndata.io import sparse_dataset
+
+        start, n_vars = self._rows[key], self._n_vars[key]
+        if block.shape[1] != n_vars or start + block.shape[0] > self.n_obs:
+            msg = f"block of shape {block.shape} does not fit {key} at row {start}."
+            raise ValueError(msg)
+        if self._sparse[key] is None:
+            self._sparse[key] = sp.issparse(block)
+        if start == 0:
+            self._create(key, n_vars)
+        if self._sparse[key]:
+            csr = sp.csr_matrix(block, dtype=np.float32)
+            if csr.nnz:
+                sparse_dataset(self.root[key]).append(csr)
+            else:  # nothing stored: only the row pointers grow
+                _grow_indptr(self.root[key], csr.shape[0])
+        else:
+            dense = block.toarray() if sp.issparse(block) else np.asarray(block)
+            self.root[key][start:start + block.shape[0]] = dense.astype(np.float32, copy=False)
+        self._rows[key] = start + block.shape[0]
+
+    def _create(self, key: str, n_vars: int) -> None:
+        from anndata.io import write_elem
+
+        if self._sparse[key]:
+            empty = sp.csr_matrix((0, n_vars), dtype=np.float32)
+            empty.indptr = empty.indptr.astype(np.int64)
+            write_elem(self.root, key, empty, dataset_kwargs=self._kwargs())
+            return
+        rows = max(1, min(self.n_obs, self.chunk_rows, 2**20 // max(n_vars, 1)))
+        shape, chunks = (self.n_obs, n_vars), (rows, max(n_vars, 1))
+        if self.fmt == "h5ad":
+            ds = self.root.create_dataset(key, shape=shape, dtype=np.float32, chunks=chunks,
+                                          **self._kwargs())
+        else:
+            ds = self.root.create_array(key, shape=shape, dtype=np.float32, chunks=chunks)
+        ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
+
+    def check_complete(self) -> None:
+        for key, rows in self._rows.items():
+            if rows != self.n_obs:
+                msg = f"{key} got {rows} of {self.n_obs} rows; the output is incomplete."
+                raise RuntimeError(msg)
+
+
+def _grow_indptr(group, n_rows: int) -> None:
+    """Add ``n_rows`` empty rows to a CSR element (its last row pointer repeated)."""
+    indptr = group["indptr"]
+    last = int(indptr[-1])
+    n = indptr.shape[0]
+    indptr.resize((n + n_rows,))
+    indptr[n:] = last
+    shape = tuple(group.attrs["shape"])
+    group.attrs["shape"] = (shape[0] + n_rows, shape[1])
+
+
+@contextlib.contextmanager
+def stream_store(path: Path, *, obs: pd.DataFrame, var: pd.DataFrame,
+                 chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Iterator[StoreWriter]:
+    """Write a new ``.h5ad`` / ``.zarr`` AnnData store at ``path`` atomically: a temporary file
+    (or directory) next to it, renamed onto ``path`` only when the block finishes and every
+    declared matrix is complete; an error or an interrupt (SIGINT / SIGTERM) leaves the old
+    ``path`` or none (:func:`screpair.io.atomic_output`). Yields the :class:`StoreWriter`;
+    ``obs`` and ``var`` are written first, ``uns`` from ``writer.uns`` at the end. The caller
+    checks whether ``path`` may be replaced (:func:`screpair.io.check_output_path`)."""
+    import warnings
+
+    from anndata.io import write_elem
+
+    from .io import atomic_output, output_format
+
+    fmt = output_format(path)[0]
+    if fmt not in ("h5ad", "zarr"):
+        msg = f"cannot stream to '{path}': use an .h5ad or .zarr output."
+        raise ValueError(msg)
+    with atomic_output(path) as tmp, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Writing zarr v2", category=UserWarning)
+        if fmt == "h5ad":
+            import h5py
+
+            root = h5py.File(tmp, "w")
+        else:
+            import zarr
+
+            root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        try:
+            root.attrs["encoding-type"], root.attrs["encoding-version"] = "anndata", "0.1.0"
+            write_elem(root, "obs", obs)
+            write_elem(root, "var", var)
+            for key in ("obsm", "varm", "obsp", "varp", "layers"):
+                write_elem(root, key, {})
+            writer = StoreWriter(root, len(obs), fmt, chunk_rows)
+            writer.uns = {}
+            yield writer
+            writer.check_complete()
+            write_elem(root, "uns", writer.uns)
+        finally:
+            if fmt == "h5ad":
+                root.close()

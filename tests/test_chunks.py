@@ -1,0 +1,166 @@
+"""Row-block sources and streaming passes (issue 16): the same numbers as the in-memory path."""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+
+from screpair import _chunks, pp
+from screpair._utils import get_counts
+
+
+def _write(ad: AnnData, path, fmt: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anndata's zarr v2 notice
+        (ad.write_h5ad if fmt == "h5ad" else ad.write_zarr)(path)
+    return path
+
+
+@pytest.fixture(params=["memory", "dense", "backed", "h5ad", "zarr", "h5ad_layer"])
+def source(request, counts_adata, tmp_path):
+    ad = counts_adata.copy()
+    x = ad.X.tolil()
+    x[:3] = 0  # a run of empty cells: a block without counts is valid
+    ad.X = sp.csr_matrix(x)
+    ad.layers["counts"] = ad.X.copy()
+    kind = request.param
+    if kind == "memory":
+        src = _chunks.open_rows(ad)
+    elif kind == "dense":
+        src = _chunks.open_rows(ad.X.toarray())
+    elif kind == "backed":
+        path = _write(ad, tmp_path / "a.h5ad", "h5ad")
+        src = _chunks.open_rows(anndata.read_h5ad(path, backed="r"))
+    elif kind == "h5ad_layer":
+        ad.X = None
+        src = _chunks.open_rows(_write(ad, tmp_path / "a.h5ad", "h5ad"), layer="counts")
+    else:
+        src = _chunks.open_rows(_write(ad, tmp_path / f"a.{kind}", kind))
+    with src:
+        yield src, get_counts(sp.csr_matrix(ad.layers["counts"]), warn_empty=False)
+
+
+def test_blocks_equal_in_memory(source):
+    src, x = source
+    got = [b for _, _, b in src.blocks(3)]
+    assert all(sp.isspmatrix_csr(b) and b.dtype == np.float64 and b.has_sorted_indices for b in got)
+    stacked = sp.vstack(got, format="csr")
+    assert (stacked != x).nnz == 0
+    assert got[0].nnz == 0  # the three empty cells, as an empty block
+    assert (_chunks.read_all(src, 9) != x).nnz == 0
+
+
+def test_gene_stats_match_hvg_dispersion(source):
+    src, x = source
+    stats = _chunks.gene_stats(src, 13)
+    ref = pp.hvg_dispersion(x, 10)
+    np.testing.assert_array_equal(stats.mean, ref["mean"].to_numpy())  # same order: same bits
+    np.testing.assert_array_equal(stats.library_size, np.asarray(x.sum(1)).ravel())
+    np.testing.assert_array_equal(stats.n_cells, np.diff(x.tocsc().indptr))
+    np.testing.assert_allclose(stats.counts, np.asarray(x.sum(0)).ravel(), rtol=1e-12)
+    got = pp.hvg_from_moments(stats.mean, stats.mean_sq, stats.n_obs, 10)
+    pd.testing.assert_frame_equal(got, ref, check_exact=True)
+
+
+def test_hvg_matches_highly_variable_genes(counts_adata):
+    ad = counts_adata.copy()
+    pp.highly_variable_genes(ad, n_top_genes=12)
+    stats = _chunks.gene_stats(_chunks.open_rows(ad), 11)
+    got = pp.hvg_from_moments(stats.mean, stats.mean_sq, stats.n_obs, 12)
+    np.testing.assert_array_equal(got["highly_variable"].to_numpy(), ad.var["highly_variable"])
+
+
+def test_block_checks(tmp_path):
+    x = sp.csr_matrix(np.array([[1.0, 0.5], [0, 2]] * 15))
+    with pytest.raises(ValueError, match="non-integer"):
+        list(_chunks.open_rows(x).blocks(4))
+    ad = AnnData(X=sp.csr_matrix(np.array([[1.0, -2.0]] * 3)))
+    ad.layers["c"] = ad.X.copy()
+    with pytest.raises(ValueError, match="layer 'c' contains negative"):
+        list(_chunks.open_rows(ad, layer="c").blocks(2))
+    with pytest.raises(ValueError, match="all zeros"):
+        _chunks.gene_stats(_chunks.open_rows(sp.csr_matrix((5, 3))), 2)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        list(_chunks.open_rows(x).blocks(0))
+
+
+def test_open_errors(tmp_path, counts_adata):
+    path = _write(counts_adata, tmp_path / "a.h5ad", "h5ad")
+    with pytest.raises(KeyError, match="layer 'nope' not found"):
+        _chunks.open_rows(path, layer="nope")
+    with pytest.raises(FileNotFoundError):
+        _chunks.open_rows(tmp_path / "missing.h5ad")
+    ad = counts_adata.copy()
+    ad.X = ad.X.tocsc()
+    with pytest.raises(ValueError, match="CSC"):
+        _chunks.open_rows(_write(ad, tmp_path / "c.h5ad", "h5ad"))
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_stream_store_round_trip(tmp_path, counts_adata, fmt):
+    x = counts_adata.X.toarray()
+    path = tmp_path / f"o.{fmt}"
+    with _chunks.stream_store(path, obs=counts_adata.obs, var=counts_adata.var, chunk_rows=30) as w:
+        w.matrix("X", x.shape[1])
+        w.matrix("layers/dense", x.shape[1])
+        for s in range(0, x.shape[0], 30):
+            block = x[s:s + 30] * (s > 0)  # the first block stores nothing
+            w.append("X", sp.csr_matrix(block))
+            w.append("layers/dense", block / 3)
+        w.uns["run"] = {"chunk_rows": 30}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = anndata.read_h5ad(path) if fmt == "h5ad" else anndata.read_zarr(path)
+    ref = x * (np.arange(x.shape[0]) >= 30)[:, None]
+    np.testing.assert_array_equal(back.X.toarray(), ref)
+    np.testing.assert_allclose(back.layers["dense"], ref / 3, rtol=1e-7)
+    assert back.layers["dense"].dtype == np.float32
+    pd.testing.assert_frame_equal(back.obs, counts_adata.obs)
+    assert back.uns["run"]["chunk_rows"] == 30
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary left
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_stream_store_incomplete_or_failing_leaves_old(tmp_path, counts_adata, fmt):
+    path = tmp_path / f"o.{fmt}"
+    import screpair
+
+    screpair.write(counts_adata, path)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(RuntimeError, match="incomplete"):
+        with _chunks.stream_store(path, obs=counts_adata.obs, var=counts_adata.var) as w:
+            w.matrix("X", counts_adata.n_vars)
+            w.append("X", counts_adata.X[:10])
+    with pytest.raises(KeyboardInterrupt):
+        with _chunks.stream_store(path, obs=counts_adata.obs, var=counts_adata.var) as w:
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+    back = screpair.read(path)
+    np.testing.assert_array_equal(back.X.toarray(), counts_adata.X.toarray())
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_read_backed(tmp_path, counts_adata, fmt):
+    import screpair
+
+    path = tmp_path / f"a.{fmt}"
+    screpair.write(counts_adata, path)
+    ad = screpair.read(path, backed=True)
+    assert not sp.issparse(ad.X) and ad.X.shape == counts_adata.shape  # still on disk
+    np.testing.assert_array_equal(ad.X[5:9].toarray(), counts_adata.X[5:9].toarray())
+    with pytest.raises(ValueError, match="backed=True needs"):
+        screpair.read(_write_csv(tmp_path, counts_adata), backed=True)
+
+
+def _write_csv(tmp_path, ad):
+    import screpair
+
+    path = tmp_path / "a.csv"
+    screpair.write(ad, path)
+    return path
