@@ -29,7 +29,7 @@ from anndata import AnnData
 
 from ._logging import get_logger
 from ._norm import CP10K, library_size, normalize
-from ._utils import RAW_LAYER, _layer_matrix, get_counts
+from ._utils import RAW_LAYER, _layer_matrix, check_not_normalized, get_counts
 
 logger = get_logger(__name__)
 
@@ -63,6 +63,9 @@ class RowSource:
         The layer the counts come from (``None``: ``X``).
     path
         The file, for a source opened from a path.
+    validated
+        ``matrix`` holds counts already validated by :func:`get_counts` (blocks are sliced, not
+        checked again).
     """
 
     matrix: Any
@@ -70,6 +73,7 @@ class RowSource:
     var: pd.DataFrame
     layer: str | None = None
     path: Path | None = None
+    validated: bool = False
     _handle: Any = field(default=None, repr=False)
 
     @property
@@ -123,7 +127,9 @@ class RowSource:
         try:
             for start in starts:
                 stop = min(start + chunk_rows, self.n_obs)
-                yield start, stop, check_block(self.read(start, stop), self.layer)
+                block = self.read(start, stop)
+                yield start, stop, (sp.csr_matrix(block) if self.validated
+                                    else check_block(block, self.layer))
                 bar.update(stop - start)
         finally:
             bar.close()
@@ -151,9 +157,10 @@ def check_chunk_rows(chunk_rows) -> int:
 
 def check_block(block, layer: str | None = None) -> sp.csr_matrix:
     """A block of rows validated as :func:`get_counts` validates a whole matrix (finite,
-    non-negative integers, no duplicate entries, and integers that do not look like rounded
-    normalized values), as float64 CSR with sorted indices. A block without any count (e.g. a
-    run of empty cells) is valid: only the whole matrix must hold counts."""
+    non-negative integers, no duplicate entries), as float64 CSR with sorted indices. A block
+    without any count (e.g. a run of empty cells) is valid: only the whole matrix must hold
+    counts. Whether integers look like rounded normalized values is judged on the whole matrix
+    (:func:`read_all`), not per block."""
     if sp.issparse(block):
         empty = block.nnz == 0 or not np.any(block.data)
     else:
@@ -162,7 +169,7 @@ def check_block(block, layer: str | None = None) -> sp.csr_matrix:
     if empty and block.ndim == 2:
         return sp.csr_matrix(block.shape, dtype=np.float64)
     try:
-        x = get_counts(block, warn_empty=False)
+        x = get_counts(block, warn_empty=False, check_normalized=False)
     except ValueError as e:
         if layer is not None:  # get_counts saw a bare block: name the layer
             msg = str(e).replace("the count matrix", f"layer {layer!r}", 1)
@@ -185,7 +192,7 @@ def progress_bar(total: int, desc: str, enabled: bool):
 # ------------------------------------------------------------------------------- opening
 
 
-def open_rows(data, layer: str | None = None) -> RowSource:
+def open_rows(data, layer: str | None = None, *, validated: bool = False) -> RowSource:
     """A :class:`RowSource` over the counts of ``data``.
 
     Parameters
@@ -198,6 +205,8 @@ def open_rows(data, layer: str | None = None) -> RowSource:
         The layer holding the counts (``None``: ``X``; ``"raw"``: ``raw/X`` when no layer has that
         name). For a file, the layer is read by rows from disk, unlike anndata's backed mode,
         which reads every layer into memory.
+    validated
+        A matrix already validated by :func:`get_counts` (its blocks are not checked again).
     """
     if isinstance(data, (str, os.PathLike)):
         return _open_path(Path(data).expanduser(), layer)
@@ -213,7 +222,8 @@ def open_rows(data, layer: str | None = None) -> RowSource:
         raise ValueError(msg)
     n, g = m.shape
     return RowSource(matrix=m, obs=pd.DataFrame(index=pd.RangeIndex(n).astype(str)),
-                     var=pd.DataFrame(index=pd.Index([f"gene_{i}" for i in range(g)])))
+                     var=pd.DataFrame(index=pd.Index([f"gene_{i}" for i in range(g)])),
+                     validated=validated)
 
 
 def open_store(path: Path, mode: str = "r"):
@@ -364,7 +374,9 @@ def read_all(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
              rows: np.ndarray | None = None, cols: np.ndarray | None = None,
              progress: bool = False) -> sp.csr_matrix:
     """The validated counts of the cells ``rows`` and genes ``cols`` (default: all) as one
-    float64 CSR with sorted indices, read block by block (never densified)."""
+    float64 CSR with sorted indices, read block by block (never densified). The whole matrix is
+    then checked as :func:`get_counts` checks it: not all zeros, and not rounded normalized
+    values."""
     keep_rows = None
     if rows is not None:
         keep_rows = np.zeros(source.n_obs, dtype=bool)
@@ -379,6 +391,12 @@ def read_all(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
     out = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
     out = sp.csr_matrix(out, dtype=np.float64)
     out.sort_indices()
+    where = f"layer {source.layer!r}" if source.layer is not None else "the count matrix"
+    if not out.nnz or not np.any(out.data):
+        msg = f"{where} is all zeros; there is nothing to impute."
+        raise ValueError(msg)
+    if not source.validated:
+        check_not_normalized(out, where)
     return out
 
 

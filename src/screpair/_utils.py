@@ -164,6 +164,7 @@ def get_counts(
     require_integer: bool = True,
     dtype: np.dtype | type = np.float64,
     warn_empty: bool = True,
+    check_normalized: bool = True,
 ) -> sp.csr_matrix | np.ndarray:
     """Validate and return the raw count matrix (cells x genes).
 
@@ -179,6 +180,10 @@ def get_counts(
         Floating dtype of the returned copy.
     warn_empty
         Warn about cells and genes with no counts.
+    check_normalized
+        With ``require_integer``, also refuse integers that look like rounded normalized values
+        (:func:`looks_normalized`); a caller that validates a matrix by blocks of rows turns it
+        off per block and calls :func:`check_not_normalized` on the whole.
 
     Returns
     -------
@@ -231,16 +236,8 @@ def get_counts(
     if not np.any(vals):
         msg = f"{where} is all zeros; there is nothing to impute."
         raise ValueError(msg)
-    if require_integer and os.environ.get(TRUST_COUNTS_ENV, "") in ("", "0"):
-        reason = looks_normalized(x)
-        if reason is not None:
-            msg = (
-                f"{where} holds integers but does not look like raw counts: {reason}. The data "
-                "look normalized and rounded: pass the raw counts (e.g. `layer='counts'` or "
-                f"`layer='raw'`). If these are raw counts, set {TRUST_COUNTS_ENV}=1 "
-                "(CLI: --trust-counts) to skip this check."
-            )
-            raise ValueError(msg)
+    if require_integer and check_normalized:
+        check_not_normalized(x, where)
     if warn_empty:
         n_cells = int((np.asarray(_row_nnz(x)) == 0).sum())
         n_genes = int((np.asarray(_col_nnz(x)) == 0).sum())
@@ -252,6 +249,22 @@ def get_counts(
                 stacklevel=2,
             )
     return x
+
+
+def check_not_normalized(x, where: str = "the count matrix") -> None:
+    """Refuse integer counts that look like rounded normalized values (:func:`looks_normalized`),
+    unless the environment variable ``SCREPAIR_TRUST_COUNTS`` is set."""
+    if os.environ.get(TRUST_COUNTS_ENV, "") not in ("", "0"):
+        return
+    reason = looks_normalized(x)
+    if reason is not None:
+        msg = (
+            f"{where} holds integers but does not look like raw counts: {reason}. The data "
+            "look normalized and rounded: pass the raw counts (e.g. `layer='counts'` or "
+            f"`layer='raw'`). If these are raw counts, set {TRUST_COUNTS_ENV}=1 "
+            "(CLI: --trust-counts) to skip this check."
+        )
+        raise ValueError(msg)
 
 
 def _check_canonical(x: sp.csr_matrix, layer: str | None) -> None:
