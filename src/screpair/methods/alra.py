@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.sparse as sp
 from sklearn.utils.extmath import randomized_svd
@@ -12,6 +14,9 @@ from .._utils import RNGLike, as_rng
 from ._base import BaseImputer, DataContext, Posterior
 
 logger = get_logger(__name__)
+
+#: values of the dense low-rank blocks formed at once (4M float64: 32 MB)
+_BLOCK_ENTRIES = 2**22
 
 
 def choose_k(
@@ -55,49 +60,167 @@ def choose_k(
 def _sd_nonzero(m: np.ndarray) -> np.ndarray:
     """Per-column standard deviation (ddof=1) of the non-zero entries (NaN with < 2)."""
     nz = m != 0
-    n = nz.sum(0)
-    s = np.where(nz, m, 0).sum(0)
-    ss = np.where(nz, m * m, 0).sum(0)
+    return _sd_from_moments(nz.sum(0), np.where(nz, m, 0).sum(0), np.where(nz, m * m, 0).sum(0))
+
+
+def _sd_from_moments(n, s, ss) -> np.ndarray:
+    """Standard deviation (ddof=1) from a count, sum and sum of squares (NaN with n < 2)."""
     with np.errstate(invalid="ignore", divide="ignore"):
         var = (ss - s * s / n) / (n - 1)
     return np.where(n > 1, np.sqrt(np.maximum(var, 0)), np.nan)
 
 
+def _nonzero_moments(m) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-column count, sum and sum of squares of the non-zero entries of ``m`` (dense or CSR;
+    a CSR matrix is read in storage order, so the sums add rows in order, as a dense column
+    sum does)."""
+    if sp.issparse(m):
+        keep = m.data != 0
+        cols, v = m.indices[keep], m.data[keep]
+        g = m.shape[1]
+        return (np.bincount(cols, minlength=g), np.bincount(cols, weights=v, minlength=g),
+                np.bincount(cols, weights=v * v, minlength=g))
+    # the zeros add nothing: the same sums as over the non-zero entries only
+    return np.count_nonzero(m, axis=0), m.sum(0), (m * m).sum(0)
+
+
+def _row_blocks(n: int, n_cols: int, block_entries: int):
+    """Consecutive row slices of at most ``block_entries`` entries (at least one row each)."""
+    step = max(1, int(block_entries) // max(int(n_cols), 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+class _ColumnQuantile:
+    """Exact per-column quantile (numpy's default ``"linear"`` method, the same bits as
+    ``np.quantile(m, q, axis=0)``) of a matrix seen in row blocks, keeping only the
+    ``floor((n - 1) q) + 2`` smallest values of each column."""
+
+    def __init__(self, n: int, q: float):
+        h = (n - 1) * q
+        lo = int(np.floor(h))
+        self.lo, self.hi = (n - 1, n - 1) if h >= n - 1 else (lo, lo + 1)
+        self.gamma = h - self.lo
+        self.keep: np.ndarray | None = None
+
+    def update(self, block: np.ndarray) -> None:
+        m = self.hi + 1
+        if block.shape[0] > m:
+            block = np.partition(block, m - 1, axis=0)[:m]
+        cand = block if self.keep is None else np.concatenate([self.keep, block], axis=0)
+        self.keep = cand if cand.shape[0] <= m else np.partition(cand, m - 1, axis=0)[:m]
+
+    def result(self) -> np.ndarray:
+        s = np.sort(self.keep, axis=0)
+        prev, nxt = s[self.lo], s[self.hi]
+        diff = nxt - prev  # numpy's _lerp
+        if self.gamma >= 0.5:
+            return nxt - diff * (1 - self.gamma)
+        return prev + diff * self.gamma
+
+
+@dataclass
+class ALRAFit:
+    """ALRA's fitted state for a matrix ``a`` (cells x genes), from which the completed values
+    of any block of its rows follow (:meth:`complete`).
+
+    Attributes
+    ----------
+    us, vt
+        Rank-``k`` factors: ``us @ vt`` is the randomized-SVD approximation of ``a``
+        (``us = U * d``, cells x k; ``vt``, k x genes).
+    threshold
+        Per gene, ``|quantile_prob quantile|`` of its low-rank values: values at or below it
+        are set to zero.
+    scale, shift
+        Per gene, the affine map of the remaining values that matches their mean and standard
+        deviation to the gene's observed non-zeros (``1`` and ``0`` where ALRA leaves the gene
+        unscaled).
+    """
+
+    us: np.ndarray
+    vt: np.ndarray
+    threshold: np.ndarray
+    scale: np.ndarray
+    shift: np.ndarray
+
+    def complete(self, a_rows, rows: slice) -> np.ndarray:
+        """Completed values (dense, float64) of the rows ``rows`` of ``a``, whose values are
+        ``a_rows`` (dense or CSR)."""
+        sc = self.us[rows] @ self.vt  # the low-rank values, then updated in place
+        sc[sc <= self.threshold] = 0.0
+        zero = sc == 0
+        sc *= self.scale
+        sc += self.shift
+        sc[zero] = 0.0
+        sc[sc < 0] = 0.0
+        # observed values that ended at zero are restored
+        if sp.issparse(a_rows):
+            coo = sp.coo_matrix(a_rows)
+            r, c, v = coo.row, coo.col, coo.data
+            back = (v > 0) & (sc[r, c] == 0)
+            sc[r[back], c[back]] = v[back]
+        else:
+            obs = np.asarray(a_rows, dtype=np.float64)
+            restore = (obs > 0) & (sc == 0)
+            sc[restore] = obs[restore]
+        return sc
+
+
+def alra_fit(a, k: int, *, quantile_prob: float = 0.001, n_iter: int = 10, rng: RNGLike = 0,
+             block_entries: int | None = None) -> ALRAFit:
+    """ALRA's fit on a log-normalized matrix ``a`` (cells x genes, dense or CSR).
+
+    Steps (ALRA's ``alra`` function): rank-``k`` randomized SVD (products with ``a``, which
+    stays sparse); per gene, the absolute ``quantile_prob`` quantile of the low-rank values
+    (exact, from the smallest values of each gene kept over row blocks); the mean and standard
+    deviation of the low-rank values above it and of the observed non-zeros, giving the
+    rescaling. The low-rank matrix is formed only in blocks of at most ``block_entries`` values
+    (two passes; default 2^22); besides ``a``, memory is one block plus ``(n_cells + n_genes) x k``.
+    """
+    seed = int(as_rng(rng).integers(2**31))
+    u, d, vt = randomized_svd(a, k, n_iter=n_iter, random_state=seed)
+    us = u * d
+    n, g = a.shape
+    blocks = _row_blocks(n, g, block_entries or _BLOCK_ENTRIES)
+    quant = _ColumnQuantile(n, quantile_prob)
+    for rows in blocks:
+        quant.update(us[rows] @ vt)
+    threshold = np.abs(quant.result())
+    n1, s1, ss1 = np.zeros(g, dtype=np.int64), np.zeros(g), np.zeros(g)
+    for rows in blocks:
+        low = us[rows] @ vt
+        low[low <= threshold] = 0.0
+        bn, bs, bss = _nonzero_moments(low)
+        if rows.start == 0:
+            n1, s1, ss1 = bn, bs, bss
+        else:
+            n1, s1, ss1 = n1 + bn, s1 + bs, ss1 + bss
+    n2, s2, ss2 = _nonzero_moments(a)
+    sigma_1, sigma_2 = _sd_from_moments(n1, s1, ss1), _sd_from_moments(n2, s2, ss2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mu_1, mu_2 = s1 / n1, s2 / n2
+        scale = sigma_2 / sigma_1
+        shift = mu_2 - mu_1 * scale
+    ok = ~np.isnan(sigma_1) & ~np.isnan(sigma_2) & ~((sigma_1 == 0) & (sigma_2 == 0)) & (sigma_1 != 0)
+    return ALRAFit(us=us, vt=vt, threshold=threshold, scale=np.where(ok, scale, 1.0),
+                   shift=np.where(ok, shift, 0.0))
+
+
 def alra_core(a, k: int, *, quantile_prob: float = 0.001, n_iter: int = 10, rng: RNGLike = 0,
-              chunk: int = 2048) -> np.ndarray:
-    """ALRA on a log-normalized matrix ``a`` (cells x genes); returns the completed matrix.
+              block_entries: int | None = None) -> np.ndarray:
+    """ALRA on a log-normalized matrix ``a`` (cells x genes); returns the completed matrix
+    (dense): :func:`alra_fit`, then each row block completed.
 
     Steps (ALRA's ``alra`` function): rank-``k`` randomized SVD; per gene, entries at or below
     the absolute ``quantile_prob`` quantile of that gene's low-rank values are set to zero; the
     remaining values are rescaled so their mean and standard deviation match the gene's observed
     non-zeros; negatives are zeroed; observed non-zeros that ended at zero get their values back.
-    Genes are processed in blocks of ``chunk`` columns, so only the output is dense.
     """
-    seed = int(as_rng(rng).integers(2**31))
-    u, d, vt = randomized_svd(a, k, n_iter=n_iter, random_state=seed)
-    us = u * d
+    fit = alra_fit(a, k, quantile_prob=quantile_prob, n_iter=n_iter, rng=rng,
+                   block_entries=block_entries)
     out = np.empty(a.shape, dtype=np.float64)
-    for j0 in range(0, a.shape[1], chunk):
-        j1 = min(j0 + chunk, a.shape[1])
-        low = us @ vt[:, j0:j1]
-        obs = a[:, j0:j1]
-        obs = obs.toarray() if sp.issparse(obs) else np.asarray(obs, dtype=np.float64)
-        mins = np.abs(np.quantile(low, quantile_prob, axis=0))
-        cor = np.where(low <= mins, 0.0, low)
-        sigma_1, sigma_2 = _sd_nonzero(cor), _sd_nonzero(obs)
-        n1, n2 = (cor != 0).sum(0), (obs != 0).sum(0)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mu_1, mu_2 = cor.sum(0) / n1, obs.sum(0) / n2
-            scale = sigma_2 / sigma_1
-            shift = mu_2 - mu_1 * scale
-        ok = ~np.isnan(sigma_1) & ~np.isnan(sigma_2) & ~((sigma_1 == 0) & (sigma_2 == 0)) & (sigma_1 != 0)
-        sc = cor.copy()
-        sc[:, ok] = cor[:, ok] * scale[ok] + shift[ok]
-        sc[cor == 0] = 0.0
-        sc[sc < 0] = 0.0
-        restore = (obs > 0) & (sc == 0)
-        sc[restore] = obs[restore]
-        out[:, j0:j1] = sc
+    for rows in _row_blocks(a.shape[0], a.shape[1], block_entries or _BLOCK_ENTRIES):
+        out[rows] = fit.complete(a[rows], rows)
     return out
 
 
@@ -122,9 +245,29 @@ class ALRAImputer(BaseImputer):
     rng
         Seed for the randomized SVDs.
 
+    Attributes
+    ----------
+    k_
+        The rank used.
+    singular_values_
+        The top ``max_k`` singular values (when the rank was chosen).
+    lowrank_
+        The fitted :class:`ALRAFit` (low-rank factors, per-gene thresholds and rescaling).
+
     Notes
     -----
-    Transductive: ``transform`` needs the cells given to ``fit``.
+    Transductive: ``transform`` needs the cells given to ``fit``. The output is dense (its
+    thresholded entries are zeros; a writer may store the blocks sparse).
+
+    *Memory.* Nothing of size cells x genes is dense except the output rows being computed:
+    the randomized SVDs take products with the sparse log-normalized matrix; the per-gene
+    thresholds (exact quantiles) and rescaling statistics come from two passes over row blocks
+    of the low-rank matrix (:func:`alra_fit`, blocks of 2^22 values), which the posterior
+    recomputes block by block from the factors (``U[rows] S V^T``), so consecutive row blocks
+    stack to the all-rows result. Memory: the sparse input, the ``(cells + genes) x k`` factors,
+    a few blocks, and ``(floor((cells - 1) quantile_prob) + 2) x genes`` values for the
+    quantiles. The arithmetic is ALRA's; with more than one block (more than 2^22 values) the
+    per-gene sums add block totals, which changes the result by rounding only.
     """
 
     name = "alra"
@@ -149,9 +292,15 @@ class ALRAImputer(BaseImputer):
             if not 1 <= self.k_ < min(x.shape):
                 msg = f"k must be between 1 and {min(x.shape) - 1}, got {self.k}."
                 raise ValueError(msg)
-        self.completed_ = alra_core(a, self.k_, quantile_prob=self.quantile_prob,
-                                    n_iter=self.n_iter, rng=rng)
+        self.lowrank_ = alra_fit(a, self.k_, quantile_prob=self.quantile_prob, n_iter=self.n_iter,
+                             rng=rng)
 
     def _posterior(self, x, ctx: DataContext) -> Posterior:
         lib = _norm.library_size(x)
-        return Posterior(mean=_norm.unnormalize(np.expm1(self.completed_[ctx.rows]), lib))
+        a = _norm.log_normalize(x, _norm.CP10K)
+        out = np.empty(x.shape, dtype=np.float64)
+        for rows in _row_blocks(x.shape[0], x.shape[1], _BLOCK_ENTRIES):
+            fitted = slice(ctx.rows.start + rows.start, ctx.rows.start + rows.stop)
+            out[rows] = np.expm1(self.lowrank_.complete(a[rows], fitted))
+        out *= (lib / _norm.CP10K)[:, None]  # _norm.unnormalize, in place
+        return Posterior(mean=out)
