@@ -18,6 +18,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "available_methods": ("screpair.methods._registry", "available_methods"),
     "get_method": ("screpair.methods._registry", "get_method"),
     "impute": ("screpair.methods._api", "impute"),
+    "impute_file": ("screpair.methods._file", "impute_file"),
     "read": ("screpair.io", "read"),
     "write": ("screpair.io", "write"),
     "io": ("screpair.io", None),

@@ -415,14 +415,22 @@ class StoreWriter:
     when the store is closed.
     """
 
+    #: stored values of sparse blocks collected before one append to the store (each append
+    #: resizes the on-disk arrays, slow on zarr): at most 128 MB of float32 values + indices
+    buffer_nnz: int = 2**24
+
     def __init__(self, root, n_obs: int, fmt: str, chunk_rows: int):
         self.root, self.n_obs, self.fmt, self.chunk_rows = root, n_obs, fmt, chunk_rows
+        self._buffer: dict[str, list[sp.csr_matrix]] = {}
         self._rows: dict[str, int] = {}
         self._sparse: dict[str, bool | None] = {}
         self._n_vars: dict[str, int] = {}
 
-    def _kwargs(self) -> dict:
-        return {"compression": "gzip"} if self.fmt == "h5ad" else {}
+    def _kwargs(self, sparse: bool = False) -> dict:
+        if self.fmt == "h5ad":
+            return {"compression": "gzip"}
+        # zarr sizes chunks from the first write: fix them, or appends make one file per value
+        return {"chunks": (2**18,)} if sparse else {}
 
     def matrix(self, key: str, n_vars: int, *, sparse: bool | None = None) -> None:
         """Declare the matrix ``key`` (cells x ``n_vars``); ``sparse=None``: stored as the first
@@ -431,8 +439,6 @@ class StoreWriter:
 
     def append(self, key: str, block) -> None:
         """Write the next rows of ``key`` (float32)."""
-        from anndata.io import sparse_dataset
-
         start, n_vars = self._rows[key], self._n_vars[key]
         if block.shape[1] != n_vars or start + block.shape[0] > self.n_obs:
             msg = f"block of shape {block.shape} does not fit {key} at row {start}."
@@ -442,24 +448,36 @@ class StoreWriter:
         if start == 0:
             self._create(key, n_vars)
         if self._sparse[key]:
-            csr = sp.csr_matrix(block, dtype=np.float32)
-            if csr.nnz:
-                sparse_dataset(self.root[key]).append(csr)
-            else:  # nothing stored: only the row pointers grow
-                _grow_indptr(self.root[key], csr.shape[0])
+            buf = self._buffer.setdefault(key, [])
+            buf.append(sp.csr_matrix(block, dtype=np.float32))
+            if sum(b.nnz for b in buf) >= self.buffer_nnz or start + block.shape[0] == self.n_obs:
+                self._flush(key)
         else:
             dense = block.toarray() if sp.issparse(block) else np.asarray(block)
             self.root[key][start:start + block.shape[0]] = dense.astype(np.float32, copy=False)
         self._rows[key] = start + block.shape[0]
 
-    def _create(self, key: str, n_vars: int) -> None:
-        from anndata.io import write_elem
+    def _flush(self, key: str) -> None:
+        from anndata.io import sparse_dataset
 
-        if self._sparse[key]:
-            empty = sp.csr_matrix((0, n_vars), dtype=np.float32)
-            empty.indptr = empty.indptr.astype(np.int64)
-            write_elem(self.root, key, empty, dataset_kwargs=self._kwargs())
+        buf = self._buffer.pop(key, [])
+        if not buf:
             return
+        csr = buf[0] if len(buf) == 1 else sp.vstack(buf, format="csr")
+        csr = sp.csr_matrix(csr, dtype=np.float32)
+        if key not in self.root:  # the first rows create the element (64-bit row pointers)
+            from anndata.io import write_elem
+
+            csr.indptr = csr.indptr.astype(np.int64)
+            write_elem(self.root, key, csr, dataset_kwargs=self._kwargs(sparse=True))
+        elif csr.nnz:
+            sparse_dataset(self.root[key]).append(csr)
+        else:  # nothing stored: only the row pointers grow
+            _grow_indptr(self.root[key], csr.shape[0])
+
+    def _create(self, key: str, n_vars: int) -> None:
+        if self._sparse[key]:
+            return  # written by the first _flush
         rows = max(1, min(self.n_obs, self.chunk_rows, 2**20 // max(n_vars, 1)))
         shape, chunks = (self.n_obs, n_vars), (rows, max(n_vars, 1))
         if self.fmt == "h5ad":
@@ -470,6 +488,8 @@ class StoreWriter:
         ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
 
     def check_complete(self) -> None:
+        for key in list(self._buffer):
+            self._flush(key)
         for key, rows in self._rows.items():
             if rows != self.n_obs:
                 msg = f"{key} got {rows} of {self.n_obs} rows; the output is incomplete."

@@ -170,9 +170,54 @@ def _add_impute(sub) -> None:
                         'the method, e.g. {"train": {"lr": 3e-4}}')
     p.add_argument("--transpose", action=argparse.BooleanOptionalAction, default=None,
                    help="text input: cells in rows (--transpose) or genes in rows (--no-transpose); default: auto")
+    p.add_argument("--genes", default=None,
+                   help="output only these genes: hvg:N (the N most variable), a boolean var "
+                        "column, or gene names separated by commas; the method still sees every "
+                        "gene (uses the chunked path; the output file holds those genes only)")
+    p.add_argument("--chunk-rows", type=int, default=None,
+                   help="read and write by blocks of this many cells (the chunked path; "
+                        ".h5ad/.zarr output); default: chosen from --max-memory")
+    p.add_argument("--max-memory", default=None,
+                   help="memory budget, e.g. 8G (default: half of this machine's RAM); an input "
+                        "whose in-memory run would need more takes the chunked path")
     _overwrite(p)
     _trust(p)
     _common(p)
+
+
+def _genes_arg(text: str | None):
+    """``--genes``: ``hvg:N``, a var column or one gene (a string), or names with commas (a list)."""
+    if text is None or "," not in text:
+        return text
+    return _names(text, "--genes")
+
+
+def _choose_path(args, est, genes) -> tuple[bool, str]:
+    """Whether ``impute`` takes the chunked file path, and why (for the log)."""
+    from ._chunks import open_rows, store_format
+    from .io import output_format
+    from .methods._file import _format, in_memory_bytes, memory_budget
+
+    budget = memory_budget(args.max_memory)
+    streamable = output_format(args.output)[0] in ("h5ad", "zarr")
+    if args.chunk_rows is not None or genes is not None:
+        if not streamable:
+            flag = "--chunk-rows" if args.chunk_rows is not None else "--genes"
+            msg = f"{flag} writes by blocks: the output must be .h5ad or .zarr, got '{args.output}'."
+            raise CLIError(msg)
+        return True, "--chunk-rows" if args.chunk_rows is not None else "--genes"
+    if not (streamable and store_format(args.input)):
+        return False, "in memory (only .h5ad/.zarr input and output are chunked)"
+    try:
+        src = open_rows(args.input, args.layer)
+    except (ValueError, KeyError, OSError):  # the in-memory path reports it as it always has
+        return False, "in memory (the input's counts could not be opened by rows)"
+    with src:
+        n_layers = 1 + bool(est.has_var) + bool(est.has_dropout_prob)
+        need = in_memory_bytes(src.n_obs, src.n_vars, src._nnz(), n_layers)
+    where = "default: half of the RAM" if args.max_memory is None else "--max-memory"
+    why = f"in memory would need about {_format(need)}, budget {_format(budget)} ({where})"
+    return need > budget, why
 
 
 def _cmd_impute(args) -> int:
@@ -187,6 +232,31 @@ def _cmd_impute(args) -> int:
 
     est = make_estimator(args.method, rng=args.seed, **params)  # checks name and parameters
     _set_trust(args)
+    genes = _genes_arg(args.genes)
+    if args.chunk_rows is not None and args.chunk_rows < 1:
+        msg = f"--chunk-rows must be a positive integer, got {args.chunk_rows}."
+        raise CLIError(msg)
+    from .methods._genes import parse_genes
+
+    parse_genes(genes)
+    if not Path(args.input).expanduser().exists():
+        msg = f"no such file or directory: '{args.input}'"
+        raise FileNotFoundError(msg)
+    chunked, why = _choose_path(args, est, genes)
+    import logging
+
+    logging.getLogger("screpair").info("impute: %s path (%s)", "chunked" if chunked else
+                                       "in-memory", why)
+    if chunked:
+        rec = screpair.impute_file(args.input, args.output, est, layer=args.layer,
+                                   key_added=args.key_added, genes=genes,
+                                   chunk_rows=args.chunk_rows, max_memory=args.max_memory,
+                                   overwrite=args.overwrite, progress=not args.quiet)
+        key = args.key_added or args.method
+        n_genes = rec.get("n_genes_imputed", "all")
+        print(f"imputed with {args.method!r} by blocks of {rec['chunk_rows']} cells ({why}): "
+              f"{n_genes} genes -> {args.output} (layers[{key!r}], {rec['seconds']:.1f} s)")
+        return 0
     adata = screpair.read(args.input, transpose=args.transpose)
     screpair.impute(adata, est, layer=args.layer, key_added=args.key_added,
                     overwrite=args.overwrite)

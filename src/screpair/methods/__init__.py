@@ -12,6 +12,7 @@ from typing import Any
 
 _LAZY = {
     "impute": "._api",
+    "impute_file": "._file",
     "make_estimator": "._api",
     "BaseImputer": "._base",
     "DataContext": "._base",

@@ -6,12 +6,15 @@ import inspect
 import time
 import types
 import typing
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .._chunks import gene_stats, open_rows
 from .._logging import get_logger, log_task
 from .._utils import (
     RNGLike,
@@ -23,6 +26,7 @@ from .._utils import (
     var_names,
 )
 from ._base import BaseImputer, DataContext, Posterior, moved_params_error
+from ._genes import check_genes, parse_genes, select_genes
 from ._registry import get_method
 
 logger = get_logger(__name__)
@@ -156,6 +160,77 @@ def _subset(x, rows: np.ndarray, cols: np.ndarray):
     return np.ascontiguousarray(sub)
 
 
+def _restrict(m, mask: np.ndarray, observed=None):
+    """The layer ``m`` (cells x all genes) with only the genes ``mask`` kept, as float32: all of
+    ``m`` when every gene is kept, else CSR with ``observed`` (or zeros) in the other genes."""
+    if mask.all():
+        return _as_layer(m)
+    keep = np.flatnonzero(mask)
+    part = sp.csr_matrix(m[:, keep] if sp.issparse(m) else np.asarray(m)[:, keep])
+    out = sp.csr_matrix((part.data, keep[part.indices], part.indptr), shape=m.shape)
+    if observed is not None:
+        rest = np.flatnonzero(~mask)
+        obs = sp.csr_matrix(observed[:, rest])
+        out = out + sp.csr_matrix((obs.data, rest[obs.indices], obs.indptr), shape=m.shape)
+    out.sort_indices()
+    return sp.csr_matrix(out, dtype=np.float32)
+
+
+@dataclass
+class _Job:
+    """An estimator and the validated counts of its cells and genes with counts (those without
+    are set aside, as :func:`impute` does): fit once, then the posterior of all rows or of a
+    block of them (``posterior(i0, i1)``: rows ``i0:i1`` of ``x``, for ``posterior_by_rows``
+    methods on the template)."""
+
+    est: BaseImputer
+    x: Any  # validated counts of the non-empty cells x genes
+    ctx: DataContext | None
+    cells: np.ndarray  # masks over all cells / genes
+    genes: np.ndarray
+    rows: np.ndarray  # indices of the kept cells
+    sub: AnnData | None = None  # for estimators with their own public fit / posterior
+
+    @classmethod
+    def prepare(cls, est: BaseImputer, x, *, obs, var, names, layers: Mapping[str, Any]) -> _Job:
+        cells, genes = nonempty(x)
+        rows, cols = np.flatnonzero(cells), np.flatnonzero(genes)
+        full = cells.all() and genes.all()
+        sub_x = x if full else _subset(x, rows, cols)
+        obs = obs.iloc[rows].copy()
+        var = var.iloc[cols].copy()  # methods may read columns (gene_length)
+        var.index = names[genes]
+        layers = {k: v if full else v[rows][:, cols] for k, v in layers.items()}
+        n_obs = sub_x.shape[0]
+        if est._is_template():  # hand over the validated counts: no second get_counts
+            ctx = DataContext(var_names=var.index, obs=obs, var=var, layers=layers, n_obs=n_obs,
+                              rows=slice(0, n_obs))
+            return cls(est, sub_x, ctx, cells, genes, rows)
+        sub = AnnData(X=sub_x, obs=obs, var=var, layers=layers)
+        return cls(est, sub_x, None, cells, genes, rows, sub)
+
+    @property
+    def by_rows(self) -> bool:
+        """Whether the posterior can be computed block by block of rows."""
+        return self.ctx is not None and bool(self.est.posterior_by_rows)
+
+    def fit(self) -> _Job:
+        if self.ctx is not None:
+            self.est._fit_validated(self.x, self.ctx)
+        else:  # an estimator with its own public fit / posterior validates an AnnData itself
+            self.est.fit(self.sub)
+        return self
+
+    def posterior(self, i0: int = 0, i1: int | None = None) -> Posterior:
+        i1 = self.x.shape[0] if i1 is None else i1
+        if self.ctx is None:
+            return self.est.posterior(self.sub)
+        if (i0, i1) == (0, self.x.shape[0]):
+            return self.est._posterior_validated(self.x, self.ctx)
+        ctx = replace(self.ctx, rows=slice(i0, i1))
+        return self.est._posterior_validated(self.x[i0:i1], ctx)
+
+
 def _as_layer(m):
     if m is None:
         return None
@@ -172,6 +247,7 @@ def impute(
     key_added: str | None = None,
     copy: bool = False,
     overwrite: bool = False,
+    genes: str | Sequence[str] | None = None,
     rng: RNGLike = 0,
     **params,
 ) -> AnnData | None:
@@ -193,6 +269,14 @@ def impute(
         Allow the output to replace existing ``layers`` / ``uns`` entries of the same name. Without
         it such a name is an error (raised before any work); the layer holding the input counts
         is never replaced.
+    genes
+        Return imputed values only for these genes: ``"hvg:N"`` (the ``N`` most variable genes
+        by dispersion, :func:`screpair.pp.hvg_dispersion` on all cells), the name of a boolean
+        ``var`` column, a gene name or a list of names; unknown names are an error before any
+        work. The method still sees every gene (the fit is the same as without ``genes``); the
+        output layer holds the imputed values of the chosen genes and the observed counts of
+        the others, stored as CSR (``_var`` / ``dropout_prob`` layers: zero for the others).
+        ``None``: every gene (a dense layer, or CSR where the method's output is sparse).
     rng
         Seed or ``numpy.random.Generator`` for methods with randomness.
     **params
@@ -205,7 +289,11 @@ def impute(
     - ``.layers[key_added | method]``: imputed counts on the count scale (float32);
     - ``.layers[f"{key}_var"]``: posterior variance, for methods that have one;
     - ``.layers["dropout_prob"]``: dropout probabilities, for methods that compute them;
-    - ``.uns[key]``: ``{"method", "params", "layer", "version", "seconds", ...}``.
+    - ``.uns[key]``: ``{"method", "params", "layer", "version", "seconds", ...}`` (with
+      ``genes=``: also ``"genes"`` and ``"n_genes_imputed"``).
+
+    For data larger than memory, :func:`screpair.impute_file` reads a file by blocks of cells
+    and streams the same results to a new file.
 
     Cells and genes with no counts are set aside (with a warning) and returned unchanged.
     ``X`` and every other slot are left untouched.
@@ -222,33 +310,22 @@ def impute(
     if est.has_dropout_prob and getattr(est, "dropout_layer", None) != "dropout_prob":
         outputs.append("dropout_prob")
     check_output_keys(adata, outputs, layer=layer, overwrite=overwrite, uns=(key,))
+    spec = check_genes(parse_genes(genes), adata.var, adata.var_names.astype(str))
     adata = prepare_adata(adata, copy, "impute")
 
     x = get_counts(adata, layer)
-    cells, genes = nonempty(x)
     names = var_names(adata)
-    rows, cols = np.flatnonzero(cells), np.flatnonzero(genes)
-    if cells.all() and genes.all():
-        sub_x = x
-    else:
-        sub_x = _subset(x, rows, cols)
-    obs = adata.obs.iloc[rows].copy()
-    var = adata.var.iloc[cols].copy()  # methods may read columns (gene_length)
-    var.index = names[genes]
+    mask = select_genes(spec, adata.var.set_axis(names), names,
+                        lambda: gene_stats(open_rows(x, validated=True), x.shape[0]))
     read = {getattr(est, "dropout_layer", None)} & set(adata.layers)  # layers a method reads
-    layers = {k: adata.layers[k] if cells.all() and genes.all() else adata.layers[k][rows][:, cols]
-              for k in read}
+    job = _Job.prepare(est, x, obs=adata.obs, var=adata.var, names=names,
+                       layers={k: adata.layers[k] for k in read})
+    cells, genes = job.cells, job.genes
 
     start = time.perf_counter()
-    n_obs, n_vars = sub_x.shape
+    n_obs, n_vars = job.x.shape
     with log_task(f"imputing {n_obs} cells x {n_vars} genes with {est.name!r}", logger):
-        if est._is_template():  # hand over the validated counts: no second get_counts
-            ctx = DataContext(var_names=var.index, obs=obs, var=var, layers=layers, n_obs=n_obs,
-                              rows=slice(0, n_obs))
-            post: Posterior = est._fit_validated(sub_x, ctx)._posterior_validated(sub_x, ctx)
-        else:  # an estimator with its own public fit / posterior validates an AnnData itself
-            sub = AnnData(X=sub_x, obs=obs, var=var, layers=layers)
-            post = est.fit(sub).posterior(sub)
+        post = job.fit().posterior()
     seconds = time.perf_counter() - start
 
     shape = adata.shape
@@ -256,11 +333,13 @@ def impute(
             if m is not None and k not in outputs and k != getattr(est, "dropout_layer", None)]
     check_output_keys(adata, late, layer=layer, overwrite=overwrite)  # estimators without flags
     outputs += late
-    adata.layers[key] = _as_layer(_scatter(post.mean, cells, genes, shape))
+    observed = None if mask.all() else x
+    adata.layers[key] = _restrict(_scatter(post.mean, cells, genes, shape), mask, observed)
     if post.var is not None:
-        adata.layers[f"{key}_var"] = _as_layer(_scatter(post.var, cells, genes, shape))
+        adata.layers[f"{key}_var"] = _restrict(_scatter(post.var, cells, genes, shape), mask)
     if post.dropout_prob is not None and "dropout_prob" in outputs:
-        adata.layers["dropout_prob"] = _as_layer(_scatter(post.dropout_prob, cells, genes, shape))
+        adata.layers["dropout_prob"] = _restrict(
+            _scatter(post.dropout_prob, cells, genes, shape), mask)
     adata.uns[key] = {
         "method": est.name,
         "params": jsonable(est.get_params(deep=False)),
@@ -270,4 +349,7 @@ def impute(
         "n_cells_set_aside": int((~cells).sum()),
         "n_genes_set_aside": int((~genes).sum()),
     }
+    if spec is not None:
+        adata.uns[key]["genes"] = spec.text
+        adata.uns[key]["n_genes_imputed"] = int(mask.sum())
     return adata if copy else None

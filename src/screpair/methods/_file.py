@@ -1,0 +1,329 @@
+"""The file pipeline: impute a file by blocks of cells and stream the result to a new file.
+
+:func:`impute_file` is :func:`screpair.impute` for data larger than memory: the same fit and the
+same numbers (up to float32 rounding of the stored layers), with the input read by blocks of
+rows and every output layer written block by block (:func:`screpair._chunks.stream_store`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+
+from .._chunks import (
+    DEFAULT_CHUNK_ROWS,
+    check_chunk_rows,
+    gene_stats,
+    open_rows,
+    progress_bar,
+    read_all,
+    store_format,
+    stream_store,
+)
+from .._logging import get_logger, log_task
+from .._utils import (
+    RNGLike,
+    check_layer_name,
+    check_not_input_layer,
+    jsonable,
+    var_names,
+)
+from ._api import _Job, _scatter, make_estimator
+from ._base import BaseImputer
+from ._genes import check_genes, parse_genes, select_genes
+
+logger = get_logger(__name__)
+
+#: default memory budget: this fraction of the machine's physical memory
+DEFAULT_MEMORY_FRACTION = 0.5
+#: share of the budget that one block's working arrays may take (sets the default chunk_rows)
+BLOCK_SHARE = 0.1
+_UNITS = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def total_memory() -> int:
+    """Physical memory of the machine in bytes (``os.sysconf``; ``/proc/meminfo`` as a fallback)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    msg = "cannot tell the machine's memory; pass max_memory (CLI: --max-memory)."
+    raise RuntimeError(msg)
+
+
+def parse_bytes(value) -> int:
+    """Bytes from ``8G``, ``500M``, ``1.5GB``, ``2TiB`` or a number of bytes."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        n = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        text = text.removesuffix("ib").removesuffix("b") if text[-1:] == "b" else text
+        unit = text[-1:] if text[-1:] in _UNITS and not text[-1:].isdigit() else ""
+        try:
+            n = float(text[: len(text) - len(unit)]) * _UNITS[unit]
+        except ValueError:
+            n = float("nan")
+    if not np.isfinite(n) or n <= 0:
+        msg = f"max_memory must be a positive size such as '8G' or '500M', got {value!r}."
+        raise ValueError(msg)
+    return int(n)
+
+
+def memory_budget(max_memory=None) -> int:
+    """The budget in bytes: ``max_memory``, or :data:`DEFAULT_MEMORY_FRACTION` of the RAM."""
+    if max_memory is None:
+        return int(DEFAULT_MEMORY_FRACTION * total_memory())
+    return parse_bytes(max_memory)
+
+
+def in_memory_bytes(n_obs: int, n_vars: int, nnz: int, n_layers: int = 1) -> int:
+    """A rough peak of :func:`screpair.impute` on these counts: the counts as read (float32 CSR),
+    validated (float64 CSR) and subset (another copy), the dense float32 output layers and one
+    dense float64 working matrix of the method."""
+    return int(nnz * (8 + 12 + 12) + n_obs * n_vars * (4 * n_layers + 8))
+
+
+def default_chunk_rows(n_vars: int, budget: int) -> int:
+    """Cells per block: one block's dense float64 working arrays (about four of them, over all
+    genes) take :data:`BLOCK_SHARE` of the budget; from 256 to :data:`DEFAULT_CHUNK_ROWS`."""
+    rows = int(BLOCK_SHARE * budget / (max(n_vars, 1) * 8 * 4))
+    return max(256, min(DEFAULT_CHUNK_ROWS, rows))
+
+
+def _format(n: float) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**28 else f"{n / 2**20:.0f} MB"
+
+
+def _names(var: pd.DataFrame) -> pd.Index:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the in-memory path warns once, from get_counts' caller
+        return var_names(AnnData(var=var))
+
+
+def impute_file(
+    in_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    method: str | BaseImputer = "alra",
+    *,
+    layer: str | None = None,
+    key_added: str | None = None,
+    genes: str | Sequence[str] | None = None,
+    chunk_rows: int | None = None,
+    max_memory: int | str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    rng: RNGLike = 0,
+    **params,
+) -> dict:
+    """Impute the counts of a file by blocks of cells, streaming the result to a new file.
+
+    The input (``.h5ad`` or ``.zarr``; other formats are read into memory first, as
+    :func:`screpair.read` reads them) is read by blocks of ``chunk_rows`` cells, each validated as
+    :func:`screpair.impute` validates the whole matrix. The method is fitted on the validated
+    counts of all cells, held in memory as one sparse CSR matrix (float64 values: 12 bytes per
+    stored count; never densified by this pipeline). Its posterior is then computed block by
+    block for methods whose output per cell depends only on that cell's row and the fitted state
+    (``posterior_by_rows``: ``alra``, ``saver``); other methods (``knn``, ``cnn``,
+    ``diffusion``, ``dae``, ``vae``) compute it once for all cells, which is then written out
+    by blocks: their memory is not bounded by ``chunk_rows`` (the log says so). What the method
+    itself holds while fitting (e.g. a dense low-rank reconstruction) is the method's.
+
+    The output file is written block by block, never assembled in memory, atomically (a
+    temporary file or directory next to ``out_path``, renamed at the end; an error or Ctrl-C
+    leaves the old file or none). It holds ``obs`` and ``var`` of the input (``var`` restricted to
+    the output genes), ``X``: the input counts of those genes (CSR, float32), and
+    ``layers[key_added]`` (float32: dense, chunked by rows, or CSR where the method's output is
+    sparse), ``layers[f"{key}_var"]`` / ``layers["dropout_prob"]`` where the method has them, and
+    ``uns[key]`` as :func:`screpair.impute` writes it. The input's other layers are not copied.
+
+    Cells and genes without counts are set aside and returned unchanged, as by ``impute``; the
+    layers equal ``impute``'s (restricted to the output genes) up to float32 rounding.
+
+    Parameters
+    ----------
+    in_path
+        Input ``.h5ad`` / ``.zarr`` (or any format :func:`screpair.read` takes); never modified.
+    out_path
+        Output ``.h5ad`` or ``.zarr``; an existing one (or the input itself) is replaced only
+        with ``overwrite=True``.
+    method
+        A registered method name or an estimator.
+    layer
+        Layer holding the raw counts (``None``: ``X``; ``"raw"``: ``raw/X``), read by rows.
+    key_added
+        Name of the output layer; defaults to the method name.
+    genes
+        The genes of the output file: ``"hvg:N"`` (the ``N`` most variable genes by dispersion,
+        from a streaming pass over all cells), a boolean ``var`` column, a gene name or a list of
+        names (kept in the file's gene order). The method still sees every gene. ``None``: all.
+    chunk_rows
+        Cells per block; default from ``max_memory`` (:func:`default_chunk_rows`).
+    max_memory
+        Memory budget (bytes or ``"8G"``); default :data:`DEFAULT_MEMORY_FRACTION` of the RAM.
+        It sets the default ``chunk_rows``; the fit's sparse counts and what a method holds are
+        not limited by it.
+    overwrite
+        Replace an existing output.
+    progress
+        A progress bar over the blocks (cells/s).
+    rng
+        Seed or ``numpy.random.Generator`` for methods with randomness.
+    **params
+        Method parameters.
+
+    Returns
+    -------
+    The record written to ``uns[key]`` (method, params, seconds, ``chunk_rows``, ...).
+    """
+    from .. import __version__
+    from ..io import check_output_path, read
+
+    start_all = time.perf_counter()
+    src_path = Path(in_path).expanduser()
+    if not src_path.exists():
+        msg = f"no such file or directory: '{in_path}'"
+        raise FileNotFoundError(msg)
+    out = check_output_path(out_path, inputs=[src_path], overwrite=overwrite,
+                            formats=("h5ad", "zarr"))
+    if chunk_rows is not None:
+        chunk_rows = check_chunk_rows(chunk_rows)
+    budget = memory_budget(max_memory)
+    spec = parse_genes(genes)
+    est = make_estimator(method, rng=rng, **params)
+    key = key_added or est.name
+    for k in (key, f"{key}_var"):
+        check_layer_name(k, "key_added")
+        check_not_input_layer(k, layer, "key_added")
+    if getattr(est, "dropout_layer", None) is not None:
+        msg = (f"{est.name}: dropout_layer= is not supported by impute_file yet; use "
+               "screpair.impute on data in memory.")
+        raise ValueError(msg)
+
+    source = open_rows(src_path, layer) if store_format(src_path) else open_rows(
+        read(src_path), layer)
+    with source:
+        names = _names(source.var)
+        var = source.var.set_axis(names)
+        spec = check_genes(spec, var, names)
+        n_obs, n_vars = source.shape
+        rows = chunk_rows or default_chunk_rows(n_vars, budget)
+        logger.info(
+            "chunked path: %d cells x %d genes in blocks of %d cells; budget %s "
+            "(in memory would need about %s); fit on all cells' sparse counts (%s)",
+            n_obs, n_vars, rows, _format(budget),
+            _format(in_memory_bytes(n_obs, n_vars, source._nnz())),
+            _format(source.nbytes_sparse()))
+        with log_task(f"reading '{src_path.name}' by blocks of {rows} cells", logger):
+            x = read_all(source, rows, progress=progress)
+        obs = source.obs
+    job = _Job.prepare(est, x, obs=obs, var=source.var, names=names, layers={})
+    if not (job.cells.all() and job.genes.all()):
+        warnings.warn(
+            f"{int((~job.cells).sum())} cell(s) and {int((~job.genes).sum())} gene(s) have no "
+            "counts; they are set aside and returned unchanged.", UserWarning, stacklevel=2)
+    with log_task("selecting the output genes", logger):
+        mask = select_genes(spec, var, names,
+                            lambda: gene_stats(open_rows(x, validated=True), rows))
+    out_cols = np.flatnonzero(mask)
+
+    start = time.perf_counter()
+    n_sub, g_sub = job.x.shape
+    with log_task(f"fitting {est.name!r} on {n_sub} cells x {g_sub} genes", logger):
+        job.fit()
+    post_all = None
+    if not job.by_rows:
+        logger.warning(
+            "%s: the posterior needs all cells at once (posterior_by_rows is False); it is "
+            "computed in one piece and only written by blocks: memory not bounded by chunk_rows",
+            est.name)
+        with log_task(f"posterior of {est.name!r} for all cells", logger):
+            post_all = job.posterior()
+
+    out_var = source.var.iloc[out_cols].copy()
+    out_var.index = names[out_cols]
+    record = {}
+    with stream_store(out, obs=obs, var=out_var, chunk_rows=rows) as w, \
+            log_task(f"posterior and writing by blocks of {rows} cells -> '{out}'", logger):
+        _write_blocks(w, job, x, post_all, key, out_cols, rows, progress)
+        seconds = time.perf_counter() - start
+        record = {
+            "method": est.name,
+            "params": jsonable(est.get_params(deep=False)),
+            "layer": jsonable(layer),
+            "version": __version__,
+            "seconds": float(seconds),
+            "n_cells_set_aside": int((~job.cells).sum()),
+            "n_genes_set_aside": int((~job.genes).sum()),
+            "chunk_rows": int(rows),
+            "posterior_by_rows": bool(job.by_rows),
+            "input": str(src_path),
+        }
+        if spec is not None:
+            record["genes"] = spec.text
+            record["n_genes_imputed"] = int(mask.sum())
+        w.uns[key] = record
+    logger.info("impute_file: %d cells x %d genes -> '%s' (%.1f s in all)", n_obs, len(out_cols),
+                out, time.perf_counter() - start_all)
+    return record
+
+
+def _write_blocks(w, job: _Job, x, post_all, key: str, out_cols: np.ndarray, rows: int,
+                  progress: bool) -> None:
+    """Posterior (per block, or sliced from ``post_all``) and counts of each block of cells,
+    scattered back to all cells and genes, restricted to ``out_cols``, appended to ``w``."""
+    n_obs, n_vars = x.shape
+    k = len(out_cols)
+    w.matrix("X", k, sparse=True)
+    names = {"mean": key, "var": f"{key}_var", "dropout_prob": "dropout_prob"}
+    kinds: dict[str, bool] | None = None  # layer -> sparse, once the first posterior is known
+    pending = 0  # rows of leading blocks without counts, written once the kinds are known
+    bar = progress_bar(n_obs, "imputing", progress and n_obs > rows)
+    try:
+        for s in range(0, n_obs, rows):
+            e = min(s + rows, n_obs)
+            w.append("X", x[s:e][:, out_cols])
+            i0, i1 = (int(v) for v in np.searchsorted(job.rows, [s, e]))
+            if i1 == i0:  # no cell with counts in this block
+                if kinds is None:
+                    pending += e - s
+                else:
+                    _zeros(w, kinds, e - s, k)
+                bar.update(e - s)
+                continue
+            post = job.posterior(i0, i1) if post_all is None else None
+            parts = {}
+            for field, name in names.items():
+                m = getattr(post_all if post is None else post, field)
+                if m is None:
+                    continue
+                if post is None:
+                    m = m[i0:i1]
+                full = _scatter(m, job.cells[s:e], job.genes, (e - s, n_vars))
+                parts[name] = full[:, out_cols]
+            if kinds is None:
+                kinds = {name: sp.issparse(m) for name, m in parts.items()}
+                for name, sparse in kinds.items():
+                    w.matrix(f"layers/{name}", k, sparse=sparse)
+                _zeros(w, kinds, pending, k)
+            for name, m in parts.items():
+                w.append(f"layers/{name}", m)
+            bar.update(e - s)
+    finally:
+        bar.close()
+
+
+def _zeros(w, kinds: dict[str, bool], n: int, k: int) -> None:
+    if n:
+        for name, sparse in kinds.items():
+            w.append(f"layers/{name}", sp.csr_matrix((n, k)) if sparse else np.zeros((n, k)))

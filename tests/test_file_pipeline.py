@@ -1,0 +1,222 @@
+"""The chunked file pipeline (issue 16): impute_file and `screpair impute --chunk-rows/--genes`
+give the layers of the in-memory impute, written block by block, atomically."""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import screpair
+from screpair.cli import main
+from screpair.methods import _file
+
+
+def _dense(m):
+    return m.toarray() if sp.issparse(m) else np.asarray(m)
+
+
+def _read(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return anndata.read_h5ad(path) if str(path).endswith(".h5ad") else anndata.read_zarr(path)
+
+
+@pytest.fixture
+def sim_path(sim, tmp_path):
+    ad = sim.copy()
+    ad.var["chosen"] = np.arange(ad.n_vars) % 7 == 0
+    path = tmp_path / "in.h5ad"
+    screpair.write(ad, path)
+    return ad, path
+
+
+FAST = {"alra": {"k": 5}, "knn": {"k": 5, "n_pcs": 5}}
+
+
+@pytest.mark.parametrize("method", sorted(FAST))
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_equals_in_memory(sim_path, tmp_path, method, fmt):
+    ad, path = sim_path
+    ref = screpair.impute(ad, method, copy=True, **FAST[method]).layers[method]
+    out = tmp_path / f"out.{fmt}"
+    rec = screpair.impute_file(path, out, method, chunk_rows=64, progress=False, **FAST[method])
+    back = _read(out)
+    assert back.shape == ad.shape and rec["chunk_rows"] == 64
+    assert back.layers[method].dtype == np.float32
+    np.testing.assert_allclose(_dense(back.layers[method]), _dense(ref), rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(back.X.toarray(), ad.X.toarray())  # the input counts
+    assert list(back.obs_names) == list(ad.obs_names) and back.uns[method]["method"] == method
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.h5ad", out.name])
+
+
+@pytest.mark.parametrize("genes", ["hvg:15", "chosen", ["GENE_UNUSED"]])
+def test_genes_subset(sim_path, tmp_path, genes):
+    ad, path = sim_path
+    if isinstance(genes, list):
+        genes = list(ad.var_names[[3, 1, 40]])  # any order: the output keeps the file's order
+    ref_ad = screpair.impute(ad, "alra", copy=True, genes=genes, k=5)
+    full = screpair.impute(ad, "alra", copy=True, k=5).layers["alra"]
+    layer = ref_ad.layers["alra"]
+    assert sp.isspmatrix_csr(layer) and layer.dtype == np.float32
+    n = ref_ad.uns["alra"]["n_genes_imputed"]
+    out = tmp_path / "out.h5ad"
+    screpair.impute_file(path, out, "alra", genes=genes, chunk_rows=50, progress=False, k=5)
+    back = _read(out)
+    chosen = ad.var_names.isin(back.var_names)
+    assert back.n_vars == n == chosen.sum() and list(back.var_names) == list(ad.var_names[chosen])
+    # chosen genes: imputed (the method saw every gene: same values as without genes=)
+    np.testing.assert_allclose(_dense(back.layers["alra"]), _dense(full)[:, chosen], rtol=1e-6)
+    np.testing.assert_allclose(layer[:, chosen].toarray(), _dense(full)[:, chosen], rtol=1e-6)
+    # the other genes of the in-memory layer: the observed counts
+    np.testing.assert_array_equal(layer[:, ~chosen].toarray(), ad.X[:, ~chosen].toarray())
+    if genes == "hvg:15":
+        screpair.pp.highly_variable_genes(ad, n_top_genes=15)
+        np.testing.assert_array_equal(chosen, ad.var["highly_variable"].to_numpy())
+
+
+def test_empty_cells_and_genes_set_aside(sim, tmp_path):
+    ad = sim.copy()
+    x = ad.X.tolil()
+    x[:70] = 0  # the first two blocks of 32 cells have no counts
+    x[:, 5] = 0
+    ad.X = sp.csr_matrix(x)
+    ad.X.eliminate_zeros()
+    path = tmp_path / "in.h5ad"
+    screpair.write(ad, path)
+    with pytest.warns(UserWarning, match="70 cell"):
+        ref = screpair.impute(ad, "alra", copy=True, k=5).layers["alra"]
+    with pytest.warns(UserWarning, match="70 cell"):
+        rec = screpair.impute_file(path, tmp_path / "o.h5ad", "alra", chunk_rows=32,
+                                   progress=False, k=5)
+    assert rec["n_cells_set_aside"] == 70 and rec["n_genes_set_aside"] == 1
+    got = _dense(_read(tmp_path / "o.h5ad").layers["alra"])
+    np.testing.assert_allclose(got, _dense(ref), rtol=1e-6, atol=0)
+    assert not got[:70].any() and not got[:, 5].any()
+
+
+def test_checks_before_any_work(sim_path, tmp_path, monkeypatch):
+    ad, path = sim_path
+
+    def boom(*a, **k):  # reading the counts is the first expensive step
+        raise AssertionError("read the counts")
+
+    monkeypatch.setattr(_file, "read_all", boom)
+    out = tmp_path / "o.h5ad"
+    cases = [
+        ({"genes": "NOPE"}, KeyError, "'NOPE' is not a gene name or a var column"),
+        ({"genes": ["NOPE", ad.var_names[0]]}, KeyError, "1 of 2 gene names"),
+        ({"genes": "hvg:x"}, ValueError, "hvg:N"),
+        ({"genes": "group"}, KeyError, "not a gene name"),
+        ({"chunk_rows": 0}, ValueError, "chunk_rows"),
+        ({"max_memory": "lots"}, ValueError, "max_memory"),
+        ({"k": "a"}, TypeError, "'k'"),
+        ({"key_added": "a/b"}, ValueError, "contains '/'"),
+        ({"layer": "nope"}, KeyError, "layer 'nope' not found"),
+    ]
+    for kwargs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            screpair.impute_file(path, out, "alra", progress=False, **kwargs)
+    with pytest.raises(ValueError, match="must be .h5ad or .zarr"):
+        screpair.impute_file(path, tmp_path / "o.csv", "alra")
+    with pytest.raises(ValueError, match="is the input file"):
+        screpair.impute_file(path, path, "alra")
+    out.write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="already exists"):
+        screpair.impute_file(path, out, "alra")
+    assert out.read_bytes() == b"old"
+
+
+def test_interrupt_leaves_old_output(sim_path, tmp_path, monkeypatch):
+    ad, path = sim_path
+    out = tmp_path / "o.h5ad"
+    out.write_bytes(b"old")
+    real = _file._zeros
+    calls = []
+
+    def append_then_stop(w, job, x, *a, **k):
+        calls.append(1)
+        w.matrix("X", 3)
+        w.append("X", sp.csr_matrix((10, 3)))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_file, "_write_blocks", append_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        screpair.impute_file(path, out, "alra", overwrite=True, progress=False, k=5)
+    assert calls and out.read_bytes() == b"old" and real is _file._zeros
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "o.h5ad"]
+
+
+def test_sizes_and_budget():
+    assert _file.parse_bytes("8G") == 8 * 2**30 and _file.parse_bytes("500MB") == 500 * 2**20
+    assert _file.parse_bytes("1.5GiB") == int(1.5 * 2**30) and _file.parse_bytes(1024) == 1024
+    for bad in ("", "-1G", "abc", 0):
+        with pytest.raises(ValueError, match="max_memory"):
+            _file.parse_bytes(bad)
+    assert _file.memory_budget() == int(_file.DEFAULT_MEMORY_FRACTION * _file.total_memory())
+    assert _file.default_chunk_rows(20_000, 2**30) == 256
+    assert _file.default_chunk_rows(100, 64 * 2**30) == _file.DEFAULT_CHUNK_ROWS
+
+
+def test_cli_chunked(sim_path, tmp_path, capsys):
+    ad, path = sim_path
+    out = tmp_path / "o.h5ad"
+    args = ["impute", str(path), str(out), "--method", "alra", "--config"]
+    cfg = tmp_path / "c.json"
+    cfg.write_text('{"k": 5}')
+    assert main([*args, str(cfg), "--genes", "hvg:10", "--chunk-rows", "40", "-q"]) == 0
+    back = _read(out)
+    assert back.n_vars == 10 and back.uns["alra"]["chunk_rows"] == 40
+    ref = screpair.impute(ad, "alra", copy=True, k=5).layers["alra"]
+    chosen = ad.var_names.isin(back.var_names)
+    np.testing.assert_allclose(_dense(back.layers["alra"]), _dense(ref)[:, chosen], rtol=1e-6)
+    # a budget below the in-memory estimate takes the chunked path by itself
+    out2 = tmp_path / "o2.zarr"
+    assert main([*args, str(cfg), "--max-memory", "1K", str(path), str(out2)][:0] or
+                ["impute", str(path), str(out2), "--method", "alra", "--config", str(cfg),
+                 "--max-memory", "1K"]) == 0
+    assert "by blocks of" in capsys.readouterr().out
+    np.testing.assert_allclose(_dense(_read(out2).layers["alra"]), _dense(ref), rtol=1e-6)
+    capsys.readouterr()
+    for extra, msg in ((["--genes", "NOPE"], "not a gene name"),
+                       (["--chunk-rows", "0"], "--chunk-rows"),
+                       (["--max-memory", "x"], "max_memory"),
+                       (["--genes", "hvg:0"], "hvg:N")):
+        assert main(["impute", str(path), str(tmp_path / "n.h5ad"), *extra]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["impute", str(path), str(tmp_path / "n.csv"), "--chunk-rows", "5"]) == 2
+    assert not (tmp_path / "n.h5ad").exists()
+    assert main(["impute", str(path), str(out), "--chunk-rows", "50"]) == 2  # exists
+    assert "already exists" in capsys.readouterr().err
+
+
+_SAVER_BLOCKS = pytest.mark.xfail(
+    reason="saver's block posterior uses every cell's leave-one-out design (_lasso."
+    "linear_predictor: shapes (n_genes, n_cells) vs (n_genes, block)) although "
+    "posterior_by_rows is True", raises=ValueError, strict=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["alra", "knn", "cnn", "saver",
+                                    pytest.param("saver_blocks", marks=_SAVER_BLOCKS)])
+def test_demo_equals_in_memory(tmp_path, method, one_torch_thread):
+    """The demo data (414 x 8,605): the chunked layers equal impute's to float32 rounding."""
+    ad = screpair.datasets.demo()
+    chunk = 1000 if method == "saver" else 100  # saver in one block: see saver_blocks
+    method = method.removesuffix("_blocks")
+    params = {"cnn": {"train": {"n_epochs": 1, "progress": False},
+                      "targets": {"n_ensemble": 1}}}.get(method, {})
+    ref = screpair.impute(ad, method, copy=True, **params)
+    path = tmp_path / "demo.h5ad"
+    screpair.write(ad, path)
+    screpair.impute_file(path, tmp_path / "o.h5ad", method, chunk_rows=chunk, progress=False,
+                         **params)
+    back = _read(tmp_path / "o.h5ad")
+    for key in ref.layers:
+        if key in back.layers:
+            np.testing.assert_allclose(_dense(back.layers[key]), _dense(ref.layers[key]),
+                                       rtol=1e-6, atol=1e-7)
+    assert method in back.layers
