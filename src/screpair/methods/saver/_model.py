@@ -102,11 +102,19 @@ def gamma_posterior(counts, size_factor, alpha, beta) -> tuple[np.ndarray, np.nd
 class _SumLog1p:
     """``F(b) = sum_c log1p(b * s_c)`` for many ``b`` at once (cubic spline in log-log, rel. err ~1e-11)."""
 
+    #: cells summed at once (a ``3000 x _CHUNK`` block, 25 MB); more cells add block sums
+    _CHUNK = 1024
+
     def __init__(self, sf: np.ndarray):
         self.sf = sf
         self.lo, self.hi = np.log(1e-10), np.log(1e10)
         t = np.linspace(self.lo, self.hi, 3000)
-        vals = np.log1p(np.exp(t)[:, None] * sf[None, :]).sum(1)
+        e = np.exp(t)[:, None]
+        vals = np.zeros(t.size)
+        for start in range(0, sf.size, self._CHUNK):
+            block = e * sf[None, start : start + self._CHUNK]
+            vals += np.log1p(block, out=block).sum(1)
+            del block  # before the next block is made
         self.spline = CubicSpline(t, np.log(vals))
 
     def __call__(self, b: np.ndarray) -> np.ndarray:
@@ -115,7 +123,7 @@ class _SumLog1p:
         out = np.exp(self.spline(np.clip(t, self.lo, self.hi)))
         outside = (t < self.lo) | (t > self.hi)
         if np.any(outside):
-            out[outside] = np.log1p(b[outside][:, None] * self.sf[None, :]).sum(1)
+            out[outside] = [np.log1p(v * self.sf).sum() for v in b[outside]]
         return out
 
 
@@ -340,6 +348,11 @@ class SaverImputer(BaseImputer):
         ``-c0 / c1``) use the mean prior, as in SAVER. ``False`` cross-validates every gene.
     batch_size
         Genes per vectorised batch (memory grows as ``batch_size * n_cells``).
+    n_fit_cells
+        The prior (predictor genes' centring and PCA, the LASSO regressions, the cutoffs and
+        the variance forms) is learned from a random sample of this many cells when there are
+        more (SAVER's ``pred.cells``), so the fit's memory and time stop growing with the data;
+        every cell still gets its posterior, from its own predictors. ``None``: all cells.
     n_jobs
         BLAS threads to use (``None`` or ``-1``: leave the library default). The work is dense
         matrix algebra over gene batches, so threads are BLAS threads. The default, 1, is the
@@ -378,6 +391,10 @@ class SaverImputer(BaseImputer):
         ``(n_genes,)`` its parameter: ``a`` (prior variance ``a mu^2``), ``b`` (``b mu``) or ``k``.
     neg_loglik_
         ``(n_genes, 3)`` negative marginal log-likelihood of the three forms (``inf`` if not fitted).
+    fit_cells_
+        The sorted rows of the cells the prior was learned from, or ``None`` (all cells).
+    scores_
+        Unit-variance component scores of the fitted (sampled) cells.
 
     Notes
     -----
@@ -414,6 +431,7 @@ class SaverImputer(BaseImputer):
         maxcor_cutoff: float | Literal["auto"] = "auto",
         fast: bool = True,
         batch_size: int = 512,
+        n_fit_cells: int | None = 10_000,
         n_jobs: int | None = 1,
         progress: bool = True,
         rng: RNGLike = None,
@@ -426,6 +444,7 @@ class SaverImputer(BaseImputer):
         self.maxcor_cutoff = maxcor_cutoff
         self.fast = fast
         self.batch_size = batch_size
+        self.n_fit_cells = n_fit_cells
         self.n_jobs = n_jobs
         self.progress = progress
         self.rng = rng
@@ -441,6 +460,10 @@ class SaverImputer(BaseImputer):
                 f"lambda_min_ratio must be in (0, 1), got {self.lambda_min_ratio}.",
             ),
             (int(self.batch_size) >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
+            (
+                self.n_fit_cells is None or int(self.n_fit_cells) >= 10,
+                f"n_fit_cells must be None or >= 10, got {self.n_fit_cells}.",
+            ),
         ]
         for ok, msg in checks:
             if not ok:
@@ -484,7 +507,11 @@ class SaverImputer(BaseImputer):
         logx = np.log1p(block.astype(np.float64)) - np.log(sf)[:, None]
         return (logx - self.predictor_center_) / self.predictor_scale_
 
-    def _design(self, genes: np.ndarray, s: np.ndarray) -> _lasso.Design:
+    def _design(self, genes: np.ndarray, s: np.ndarray,
+                scores: np.ndarray | None = None) -> _lasso.Design:
+        """The LASSO design of ``genes`` for the cells whose standardized predictors are ``s``
+        and component scores ``scores`` (default: the fitted cells' ``scores_``)."""
+        scores = self.scores_ if scores is None else scores
         pos = self._predictor_pos[genes]
         is_pred = pos >= 0
         loo_v = np.zeros((genes.size, self.scores_.shape[1]))
@@ -493,12 +520,14 @@ class SaverImputer(BaseImputer):
         if np.any(is_pred):
             loo_x = np.zeros((genes.size, s.shape[0]))
             loo_x[is_pred] = s[:, pos[is_pred]].T
-        return _lasso.Design(self.scores_, loo_x, loo_v)
+        return _lasso.Design(scores, loo_x, loo_v)
 
-    def _prior_mean(self, genes: np.ndarray, s: np.ndarray) -> np.ndarray:
-        """``(B, n)`` prior means of predicted genes from the stored coefficients."""
+    def _prior_mean(self, genes: np.ndarray, s: np.ndarray,
+                    scores: np.ndarray | None = None) -> np.ndarray:
+        """``(B, n)`` prior means of predicted genes from the stored coefficients, for the cells
+        whose standardized predictors are ``s`` and scores ``scores`` (default ``scores_``)."""
         theta = np.column_stack([self.intercept_[genes], self.coef_[genes]])
-        eta = _lasso.linear_predictor(theta, self._design(genes, s))
+        eta = _lasso.linear_predictor(theta, self._design(genes, s, scores))
         return np.exp(np.minimum(eta, 50.0))
 
     @staticmethod
@@ -532,13 +561,25 @@ class SaverImputer(BaseImputer):
         LASSO fits; then a constant (gene-mean) prior for every gene not predicted. Random draws
         happen in this order: the PCA seed, the CV folds, the gene order.
         """
-        n, n_genes = x.shape
+        n_all, n_genes = x.shape
         sf = size_factors(lib)
-        xc = x.tocsc() if sp.issparse(x) else x
-        inv = 1.0 / sf
-        gene_mean, gene_var = self._gene_moments(x, inv)
+        gene_mean, gene_var = self._gene_moments(x, 1.0 / sf)
         self.size_factors_ = sf
         self.gene_mean_ = gene_mean
+        m = self.n_fit_cells
+        x_all, sf_all = x, sf
+        if m is None or n_all <= int(m):
+            self.fit_cells_ = None
+        else:  # SAVER's pred.cells: the prior is learned from a random sample of cells
+            self.fit_cells_ = np.sort(rng.choice(n_all, int(m), replace=False))
+            logger.info("SAVER: fitting the prior on %d of %d cells", int(m), n_all)
+            x, sf = x[self.fit_cells_], sf[self.fit_cells_]
+            if sp.issparse(x):
+                x.sort_indices()
+            _, gene_var = self._gene_moments(x, 1.0 / sf)
+        n = x.shape[0]
+        xc = x.tocsc() if sp.issparse(x) else x
+        inv = 1.0 / sf
         regressable = self._pred_mask(names) & (gene_var > 0)
         logx = self._fit_predictors(xc, gene_mean, sf)
         k = min(int(self.n_components), self.predictor_index_.size - 1, n - 2)
@@ -557,6 +598,8 @@ class SaverImputer(BaseImputer):
         else:
             self.scores_ = np.zeros((n, 0))
             self.loadings_ = np.zeros((self.predictor_index_.size, 0))
+        if self.fit_cells_ is not None:  # the mean priors are cheap: every cell (sparse)
+            xc, sf, f_sum = x_all, sf_all, _SumLog1p(sf_all)
         self._fit_mean_priors(xc, gene_mean, sf, f_sum)
 
     @staticmethod
@@ -748,15 +791,21 @@ class SaverImputer(BaseImputer):
         """Posterior mean (``s_c E[lambda]``) and variance (``s_c^2 Var[lambda]``) on the count
         scale for the fitted cells ``ctx.rows``, dense float64."""
         with threadpool_limits(limits=self._threads()):
-            return self._posterior_rows(x, self.size_factors_[ctx.rows])
+            return self._posterior_rows(x, self.size_factors_[ctx.rows], ctx.rows)
 
-    def _posterior_rows(self, x, sf: np.ndarray) -> Posterior:
+    def _posterior_rows(self, x, sf: np.ndarray, rows: slice) -> Posterior:
         n, n_genes = x.shape
         xc = x.tocsc() if sp.issparse(x) else x
         mean = np.zeros((n, n_genes))
         var = np.zeros((n, n_genes))
         pred = np.flatnonzero(self.predicted_)
         s = self._predictors(x, sf) if pred.size else None
+        if s is None:
+            scores = None
+        elif getattr(self, "fit_cells_", None) is None:  # every cell was fitted: its scores
+            scores = self.scores_[rows]
+        else:
+            scores = s @ self.loadings_
         bs = 4 * int(self.batch_size)
         for start in range(0, n_genes, bs):
             genes = np.arange(start, min(start + bs, n_genes))
@@ -765,7 +814,7 @@ class SaverImputer(BaseImputer):
             mu = np.broadcast_to(self.gene_mean_[genes], y.shape).copy()
             is_pred = self.predicted_[genes]
             if np.any(is_pred):
-                mu[:, is_pred] = self._prior_mean(genes[is_pred], s).T
+                mu[:, is_pred] = self._prior_mean(genes[is_pred], s, scores).T
             alpha = np.zeros_like(mu)
             beta = np.zeros_like(mu)
             for model in VAR_MODELS:
