@@ -267,7 +267,9 @@ class ALRAImputer(BaseImputer):
     stack to the all-rows result. Memory: the sparse input, the ``(cells + genes) x k`` factors,
     a few blocks, and ``(floor((cells - 1) quantile_prob) + 2) x genes`` values for the
     quantiles. The arithmetic is ALRA's; with more than one block (more than 2^22 values) the
-    per-gene sums add block totals, which changes the result by rounding only.
+    per-gene sums add block totals, which changes the result by rounding only (vs the former
+    whole-column implementation: max |d log1p| 1.2e-12 on pbmc3k, 5.3e-13 on baron; bit for
+    bit with one block, e.g. the parity cases).
     """
 
     name = "alra"
@@ -299,8 +301,9 @@ class ALRAImputer(BaseImputer):
         lib = _norm.library_size(x)
         a = _norm.log_normalize(x, _norm.CP10K)
         out = np.empty(x.shape, dtype=np.float64)
+        first = ctx.rows.indices(ctx.n_obs)[0]  # the block's first row in the data set
         for rows in _row_blocks(x.shape[0], x.shape[1], _BLOCK_ENTRIES):
-            fitted = slice(ctx.rows.start + rows.start, ctx.rows.start + rows.stop)
+            fitted = slice(first + rows.start, first + rows.stop)
             out[rows] = np.expm1(self.lowrank_.complete(a[rows], fitted))
         out *= (lib / _norm.CP10K)[:, None]  # _norm.unnormalize, in place
         return Posterior(mean=out)

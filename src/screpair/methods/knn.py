@@ -128,8 +128,15 @@ class KNNImputer(BaseImputer):
     neighbour matrix), so blocks stack to the all-rows result; memory is the sparse input, the
     ``cells x (n_pcs + 10)`` PCA blocks and the dense output block.
 
-    *Approximate neighbours* (above ``exact_max_cells``): pynndescent compiles its numba
-    kernels on first use (about 30 s per process on a 2-core machine).
+    *Approximate neighbours* (above ``exact_max_cells``; measured by forcing them with
+    ``exact_max_cells=0``, rng 0, ``benchmarks/bench_methods_scale.py --accuracy``): on pbmc3k
+    (2,700 cells) they recall 99.3 % of the exact neighbour sets, the smoothed log1p(CP10k)
+    values differ from the exact version's by an MSE of 4.2e-4 (0.18 % of their variance) and
+    the masked-protocol RMSE is unchanged (1.2515 both); on baron mouse 1 (822 cells): recall
+    99.9 %, MSE 1.0e-4 (0.05 %), masked RMSE 1.1361 exact, 1.1360 approximate. pynndescent
+    compiles its numba kernels on first use (about 30 s per process on a 2-core machine). Below
+    ``exact_max_cells`` the output is the same as before the implicit-centring PCA (bit for bit
+    on pbmc3k, baron and the parity cases).
     """
 
     name = "knn"
