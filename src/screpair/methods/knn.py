@@ -178,5 +178,7 @@ class KNNImputer(BaseImputer):
             (np.full(n * k, 1.0 / k), idx.ravel(), np.arange(0, n * k + 1, k)),
             shape=(n, self.neighbors_.shape[0]),
         )
-        smooth = w @ self.normalized_
-        return Posterior(mean=_norm.unnormalize(smooth, lib))
+        smooth = w @ self.normalized_  # a new array (dense for dense input)
+        smooth = smooth.toarray() if sp.issparse(smooth) else np.asarray(smooth)
+        smooth *= (lib / _norm.CP10K)[:, None]  # _norm.unnormalize, in place
+        return Posterior(mean=smooth)
