@@ -220,3 +220,29 @@ def test_demo_equals_in_memory(tmp_path, method, one_torch_thread):
             np.testing.assert_allclose(_dense(back.layers[key]), _dense(ref.layers[key]),
                                        rtol=1e-6, atol=1e-7)
     assert method in back.layers
+
+
+def test_blocks_bounded_by_chunk_rows(sim_path, tmp_path, monkeypatch):
+    """Every read and every write holds at most chunk_rows cells (the budget check on the
+    block sizes used); no layer is assembled whole."""
+    from screpair import _chunks
+
+    ad, path = sim_path
+    reads, writes = [], []
+    real_read, real_append = _chunks.RowSource.read, _chunks.StoreWriter.append
+
+    def read(self, start, stop):
+        reads.append(stop - start)
+        return real_read(self, start, stop)
+
+    def append(self, key, block):
+        writes.append((key, block.shape[0]))
+        return real_append(self, key, block)
+
+    monkeypatch.setattr(_chunks.RowSource, "read", read)
+    monkeypatch.setattr(_chunks.StoreWriter, "append", append)
+    screpair.impute_file(path, tmp_path / "o.h5ad", "alra", chunk_rows=30, progress=False, k=5)
+    assert reads and max(reads) <= 30 and sum(reads) == ad.n_obs
+    assert {k for k, _ in writes} == {"X", "layers/alra"}
+    assert max(n for _, n in writes) <= 30
+    assert sum(n for k, n in writes if k == "layers/alra") == ad.n_obs
