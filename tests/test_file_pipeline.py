@@ -246,3 +246,14 @@ def test_blocks_bounded_by_chunk_rows(sim_path, tmp_path, monkeypatch):
     assert {k for k, _ in writes} == {"X", "layers/alra"}
     assert max(n for _, n in writes) <= 30
     assert sum(n for k, n in writes if k == "layers/alra") == ad.n_obs
+
+
+def test_cli_in_memory_zarr_output(sim_path, tmp_path):
+    ad, path = sim_path
+    out = tmp_path / "o.zarr"
+    assert main(["impute", str(path), str(out), "--method", "knn", "-q"]) == 0
+    back = _read(out)
+    assert back.shape == ad.shape and "knn" in back.layers and "chosen" in back.var
+    assert main(["impute", str(path), str(out), "--method", "knn", "-q"]) == 2  # exists
+    assert main(["impute", str(path), str(out), "--method", "knn", "-q", "--overwrite"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "o.zarr"]

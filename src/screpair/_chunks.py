@@ -98,10 +98,11 @@ class RowSource:
 
     def nbytes_sparse(self) -> int:
         """Bytes of the whole matrix as validated float64 CSR (values, int32/64 indices)."""
-        nnz = self._nnz()
+        nnz = self.nnz()
         return int(nnz * (8 + 4) + 8 * (self.n_obs + 1))
 
-    def _nnz(self) -> int:
+    def nnz(self) -> int:
+        """Stored entries (every entry of a dense matrix)."""
         m = self.matrix
         if sp.issparse(m):
             return int(m.nnz)

@@ -196,7 +196,7 @@ def _choose_path(args, est, genes) -> tuple[bool, str]:
     """Whether ``impute`` takes the chunked file path, and why (for the log)."""
     from ._chunks import open_rows, store_format
     from .io import output_format
-    from .methods._file import _format, in_memory_bytes, memory_budget
+    from .methods._file import format_bytes, in_memory_bytes, memory_budget
 
     budget = memory_budget(args.max_memory)
     streamable = output_format(args.output)[0] in ("h5ad", "zarr")
@@ -214,9 +214,9 @@ def _choose_path(args, est, genes) -> tuple[bool, str]:
         return False, "in memory (the input's counts could not be opened by rows)"
     with src:
         n_layers = 1 + bool(est.has_var) + bool(est.has_dropout_prob)
-        need = in_memory_bytes(src.n_obs, src.n_vars, src._nnz(), n_layers)
+        need = in_memory_bytes(src.n_obs, src.n_vars, src.nnz(), n_layers)
     where = "default: half of the RAM" if args.max_memory is None else "--max-memory"
-    why = f"in memory would need about {_format(need)}, budget {_format(budget)} ({where})"
+    why = f"in memory would need about {format_bytes(need)}, budget {format_bytes(budget)} ({where})"
     return need > budget, why
 
 
@@ -268,11 +268,11 @@ def _cmd_impute(args) -> int:
 
 
 def _write_result(adata, path: str, key: str) -> None:
-    """Write ``adata``: ``.h5ad`` keeps every slot; text formats get the ``key`` layer."""
+    """Write ``adata``: ``.h5ad`` / ``.zarr`` keep every slot; text formats get the ``key`` layer."""
     import screpair
 
-    is_h5ad = screpair.io.output_format(path)[0] == "h5ad"
-    screpair.write(adata, path, layer=None if is_h5ad else key)
+    is_store = screpair.io.output_format(path)[0] in ("h5ad", "zarr")
+    screpair.write(adata, path, layer=None if is_store else key)
 
 
 # --------------------------------------------------------------------------- info

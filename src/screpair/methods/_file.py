@@ -101,7 +101,8 @@ def default_chunk_rows(n_vars: int, budget: int) -> int:
     return max(256, min(DEFAULT_CHUNK_ROWS, rows))
 
 
-def _format(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``n`` bytes as "1.2 GB" or "300 MB"."""
     return f"{n / 2**30:.1f} GB" if n >= 2**28 else f"{n / 2**20:.0f} MB"
 
 
@@ -221,9 +222,9 @@ def impute_file(
         logger.info(
             "chunked path: %d cells x %d genes in blocks of %d cells; budget %s "
             "(in memory would need about %s); fit on all cells' sparse counts (%s)",
-            n_obs, n_vars, rows, _format(budget),
-            _format(in_memory_bytes(n_obs, n_vars, source._nnz())),
-            _format(source.nbytes_sparse()))
+            n_obs, n_vars, rows, format_bytes(budget),
+            format_bytes(in_memory_bytes(n_obs, n_vars, source.nnz())),
+            format_bytes(source.nbytes_sparse()))
         with log_task(f"reading '{src_path.name}' by blocks of {rows} cells", logger):
             x = read_all(source, rows, progress=progress)
         obs = source.obs
