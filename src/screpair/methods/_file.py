@@ -293,7 +293,7 @@ def _write_blocks(w, job: _Job, x, post_all, key: str, out_cols: np.ndarray, row
     try:
         for s in range(0, n_obs, rows):
             e = min(s + rows, n_obs)
-            w.append("X", x[s:e][:, out_cols])
+            w.append("X", x[s:e] if k == n_vars else x[s:e][:, out_cols])
             i0, i1 = (int(v) for v in np.searchsorted(job.rows, [s, e]))
             if i1 == i0:  # no cell with counts in this block
                 if kinds is None:
@@ -311,7 +311,7 @@ def _write_blocks(w, job: _Job, x, post_all, key: str, out_cols: np.ndarray, row
                 if post is None:
                     m = m[i0:i1]
                 full = _scatter(m, job.cells[s:e], job.genes, (e - s, n_vars))
-                parts[name] = full[:, out_cols]
+                parts[name] = full if k == n_vars else full[:, out_cols]
             if kinds is None:
                 kinds = {name: sp.issparse(m) for name, m in parts.items()}
                 for name, sparse in kinds.items():
