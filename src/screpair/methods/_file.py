@@ -135,7 +135,7 @@ def impute_file(
     counts of all cells, held in memory as one sparse CSR matrix (float64 values: 12 bytes per
     stored count; never densified by this pipeline). Its posterior is then computed block by
     block for methods whose output per cell depends only on that cell's row and the fitted state
-    (``posterior_by_rows``: ``alra``, ``saver``); other methods (``knn``, ``cnn``,
+    (``posterior_by_rows``, e.g. ``alra``, ``knn``, ``saver``); the others (``cnn``,
     ``diffusion``, ``dae``, ``vae``) compute it once for all cells, which is then written out
     by blocks: their memory is not bounded by ``chunk_rows`` (the log says so). What the method
     itself holds while fitting (e.g. a dense low-rank reconstruction) is the method's.
