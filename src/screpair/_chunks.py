@@ -378,6 +378,40 @@ def read_all(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
     float64 CSR with sorted indices, read block by block (never densified). The whole matrix is
     then checked as :func:`get_counts` checks it: not all zeros, and not rounded normalized
     values."""
+    if rows is None and cols is None and source.is_sparse:
+        out = _read_all_into(source, chunk_rows, progress)
+    else:
+        out = _read_all_stacked(source, chunk_rows, rows, cols, progress)
+    where = f"layer {source.layer!r}" if source.layer is not None else "the count matrix"
+    if not out.nnz or not np.any(out.data):
+        msg = f"{where} is all zeros; there is nothing to impute."
+        raise ValueError(msg)
+    if not source.validated:
+        check_not_normalized(out, where)
+    return out
+
+
+def _read_all_into(source: RowSource, chunk_rows: int, progress: bool) -> sp.csr_matrix:
+    """All rows of a sparse source copied block by block into arrays allocated once (the
+    stored entries bound the validated ones), so the whole matrix is never held twice."""
+    n, g = source.shape
+    cap = source.nnz()
+    idx = np.int32 if max(cap, g) < 2**31 else np.int64
+    data, indices = np.empty(cap, dtype=np.float64), np.empty(cap, dtype=idx)
+    indptr = np.zeros(n + 1, dtype=idx)
+    pos = 0
+    for start, stop, x in source.blocks(chunk_rows, progress=progress, desc="reading counts"):
+        k = x.nnz
+        data[pos:pos + k], indices[pos:pos + k] = x.data, x.indices
+        indptr[start + 1:stop + 1] = pos + x.indptr[1:]
+        pos += k
+    out = sp.csr_matrix((data[:pos], indices[:pos], indptr), shape=(n, g), copy=False)
+    out.has_sorted_indices = True  # every block is
+    return out
+
+
+def _read_all_stacked(source: RowSource, chunk_rows: int, rows, cols,
+                      progress: bool) -> sp.csr_matrix:
     keep_rows = None
     if rows is not None:
         keep_rows = np.zeros(source.n_obs, dtype=bool)
@@ -392,12 +426,6 @@ def read_all(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
     out = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
     out = sp.csr_matrix(out, dtype=np.float64)
     out.sort_indices()
-    where = f"layer {source.layer!r}" if source.layer is not None else "the count matrix"
-    if not out.nnz or not np.any(out.data):
-        msg = f"{where} is all zeros; there is nothing to impute."
-        raise ValueError(msg)
-    if not source.validated:
-        check_not_normalized(out, where)
     return out
 
 
