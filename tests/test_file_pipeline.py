@@ -304,3 +304,25 @@ def test_memory_bounded_by_blocks(tmp_path):
 
     with h5py.File(tmp_path / "o.h5ad", "r") as f:  # read back a few rows, not the whole layer
         np.testing.assert_allclose(f["layers/scale"][-3:], x[-3:].toarray() * 1.5, rtol=1e-6)
+
+
+def test_zarr_and_text_input(sim_path, tmp_path):
+    ad, path = sim_path
+    ref = screpair.impute(ad, "alra", copy=True, k=5).layers["alra"]
+    zin = tmp_path / "in.zarr"
+    screpair.write(ad, zin)
+    screpair.impute_file(zin, tmp_path / "a.h5ad", "alra", chunk_rows=70, progress=False, k=5)
+    np.testing.assert_allclose(_dense(_read(tmp_path / "a.h5ad").layers["alra"]), _dense(ref),
+                               rtol=1e-6)
+    csv = tmp_path / "in.csv"
+    screpair.write(ad, csv)  # genes x cells
+    assert main(["impute", str(csv), str(tmp_path / "b.h5ad"), "--method", "alra", "--config",
+                 _cfg(tmp_path), "--chunk-rows", "70", "--no-transpose", "-q"]) == 0
+    np.testing.assert_allclose(_dense(_read(tmp_path / "b.h5ad").layers["alra"]), _dense(ref),
+                               rtol=1e-6)
+
+
+def _cfg(tmp_path):
+    cfg = tmp_path / "k5.json"
+    cfg.write_text('{"k": 5}')
+    return str(cfg)

@@ -251,7 +251,8 @@ def _cmd_impute(args) -> int:
         rec = screpair.impute_file(args.input, args.output, est, layer=args.layer,
                                    key_added=args.key_added, genes=genes,
                                    chunk_rows=args.chunk_rows, max_memory=args.max_memory,
-                                   overwrite=args.overwrite, progress=not args.quiet)
+                                   overwrite=args.overwrite, progress=not args.quiet,
+                                   transpose=args.transpose)
         key = args.key_added or args.method
         n_genes = rec.get("n_genes_imputed", "all")
         print(f"imputed with {args.method!r} by blocks of {rec['chunk_rows']} cells ({why}): "

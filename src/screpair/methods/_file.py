@@ -124,6 +124,7 @@ def impute_file(
     max_memory: int | str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    transpose: bool | None = None,
     rng: RNGLike = 0,
     **params,
 ) -> dict:
@@ -178,6 +179,8 @@ def impute_file(
         Replace an existing output.
     progress
         A progress bar over the blocks (cells/s).
+    transpose
+        Text input only (read into memory first): as :func:`screpair.read`.
     rng
         Seed or ``numpy.random.Generator`` for methods with randomness.
     **params
@@ -211,8 +214,11 @@ def impute_file(
                "screpair.impute on data in memory.")
         raise ValueError(msg)
 
+    if store_format(src_path) and transpose is not None:
+        msg = "transpose= applies to text input only."
+        raise ValueError(msg)
     source = open_rows(src_path, layer) if store_format(src_path) else open_rows(
-        read(src_path), layer)
+        read(src_path, transpose=transpose), layer)
     with source:
         names = _names(source.var)
         var = source.var.set_axis(names)
