@@ -353,6 +353,10 @@ class SaverImputer(BaseImputer):
         the variance forms) is learned from a random sample of this many cells when there are
         more (SAVER's ``pred.cells``), so the fit's memory and time stop growing with the data;
         every cell still gets its posterior, from its own predictors. ``None``: all cells.
+        Measured cost (``benchmarks/bench_methods_scale.py --accuracy``, rng 0): learning the
+        prior from 1,000 of pbmc3k's 2,700 cells instead of all changes the output by an MSE
+        of 2.5e-3 on log1p(CP10k) (1.2 % of its variance; r 0.994) and the masked-protocol
+        RMSE from 1.3582 to 1.3680 (+0.7 %).
     n_jobs
         BLAS threads to use (``None`` or ``-1``: leave the library default). The work is dense
         matrix algebra over gene batches, so threads are BLAS threads. The default, 1, is the
