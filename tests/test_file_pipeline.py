@@ -193,20 +193,12 @@ def test_cli_chunked(sim_path, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-_SAVER_BLOCKS = pytest.mark.xfail(
-    reason="saver's block posterior uses every cell's leave-one-out design (_lasso."
-    "linear_predictor: shapes (n_genes, n_cells) vs (n_genes, block)) although "
-    "posterior_by_rows is True", raises=ValueError, strict=False)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["alra", "knn", "cnn", "saver",
-                                    pytest.param("saver_blocks", marks=_SAVER_BLOCKS)])
+@pytest.mark.parametrize("method", ["alra", "knn", "cnn", "saver"])
 def test_demo_equals_in_memory(tmp_path, method, one_torch_thread):
     """The demo data (414 x 8,605): the chunked layers equal impute's to float32 rounding."""
     ad = screpair.datasets.demo()
-    chunk = 1000 if method == "saver" else 100  # saver in one block: see saver_blocks
-    method = method.removesuffix("_blocks")
+    chunk = 100
     params = {"cnn": {"train": {"n_epochs": 1, "progress": False},
                       "targets": {"n_ensemble": 1}}}.get(method, {})
     ref = screpair.impute(ad, method, copy=True, **params)
