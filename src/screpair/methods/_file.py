@@ -134,7 +134,8 @@ def impute_file(
     :func:`screpair.read` reads them) is read by blocks of ``chunk_rows`` cells, each validated as
     :func:`screpair.impute` validates the whole matrix. The method is fitted on the validated
     counts of all cells, held in memory as one sparse CSR matrix (float64 values: 12 bytes per
-    stored count; never densified by this pipeline). Its posterior is then computed block by
+    stored count; never densified by this pipeline; a method may fit on a documented sample of
+    them, e.g. saver's ``n_fit_cells``). Its posterior is then computed block by
     block for methods whose output per cell depends only on that cell's row and the fitted state
     (``posterior_by_rows``, e.g. ``alra``, ``knn``, ``saver``); the others (``cnn``,
     ``diffusion``, ``dae``, ``vae``) compute it once for all cells, which is then written out
