@@ -150,7 +150,8 @@ class RowSource:
 
 def check_chunk_rows(chunk_rows) -> int:
     """Raise unless ``chunk_rows`` is a positive integer."""
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or chunk_rows < 1:
+    integer = isinstance(chunk_rows, (int, np.integer)) and not isinstance(chunk_rows, bool)
+    if not integer or chunk_rows < 1:
         msg = f"chunk_rows must be a positive integer, got {chunk_rows!r}."
         raise ValueError(msg)
     return int(chunk_rows)

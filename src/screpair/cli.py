@@ -186,7 +186,8 @@ def _add_impute(sub) -> None:
 
 
 def _genes_arg(text: str | None):
-    """``--genes``: ``hvg:N``, a var column or one gene (a string), or names with commas (a list)."""
+    """``--genes``: ``hvg:N``, a var column or one gene (a string), or names with commas (a
+    list)."""
     if text is None or "," not in text:
         return text
     return _names(text, "--genes")
@@ -203,7 +204,8 @@ def _choose_path(args, est, genes) -> tuple[bool, str]:
     if args.chunk_rows is not None or genes is not None:
         if not streamable:
             flag = "--chunk-rows" if args.chunk_rows is not None else "--genes"
-            msg = f"{flag} writes by blocks: the output must be .h5ad or .zarr, got '{args.output}'."
+            msg = (f"{flag} writes by blocks: the output must be .h5ad or .zarr, got "
+                   f"'{args.output}'.")
             raise CLIError(msg)
         return True, "--chunk-rows" if args.chunk_rows is not None else "--genes"
     if not (streamable and store_format(args.input)):
@@ -216,7 +218,8 @@ def _choose_path(args, est, genes) -> tuple[bool, str]:
         n_layers = 1 + bool(est.has_var) + bool(est.has_dropout_prob)
         need = in_memory_bytes(src.n_obs, src.n_vars, src.nnz(), n_layers)
     where = "default: half of the RAM" if args.max_memory is None else "--max-memory"
-    why = f"in memory would need about {format_bytes(need)}, budget {format_bytes(budget)} ({where})"
+    why = (f"in memory would need about {format_bytes(need)}, budget {format_bytes(budget)} "
+           f"({where})")
     return need > budget, why
 
 
