@@ -316,3 +316,23 @@ def _cfg(tmp_path):
     cfg = tmp_path / "k5.json"
     cfg.write_text('{"k": 5}')
     return str(cfg)
+
+
+def test_cnn_with_dropout_layer(sim, tmp_path, one_torch_thread):
+    """A layer the method reads besides the counts (cnn's dropout_layer) comes from the file."""
+    ad = sim.copy()
+    x = ad.X.toarray()
+    ad.layers["p"] = np.where(x == 0, 0.9, 0.0)
+    path = tmp_path / "in.h5ad"
+    screpair.write(ad, path)
+    params = dict(dropout_layer="p", groupby="group", module={"n_hidden": 8},
+                  train={"n_epochs": 1, "batch_size": 64, "progress": False, "device": "cpu"},
+                  targets={"n_ensemble": 1})
+    ref = screpair.impute(ad, "cnn", copy=True, **params).layers["cnn"]
+    screpair.impute_file(path, tmp_path / "o.h5ad", "cnn", chunk_rows=64, progress=False,
+                         **params)
+    np.testing.assert_allclose(_dense(_read(tmp_path / "o.h5ad").layers["cnn"]), _dense(ref),
+                               rtol=1e-6, atol=1e-7)
+    with pytest.raises(KeyError, match="layer 'q' not found"):  # before reading the counts
+        screpair.impute_file(path, tmp_path / "o2.h5ad", "cnn", **{**params, "dropout_layer": "q"})
+    assert not (tmp_path / "o2.h5ad").exists()

@@ -392,6 +392,16 @@ def read_all(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
     return out
 
 
+def read_stored(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS):
+    """The whole matrix as stored (CSR or ndarray, not validated: e.g. a layer of
+    probabilities), read by blocks of rows."""
+    parts = [source.read(s, min(s + chunk_rows, source.n_obs))
+             for s in range(0, source.n_obs, check_chunk_rows(chunk_rows))]
+    if all(sp.issparse(p) for p in parts):
+        return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
+    return np.concatenate([p.toarray() if sp.issparse(p) else p for p in parts])
+
+
 def _read_all_into(source: RowSource, chunk_rows: int, progress: bool) -> sp.csr_matrix:
     """All rows of a sparse source copied block by block into arrays allocated once (the
     stored entries bound the validated ones), so the whole matrix is never held twice."""

@@ -7,6 +7,7 @@ rows and every output layer written block by block (:func:`screpair._chunks.stre
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -25,6 +26,7 @@ from .._chunks import (
     open_rows,
     progress_bar,
     read_all,
+    read_stored,
     store_format,
     stream_store,
 )
@@ -210,17 +212,16 @@ def impute_file(
     for k in (key, f"{key}_var"):
         check_layer_name(k, "key_added")
         check_not_input_layer(k, layer, "key_added")
-    if getattr(est, "dropout_layer", None) is not None:
-        msg = (f"{est.name}: dropout_layer= is not supported by impute_file yet; use "
-               "screpair.impute on data in memory.")
-        raise ValueError(msg)
+    extra = getattr(est, "dropout_layer", None)  # a layer the method reads (cnn)
+    if extra is not None:
+        check_layer_name(extra, "dropout_layer")
 
     if store_format(src_path) and transpose is not None:
         msg = "transpose= applies to text input only."
         raise ValueError(msg)
-    source = open_rows(src_path, layer) if store_format(src_path) else open_rows(
-        read(src_path, transpose=transpose), layer)
-    with source:
+    data = src_path if store_format(src_path) else read(src_path, transpose=transpose)
+    source = open_rows(data, layer)
+    with source, contextlib.ExitStack() as stack:
         names = _names(source.var)
         var = source.var.set_axis(names)
         spec = check_genes(spec, var, names)
@@ -232,10 +233,20 @@ def impute_file(
             n_obs, n_vars, rows, format_bytes(budget),
             format_bytes(in_memory_bytes(n_obs, n_vars, source.nnz())),
             format_bytes(source.nbytes_sparse()))
+        other = None if extra is None else open_rows(data, extra)  # exists? before the work
+        if other is not None:
+            stack.callback(other.close)
+        if other is not None and other.shape != source.shape:
+            msg = f"layer {extra!r} has shape {other.shape}, the counts {source.shape}."
+            raise ValueError(msg)
         with log_task(f"reading '{src_path.name}' by blocks of {rows} cells", logger):
             x = read_all(source, rows, progress=progress)
         obs = source.obs
-    job = _Job.prepare(est, x, obs=obs, var=source.var, names=names, layers={})
+        layers = {}
+        if other is not None:  # read as stored, in memory (the method needs all of it)
+            with other:
+                layers[extra] = read_stored(other, rows)
+    job = _Job.prepare(est, x, obs=obs, var=source.var, names=names, layers=layers)
     if not (job.cells.all() and job.genes.all()):
         warnings.warn(
             f"{int((~job.cells).sum())} cell(s) and {int((~job.genes).sum())} gene(s) have no "
