@@ -128,11 +128,12 @@ class BaseImputer(BaseEstimator):
         must not assume it (a later path may fit on a sample of cells), a transductive one may.
     ``_posterior(x, ctx) -> Posterior``
         The same kind of ``x``: the rows ``ctx.rows`` of a data set of ``ctx.n_obs`` cells with
-        the fitted genes. Today it is called once with all rows; a chunked path will call it on
-        consecutive row blocks and stack the results, so a method whose output for a cell
-        depends only on that cell's row and fitted state should index per-cell fitted state
-        with ``ctx.rows``. Methods that need all rows at once (e.g. smoothing over neighbours)
-        set ``posterior_by_rows = False``.
+        the fitted genes. :func:`screpair.impute` calls it once with all rows;
+        :func:`screpair.impute_file` calls it on consecutive row blocks (``x`` the block's
+        validated counts, ``ctx.rows`` its rows, ``ctx.n_obs`` all cells) and writes each
+        result out, so a method whose output for a cell depends only on that cell's row and
+        fitted state indexes per-cell fitted state with ``ctx.rows``. Methods that need all rows
+        at once set ``posterior_by_rows = False``: ``impute_file`` then calls it once.
 
     Neither hook may modify ``x`` (``impute`` passes the same matrix to both). :meth:`transform`
     returns the posterior mean so estimators compose with sklearn. A subclass may still
