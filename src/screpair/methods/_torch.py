@@ -227,11 +227,13 @@ def train_loop(
     rng: np.random.Generator,
     *,
     desc: str = "training",
+    on_epoch: Callable[[int], None] | None = None,
 ) -> pd.DataFrame:
     """Minibatch Adam with early stopping on the validation loss; restores the best weights.
 
     ``loss_fn(batch_rows, training)`` computes the loss for those cells (the caller closes over the
-    data and device). Returns the history as a DataFrame with columns epoch, train_loss,
+    data and device). ``on_epoch(epoch)``, when given, runs before every epoch but the first
+    (e.g. to redraw augmented inputs). Returns the history as a DataFrame with columns epoch, train_loss,
     val_loss, seconds.
     """
     torch = import_torch()
@@ -254,6 +256,8 @@ def train_loop(
     warmup, step = config.warmup_epochs * n_steps, 0
     with heap_reuse():
         for epoch in bar:
+            if on_epoch is not None and epoch > 0:
+                on_epoch(epoch)
             module.train()
             tot, n = 0.0, 0
             for b in row_batches(train_idx, config.batch_size, rng):
