@@ -210,10 +210,11 @@ def main(argv=None) -> int:
     rows = []
     for method in a.methods.split(","):
         for n in map(int, a.cells.split(",")):
-            res = {v: run_one(method, n, v, a.block, a.old_src) for v in a.versions.split(",")}
-            for r in res.values():
-                print(json.dumps(r), flush=True)
-                rows.append(r)
+            res = {}
+            for v in a.versions.split(","):  # each result printed as soon as it is there
+                res[v] = run_one(method, n, v, a.block, a.old_src)
+                print(json.dumps(res[v]), flush=True)
+                rows.append(res[v])
             o, w = res.get("old", {}), res.get("new", {})
             if "peak_mb" in o and "peak_mb" in w:
                 print(f"| {method} | {n:,} | {o['total_s']} s / {w['total_s']} s "
