@@ -23,17 +23,34 @@ Usage::
 
     python benchmarks/diffusion_degrade.py [--datasets pbmc3k,baron] [--seeds 0]
         [--max-seconds 180] [--mode transductive|reference] [--out results.csv]
+        [--cells 1200 --genes 4000] [--params JSON]
+
+Issue 18 runs (``benchmarks/RESULTS.md``, diffusion levers)::
+
+    python benchmarks/diffusion_degrade.py --datasets bladder --cells 1200 --genes 4000 \
+        --methods dae,diffusion --max-seconds 1e9 --n-eval-genes 4000
+    python benchmarks/diffusion_degrade.py --datasets kidney --cells 1200 \
+        --methods dae,diffusion --max-seconds 1e9
+    python benchmarks/diffusion_degrade.py --datasets baron --methods diffusion --max-seconds 1e9 \
+        --params '{"diffusion": {"module": {"val_metric": "repair"}}}'
+
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import time
 from pathlib import Path
 
 DATA = Path("/work/shared/data")
 DATASETS = {
+    "pbmc4k": DATA / "scdcc_benchmark/pbmc4k_10x_top2000genes.h5ad",
+    "kidney": DATA / "scdcc_benchmark/human_kidney_top2000genes.h5ad",
+    "bladder": DATA / "scdcc_benchmark/mouse_bladder_2100cells_allgenes.h5ad",
+    "worm": DATA / "scdcc_benchmark/worm_neuron_top2000genes.h5ad",
     "pbmc3k": DATA / "pbmc3k_10x/pbmc3k_2700cells_13714genes.h5ad",
     "baron": DATA / "baron2016_mouse_pancreas/baron2016_mouse1_822cells.h5ad",
 }
@@ -74,6 +91,13 @@ def run_one(name, path, seed, args):
     from screpair.methods.diffusion import PairConfig
 
     clean = ad.read_h5ad(path)
+    if args.cells or args.genes:  # a smaller data set: random cells, most-detected genes
+        sub_rng = np.random.default_rng(123)
+        if args.cells and args.cells < clean.n_obs:
+            clean = clean[np.sort(sub_rng.choice(clean.n_obs, args.cells, replace=False))].copy()
+        if args.genes and args.genes < clean.n_vars:
+            det = np.asarray((clean.X > 0).sum(0)).ravel()
+            clean = clean[:, np.sort(np.argsort(-det, kind="stable")[: args.genes])].copy()
     clean.X = sp.csr_matrix(clean.X, dtype=np.float32)
     rng = np.random.default_rng(seed)
     # one set of transcript lengths per dataset, known to every method (as annotation would be)
@@ -126,7 +150,12 @@ def run_one(name, path, seed, args):
             record("magic", np.asarray(y_hat), time.perf_counter() - t0)
             continue
         t0 = time.perf_counter()
-        est = screpair.methods.make_estimator(method, rng=seed, train=train, pairs=pairs)
+        extra = dict(args.params.get(method, {}))
+        kw = {"train": train, "pairs": pairs}
+        for cfg in ("train", "pairs"):  # a table updates the script's config
+            if isinstance(extra.get(cfg), dict):
+                kw[cfg] = dataclasses.replace(kw[cfg], **extra.pop(cfg))
+        est = screpair.methods.make_estimator(method, rng=seed, **kw, **extra)
         var = clean.var[["gene_length"]].copy()
         test = ad.AnnData(X=obs_counts, var=var)
         if args.mode == "reference":
@@ -159,6 +188,13 @@ def main(argv=None) -> int:
     )
     p.add_argument("--n-eval-genes", type=int, default=2000, help="clean HVGs scored")
     p.add_argument("--out", type=Path, default=None, help="write the tidy results as CSV")
+    p.add_argument("--cells", type=int, default=0, help="random cells kept (seed 123; 0: all)")
+    p.add_argument("--genes", type=int, default=0, help="most-detected genes kept (0: all)")
+    p.add_argument(
+        "--params", type=json.loads, default={},
+        help='JSON of per-method parameters, e.g. \'{"diffusion": {"module": {"val_metric": '
+        '"repair"}, "pairs": {"redraw_views": true}}}\'',
+    )
     args = p.parse_args(argv)
     args.methods = args.methods.split(",")
 
