@@ -88,7 +88,8 @@ def test_fit_memory_follows_the_sample():
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 50000 * 300 * 8 / 2, f  # 50 MB measured: sparse copies of the input"peak {peak / 1e6:.1f} MB"
+    # 50 MB measured: sparse copies of the input
+    assert peak < 50000 * 300 * 8 / 2, f"peak {peak / 1e6:.1f} MB"
 
 
 def test_n_fit_cells_checked():

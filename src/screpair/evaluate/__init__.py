@@ -60,7 +60,6 @@ from ._metrics import (
     top_k,
     zeros_imputed,
 )
-from ._suites import SUITES, run_suite
 from ._peers import PEERS, CQNImputer, GeneMeanImputer, MagicImputer, RawImputer, ScviImputer
 from ._protocols import (
     DEG,
@@ -78,6 +77,7 @@ from ._protocols import (
     find_label_key,
     get_protocol,
 )
+from ._suites import SUITES, run_suite
 
 __all__ = [
     "DEG",

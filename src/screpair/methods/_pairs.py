@@ -95,8 +95,9 @@ class PairConfig:
     redraw_views
         Give the training cells of one view fresh damage at the start of every epoch after
         the first (views in turn; the validation pairs stay fixed, so the monitored score is
-        comparable across epochs). Augmentation without more pairs per epoch: with it, 4 views
-        did as well as 8 fixed ones on baron (numbers in ``DiffusionConfig``). Off by default (each epoch then costs one extra degradation pass
+        comparable across epochs). Augmentation without more pairs per epoch; on baron, 4 views
+        redrawn were slightly worse than 8 fixed ones and only ~15% faster (numbers in
+        ``DiffusionConfig``). Off by default (each epoch then costs one extra degradation pass
         over the cells: ~1 s for 822 cells x 14,878 genes).
     """
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..._utils import RNGLike
-from .._torch import TrainConfig, import_torch
 from .._pairs import PairConfig, PairImputer
+from .._torch import TrainConfig, import_torch
 
 
 @dataclass(frozen=True, kw_only=True)

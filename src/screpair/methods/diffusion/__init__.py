@@ -12,8 +12,8 @@ torch is imported only when :class:`DenoiserNet` or a fitted model is used.
 
 from __future__ import annotations
 
-from ._model import DiffusionConfig, DiffusionImputer
 from .._pairs import PairConfig, PairImputer
+from ._model import DiffusionConfig, DiffusionImputer
 from ._schedule import NoiseSchedule, StepOutput, make_betas
 
 __all__ = [

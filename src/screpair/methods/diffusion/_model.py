@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..._utils import RNGLike
-from .._torch import TrainConfig, import_torch
 from .._pairs import PairConfig, PairImputer
+from .._torch import TrainConfig, import_torch
 from ._schedule import NoiseSchedule
 
 
@@ -49,8 +49,8 @@ class DiffusionConfig:
     Measured on baron pancreas (``degrade`` protocol of ``benchmarks/diffusion_degrade.py``,
     seed 0, log-MSE / Pearson r over 2,000 HVGs; input 0.291 / 0.479): defaults 0.230 / 0.494;
     ``val_metric="repair"`` 0.231 / 0.497; plus ``last_step_frac=0.3`` 0.233 / 0.502; plus
-    ``PairConfig(redraw_views=True, n_views=4)`` 0.234 / 0.500 with half the pairs per epoch.
-    None is better on both scores, so the defaults stay (issue 18 in ``benchmarks/RESULTS.md``).
+    ``PairConfig(redraw_views=True, n_views=4)`` 0.234 / 0.500 with half the pairs per epoch;
+    the defaults with only that pair setting 0.233 / 0.492. None is better on both scores, so the defaults stay (issue 18 in ``benchmarks/RESULTS.md``).
     """
 
     patch_size: int = 250
