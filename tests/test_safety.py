@@ -83,6 +83,29 @@ def test_dropout_probability_key_checks(counts_adata):
         screpair.dropout_probability(ad, groupby="group", key_added="a/b")
 
 
+def test_clustering_outputs_need_overwrite(counts_adata):
+    """cluster / dropout_probability (without groupby) refuse to replace an existing
+    obs[key], obsm["X_tsne"] (e.g. scanpy's 2-D t-SNE) or uns[key], before any work."""
+    ad = counts_adata.copy()
+    ad.obsm["X_tsne"] = np.zeros((ad.n_obs, 2))
+    before = ad.obsm["X_tsne"].copy()
+    with pytest.raises(ValueError, match=r'obsm\["X_tsne"\].*overwrite=True'):
+        screpair.dropout.cluster(ad, rng=0)
+    with pytest.raises(ValueError, match="X_tsne"):
+        screpair.dropout_probability(ad, rng=0)
+    assert "screpair_cluster" not in ad.obs and "dropout_prob" not in ad.layers
+    np.testing.assert_array_equal(ad.obsm["X_tsne"], before)
+    del ad.obsm["X_tsne"]
+    ad.obs["screpair_cluster"] = "a"
+    with pytest.raises(ValueError, match=r"obs\['screpair_cluster'\].*groupby='screpair_cluster'"):
+        screpair.dropout.cluster(ad, rng=0)
+    screpair.dropout.cluster(ad, rng=0, overwrite=True)
+    assert ad.obsm["X_tsne"].shape == (ad.n_obs, 3) and ad.obs["screpair_cluster"].nunique() >= 1
+    # reusing the clusters needs no overwrite of them
+    screpair.dropout_probability(ad, groupby="screpair_cluster", key_added="dp")
+    assert "dp" in ad.layers
+
+
 def test_cli_key_added_equal_to_input_layer(tmp_path, h5ad_path, capsys):
     out = tmp_path / "o.h5ad"
     code = main(["impute", str(h5ad_path), str(out), "--layer", "counts", "--key-added", "counts"])

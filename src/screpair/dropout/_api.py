@@ -29,6 +29,7 @@ def cluster(
     layer: str | None = None,
     key_added: str = "screpair_cluster",
     copy: bool = False,
+    overwrite: bool = False,
     rng: RNGLike = 0,
     perplexity: float | None = None,
     n_clusters: int | Sequence[int] = range(2, 11),
@@ -52,6 +53,10 @@ def cluster(
         Name of the ``obs`` column (and ``uns`` entry) written.
     copy
         Return a modified copy instead of writing into ``adata``.
+    overwrite
+        Allow the outputs to replace an existing ``obs[key_added]``, ``obsm["X_tsne"]`` (e.g.
+        scanpy's 2-D t-SNE) or ``uns[key_added]``; without it they are an error, raised before
+        any work.
     rng
         Seed or Generator.
     perplexity
@@ -91,6 +96,7 @@ def cluster(
     (60, 3)
     """
     adata = prepare_adata(adata, copy, "cluster")
+    _check_cluster_outputs(adata, key_added, overwrite=overwrite, what="key_added")
     x = get_counts(adata, layer)
     params = {
         "perplexity": perplexity,
@@ -103,6 +109,23 @@ def cluster(
     }
     _cluster_into(adata, x, layer=layer, key_added=key_added, rng=rng, **params)
     return adata if copy else None
+
+
+def _check_cluster_outputs(adata: AnnData, key: str, *, overwrite: bool, what: str) -> None:
+    """Refuse to replace what :func:`cluster` writes (``obs[key]``, ``obsm["X_tsne"]``,
+    ``uns[key]``) without ``overwrite``."""
+    if overwrite:
+        return
+    taken = [f"obs[{key!r}]"] if key in adata.obs else []
+    taken += ['obsm["X_tsne"]'] if "X_tsne" in adata.obsm else []
+    taken += [f"uns[{key!r}]"] if key in adata.uns else []
+    if taken:
+        msg = (
+            f"{' and '.join(taken)} already exist(s) and would be replaced by the clustering; "
+            f"choose another {what}, pass groupby={key!r} to reuse earlier clusters (dropout "
+            "models), or overwrite=True (CLI: --overwrite)."
+        )
+        raise ValueError(msg)
 
 
 def _cluster_into(adata: AnnData, x, *, layer, key_added: str, rng: RNGLike, **params) -> None:
@@ -179,7 +202,8 @@ def dropout_probability(
         Return a modified copy instead of writing into ``adata``.
     overwrite
         Allow ``layers[key_added]`` and ``uns[key_added]`` to replace existing entries (the
-        layer is never the input ``layer``).
+        layer is never the input ``layer``), and, without ``groupby``, the clustering's outputs
+        (see :func:`cluster`).
     rng
         Seed or Generator for the clustering.
     cluster_key
@@ -235,6 +259,8 @@ def dropout_probability(
 
     adata = prepare_adata(adata, copy, "dropout_probability")
     check_output_keys(adata, [key_added], layer=layer, overwrite=overwrite, uns=(key_added,))
+    if groupby is None:
+        _check_cluster_outputs(adata, cluster_key, overwrite=overwrite, what="cluster_key")
     if not 0.0 <= threshold <= 1.0:
         msg = f"threshold must be in [0, 1], got {threshold}."
         raise ValueError(msg)
