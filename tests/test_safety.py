@@ -89,7 +89,7 @@ def test_clustering_outputs_need_overwrite(counts_adata):
     ad = counts_adata.copy()
     ad.obsm["X_tsne"] = np.zeros((ad.n_obs, 2))
     before = ad.obsm["X_tsne"].copy()
-    with pytest.raises(ValueError, match=r'obsm\["X_tsne"\].*overwrite=True'):
+    with pytest.raises(ValueError, match=r"obsm\['X_tsne'\].*overwrite=True"):
         screpair.dropout.cluster(ad, rng=0)
     with pytest.raises(ValueError, match="X_tsne"):
         screpair.dropout_probability(ad, rng=0)

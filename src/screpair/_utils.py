@@ -132,23 +132,28 @@ def check_output_keys(
     overwrite: bool,
     what: str = "key_added",
     uns: tuple[str, ...] = (),
+    obs: tuple[str, ...] = (),
+    obsm: tuple[str, ...] = (),
+    hint: str | None = None,
 ) -> None:
-    """Refuse output layer names that would replace the input counts or an existing layer.
+    """Refuse output layer names that would replace the input counts or an existing entry.
 
-    ``keys`` are the layers a function is about to write, ``uns`` its ``uns`` entries. With
-    ``overwrite=True`` existing entries may be replaced, but never the layer the counts are read
-    from.
+    ``keys`` are the layers a function is about to write, ``uns`` / ``obs`` / ``obsm`` its
+    entries there. With ``overwrite=True`` existing entries may be replaced, but never the layer
+    the counts are read from. ``hint`` adds a way out to the message (e.g. reusing an entry).
     """
     for key in keys:
         check_layer_name(key, what)
         check_not_input_layer(key, layer, what)
-    taken = [("layers", k) for k in keys if k in adata.layers]
-    taken += [("uns", k) for k in uns if k in adata.uns]
+    slots = (("layers", keys, adata.layers), ("uns", uns, adata.uns), ("obs", obs, adata.obs),
+             ("obsm", obsm, adata.obsm))
+    taken = [(slot, k) for slot, names, have in slots for k in names if k in have]
     if taken and not overwrite:
         slot, key = taken[0]
+        extra = f", {hint}," if hint else ""
         msg = (
-            f"{slot}[{key!r}] already exists and would be replaced; choose another {what} "
-            "or pass overwrite=True (CLI: --overwrite)."
+            f"{slot}[{key!r}] already exists and would be replaced; choose another {what}"
+            f"{extra} or pass overwrite=True (CLI: --overwrite)."
         )
         raise ValueError(msg)
 

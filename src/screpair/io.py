@@ -980,6 +980,19 @@ def _target_mode(path: Path) -> int:
 
 #: test hook: seconds to pause inside the write, with the temporary file in place
 _PAUSE_ENV = "SCREPAIR_TEST_WRITE_PAUSE"
+
+
+def _check_not_interrupted(got: list[int]) -> None:
+    """Before a finished temporary output is moved into place: wait out the test pause
+    (``SCREPAIR_TEST_WRITE_PAUSE``), then abandon the write if a signal came meanwhile."""
+    end = time.monotonic() + float(os.environ.get(_PAUSE_ENV, "0") or 0)
+    while not got and time.monotonic() < end:
+        time.sleep(0.05)
+    if got:
+        msg = "interrupted during the write"
+        raise InterruptedError(msg)
+
+
 @contextlib.contextmanager
 def _atomic_target(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it onto ``path`` only if the block succeeds.
@@ -994,12 +1007,7 @@ def _atomic_target(path: Path) -> Iterator[Path]:
             os.close(fd)
             tmp = Path(name)
             yield tmp
-            end = time.monotonic() + float(os.environ.get(_PAUSE_ENV, "0") or 0)
-            while not got and time.monotonic() < end:
-                time.sleep(0.05)
-            if got:
-                msg = "interrupted during the write"
-                raise InterruptedError(msg)
+            _check_not_interrupted(got)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
             os.chmod(tmp, _target_mode(path))
@@ -1032,12 +1040,7 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
         try:
             tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
             yield tmp
-            end = time.monotonic() + float(os.environ.get(_PAUSE_ENV, "0") or 0)
-            while not got and time.monotonic() < end:
-                time.sleep(0.05)
-            if got:
-                msg = "interrupted during the write"
-                raise InterruptedError(msg)
+            _check_not_interrupted(got)
             old = None
             if path.exists():
                 old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))

@@ -114,18 +114,9 @@ def cluster(
 def _check_cluster_outputs(adata: AnnData, key: str, *, overwrite: bool, what: str) -> None:
     """Refuse to replace what :func:`cluster` writes (``obs[key]``, ``obsm["X_tsne"]``,
     ``uns[key]``) without ``overwrite``."""
-    if overwrite:
-        return
-    taken = [f"obs[{key!r}]"] if key in adata.obs else []
-    taken += ['obsm["X_tsne"]'] if "X_tsne" in adata.obsm else []
-    taken += [f"uns[{key!r}]"] if key in adata.uns else []
-    if taken:
-        msg = (
-            f"{' and '.join(taken)} already exist(s) and would be replaced by the clustering; "
-            f"choose another {what}, pass groupby={key!r} to reuse earlier clusters (dropout "
-            "models), or overwrite=True (CLI: --overwrite)."
-        )
-        raise ValueError(msg)
+    check_output_keys(adata, [], layer=None, overwrite=overwrite, what=what, uns=(key,),
+                      obs=(key,), obsm=("X_tsne",),
+                      hint=f"pass groupby={key!r} to reuse earlier clusters (dropout models)")
 
 
 def _cluster_into(adata: AnnData, x, *, layer, key_added: str, rng: RNGLike, **params) -> None:

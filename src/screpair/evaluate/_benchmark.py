@@ -125,13 +125,13 @@ def _quiet(est, params: Mapping) -> None:
     own = est.get_params(deep=False)
     if "progress" in own and "progress" not in params:
         est.set_params(progress=False)
-    train = own.get("train", False)
-    if train is None:
-        est.set_params(train={"progress": False})
-    elif dataclasses.is_dataclass(train):
+    if "train" not in own:
+        return
+    train = own["train"]
+    if dataclasses.is_dataclass(train):
         est.set_params(train=dataclasses.replace(train, progress=False))
-    elif isinstance(train, Mapping) and "progress" not in train:
-        est.set_params(train={**train, "progress": False})
+    elif train is None or (isinstance(train, Mapping) and "progress" not in train):
+        est.set_params(train={**(train or {}), "progress": False})
 
 
 def run_method(name: str, adata: AnnData, *, rng: int = 0, params: Mapping | None = None,
