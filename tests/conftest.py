@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -40,6 +42,46 @@ def pytest_collection_modifyitems(config, items):
             missing = [m for m in mark.args if _missing(m)]
             if missing:
                 item.add_marker(pytest.mark.skip(reason=f"needs {', '.join(missing)}"))
+
+
+@pytest.fixture
+def posterior_rows():
+    """``f(est, x, rows) -> Posterior``: a fitted estimator's posterior of the row block ``rows``
+    (a slice) of the matrix ``x``, as the chunked pipeline asks for it (``DataContext.rows``)."""
+    from screpair.methods._base import data_context
+
+    def run(est, x, rows: slice):
+        ctx = dataclasses.replace(data_context(x, x), rows=rows)
+        return est._posterior_validated(x[rows], ctx)
+
+    return run
+
+
+@pytest.fixture
+def posterior_blocks(posterior_rows):
+    """``f(est, x, size) -> list[Posterior]``: the posterior of ``x`` by blocks of ``size`` rows."""
+
+    def run(est, x, size: int):
+        n = x.shape[0]
+        return [posterior_rows(est, x, slice(i, min(i + size, n))) for i in range(0, n, size)]
+
+    return run
+
+
+@pytest.fixture
+def traced_peak():
+    """``f(fn) -> (fn(), peak bytes)``: the peak of Python-tracked allocations (tracemalloc:
+    numpy and scipy buffers included) while ``fn`` runs."""
+
+    def run(fn):
+        tracemalloc.start()
+        try:
+            out = fn()
+            return out, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    return run
 
 
 @pytest.fixture(params=["dense", "csr"])

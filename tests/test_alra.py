@@ -3,15 +3,12 @@ bounded memory."""
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
 from screpair import _norm
 from screpair.methods import alra
-from screpair.methods._base import data_context
 from screpair.methods.alra import ALRAImputer, _ColumnQuantile, alra_core, alra_fit
 
 
@@ -72,39 +69,26 @@ def test_blocks_match_the_whole_column_computation(array_type):
     np.testing.assert_allclose(many, want, rtol=1e-12, atol=1e-12)
 
 
-def test_posterior_by_row_blocks_equals_all_rows(array_type):
+def test_posterior_by_row_blocks_equals_all_rows(array_type, posterior_blocks):
     rng = np.random.default_rng(1)
     x = array_type(_counts(rng, 120, 60).toarray())
     est = ALRAImputer(k=3).fit(x)
     whole = est.posterior(x).mean
-    ctx = data_context(x, x)
-    blocks = []
-    for start in range(0, 120, 50):
-        rows = slice(start, min(start + 50, 120))
-        sub = ctx.__class__(**{**ctx.__dict__, "rows": rows})
-        blocks.append(est._posterior_validated(x[rows], sub).mean)
+    blocks = [p.mean for p in posterior_blocks(est, x, 50)]
     # U[rows] S V^T of a row block: the same products per entry (BLAS), checked to 1e-12
     np.testing.assert_allclose(np.vstack(blocks), whole, rtol=1e-12, atol=1e-12)
     assert ALRAImputer.posterior_by_rows
 
 
 @pytest.mark.filterwarnings("ignore:.*have no counts:UserWarning")
-def test_fit_never_densifies_cells_by_genes(monkeypatch):
+def test_fit_never_densifies_cells_by_genes(monkeypatch, posterior_rows, traced_peak):
     """1,000 cells x 20,000 genes at 0.3 % density (dense: 160 MB): with 8 MB low-rank blocks,
     choosing the rank, the fit and a 50-row posterior stay far below the dense size."""
     monkeypatch.setattr(alra, "_BLOCK_ENTRIES", 2**20)
     rng = np.random.default_rng(2)
     x = _counts(rng, 1000, 20000, density=0.003)
     est = ALRAImputer(max_k=40)
-    tracemalloc.start()
-    try:
-        est.fit(x)
-        ctx = data_context(x, x)
-        sub = ctx.__class__(**{**ctx.__dict__, "rows": slice(0, 50)})
-        block = est._posterior_validated(x[:50], sub).mean
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    block, peak = traced_peak(lambda: posterior_rows(est.fit(x), x, slice(0, 50)).mean)
     assert block.shape == (50, 20000)
     assert peak < 1000 * 20000 * 8 / 4, f"peak {peak / 1e6:.0f} MB"
 

@@ -569,6 +569,16 @@ def test_zinb_gene_inflation_em_update_by_hand():
     assert fit.inflation.shape == (0, 3)
 
 
+def _assert_reliable(p, y, tol):
+    """Reliability: in every decile bin of ``p`` with >= 200 zeros, the fraction of true
+    dropouts ``y`` is within ``tol`` of the bin's mean probability."""
+    idx = np.minimum((p * 10).astype(int), 9)
+    for b in np.unique(idx):
+        sel = idx == b
+        if sel.sum() >= 200:
+            assert abs(p[sel].mean() - y[sel].mean()) < tol, (b, p[sel].mean(), y[sel].mean())
+
+
 def test_zinb_gene_inflation_recovers_inflated_genes_and_is_calibrated():
     from screpair.dropout import fit_zinb_dropout
 
@@ -590,11 +600,7 @@ def test_zinb_gene_inflation_recovers_inflated_genes_and_is_calibrated():
     # after 300, (0.09, -0.68) and at most 0.073 off), so this test runs 300 updates
     zero = x == 0
     p, y = fit.prob.toarray()[zero], t[zero] > 0
-    idx = np.minimum((p * 10).astype(int), 9)
-    for b in np.unique(idx):
-        sel = idx == b
-        if sel.sum() >= 200:
-            assert abs(p[sel].mean() - y[sel].mean()) < 0.09, (b, p[sel].mean(), y[sel].mean())
+    _assert_reliable(p, y, 0.09)
 
 
 def test_zinb_prob_uses_size_factors_and_cluster_means(array_type):
@@ -691,12 +697,7 @@ def test_zinb_recovers_known_parameters_and_is_calibrated():
     assert abs(np.median(fit.dispersion) - phi) < 0.05, np.median(fit.dispersion)
     zero = x == 0
     p, y = fit.prob.toarray()[zero], t[zero] > 0
-    # reliability: in every populated decile bin the dropout fraction is within 0.08 of the mean p
-    idx = np.minimum((p * 10).astype(int), 9)
-    for b in np.unique(idx):
-        sel = idx == b
-        if sel.sum() >= 200:
-            assert abs(p[sel].mean() - y[sel].mean()) < 0.08, (b, p[sel].mean(), y[sel].mean())
+    _assert_reliable(p, y, 0.08)
 
 
 def test_zinb_calibrated_and_separates_dropouts_on_splat():

@@ -3,14 +3,11 @@ bounded memory, approximate neighbours."""
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
 from sklearn.decomposition import TruncatedSVD
 
-from screpair.methods._base import data_context
 from screpair.methods.knn import KNNImputer, centred_pca, nearest_neighbors
 
 
@@ -33,17 +30,12 @@ def test_centred_pca_matches_truncated_svd_of_centred_matrix(array_type, shape):
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
-def test_posterior_by_row_blocks_equals_all_rows(array_type):
+def test_posterior_by_row_blocks_equals_all_rows(array_type, posterior_blocks):
     rng = np.random.default_rng(1)
     x = array_type(_counts(rng, 90, 50).toarray())
     est = KNNImputer(k=5, n_pcs=6).fit(x)
     whole = est.posterior(x).mean
-    ctx = data_context(x, x)
-    blocks = []
-    for start in range(0, 90, 32):
-        rows = slice(start, min(start + 32, 90))
-        sub = ctx.__class__(**{**ctx.__dict__, "rows": rows})
-        blocks.append(est._posterior_validated(x[rows], sub).mean)
+    blocks = [p.mean for p in posterior_blocks(est, x, 32)]
     np.testing.assert_array_equal(np.vstack(blocks), whole)  # tolerance 0: same arithmetic
     assert KNNImputer.posterior_by_rows
 
@@ -61,21 +53,13 @@ def test_hand_checked_neighbourhoods():
 
 
 @pytest.mark.filterwarnings("ignore:.*have no counts:UserWarning")
-def test_fit_never_densifies_cells_by_genes():
+def test_fit_never_densifies_cells_by_genes(posterior_rows, traced_peak):
     """1,000 cells x 20,000 genes at 0.3 % density: the dense matrix would be 160 MB, the
     sparse one is 0.7 MB; fitting (PCA, neighbours) and a 50-row posterior stay far below."""
     rng = np.random.default_rng(2)
     x = _counts(rng, 1000, 20000, density=0.003)
     est = KNNImputer(k=10, n_pcs=20)
-    tracemalloc.start()
-    try:
-        est.fit(x)
-        ctx = data_context(x, x)
-        sub = ctx.__class__(**{**ctx.__dict__, "rows": slice(0, 50)})
-        block = est._posterior_validated(x[:50], sub).mean
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    block, peak = traced_peak(lambda: posterior_rows(est.fit(x), x, slice(0, 50)).mean)
     assert block.shape == (50, 20000)
     dense_bytes = 1000 * 20000 * 8
     assert peak < dense_bytes / 4, f"peak {peak / 1e6:.0f} MB"

@@ -3,13 +3,10 @@
 
 from __future__ import annotations
 
-import tracemalloc
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from screpair.methods._base import data_context
 from screpair.methods.saver import SaverImputer
 
 
@@ -25,22 +22,13 @@ def _pg(n, g, seed=0):
     return sp.csr_matrix(x), kind
 
 
-def _blocks(est, x, size):
-    ctx = data_context(x, x)
-    out = []
-    for start in range(0, x.shape[0], size):
-        rows = slice(start, min(start + size, x.shape[0]))
-        sub = ctx.__class__(**{**ctx.__dict__, "rows": rows})
-        out.append(est._posterior_validated(x[rows], sub))
-    return np.vstack([p.mean for p in out]), np.vstack([p.var for p in out])
-
-
 @pytest.mark.parametrize("n_fit_cells", [None, 60])
-def test_posterior_by_row_blocks_equals_all_rows(n_fit_cells):
+def test_posterior_by_row_blocks_equals_all_rows(n_fit_cells, posterior_blocks):
     x, _ = _pg(150, 40)
     est = SaverImputer(rng=0, progress=False, n_fit_cells=n_fit_cells).fit(x)
     whole = est.posterior(x)
-    mean, var = _blocks(est, x, 64)
+    blocks = posterior_blocks(est, x, 64)
+    mean, var = np.vstack([p.mean for p in blocks]), np.vstack([p.var for p in blocks])
     # per-row arithmetic; the row blocks' matrix products checked to 1e-12
     np.testing.assert_allclose(mean, whole.mean, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(var, whole.var, rtol=1e-12, atol=1e-12)
@@ -71,7 +59,7 @@ def test_prior_from_a_sample_of_cells():
     assert np.mean((a - b) ** 2) < 0.05 * a.var()
 
 
-def test_fit_memory_follows_the_sample():
+def test_fit_memory_follows_the_sample(traced_peak):
     """50,000 cells x 300 genes (dense: 120 MB): with a 300-cell sample the fit allocates a
     fraction of the dense size (the all-cells steps are sparse: validation, gene moments, the
     mean priors; their one dense block is the 3000 x 1024 spline table of _SumLog1p). No
@@ -82,12 +70,7 @@ def test_fit_memory_follows_the_sample():
     x = sp.csr_matrix(x)
     x.sort_indices()
     est = SaverImputer(rng=0, progress=False, n_fit_cells=300, pred_genes=[])
-    tracemalloc.start()
-    try:
-        est.fit(x)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    _, peak = traced_peak(lambda: est.fit(x))
     # 50 MB measured: sparse copies of the input
     assert peak < 50000 * 300 * 8 / 2, f"peak {peak / 1e6:.1f} MB"
 
