@@ -83,6 +83,79 @@ def test_splat_seeded_bit_identical(monkeypatch):
     assert a.layers["cell_means"].shape == (120, 50)
 
 
+# --------------------------------------------------------------------------- splat: streamed
+
+
+def _read_store(path):
+    return ad.read_h5ad(path) if str(path).endswith(".h5ad") else ad.read_zarr(path)
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+def test_splat_out_equals_in_memory_for_every_chunk_size(tmp_path, monkeypatch, fmt):
+    # internal blocks of 20 cells (1000 entries / 50 genes): chunks smaller, equal and larger
+    monkeypatch.setattr(_splat, "_BLOCK_ENTRIES", 1000)
+    kw = {"group_prob": (0.3, 0.7), "lib_loc": 7.0, "dropout_type": "group",
+          "dropout_mid": (0.0, 1.0), "rng": 4}
+    mem = simulate.splat(130, 50, **kw)
+    for chunk in (1, 20, 33, 1000):
+        path = tmp_path / f"sim{chunk}.{fmt}"
+        assert simulate.splat(130, 50, out=path, chunk_size=chunk, **kw) is None
+        got = _read_store(path)  # plain anndata reads it
+        assert _same_sim(got, mem)
+        assert got.layers["dropout_mask"].dtype == bool and got.X.dtype == np.float32
+        assert got.layers["dropout_mask"].nnz > 0 and got.obs["group"].nunique() == 2
+        assert got.uns["simulate"]["method"] == "splat"
+        assert got.uns["simulate"]["params"]["dropout_mid"].tolist() == [0.0, 1.0]
+        assert got.uns["simulate"]["version"] == mem.uns["simulate"]["version"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"sim{c}.{fmt}" for c in (1, 20, 33, 1000))  # no temporary files left
+
+
+def test_splat_out_memory_follows_the_chunk(tmp_path, monkeypatch, traced_peak):
+    # a file 40x the chunk: peak memory is the chunk's and a few bytes per cell (group, library
+    # size, name), not the file's; internal blocks of 81 cells (2^14 entries / 200 genes)
+    monkeypatch.setattr(_splat, "_BLOCK_ENTRIES", 2**14)
+    kw = {"lib_loc": 9.0, "chunk_size": 500, "rng": 0}
+    _, small = traced_peak(lambda: simulate.splat(5000, 200, out=tmp_path / "a.h5ad", **kw))
+    _, large = traced_peak(lambda: simulate.splat(20_000, 200, out=tmp_path / "b.h5ad", **kw))
+    m = ad.read_h5ad(tmp_path / "b.h5ad")
+    stored = sum(m.layers[k].data.nbytes + m.layers[k].indices.nbytes for k in m.layers)
+    assert stored > 40e6  # the in-memory simulation holds at least this (besides X)
+    assert large < 0.2 * stored, (large, stored)
+    assert large - small < 300 * 15_000, (small, large)  # < 300 bytes per extra cell
+
+
+def test_splat_out_checked_before_work_and_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "sim.h5ad"
+    path.write_bytes(b"old")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        simulate.splat(20, 10, out=path, rng=0)
+    with pytest.raises(ValueError, match=r"must be \.h5ad or \.zarr"):
+        simulate.splat(20, 10, out=tmp_path / "sim.csv", rng=0)
+    with pytest.raises(ValueError, match="keep_intermediates"):
+        simulate.splat(20, 10, out=tmp_path / "new.h5ad", keep_intermediates=True, rng=0)
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        simulate.splat(20, 10, out=tmp_path / "new.h5ad", chunk_size=0, rng=0)
+    with pytest.raises(ValueError, match="only with out="):
+        simulate.splat(20, 10, chunk_size=5, rng=0)
+
+    draw = _splat._count_blocks
+
+    def failing(*args):  # the second block fails: neither the old file nor a partial one changes
+        blocks = draw(*args)
+        yield next(blocks)
+        msg = "disk full"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(_splat, "_count_blocks", failing)
+    monkeypatch.setattr(_splat, "_BLOCK_ENTRIES", 100)
+    for out in (path, tmp_path / "new.zarr"):
+        with pytest.raises(RuntimeError, match="disk full"):
+            simulate.splat(50, 10, out=out, overwrite=True, chunk_size=1, rng=0)
+    assert path.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sim.h5ad"]
+
+
 def test_splat_preset_and_overrides():
     p = simulate.PRESETS["cnnimpute"]
     assert (p.n_obs, p.n_vars) == (2000, 4000)

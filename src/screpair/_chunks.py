@@ -449,10 +449,12 @@ class StoreWriter:
     :func:`anndata.read_h5ad` / :func:`anndata.read_zarr` read it.
 
     Made by :func:`stream_store`. :meth:`matrix` declares a matrix (``"X"`` or
-    ``"layers/<name>"``); :meth:`append` adds its next rows: a dense block goes into a float32
-    array created with its final shape and chunked by rows, a sparse one is appended to a CSR
-    element (64-bit ``indptr``). Every declared matrix must have received all ``n_obs`` rows
-    when the store is closed.
+    ``"layers/<name>"``, float32 unless another ``dtype`` is declared, e.g. ``bool``);
+    :meth:`append` adds its next rows: a dense block goes into an array created with its final
+    shape and chunked by rows, a sparse one is appended to a CSR element (64-bit ``indptr``),
+    collected first up to :attr:`buffer_nnz` stored values per matrix (:meth:`flush` writes the
+    collected rows earlier, to hold fewer). Every declared matrix must have received all
+    ``n_obs`` rows when the store is closed.
     """
 
     #: stored values of sparse blocks collected before one append to the store (each append
@@ -465,6 +467,7 @@ class StoreWriter:
         self._rows: dict[str, int] = {}
         self._sparse: dict[str, bool | None] = {}
         self._n_vars: dict[str, int] = {}
+        self._dtype: dict[str, np.dtype] = {}
 
     def _kwargs(self, sparse: bool = False) -> dict:
         if self.fmt == "h5ad":
@@ -472,13 +475,15 @@ class StoreWriter:
         # zarr sizes chunks from the first write: fix them, or appends make one file per value
         return {"chunks": (2**18,)} if sparse else {}
 
-    def matrix(self, key: str, n_vars: int, *, sparse: bool | None = None) -> None:
-        """Declare the matrix ``key`` (cells x ``n_vars``); ``sparse=None``: stored as the first
-        block comes (CSR for a sparse block, a dense array otherwise)."""
+    def matrix(self, key: str, n_vars: int, *, sparse: bool | None = None,
+               dtype=np.float32) -> None:
+        """Declare the matrix ``key`` (cells x ``n_vars``, stored as ``dtype``); ``sparse=None``:
+        stored as the first block comes (CSR for a sparse block, a dense array otherwise)."""
         self._rows[key], self._sparse[key], self._n_vars[key] = 0, sparse, n_vars
+        self._dtype[key] = np.dtype(dtype)
 
     def append(self, key: str, block) -> None:
-        """Write the next rows of ``key`` (float32)."""
+        """Write the next rows of ``key`` (as its declared dtype)."""
         start, n_vars = self._rows[key], self._n_vars[key]
         if block.shape[1] != n_vars or start + block.shape[0] > self.n_obs:
             msg = f"block of shape {block.shape} does not fit {key} at row {start}."
@@ -487,15 +492,21 @@ class StoreWriter:
             self._sparse[key] = sp.issparse(block)
         if start == 0:
             self._create(key, n_vars)
+        dtype = self._dtype[key]
         if self._sparse[key]:
             buf = self._buffer.setdefault(key, [])
-            buf.append(sp.csr_matrix(block, dtype=np.float32))
+            buf.append(sp.csr_matrix(block, dtype=dtype))
             if sum(b.nnz for b in buf) >= self.buffer_nnz or start + block.shape[0] == self.n_obs:
                 self._flush(key)
         else:
             dense = block.toarray() if sp.issparse(block) else np.asarray(block)
-            self.root[key][start:start + block.shape[0]] = dense.astype(np.float32, copy=False)
+            self.root[key][start:start + block.shape[0]] = dense.astype(dtype, copy=False)
         self._rows[key] = start + block.shape[0]
+
+    def flush(self, key: str | None = None) -> None:
+        """Write the collected sparse rows of ``key`` (``None``: of every matrix) to the store."""
+        for k in [key] if key is not None else list(self._buffer):
+            self._flush(k)
 
     def _flush(self, key: str) -> None:
         from anndata.io import sparse_dataset
@@ -504,7 +515,7 @@ class StoreWriter:
         if not buf:
             return
         csr = buf[0] if len(buf) == 1 else sp.vstack(buf, format="csr")
-        csr = sp.csr_matrix(csr, dtype=np.float32)
+        csr = sp.csr_matrix(csr, dtype=self._dtype[key])
         if key not in self.root:  # the first rows create the element (64-bit row pointers)
             from anndata.io import write_elem
 
@@ -520,11 +531,12 @@ class StoreWriter:
             return  # written by the first _flush
         rows = max(1, min(self.n_obs, self.chunk_rows, 2**20 // max(n_vars, 1)))
         shape, chunks = (self.n_obs, n_vars), (rows, max(n_vars, 1))
+        dtype = self._dtype[key]
         if self.fmt == "h5ad":
-            ds = self.root.create_dataset(key, shape=shape, dtype=np.float32, chunks=chunks,
+            ds = self.root.create_dataset(key, shape=shape, dtype=dtype, chunks=chunks,
                                           **self._kwargs())
         else:
-            ds = self.root.create_array(key, shape=shape, dtype=np.float32, chunks=chunks)
+            ds = self.root.create_array(key, shape=shape, dtype=dtype, chunks=chunks)
         ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
 
     def check_complete(self) -> None:

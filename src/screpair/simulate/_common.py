@@ -37,6 +37,12 @@ def truth_adata(
     return ad
 
 
+def truth_uns(method: str, params: dict) -> dict:
+    """The ``uns['simulate']`` record of a simulation written to a file (as :func:`truth_adata`
+    and the simulator store it in memory)."""
+    return {"params": jsonable(params), "version": __version__, "method": method}
+
+
 def csr(x: np.ndarray | sp.spmatrix, dtype=np.float32) -> sp.csr_matrix:
     """CSR copy of ``x`` with explicit zeros removed."""
     out = sp.csr_matrix(x, dtype=dtype)

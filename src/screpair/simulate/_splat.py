@@ -21,8 +21,10 @@ vectorised numpy. The steps, for gene ``g`` and cell ``c``:
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -33,7 +35,7 @@ from scipy.special import expit
 
 from .._logging import get_logger, log_task
 from .._utils import RNGLike, as_rng
-from ._common import check_range, csr, truth_adata
+from ._common import COUNTS, MASK, TRUTH, check_range, csr, truth_adata, truth_uns
 
 logger = get_logger(__name__)
 
@@ -124,8 +126,11 @@ def splat(
     dropout_mid: float | Sequence[float] | None = None,
     dropout_shape: float | Sequence[float] | None = None,
     keep_intermediates: bool = False,
+    out: str | os.PathLike[str] | None = None,
+    chunk_size: int | None = None,
+    overwrite: bool = False,
     rng: RNGLike = None,
-) -> AnnData:
+) -> AnnData | None:
     """Simulate counts with known truth from the Splat model of Splatter.
 
     Every parameter left as ``None`` takes its value from ``preset`` (see :data:`PRESETS` and
@@ -165,13 +170,32 @@ def splat(
         (0, -1). A negative shape makes lowly expressed entries drop out more often.
     keep_intermediates
         Also store the dense layers ``base_cell_means`` (``mu``), ``cell_means`` (``lambda``) and
-        ``true_dropout_prob`` (``p``). Memory: three dense float64 matrices.
+        ``true_dropout_prob`` (``p``). Memory: three dense float64 matrices. Not with ``out``.
+    out
+        Write the simulation to this new ``.h5ad`` file or ``.zarr`` store instead of returning
+        it, with bounded memory (for 10^5-10^6 cells): the gene parameters, groups and library
+        sizes are drawn once; the cells are drawn block by block and their counts written as
+        CSR as they come, atomically (a temporary file or directory next to ``out``, renamed at
+        the end: an error or Ctrl-C leaves the old file or none). The file holds what the
+        in-memory AnnData holds, the same values for the same seed (plain
+        :func:`anndata.read_h5ad` / :func:`anndata.read_zarr` read it).
+    chunk_size
+        With ``out``: cells collected before their rows are written (default: about 4 million
+        entries' worth, 2,097 cells at 2,000 genes). It changes memory only, not the values:
+        the random draws follow internal blocks of a fixed 2^21 entries (``n_vars`` sets their
+        cells), so the file is the same for every ``chunk_size``, and the same as without
+        ``out``. Memory: those blocks' dense working arrays (about 150 MB), ``chunk_size`` cells
+        of the four CSR matrices, and per cell its group, library size and name (about 100 bytes:
+        100 MB at 10^6 cells).
+    overwrite
+        With ``out``: replace an existing file (otherwise an error, before any work).
     rng
         Seed or :class:`numpy.random.Generator`. The same seed gives a bit-identical result.
 
     Returns
     -------
-    AnnData (cells x genes) with
+    ``None`` with ``out`` (the file holds the same slots, ``dropout_mask`` stored as bool).
+    Otherwise an AnnData (cells x genes) with
 
     - ``.X`` and ``.layers['counts']``: observed counts after dropout (CSR, float32 integers);
     - ``.layers['true_counts']``: counts before dropout (CSR);
@@ -190,6 +214,7 @@ def splat(
     >>> sim.layers["true_counts"].shape
     (50, 30)
     >>> cnn = simulate.splat(preset="cnnimpute", rng=0)  # doctest: +SKIP
+    >>> simulate.splat(10**6, 2000, out="sim.h5ad", rng=0)  # doctest: +SKIP
     """
     if preset not in PRESETS:
         msg = f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}."
@@ -219,7 +244,8 @@ def splat(
     params = dataclasses.replace(
         PRESETS[preset], **{k: v for k, v in given.items() if v is not None}
     )
-    return simulate_splat(params, keep_intermediates=keep_intermediates, rng=rng, preset=preset)
+    return simulate_splat(params, keep_intermediates=keep_intermediates, rng=rng, preset=preset,
+                          out=out, chunk_size=chunk_size, overwrite=overwrite)
 
 
 def _per_group(name: str, value, n_groups: int) -> np.ndarray:
@@ -371,13 +397,13 @@ def _bcv_genes(p: SplatParams, rng: np.random.Generator):
     return chi2, bcv_gene
 
 
-def _counts(p: SplatParams, lib, groups, props, bcv_gene, curve, keep_intermediates, rng):
-    """Steps 5-8 in blocks of cells: base cell means, BCV cell means, Poisson true counts and
-    dropout. Returns the observed counts, true counts and dropout mask (CSR blocks) and the
-    intermediates (dense blocks, only with ``keep_intermediates``)."""
+def _count_blocks(p: SplatParams, lib, groups, props, bcv_gene, curve, rng):
+    """Steps 5-8 in blocks of cells (:data:`_BLOCK_ENTRIES` entries each): base cell means, BCV
+    cell means, Poisson true counts and dropout. Yields per block the observed counts, true
+    counts and dropout mask (CSR) and the base cell means, cell means and dropout probabilities
+    (dense), drawn in the block order from ``rng``."""
     n_obs, n_vars = int(p.n_obs), int(p.n_vars)
     step = max(1, _BLOCK_ENTRIES // n_vars)
-    counts, truth, masks, inter = [], [], [], {"base": [], "lam": [], "prob": []}
     for start in range(0, n_obs, step):
         sl = slice(start, min(start + step, n_obs))
         mu = lib[sl, None] * props[groups[sl]]
@@ -389,13 +415,24 @@ def _counts(p: SplatParams, lib, groups, props, bcv_gene, curve, keep_intermedia
             prob = dropout_probability(lam, curve[0][sl, None], curve[1][sl, None])
             dropped = rng.random(lam.shape) < prob
             obs_y = np.where(dropped, np.float32(0), y)
-            masks.append(csr(dropped & (y > 0), dtype=bool))
+            mask = csr(dropped & (y > 0), dtype=bool)
         else:
             prob = np.zeros_like(lam)
             obs_y = y
-            masks.append(sp.csr_matrix(y.shape, dtype=bool))
-        truth.append(csr(y))
-        counts.append(csr(obs_y))
+            mask = sp.csr_matrix(y.shape, dtype=bool)
+        yield csr(obs_y), csr(y), mask, mu, lam, prob
+
+
+def _counts(p: SplatParams, lib, groups, props, bcv_gene, curve, keep_intermediates, rng):
+    """All blocks of :func:`_count_blocks`: lists of the observed counts, true counts and
+    dropout masks (CSR blocks) and the intermediates (dense blocks, only with
+    ``keep_intermediates``)."""
+    counts, truth, masks, inter = [], [], [], {"base": [], "lam": [], "prob": []}
+    for obs_y, y, mask, mu, lam, prob in _count_blocks(p, lib, groups, props, bcv_gene, curve,
+                                                       rng):
+        counts.append(obs_y)
+        truth.append(y)
+        masks.append(mask)
         if keep_intermediates:
             inter["base"].append(mu)
             inter["lam"].append(lam)
@@ -409,15 +446,25 @@ def simulate_splat(
     keep_intermediates: bool = False,
     rng: RNGLike = None,
     preset: str | None = None,
-) -> AnnData:
+    out: str | os.PathLike[str] | None = None,
+    chunk_size: int | None = None,
+    overwrite: bool = False,
+) -> AnnData | None:
     """Run the Splat model for a :class:`SplatParams` (what :func:`splat` calls).
 
     The steps of the module docstring, drawn in that order (groups, library sizes, gene means,
     DE factors, BCV per gene, then per block of cells the cell means, counts and dropout); the
-    block size is a constant, so a seed gives the same simulation on every machine.
+    block size is a constant, so a seed gives the same simulation on every machine. With
+    ``out``, the blocks are written to that store as they are drawn (see :func:`splat`) and
+    ``None`` is returned.
     """
     _check(params)
     p = params
+    if out is not None:
+        out = _check_out(out, chunk_size, keep_intermediates, overwrite)
+    elif chunk_size is not None:
+        msg = "chunk_size= applies only with out= (the cells written to the file at a time)."
+        raise ValueError(msg)
     rng = as_rng(rng)
     n_obs, n_vars = int(p.n_obs), int(p.n_vars)
     gp = np.asarray(p.group_prob, dtype=np.float64)
@@ -433,28 +480,35 @@ def simulate_splat(
         # 5. proportions per group (the base cell mean is lib_c * prop[group_c])
         group_means = gene_mean * de_fac
         props = group_means / group_means.sum(axis=1, keepdims=True)
+        obs = pd.DataFrame(
+            {
+                "group": pd.Categorical.from_codes(groups,
+                                                   [f"Group{k + 1}" for k in range(n_groups)]),
+                "exp_lib_size": lib,
+            },
+            index=pd.Index([f"Cell{i + 1}" for i in range(n_obs)]),
+        )
+        var = pd.DataFrame(
+            {
+                "base_gene_mean": base_mean,
+                "outlier_factor": out_fac,
+                "gene_mean": gene_mean,
+                "bcv_chi2": chi2,
+                **{f"DEFacGroup{k + 1}": de_fac[k] for k in range(n_groups)},
+            },
+            index=pd.Index([f"Gene{j + 1}" for j in range(n_vars)]),
+        )
+        info = {"method": "splat", "preset": preset, **dataclasses.asdict(p)}
+        if out is not None:
+            blocks = _count_blocks(p, lib, groups, props, bcv_gene, curve, rng)
+            rows = chunk_size or max(1, _CHUNK_ENTRIES // n_vars)
+            _write_store(out, blocks, obs=obs, var=var, uns=truth_uns("splat", info),
+                         chunk_size=rows)
+            return None
         counts, truth, masks, inter = _counts(
             p, lib, groups, props, bcv_gene, curve, keep_intermediates, rng
         )
 
-    obs = pd.DataFrame(
-        {
-            "group": pd.Categorical.from_codes(groups, [f"Group{k + 1}" for k in range(n_groups)]),
-            "exp_lib_size": lib,
-        },
-        index=pd.Index([f"Cell{i + 1}" for i in range(n_obs)]),
-    )
-    var = pd.DataFrame(
-        {
-            "base_gene_mean": base_mean,
-            "outlier_factor": out_fac,
-            "gene_mean": gene_mean,
-            "bcv_chi2": chi2,
-            **{f"DEFacGroup{k + 1}": de_fac[k] for k in range(n_groups)},
-        },
-        index=pd.Index([f"Gene{j + 1}" for j in range(n_vars)]),
-    )
-    info = {"method": "splat", "preset": preset, **dataclasses.asdict(p)}
     ad = truth_adata(
         sp.vstack(counts, format="csr"),
         sp.vstack(truth, format="csr"),
@@ -470,3 +524,49 @@ def simulate_splat(
         ad.layers["cell_means"] = np.vstack(inter["lam"])
         ad.layers["true_dropout_prob"] = np.vstack(inter["prob"])
     return ad
+
+
+#: stored values per layer, at most, collected before they are written (``chunk_size`` default)
+_CHUNK_ENTRIES = 2**22
+
+
+def _check_out(out, chunk_size, keep_intermediates: bool, overwrite: bool) -> Path:
+    """The output store path, checked before any work (with ``chunk_size`` and the options
+    that cannot be streamed)."""
+    from .._chunks import check_chunk_rows
+    from ..io import check_output_path
+
+    if keep_intermediates:
+        msg = ("keep_intermediates=True adds three dense cells x genes layers; it cannot be "
+               "combined with out= (simulate in memory, without out=).")
+        raise ValueError(msg)
+    if chunk_size is not None:
+        try:
+            check_chunk_rows(chunk_size)
+        except ValueError:
+            msg = f"chunk_size must be a positive integer (cells), got {chunk_size!r}."
+            raise ValueError(msg) from None
+    return check_output_path(out, overwrite=overwrite, formats=("h5ad", "zarr"))
+
+
+def _write_store(path: Path, blocks, *, obs: pd.DataFrame, var: pd.DataFrame, uns: dict,
+                 chunk_size: int) -> None:
+    """Write the simulated blocks to a new ``.h5ad`` / ``.zarr`` store as :func:`truth_adata`
+    lays them out in memory (``X`` = ``layers['counts']``, ``true_counts``, ``dropout_mask``
+    as bool, all CSR), at least every ``chunk_size`` cells, atomically."""
+    from .._chunks import stream_store
+
+    n_vars = len(var)
+    keys = ("X", f"layers/{COUNTS}", f"layers/{TRUTH}", f"layers/{MASK}")
+    with stream_store(path, obs=obs, var=var, chunk_rows=chunk_size) as w:
+        for key in keys:
+            w.matrix(key, n_vars, sparse=True, dtype=bool if key.endswith(MASK) else np.float32)
+        held = 0
+        for obs_y, y, mask, *_ in blocks:
+            for key, m in zip(keys, (obs_y, obs_y, y, mask), strict=True):
+                w.append(key, m)
+            held += obs_y.shape[0]
+            if held >= chunk_size:
+                w.flush()
+                held = 0
+        w.uns["simulate"] = uns
