@@ -179,7 +179,8 @@ def test_padding_and_missing_never_enter_the_loss():
     xlog = _norm.log_normalize(sp.csr_matrix(x), _norm.CPM, x.sum(1), dtype=np.float32)
     missing = est._missing(est.dropout_prob_)
     rows = np.arange(60)
-    xin, y, mask = est._batch(xlog, missing, np.full(60, -1), rows)
+    used = est._used_columns(xlog, missing)  # batches hold the genes the networks use
+    xin, y, mask = est._batch(used, np.full(60, -1), rows)
     miss = missing.toarray()
     for g, tg in enumerate(est.target_index_):
         for o, gene in enumerate(tg):
@@ -609,7 +610,7 @@ def test_models_saved_before_presets_load_with_paper_settings(tmp_path):
 
 # --------------------------------------------------------------------------- validate once (issue 15)
 def _count_dropout_fits(monkeypatch) -> list:
-    import screpair.dropout as dropout
+    import screpair.dropout._model as dropout  # where DropoutModel finds its fit function
 
     calls = []
     real = dropout.fit_dropout
@@ -624,8 +625,8 @@ def _count_dropout_fits(monkeypatch) -> list:
 
 def test_dropout_model_fitted_once_per_impute_and_fit_transform(sim, monkeypatch):
     """``impute`` and ``fit_transform`` validate once and hand the same matrix to the fit and
-    the posterior, which reuses the fit's dropout probabilities; separate ``fit`` and
-    ``posterior`` calls refit the dropout model from ``posterior_seed_``: the same output."""
+    the posterior, which reuses the fit's dropout probabilities; a separate ``posterior``
+    call computes them from the fitted dropout model (no refit): the same output."""
     import screpair
 
     calls = _count_dropout_fits(monkeypatch)
@@ -640,8 +641,8 @@ def test_dropout_model_fitted_once_per_impute_and_fit_transform(sim, monkeypatch
     assert len(calls) == 2
     np.testing.assert_array_equal(out.astype(np.float32), ad.layers["cnn"])
     est = CNNImputer(**params).fit(sim, layer="counts")
-    post = est.posterior(sim, layer="counts")  # a new validated matrix: refitted
-    assert len(calls) == 4
+    post = est.posterior(sim, layer="counts")  # a new validated matrix: the fitted model's
+    assert len(calls) == 3
     np.testing.assert_array_equal(post.mean, out)
     np.testing.assert_array_equal(post.dropout_prob.toarray(), est.dropout_prob_.toarray())
 

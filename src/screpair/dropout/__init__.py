@@ -9,7 +9,9 @@
   vectorised EM; a zero's probability is P(true count > 0 | observed 0);
 - :func:`fit_dropout` (``model="scimpute"``): scImpute's gamma-normal mixture per gene and
   cluster on log10(CPM+1.01), fitted by a vectorised EM; the posterior weight of the gamma
-  component is the probability that a zero is a technical dropout.
+  component is the probability that a zero is a technical dropout;
+- :class:`DropoutModel`: either model fitted on (a sample of) the cells, with the dropout
+  probabilities of any block of rows (the large-data path; cnn's dropout step).
 
 An entry is *missing* (a likely dropout) when its probability exceeds the threshold (0.5).
 """
@@ -17,6 +19,7 @@ An entry is *missing* (a likely dropout) when its probability exceeds the thresh
 from ._api import DROPOUT_MODELS, cluster, dropout_probability
 from ._cluster import ClusterResult, adpclust, cluster_cells, log_cpm
 from ._em import POINT, STATUS, DropoutFit, dropout_weight, fit_dropout, fit_mixture, solve_alpha
+from ._model import DropoutModel
 from ._zinb import ZINBDropoutFit, fit_zinb_dropout, nb_zero_logprob, zero_dropout_prob
 
 __all__ = [
@@ -24,6 +27,7 @@ __all__ = [
     "POINT",
     "STATUS",
     "ClusterResult",
+    "DropoutModel",
     "ZINBDropoutFit",
     "DropoutFit",
     "adpclust",

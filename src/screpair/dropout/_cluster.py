@@ -76,6 +76,11 @@ class ClusterResult:
         The winning bandwidth ``h`` (on the scaled embedding).
     candidates
         Every tested candidate: ``(h, f_cut, k, silhouette)`` tuples, in the order tried.
+    pcs
+        The principal component scores t-SNE was computed from (n_cells x n_pcs).
+    projection
+        The fitted preprocessing and PCA (:class:`CellProjection`): the principal components
+        of other cells, e.g. to assign them to these clusters by nearest neighbours.
     """
 
     labels: np.ndarray
@@ -85,6 +90,75 @@ class ClusterResult:
     silhouette: float = float("nan")
     bandwidth: float = float("nan")
     candidates: list[tuple[float, float, int, float]] = field(default_factory=list)
+    pcs: np.ndarray | None = None
+    projection: CellProjection | None = None
+
+
+@dataclass
+class CellProjection:
+    """The preprocessing and PCA of :func:`cluster_cells`, fitted on its cells, for any cells.
+
+    :meth:`transform` maps raw counts of any cells (a block of rows) to the principal components
+    of the fitted cells: ``log2(x / L * target_sum + 1)`` of the fitted highly-variable genes,
+    centred and scaled by the fitted cells' means and standard deviations (clipped at 10), then
+    projected on the fitted components (``(y - pca_mean) @ components.T``). Memory: one dense
+    block of cells x ``genes``.
+
+    Attributes
+    ----------
+    target_sum
+        Library size every cell is scaled to (``target_sum=None`` of :func:`cluster_cells`:
+        the median library size of the fitted cells).
+    genes
+        Column indices of the genes embedded (``None``: all).
+    scale_mean, scale_sd
+        Per-gene centring and scaling (``None`` without ``scale``).
+    pca_mean, components
+        PCA centre and components (n_pcs x genes); ``components=None``: the centred values
+        themselves (too few cells or genes for a PCA).
+    """
+
+    target_sum: float
+    genes: np.ndarray | None
+    scale_mean: np.ndarray | None
+    scale_sd: np.ndarray | None
+    pca_mean: np.ndarray
+    components: np.ndarray | None
+
+    def transform(self, x) -> np.ndarray:
+        """Principal components (n_cells x n_pcs, float64) of the raw counts ``x`` (cells x all
+        fitted genes, CSR or ndarray)."""
+        y = _norm.log_normalize(x, self.target_sum, base=2.0)
+        if self.genes is not None:
+            y = y[:, self.genes]
+        if self.scale_mean is not None:
+            y = y.toarray() if sp.issparse(y) else np.array(y, dtype=np.float64)
+            y = np.clip((y - self.scale_mean) / self.scale_sd, -10, 10)
+        if self.components is None:
+            y = y.toarray() if sp.issparse(y) else np.asarray(y, dtype=np.float64)
+            return y - self.pca_mean
+        comp = self.components
+        if sp.issparse(y):
+            return np.asarray(y @ comp.T, dtype=np.float64) - self.pca_mean @ comp.T
+        y = np.asarray(y, dtype=comp.dtype)
+        return np.asarray((y - self.pca_mean) @ comp.T, dtype=np.float64)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """The fitted arrays by name (for saving; :meth:`from_arrays` reads them back)."""
+        out = {"target_sum": np.asarray([self.target_sum], dtype=np.float64),
+               "pca_mean": self.pca_mean}
+        for name in ("genes", "scale_mean", "scale_sd", "components"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> CellProjection:
+        """The projection saved by :meth:`arrays`."""
+        return cls(target_sum=float(arrays["target_sum"][0]),
+                   genes=arrays.get("genes"), scale_mean=arrays.get("scale_mean"),
+                   scale_sd=arrays.get("scale_sd"), pca_mean=arrays["pca_mean"],
+                   components=arrays.get("components"))
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -113,8 +187,11 @@ def log_cpm(
     return np.log(y + pseudocount) / np.log(base)
 
 
-def _pca(y, n_pcs: int, seed: int, *, max_dense: int = 250_000_000) -> np.ndarray:
-    """Centred PCA scores (Rtsne's ``initial_dims``).
+def _pca(
+    y, n_pcs: int, seed: int, *, max_dense: int = 250_000_000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Centred PCA scores (Rtsne's ``initial_dims``), the centre and the components (``None``:
+    the centred values are the scores).
 
     Randomized PCA on a dense float32 copy when it has at most ``max_dense`` entries (1 GB; much
     faster than ARPACK on a sparse matrix), else ARPACK with implicit centring on the sparse matrix.
@@ -124,14 +201,15 @@ def _pca(y, n_pcs: int, seed: int, *, max_dense: int = 250_000_000) -> np.ndarra
     n, g = y.shape
     if n_pcs >= min(n, g) - 1:
         dense = y.toarray() if sp.issparse(y) else np.asarray(y, dtype=np.float64)
-        return dense - dense.mean(axis=0)
+        mean = dense.mean(axis=0)
+        return dense - mean, mean, None
     if sp.issparse(y) and n * g > max_dense:
         pca = PCA(n_components=n_pcs, svd_solver="arpack", random_state=seed)
-        return pca.fit_transform(y)
+        return pca.fit_transform(y), pca.mean_, pca.components_
     dense = y.toarray() if sp.issparse(y) else np.asarray(y)
     dense = dense.astype(np.float32, copy=False)
     pca = PCA(n_components=n_pcs, svd_solver="randomized", random_state=seed)
-    return pca.fit_transform(dense).astype(np.float64)
+    return pca.fit_transform(dense).astype(np.float64), pca.mean_, pca.components_
 
 
 def tsne_3d(
@@ -376,15 +454,20 @@ def cluster_cells(
                   logger):
         with log_task("log2 normalized + PCA", logger):
             y = _norm.log_normalize(x, target_sum, base=2.0)
+            genes = scale_mean = scale_sd = None
             if n_top_genes is not None and n_top_genes < y.shape[1]:
                 from ..pp import hvg_dispersion
 
-                y = y[:, hvg_dispersion(x, n_top_genes)["highly_variable"].to_numpy()]
+                hv = hvg_dispersion(x, n_top_genes)["highly_variable"].to_numpy()
+                genes = np.flatnonzero(hv)
+                y = y[:, hv]
             if scale:
                 y = y.toarray() if sp.issparse(y) else np.array(y, dtype=np.float64)
                 sd = y.std(axis=0)
-                y = np.clip((y - y.mean(axis=0)) / np.where(sd > 0, sd, 1.0), -10, 10)
-            pcs = _pca(y, min(n_pcs, y.shape[1]), seed_pca)
+                scale_mean, scale_sd = y.mean(axis=0), np.where(sd > 0, sd, 1.0)
+                y = np.clip((y - scale_mean) / scale_sd, -10, 10)
+            pcs, pca_mean, components = _pca(y, min(n_pcs, y.shape[1]), seed_pca)
+            del y
         with log_task("3-D t-SNE", logger):
             emb = tsne_3d(pcs, perplexity=perplexity, seed=seed_tsne, n_jobs=n_jobs)
         if n > adp_max_cells:
@@ -406,7 +489,20 @@ def cluster_cells(
         silhouette=sil,
         bandwidth=h,
         candidates=cands,
+        pcs=pcs,
+        projection=CellProjection(
+            target_sum=_resolved_target(x, target_sum), genes=genes, scale_mean=scale_mean,
+            scale_sd=scale_sd, pca_mean=pca_mean, components=components,
+        ),
     )
+
+
+def _resolved_target(x, target_sum: float | None) -> float:
+    """``target_sum``, or the median positive library size that ``None`` stands for."""
+    if target_sum is not None:
+        return float(target_sum)
+    lib = _norm.library_size(x)
+    return float(np.median(lib[lib > 0])) if np.any(lib > 0) else 1.0
 
 
 def _kmeans(emb: np.ndarray, centers: np.ndarray, seed: int) -> np.ndarray:

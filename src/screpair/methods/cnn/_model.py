@@ -6,7 +6,7 @@ import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -43,6 +43,20 @@ from ._select import Group, build_groups
 logger = get_logger(__name__)
 
 _MIN_INPUTS = 10  # shortest input that survives two conv(k=3) + maxpool(2) blocks with room
+#: default ``n_dropout_cells``: cells the dropout model is clustered and fitted on
+DROPOUT_CELLS = 10_000
+#: default ``n_train_cells``: cells the networks are trained on
+TRAIN_CELLS = 50_000
+
+
+class _Used(NamedTuple):
+    """Normalized counts and missing mask restricted to the genes the networks use, and the
+    networks' input / target indices into those columns."""
+
+    x: Any
+    missing: Any
+    inputs: np.ndarray
+    targets: np.ndarray
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,6 +177,13 @@ class CNNImputer(BaseImputer):
        padding and missing entries are masked out), Adam, early stopping on the other 10%.
     5. Predictions replace **only** the missing entries; every other value is returned exactly.
 
+    Large data: the dropout model is fitted on at most ``n_dropout_cells`` cells and the
+    networks are trained on at most ``n_train_cells`` (random samples above; every cell below,
+    with the results of all cells), the training batches are dense only for the batch's cells
+    and the genes the networks read or predict, and the posterior of a block of cells needs
+    only those rows and the fitted state (``posterior_by_rows``): :func:`screpair.impute_file`
+    computes and writes it block by block.
+
     Parameters
     ----------
     module
@@ -220,11 +241,20 @@ class CNNImputer(BaseImputer):
     cluster_kwargs, dropout_kwargs
         Extra keyword arguments for :func:`screpair.dropout.cluster_cells` and the dropout model
         (:func:`screpair.dropout.fit_zinb_dropout` or :func:`screpair.dropout.fit_dropout`).
+    n_dropout_cells
+        Most cells the dropout model is clustered and fitted on (:class:`screpair.dropout.
+        DropoutModel`'s ``n_fit_cells``; ``None``: all). Up to it every cell is used and the
+        probabilities are those of the whole data; above it a random sample is clustered
+        (3-D t-SNE and k-means take time growing with the cells) and the other cells join the
+        cluster of their nearest sampled neighbours in the sample's PCA space. Default 10,000.
+    n_train_cells
+        Most cells the networks are trained on (targets, inputs and output biases come from the
+        same cells; ``None``: all). Above it a random sample of this size is used: an epoch's
+        time grows with the cells, while the networks' size does not. Default 50,000.
     rng
-        Seed or ``numpy.random.Generator`` (clustering, split, initialisation, batches, dropout).
-        ``fit`` turns it into one integer seed, ``posterior_seed_``, from which the dropout
-        model of new data is fitted at every ``transform``: a fitted model, saved or not,
-        returns the same output for the same input on every call.
+        Seed or ``numpy.random.Generator`` (clustering, samples, split, initialisation,
+        batches, dropout). ``fit`` turns it into one integer seed, ``posterior_seed_``: a fitted
+        model, saved or not, returns the same output for the same input on every call.
 
     Attributes
     ----------
@@ -240,6 +270,13 @@ class CNNImputer(BaseImputer):
         Dropout probabilities of the fitted cells (CSR).
     labels_
         Cell cluster labels of the fitted cells.
+    dropout_model_
+        The fitted :class:`screpair.dropout.DropoutModel` (``None`` with ``dropout_layer``): it
+        gives the probabilities of any block of cells, so ``posterior`` works by blocks of rows
+        (:func:`screpair.impute_file`); saved with the model. Cells of the fitted data keep
+        their fitted clusters, new cells join the nearest sampled cells' cluster.
+    train_cells_
+        Rows of the cells the networks were trained on (``None``: all).
     posterior_seed_
         Integer seed of the fit (``rng`` itself when it is an int); saved with the model.
 
@@ -318,10 +355,13 @@ class CNNImputer(BaseImputer):
     _saved_defaults: ClassVar[dict] = {"preset": "paper"}
     transductive: ClassVar[bool] = False
     has_dropout_prob: ClassVar[bool] = True
-    #: a cell's output depends on its row and the fitted state, except through the dropout
-    #: model refitted on new data (``posterior`` on other cells than the fitted ones), which
-    #: clusters all cells together: the posterior needs all rows at once
-    posterior_by_rows: ClassVar[bool] = False
+
+    @property
+    def posterior_by_rows(self) -> bool:  # type: ignore[override]
+        """A cell's output depends on its row and the fitted state (networks and dropout
+        model): the posterior works on any block of rows. Not for a model saved by screpair
+        <= 0.3 without its dropout model (it refits one on all the cells it is given)."""
+        return self.dropout_layer is not None or getattr(self, "dropout_model_", 0) is not None
 
     def __init__(
         self,
@@ -338,6 +378,8 @@ class CNNImputer(BaseImputer):
         preset: str = "default",
         cluster_kwargs: dict | None = None,
         dropout_kwargs: dict | None = None,
+        n_dropout_cells: int | None = DROPOUT_CELLS,
+        n_train_cells: int | None = TRAIN_CELLS,
         rng: RNGLike = None,
         **moved,
     ):
@@ -360,6 +402,8 @@ class CNNImputer(BaseImputer):
         self.preset = preset
         self.cluster_kwargs = cluster_kwargs
         self.dropout_kwargs = dropout_kwargs
+        self.n_dropout_cells = n_dropout_cells
+        self.n_train_cells = n_train_cells
         self.rng = rng
 
     def __getstate__(self) -> dict:
@@ -410,6 +454,11 @@ class CNNImputer(BaseImputer):
             if int(value) < 1:
                 msg = f"{name} must be a positive integer, got {value!r}."
                 raise ValueError(msg)
+        for name in ("n_dropout_cells", "n_train_cells"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) < 10):
+                msg = f"{name} must be None or an integer >= 10, got {value!r}."
+                raise ValueError(msg)
 
     def _normalized(self, x, lib: np.ndarray):
         """``log1p(CPM)`` (``log=False``: CPM) of the counts ``x`` in float32, the network's
@@ -434,32 +483,54 @@ class CNNImputer(BaseImputer):
             raise KeyError(msg)
         return np.asarray(ctx.obs[self.groupby].astype(str))
 
-    def _dropout(
-        self, x, ctx: DataContext, rng: np.random.Generator
-    ) -> tuple[sp.csr_matrix, np.ndarray | None]:
-        """Dropout probabilities (CSR, zero at observed non-zeros) and cluster labels."""
-        labels = self._obs_labels(ctx)
-        if self.dropout_layer is not None:
-            if self.dropout_layer not in ctx.layers:
-                msg = (
-                    f"dropout_layer={self.dropout_layer!r} must name a layer of the AnnData input."
-                )
-                raise KeyError(msg)
-            prob = sp.csr_matrix(ctx.layers[self.dropout_layer], dtype=np.float64)
-            if prob.shape != x.shape:
-                msg = f"layer {self.dropout_layer!r} has shape {prob.shape}, counts have {x.shape}."
-                raise ValueError(msg)
-        else:
-            from ...dropout import cluster_cells, fit_dropout, fit_zinb_dropout
+    def _layer_prob(self, x, ctx: DataContext) -> sp.csr_matrix:
+        """The dropout probabilities of ``layers[dropout_layer]`` for the rows ``ctx.rows``."""
+        if self.dropout_layer not in ctx.layers:
+            msg = f"dropout_layer={self.dropout_layer!r} must name a layer of the AnnData input."
+            raise KeyError(msg)
+        layer = ctx.layers[self.dropout_layer]
+        if layer.shape[0] == ctx.n_obs and x.shape[0] != ctx.n_obs:
+            layer = layer[ctx.rows]
+        prob = sp.csr_matrix(layer, dtype=np.float64)
+        if prob.shape != x.shape:
+            msg = f"layer {self.dropout_layer!r} has shape {prob.shape}, counts have {x.shape}."
+            raise ValueError(msg)
+        return prob
 
-            if labels is None:
-                with log_task("clustering cells for the dropout model", logger):
-                    res = cluster_cells(x, rng=rng, **(self.cluster_kwargs or {}))
-                labels = np.asarray(res.labels)
-            codes = pd.factorize(labels, sort=True)[0]
-            fit_fn = fit_zinb_dropout if self.dropout_model == "zinb" else fit_dropout
-            with log_task(f"fitting dropout probabilities ({self.dropout_model})", logger):
-                prob = sp.csr_matrix(fit_fn(x, codes, **(self.dropout_kwargs or {})).prob)
+    def _dropout_model(self, rng: np.random.Generator):
+        from ...dropout import DropoutModel
+
+        return DropoutModel(model=self.dropout_model, n_fit_cells=self.n_dropout_cells,
+                            cluster_kwargs=self.cluster_kwargs, fit_kwargs=self.dropout_kwargs,
+                            rng=rng)
+
+    def _dropout(
+        self, x, ctx: DataContext, rng: np.random.Generator | None = None
+    ) -> tuple[sp.csr_matrix, np.ndarray | None]:
+        """Dropout probabilities (CSR, zero at observed non-zeros) and cluster labels of the
+        rows ``x`` (``ctx.rows`` of the data).
+
+        ``rng`` given (``fit``): fit the dropout model on ``x`` (``dropout_model_``). Else from
+        the fitted dropout model, or, for a model saved without one, from a dropout model
+        refitted on ``x`` from ``posterior_seed_``.
+        """
+        labels = self._obs_labels(ctx)
+        if labels is not None and labels.shape[0] != x.shape[0]:
+            labels = labels[ctx.rows]
+        if self.dropout_layer is not None:
+            prob = self._layer_prob(x, ctx)
+            if rng is not None:
+                self.dropout_model_ = None
+        elif rng is not None or self.dropout_model_ is None:
+            dm = self._dropout_model(as_rng(self.posterior_seed_) if rng is None else rng)
+            dm.fit(x, labels=labels)
+            if rng is not None:
+                self.dropout_model_ = dm
+            prob, labels = dm.prob_, dm.labels_
+        else:
+            with log_task(f"dropout probabilities ({self.dropout_model}) of {x.shape[0]} cells",
+                          logger):
+                prob, labels = self.dropout_model_.probabilities(x, rows=ctx.rows, labels=labels)
         observed = (x != 0) if sp.issparse(x) else sp.csr_matrix(np.asarray(x) != 0)
         prob = sp.csr_matrix(prob - prob.multiply(observed))  # observed values are never missing
         prob.eliminate_zeros()
@@ -491,6 +562,15 @@ class CNNImputer(BaseImputer):
         # very matrix object (impute and fit_transform pass the one they validated); other
         # input refits the dropout model from `posterior_seed_`, which gives the same values
         self._fit_counts = weakref.ref(x)
+        self.train_cells_ = None
+        if self.n_train_cells is not None and n_cells > int(self.n_train_cells):
+            # networks, targets and inputs learned from a random sample of the cells
+            cells = np.sort(rng.choice(n_cells, size=int(self.n_train_cells), replace=False))
+            logger.info("cnn: training on %d of %d cells (n_train_cells)", cells.size, n_cells)
+            self.train_cells_ = cells
+            xlog, missing = xlog[cells], missing[cells]
+            labels = None if labels is None else labels[cells]
+            n_cells = cells.size
 
         with log_task("selecting targets and input genes", logger):
             self.groups_, self.clusters_ = self._select(xlog, missing, labels, rng)
@@ -509,9 +589,11 @@ class CNNImputer(BaseImputer):
         self.module_.generator = gen
         cell_cluster = self._cell_cluster(labels, n_cells)
         self._init_output_bias(xlog, missing, cell_cluster, train_idx)
+        used = self._used_columns(xlog, missing)  # batches read only these genes
+        del xlog, missing
 
         def loss_fn(rows: np.ndarray, training: bool) -> LossOutput:
-            xin, y, mask = self._batch(xlog, missing, cell_cluster, rows)
+            xin, y, mask = self._batch(used, cell_cluster, rows)
             pred = self.module_(xin)
             se = (pred - y) ** 2 * mask
             return LossOutput(loss=se.sum() / mask.sum().clamp_min(1.0))
@@ -640,16 +722,27 @@ class CNNImputer(BaseImputer):
             raise ValueError(msg)
         return np.array([lookup[c] for c in labels], dtype=np.int64)
 
-    def _batch(self, xlog, missing, cell_cluster, rows):
-        """Inputs (B, G, I), targets (B, G, O) and loss mask (B, G, O) for cells ``rows``."""
+    def _used_columns(self, xlog, missing) -> _Used:
+        """``xlog`` and ``missing`` restricted to the genes the networks read or predict, and
+        the input / target index arrays into those columns (padding: one past the last)."""
+        n_genes = xlog.shape[1]
+        both = np.concatenate([self.input_index_.ravel(), self.target_index_.ravel()])
+        cols = np.unique(both[both < n_genes])
+        pos = np.append(cols, n_genes)  # sorted: padding (n_genes) maps to len(cols)
+        return _Used(xlog[:, cols], missing[:, cols], np.searchsorted(pos, self.input_index_),
+                     np.searchsorted(pos, self.target_index_))
+
+    def _batch(self, used: _Used, cell_cluster, rows):
+        """Inputs (B, G, I), targets (B, G, O) and loss mask (B, G, O) for cells ``rows``: one
+        dense batch of the used genes only (:meth:`_used_columns`)."""
         torch = import_torch()
         dev = self.device_
-        xb = dense_rows(xlog, rows, dev)
+        xb = dense_rows(used.x, rows, dev)
         xb = torch.cat([xb, xb.new_zeros(len(rows), 1)], dim=1)
-        mb = dense_rows(missing, rows, dev, dtype=torch.bool)
+        mb = dense_rows(used.missing, rows, dev, dtype=torch.bool)
         mb = torch.cat([mb, mb.new_ones(len(rows), 1)], dim=1)  # padding column counts as missing
-        in_idx = torch.as_tensor(self.input_index_, device=dev)
-        tg_idx = torch.as_tensor(self.target_index_, device=dev)
+        in_idx = torch.as_tensor(used.inputs, device=dev)
+        tg_idx = torch.as_tensor(used.targets, device=dev)
         xin = xb[:, in_idx]
         y = xb[:, tg_idx]
         mask = ~mb[:, tg_idx]
@@ -673,10 +766,11 @@ class CNNImputer(BaseImputer):
         self.module_.eval()
         dev = self.device_
         tg_idx = torch.as_tensor(self.target_index_, device=dev)
+        used = self._used_columns(xlog, missing)
         with torch.inference_mode(), heap_reuse():
             batch = max(self._config("train").batch_size, 256)
             for rows in row_batches(np.arange(n_cells), batch):
-                xin, _, _ = self._batch(xlog, missing, cell_cluster, rows)
+                xin, _, _ = self._batch(used, cell_cluster, rows)
                 pred = self.module_(xin)  # (B, G, O)
                 valid = (tg_idx < n_genes)[None].expand_as(pred)
                 if self.correlation == "cluster":
@@ -713,7 +807,7 @@ class CNNImputer(BaseImputer):
         if self.dropout_layer is None and fitted is not None and fitted() is x:
             prob, labels = self.dropout_prob_, self.labels_  # the fit's, for the same matrix
         else:
-            prob, labels = self._dropout(x, ctx, as_rng(self.posterior_seed_))
+            prob, labels = self._dropout(x, ctx)
         missing = self._missing(prob)
         cell_cluster = (
             self._cell_cluster(labels, x.shape[0])
@@ -748,6 +842,10 @@ class CNNImputer(BaseImputer):
         state["_index.inputs"] = torch.as_tensor(self.input_index_)
         state["_index.targets"] = torch.as_tensor(self.target_index_)
         state["_index.cluster"] = torch.as_tensor(self.group_cluster_)
+        dropout = None
+        if getattr(self, "dropout_model_", None) is not None:
+            dropout, arrays = self.dropout_model_.state()
+            state.update({f"_dropout.{k}": torch.as_tensor(v) for k, v in arrays.items()})
         save_model(
             path,
             config=params_json(self),
@@ -758,6 +856,7 @@ class CNNImputer(BaseImputer):
                 "posterior_seed": int(self.posterior_seed_),
                 "clusters": [str(c) for c in self.clusters_],
                 "history": json_config(self.history_.to_dict(orient="list"), where="history"),
+                "dropout": None if dropout is None else json_config(dropout, where="dropout"),
             },
         )
 
@@ -799,7 +898,9 @@ class CNNImputer(BaseImputer):
             if idx.dtype.kind not in "iu" or (idx.size and not lo <= idx.min() <= idx.max() <= hi):
                 what = f"the {n_genes} genes" if hi == n_genes else f"the {len(clusters)} clusters"
                 raise model_error(wts_file, f"tensor {key!r} points outside {what} of config.json")
-        state = {k: v for k, v in state.items() if not k.startswith("_index.")}
+        dropout = {k.removeprefix("_dropout."): v.numpy() for k, v in state.items()
+                   if k.startswith("_dropout.")}
+        state = {k: v for k, v in state.items() if not k.startswith(("_index.", "_dropout."))}
         est.input_index_ = inputs.astype(np.int64)
         est.target_index_ = targets.astype(np.int64)
         est.group_cluster_ = cluster.astype(np.int64)
@@ -818,5 +919,13 @@ class CNNImputer(BaseImputer):
         load_state(est.module_, state, wts_file)
         est.module_.eval()
         est._fit_counts = None
-        est.dropout_prob_, est.labels_ = None, None
+        est.dropout_prob_, est.labels_, est.train_cells_ = None, None, None
+        est.dropout_model_ = None  # saved by screpair <= 0.3: refitted on the data given
+        if extra.get("dropout") is not None:
+            from ...dropout import DropoutModel
+
+            try:
+                est.dropout_model_ = DropoutModel.from_state(extra["dropout"], dropout)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise model_error(wts_file, f"the dropout model does not load ({e!r})") from None
         return est
