@@ -356,6 +356,7 @@ def _cmd_demo(args) -> int:
     print(f"demo data: {datasets.DEMO_DESCRIPTION}; {_summary_line(adata)}")
     screpair.impute(adata, method=args.method, rng=args.seed)
     imp = adata.layers[args.method]
+    imp = imp.toarray() if hasattr(imp, "toarray") else np.asarray(imp)  # alra's may be CSR
     x = adata.X.toarray()
     zeros = x == 0
     filled = float(np.mean(imp[zeros] > 0.5)) if zeros.any() else 0.0
