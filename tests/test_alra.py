@@ -21,6 +21,16 @@ def _counts(rng, n, g, density=0.2):
     return x
 
 
+def _blocky(rng, n, g, n_groups=3):
+    """Counts of ``n_groups`` cell groups, each expressing only its own genes: ALRA's
+    thresholded output is about one third non-zero."""
+    group, own = np.arange(n) % n_groups, np.arange(g) % n_groups
+    lam = np.where(group[:, None] == own[None, :], 4.0, 0.0) * rng.lognormal(0, 0.3, (n, 1))
+    x = rng.poisson(lam).astype(np.float64)
+    x[np.arange(n), own.argsort()[group * (g // n_groups)]] += 1  # every cell has a count
+    return sp.csr_matrix(x)
+
+
 @pytest.mark.parametrize("q", [0.0, 0.001, 0.01, 0.3, 0.5, 0.77, 1.0])
 @pytest.mark.parametrize("n", [1, 2, 7, 1001])
 def test_column_quantile_is_numpy_quantile_bit_for_bit(n, q):
@@ -71,13 +81,42 @@ def test_blocks_match_the_whole_column_computation(array_type):
 
 def test_posterior_by_row_blocks_equals_all_rows(array_type, posterior_blocks):
     rng = np.random.default_rng(1)
-    x = array_type(_counts(rng, 120, 60).toarray())
+    x = array_type(_blocky(rng, 120, 60).toarray())
     est = ALRAImputer(k=3).fit(x)
     whole = est.posterior(x).mean
     blocks = [p.mean for p in posterior_blocks(est, x, 50)]
+    assert all(sp.issparse(b) == sp.issparse(x) for b in [whole, *blocks])
+    stacked = sp.vstack(blocks).toarray() if sp.issparse(x) else np.vstack(blocks)
+    whole = whole.toarray() if sp.issparse(whole) else whole
     # U[rows] S V^T of a row block: the same products per entry (BLAS), checked to 1e-12
-    np.testing.assert_allclose(np.vstack(blocks), whole, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(stacked, whole, rtol=1e-12, atol=1e-12)
     assert ALRAImputer.posterior_by_rows
+
+
+def test_sparse_input_gives_sparse_output_with_the_dense_values(monkeypatch):
+    """CSR counts give a CSR posterior that stores only the non-zero values; they equal, bit for
+    bit, the dense posterior of the same fitted model, in several row blocks."""
+    monkeypatch.setattr(alra, "_BLOCK_ENTRIES", 60 * 17)  # 17 rows per block
+    x = _blocky(np.random.default_rng(4), 150, 60)
+    est = ALRAImputer().fit(x)
+    assert est.sparse_output_ and 0.2 < est.lowrank_.density < 0.5
+    got = est.posterior(x).mean
+    est.sparse_output_ = False  # the dense output of the same fit
+    want = est.posterior(x).mean
+    assert sp.isspmatrix_csr(got) and isinstance(want, np.ndarray)
+    np.testing.assert_array_equal(got.toarray(), want)
+    assert got.nnz == np.count_nonzero(want) and np.all(got.data != 0)
+    assert abs(got.nnz / want.size - est.lowrank_.density) < 0.1  # the fit's estimate
+    assert not ALRAImputer().fit(x.toarray()).sparse_output_  # dense input: dense output
+
+
+def test_mostly_non_zero_output_stays_dense():
+    """Above half non-zero values CSR would be larger than dense float32: dense output."""
+    rng = np.random.default_rng(5)
+    x = _counts(rng, 150, 60, density=0.6)
+    est = ALRAImputer(k=3).fit(x)
+    assert est.lowrank_.density > 0.5 and not est.sparse_output_
+    assert isinstance(est.posterior(x).mean, np.ndarray)
 
 
 @pytest.mark.filterwarnings("ignore:.*have no counts:UserWarning")

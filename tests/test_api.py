@@ -42,10 +42,36 @@ def test_only_target_layer_changes(counts_adata, method, layer):
     assert set(ad.uns) == before["uns"] | {"imp"}
     out = ad.layers["imp"]
     assert out.shape == ad.shape and out.dtype == np.float32
-    assert np.all(np.isfinite(out)) and out.min() >= 0
+    values = out.toarray() if sp.issparse(out) else out
+    assert np.all(np.isfinite(values)) and values.min() >= 0
     meta = ad.uns["imp"]
     assert meta["method"] == method and meta["version"] == screpair.__version__
     assert meta["layer"] == (layer or "None")
+
+
+@pytest.mark.parametrize("layer", [None, "counts"])
+def test_sparse_output_changes_only_its_layer(tmp_path, layer):
+    """alra's thresholded output of sparse counts is a CSR layer (float32, the values of the
+    dense output); the input and every other slot stay as they were, and h5ad keeps it."""
+    import anndata
+
+    rng = np.random.default_rng(0)
+    group, own = np.arange(150) % 3, np.arange(60) % 3
+    lam = np.where(group[:, None] == own[None, :], 4.0, 0.0) * rng.lognormal(0, 0.3, (150, 1))
+    x = sp.csr_matrix(rng.poisson(lam).astype(np.float32))
+    ad = AnnData(X=x, layers={"counts": x.copy()})
+    before = _snapshot(ad)
+    screpair.impute(ad, "alra", layer=layer, key_added="imp")
+    assert _same(ad.X, before["X"]) and set(ad.layers) == {"counts", "imp"}
+    assert _same(ad.layers["counts"], before["layers"]["counts"])
+    out = ad.layers["imp"]
+    assert sp.isspmatrix_csr(out) and out.dtype == np.float32 and out.shape == ad.shape
+    assert 0.2 < out.nnz / (150 * 60) < 0.5 and np.all(np.isfinite(out.data))
+    assert out.data.min() > 0 and not np.shares_memory(out.data, ad.X.data)
+    dense = screpair.impute(AnnData(X=x.toarray()), "alra", copy=True).layers["alra"]
+    np.testing.assert_allclose(out.toarray(), dense, rtol=1e-5, atol=1e-6)
+    ad.write_h5ad(tmp_path / "out.h5ad")
+    assert _same(anndata.read_h5ad(tmp_path / "out.h5ad").layers["imp"], out)
 
 
 def test_copy_semantics(counts_adata):
