@@ -182,7 +182,7 @@ def test_cnn_impute_file_by_blocks_equals_impute(sim, tmp_path, one_torch_thread
 
 def test_cnn_samples_and_old_models(sim, tmp_path, posterior_blocks, one_torch_thread):
     """n_dropout_cells / n_train_cells below the cells: reproducible sampled fit, blocks still
-    stack; a model saved without its dropout model (screpair <= 0.3) loads and refits one,
+    stack; a model saved without its dropout model (earlier releases) loads and refits one,
     all rows at once."""
     ad = sim.copy()
     kw = dict(n_dropout_cells=100, n_train_cells=120, rng=0, **TINY)

@@ -359,8 +359,8 @@ class CNNImputer(BaseImputer):
     @property
     def posterior_by_rows(self) -> bool:  # type: ignore[override]
         """A cell's output depends on its row and the fitted state (networks and dropout
-        model): the posterior works on any block of rows. Not for a model saved by screpair
-        <= 0.3 without its dropout model (it refits one on all the cells it is given)."""
+        model): the posterior works on any block of rows. Not for a model saved before models
+        carried their dropout model (it refits one on all the cells it is given)."""
         return self.dropout_layer is not None or getattr(self, "dropout_model_", 0) is not None
 
     def __init__(
@@ -920,7 +920,7 @@ class CNNImputer(BaseImputer):
         est.module_.eval()
         est._fit_counts = None
         est.dropout_prob_, est.labels_, est.train_cells_ = None, None, None
-        est.dropout_model_ = None  # saved by screpair <= 0.3: refitted on the data given
+        est.dropout_model_ = None  # saved without one (earlier releases): refitted on the data
         if extra.get("dropout") is not None:
             from ...dropout import DropoutModel
 
