@@ -434,9 +434,21 @@ def test_training_options_checked():
     for module, match in (
         ({"last_step_frac": 1.5}, "last_step_frac"),
         ({"val_metric": "mse"}, "val_metric"),
+        ({"patch_size": 0}, "patch_size"),
     ):
         with pytest.raises(ValueError, match=match):
             _tiny(module={**TINY.__dict__, **module})._check_params()
+
+
+@pytest.mark.parametrize(("n_genes", "expected"), [(5000, 500), (4001, 401), (2000, 250), (30, 250)])
+def test_automatic_patch_size(n_genes, expected):
+    """``patch_size=None``: at most MAX_TOKENS (10) tokens, patches of at least 250 genes."""
+    from screpair.methods.diffusion._model import patch_size
+
+    assert patch_size(DiffusionConfig(), n_genes) == expected
+    assert patch_size(DiffusionConfig(patch_size=250), n_genes) == 250
+    net = DiffusionImputer()._build_module(n_genes)
+    assert net.n_tokens == math.ceil(n_genes / expected) <= 10
 
 
 def test_redraw_views_and_repair_metric(ref_and_degraded):

@@ -18,10 +18,16 @@ class DiffusionConfig:
     Attributes
     ----------
     patch_size
-        Genes per token. The default 250 gives 20 tokens for 5,000 genes, which keeps training
-        (about 6 min for 2,700 cells) and DDIM repair (under 20 s) affordable on a 2-core CPU;
-        ``patch_size=1`` is the paper's one token per gene (only practical on a GPU and with few
-        genes). See :mod:`screpair.methods.diffusion._module` for the token design.
+        Genes per token. ``None`` (default): ``max(250, ceil(G / 10))`` for ``G`` modelled genes,
+        i.e. at most 10 tokens (5,000 genes: 10 patches of 500; 2,000 genes: 8 of 250). The
+        transformer's cost grows with the number of tokens and dominates a training step, so
+        10 tokens of 500 genes train ~1.8x faster per pair than 20 of 250 (the default before
+        issue 18); with ``last_step_frac=0.3`` on baron pancreas (``degrade``, seed 0) they gave
+        log-MSE / r / cell r 0.230 / 0.495 / 0.475 in 102 s against 0.230 / 0.494 / 0.473 in
+        ~250 s with 20 tokens (``benchmarks/RESULTS.md``, issue 18). ``patch_size=250`` is the
+        earlier setting; ``patch_size=1`` is the paper's one token per gene (only practical on a
+        GPU and with few genes). See :mod:`screpair.methods.diffusion._module` for the token
+        design.
     d_model, n_layers, n_heads, dim_feedforward, dropout
         Transformer encoder (the paper: 256-d tokens, 4 layers, multi-head attention).
     cond_concat, cond_dim, cond_hidden, cond_dropout
@@ -40,20 +46,26 @@ class DiffusionConfig:
         Share of each training batch drawn at the last timestep (pure noise) instead of
         uniformly; there the network's ``x0`` estimate is the point repair of
         ``mean="denoiser"``, which uniform timesteps train on ~1/1000 of the draws (and the
-        high-noise range on ~10%). ``0`` (default): uniform, as in DDPM.
+        high-noise range on ~10%). Default 0.3 (issue 18); ``0`` is uniform, as in DDPM (the
+        setting before). With 10 tokens (the ``patch_size`` default), seed 0, ``degrade``:
+        baron 0.230 / 0.489 / 0.469 (log-MSE / r / cell r) with 0, 0.230 / 0.495 / 0.475 with
+        0.3; pbmc4k (8 tokens) 0.525 / 0.642 / 0.637 with 0 (228 s), 0.529 / 0.644 / 0.637 with
+        0.3 (134 s, it stops earlier).
     val_metric
         What early stopping monitors on the validation cells: ``"loss"`` (default, the
         diffusion loss at random timesteps) or ``"repair"`` (the MSE of the point estimate
         against the clean profile: what ``mean="denoiser"`` returns).
 
-    Measured on baron pancreas (``degrade`` protocol of ``benchmarks/diffusion_degrade.py``,
-    seed 0, log-MSE / Pearson r over 2,000 HVGs; input 0.291 / 0.479): defaults 0.230 / 0.494;
-    ``val_metric="repair"`` 0.231 / 0.497; plus ``last_step_frac=0.3`` 0.233 / 0.502; plus
+    Measured before issue 18's defaults (20 tokens, uniform timesteps) on baron pancreas
+    (``degrade`` protocol of ``benchmarks/diffusion_degrade.py``, seed 0, log-MSE / Pearson r over
+    2,000 HVGs; input 0.291 / 0.479): those defaults 0.230 / 0.494; ``val_metric="repair"``
+    0.231 / 0.497; plus ``last_step_frac=0.3`` 0.233 / 0.502; plus
     ``PairConfig(redraw_views=True, n_views=4)`` 0.234 / 0.500 with half the pairs per epoch;
-    the defaults with only that pair setting 0.233 / 0.492. None is better on both scores, so the defaults stay (issue 18 in ``benchmarks/RESULTS.md``).
+    only that pair setting 0.233 / 0.492; ``n_layers=2`` 0.233 / 0.493 (``benchmarks/RESULTS.md``,
+    issue 18).
     """
 
-    patch_size: int = 250
+    patch_size: int | None = None
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -66,8 +78,23 @@ class DiffusionConfig:
     n_steps: int = 1000
     beta_schedule: str = "cosine"
     prediction_type: str = "v_prediction"
-    last_step_frac: float = 0.0
+    last_step_frac: float = 0.3
     val_metric: str = "loss"
+
+
+MAX_TOKENS = 10
+MIN_PATCH = 250
+
+
+def patch_size(cfg: DiffusionConfig, n_genes: int) -> int:
+    """Genes per token: ``cfg.patch_size``, or for ``None`` ``max(MIN_PATCH, ceil(n_genes /
+    MAX_TOKENS))`` (at most ``MAX_TOKENS`` tokens)."""
+    if cfg.patch_size is None:
+        return max(MIN_PATCH, -(-int(n_genes) // MAX_TOKENS))
+    if int(cfg.patch_size) < 1:
+        msg = f"patch_size must be >= 1 (or None for automatic), got {cfg.patch_size!r}."
+        raise ValueError(msg)
+    return int(cfg.patch_size)
 
 
 class DiffusionImputer(PairImputer):
@@ -167,7 +194,7 @@ class DiffusionImputer(PairImputer):
         cfg = self._module_cfg()
         return DenoiserNet(
             n_genes,
-            patch_size=cfg.patch_size,
+            patch_size=patch_size(cfg, n_genes),
             d_model=cfg.d_model,
             n_layers=cfg.n_layers,
             n_heads=cfg.n_heads,
@@ -222,6 +249,7 @@ class DiffusionImputer(PairImputer):
         self._check_mean()
         self._schedule().timesteps(int(self.n_inference_steps))  # schedule and step count
         cfg = self._module_cfg()
+        patch_size(cfg, 1)  # an explicit patch size must be >= 1
         if not 0.0 <= float(cfg.last_step_frac) <= 1.0:
             msg = f"last_step_frac must be in [0, 1], got {cfg.last_step_frac!r}."
             raise ValueError(msg)
