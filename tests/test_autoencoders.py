@@ -187,3 +187,48 @@ def test_heap_reuse_serves_large_buffers_from_the_heap(monkeypatch):
     with heap_reuse():
         grown, size = grows()
         assert grown >= size  # opted out
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("n_epochs", 0, "an integer >= 1"),
+        ("n_epochs", 2.5, "an integer >= 1"),
+        ("batch_size", -4, "an integer >= 1"),
+        ("patience", True, "an integer >= 0"),
+        ("lr", 0.0, "a number > 0"),
+        ("lr", float("nan"), "a number > 0"),
+        ("weight_decay", -1e-4, "a number >= 0"),
+        ("val_frac", 1.0, "a number in [0, 1)"),
+        ("min_delta", -0.1, "a number in [0, 1)"),
+        ("max_seconds", 0, "None or a number > 0"),
+        ("warmup_epochs", "2", "an integer >= 0"),
+    ],
+)
+def test_train_config_ranges_checked(field, value, words, tmp_path, capsys):
+    """Out-of-range training settings fail at once with one line naming the setting: the class
+    field from Python, ``train.<field>`` from a dict or a CLI config file (exit 2)."""
+    import json
+    import re
+
+    from screpair.cli import main
+
+    with pytest.raises(ValueError, match=re.escape(f"TrainConfig.{field} must be {words}, got")):
+        TrainConfig(**{field: value})
+    with pytest.raises(ValueError, match=re.escape(f"train.{field} must be {words}")):
+        DAEImputer(train={field: value}).fit(np.ones((20, 5)))
+    if isinstance(value, float) and value != value:
+        return  # NaN is not JSON
+    src, cfg = tmp_path / "in.h5ad", tmp_path / "cfg.json"
+    AnnData(np.ones((20, 5), dtype=np.float32)).write_h5ad(src)
+    cfg.write_text(json.dumps({"train": {field: value}}))
+    rc = main(["impute", str(src), str(tmp_path / "o.h5ad"), "--method", "dae", "--config", str(cfg)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and f"train.{field} must be {words}" in err, err
+    assert not (tmp_path / "o.h5ad").exists()
+
+
+def test_train_config_integral_floats_become_ints():
+    cfg = TrainConfig(n_epochs=5.0, batch_size=np.int64(32), patience=2.0)
+    assert (cfg.n_epochs, cfg.batch_size, cfg.patience) == (5, 32, 2)
+    assert all(type(v) is int for v in (cfg.n_epochs, cfg.batch_size, cfg.patience))

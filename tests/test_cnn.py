@@ -505,7 +505,7 @@ def test_config_dicts_update_the_preset_and_instances_are_used_as_is():
         CNNImputer(train={"n_epoch": 3}).fit(np.ones((5, 5)))
     with pytest.raises(TypeError, match="targets must be a TargetConfig or a dict"):
         CNNImputer(targets=CNNConfig()).fit(np.ones((5, 5)))
-    with pytest.raises(ValueError, match="train.n_epochs must be a positive integer"):
+    with pytest.raises(ValueError, match="train.n_epochs must be an integer >= 1, got 0"):
         CNNImputer(train={"n_epochs": 0}).fit(np.ones((5, 5)))
 
 

@@ -12,6 +12,7 @@ import ctypes
 import dataclasses
 import inspect
 import json
+import numbers
 import os
 import platform
 import re
@@ -114,6 +115,33 @@ class TrainConfig:
     warmup_epochs: int = 0
     min_delta: float = 0.0
 
+    def __post_init__(self) -> None:
+        """Range checks, one line each (a config from a file or the CLI is checked here too)."""
+        checks = {
+            "n_epochs": (self.n_epochs, True, 1, None, "an integer >= 1"),
+            "batch_size": (self.batch_size, True, 1, None, "an integer >= 1"),
+            "patience": (self.patience, True, 0, None, "an integer >= 0"),
+            "warmup_epochs": (self.warmup_epochs, True, 0, None, "an integer >= 0"),
+            "lr": (self.lr, False, 0, None, "a number > 0"),
+            "weight_decay": (self.weight_decay, False, 0, None, "a number >= 0"),
+            "val_frac": (self.val_frac, False, 0, 1, "a number in [0, 1)"),
+            "min_delta": (self.min_delta, False, 0, 1, "a number in [0, 1)"),
+        }
+        if self.max_seconds is not None:
+            checks["max_seconds"] = (self.max_seconds, False, 0, None, "None or a number > 0")
+        for name, (value, integer, low, high, what) in checks.items():
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
+            if ok:
+                ok = value == value and (not integer or float(value).is_integer())
+                strict = name in ("lr", "max_seconds")
+                ok = ok and (value > low if strict else value >= low)
+                ok = ok and (high is None or value < high) and value != float("inf")
+            if not ok:
+                msg = f"TrainConfig.{name} must be {what}, got {value!r}."
+                raise ValueError(msg)
+            if integer:  # 5.0 from a config file is 5
+                object.__setattr__(self, name, int(value))
+
 
 def resolve_config(typ: type, value, *, name: str, default=None):
     """One nested config of an estimator, from its parameter ``value`` (the one rule every
@@ -139,7 +167,10 @@ def resolve_config(typ: type, value, *, name: str, default=None):
                 f"{', '.join(repr(k) for k in unknown)} (accepted: {', '.join(accepted)})."
             )
             raise TypeError(msg)
-        return dataclasses.replace(base, **value)
+        try:
+            return dataclasses.replace(base, **value)
+        except ValueError as e:  # a range check of the config: name the parameter as passed
+            raise ValueError(str(e).replace(f"{typ.__name__}.", f"{name}.", 1)) from None
     if isinstance(value, typ):
         return value
     msg = f"{name} must be a {typ.__name__} or a dict, got {type(value).__name__}."
