@@ -518,6 +518,9 @@ def test_flat_parameters_name_their_new_place(tmp_path, capsys):
 
     with pytest.raises(TypeError, match=r"n_epochs is now train.n_epochs: pass train=\{'n_epochs': 5\}"):
         CNNImputer(n_epochs=5)
+    with pytest.raises(TypeError, match=r"n_epochs is now train.n_epochs: pass train=\{'n_epochs': 5\}"):
+        CNNImputer().set_params(n_epochs=5)  # sklearn's route (e.g. a grid search) too
+    assert CNNImputer().set_params(train={"n_epochs": 5}).train == {"n_epochs": 5}
     with pytest.raises(TypeError, match="unexpected keyword argument 'n_epoch'"):
         CNNImputer(n_epoch=5)
     ad = AnnData(sp.csr_matrix(np.ones((4, 3))))

@@ -158,6 +158,14 @@ class BaseImputer(BaseEstimator):
     #: (:func:`moved_params_error`), and saved models with the old names still load
     _moved_params: ClassVar[dict[str, str]] = {}
 
+    def set_params(self, **params):
+        """sklearn's ``set_params``; a name that moved into a nested config (e.g. ``n_epochs``
+        for ``train.n_epochs``) is the one-line error saying where it went."""
+        moved = moved_params_error(type(self), params)
+        if moved is not None:
+            raise moved
+        return super().set_params(**params)
+
     # ---- hooks -------------------------------------------------------------------------------
     def _check_params(self) -> None:
         """Check the parameters (types, ranges) before any data are read; ``fit`` calls it."""
