@@ -87,21 +87,24 @@ def test_sample_assignment_and_probabilities(separated):
     x, groups = separated
     whole = DropoutModel(rng=0).fit(x)
     dm = DropoutModel(n_fit_cells=200, rng=0).fit(x)
-    assert dm.fit_cells_.size == 200
+    assert dm.fit_cells_.size == 200 and dm.prob_ is None  # not held for every cell
     ari_whole = adjusted_rand_score(whole.labels_, dm.labels_)
     ari_truth = adjusted_rand_score(groups, dm.labels_)
     assert ari_whole >= 0.9, ari_whole
     assert ari_truth >= 0.9, ari_truth
     prob, lab = _blocks(dm, x, 100)
-    assert (prob != dm.prob_).nnz == 0
+    whole_rows, lab_all = dm.probabilities(x, rows=slice(0, x.shape[0]))
+    assert (prob != whole_rows).nnz == 0
     np.testing.assert_array_equal(lab, dm.labels_)
-    # the sample's probabilities agree with the whole-data fit's where the clusters match
-    a, b = whole.prob_.toarray(), dm.prob_.toarray()
+    np.testing.assert_array_equal(lab_all, dm.labels_)
+    # the sample's probabilities agree with the whole-data fit's
+    a, b = whole.prob_.toarray(), prob.toarray()
     both = (a > 0) | (b > 0)
     assert np.corrcoef(a[both], b[both])[0, 1] >= 0.95
     # reproducible
     again = DropoutModel(n_fit_cells=200, rng=0).fit(x)
-    assert (again.prob_ != dm.prob_).nnz == 0
+    np.testing.assert_array_equal(again.labels_, dm.labels_)
+    assert (again.probabilities(x)[0] != dm.probabilities(x)[0]).nnz == 0
 
 
 def test_probability_pass_memory_bounded_by_the_block(separated, traced_peak):
@@ -125,7 +128,9 @@ def test_labels_given_stratified_sample_and_errors(separated):
     for g in counts:  # each group keeps its share of the sample
         assert abs(counts[g] - 90 * full[g] / 600) <= 1
     prob, lab = dm.probabilities(x[:40], labels=groups[:40])
-    assert (prob != dm.prob_[:40]).nnz == 0
+    whole, _ = dm.probabilities(x, labels=groups)
+    assert (prob != whole[:40]).nnz == 0 and prob.nnz > 0
+    np.testing.assert_array_equal(lab, groups[:40])
     with pytest.raises(ValueError, match="pass labels="):
         dm.probabilities(x[:5])
     with pytest.raises(ValueError, match="not seen in fit"):
@@ -188,6 +193,7 @@ def test_cnn_samples_and_old_models(sim, tmp_path, posterior_blocks, one_torch_t
     kw = dict(n_dropout_cells=100, n_train_cells=120, rng=0, **TINY)
     est = CNNImputer(**kw).fit(ad, layer="counts")
     assert est.train_cells_.size == 120 and est.dropout_model_.fit_cells_.size == 100
+    assert est.dropout_prob_ is None  # by blocks, never held for every cell
     x = sp.csr_matrix(ad.layers["counts"], dtype=np.float64)
     whole = est.posterior(ad, layer="counts")
     parts = posterior_blocks(est, x, 50)

@@ -141,7 +141,9 @@ class DropoutModel:
     fit_cells_
         Sorted rows of the sampled cells (``None``: all cells).
     prob_
-        Dropout probabilities of the fitted cells (CSR).
+        Dropout probabilities of the fitted cells (CSR) when all of them were fitted; ``None``
+        when a sample was (they would be held for every cell: get them by blocks of rows with
+        :meth:`probabilities`, ``rows=`` their positions).
     labels_
         Cluster label of every fitted cell (strings).
     params_
@@ -240,10 +242,8 @@ class DropoutModel:
             fit = fit_fn(xs, codes_s, **(self.fit_kwargs or {}))
         self.fit_cells_ = sample
         self._store(fit, xs)
-        if sample is None:
-            self.prob_ = sp.csr_matrix(fit.prob)
-        else:
-            self.prob_ = self._prob(x, codes)
+        # all cells fitted: the fit's probabilities; a sample: none held (by blocks instead)
+        self.prob_ = sp.csr_matrix(fit.prob) if sample is None else None
         self.labels_ = self.clusters_[codes]
         return self
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -267,7 +267,9 @@ class CNNImputer(BaseImputer):
     history_
         ``DataFrame`` with columns epoch, train_loss, val_loss, seconds.
     dropout_prob_
-        Dropout probabilities of the fitted cells (CSR).
+        Dropout probabilities of the fitted cells (CSR); ``None`` when the dropout model was
+        fitted on a sample (more than ``n_dropout_cells`` cells): they are then computed by
+        blocks, for the fit's missing entries and again by ``posterior``.
     labels_
         Cell cluster labels of the fitted cells.
     dropout_model_
@@ -510,9 +512,10 @@ class CNNImputer(BaseImputer):
         """Dropout probabilities (CSR, zero at observed non-zeros) and cluster labels of the
         rows ``x`` (``ctx.rows`` of the data).
 
-        ``rng`` given (``fit``): fit the dropout model on ``x`` (``dropout_model_``). Else from
-        the fitted dropout model, or, for a model saved without one, from a dropout model
-        refitted on ``x`` from ``posterior_seed_``.
+        ``rng`` given (``fit``): fit the dropout model on ``x`` (``dropout_model_``); when it
+        was fitted on a sample, the probabilities are ``None`` (``_fit`` takes them by blocks).
+        Else from the fitted dropout model, or, for a model saved without one, from a dropout
+        model refitted on ``x`` from ``posterior_seed_``.
         """
         labels = self._obs_labels(ctx)
         if labels is not None and labels.shape[0] != x.shape[0]:
@@ -526,7 +529,12 @@ class CNNImputer(BaseImputer):
             dm.fit(x, labels=labels)
             if rng is not None:
                 self.dropout_model_ = dm
-            prob, labels = dm.prob_, dm.labels_
+            if dm.prob_ is not None:  # all cells fitted: the fit's probabilities
+                prob, labels = dm.prob_, dm.labels_
+            elif rng is not None:  # fitted on a sample: _fit takes the probabilities by blocks
+                return None, np.asarray(dm.labels_).astype(str)
+            else:
+                prob, labels = dm.probabilities(x, rows=ctx.rows, labels=labels)
         else:
             with log_task(f"dropout probabilities ({self.dropout_model}) of {x.shape[0]} cells",
                           logger):
@@ -535,6 +543,16 @@ class CNNImputer(BaseImputer):
         prob = sp.csr_matrix(prob - prob.multiply(observed))  # observed values are never missing
         prob.eliminate_zeros()
         return prob, (None if labels is None else np.asarray(labels).astype(str))
+
+    def _missing_by_blocks(self, x, ctx: DataContext, block: int = 1024) -> sp.csr_matrix:
+        """The missing mask of ``x`` from the fitted dropout model, by blocks of cells (their
+        probabilities are not all held at once)."""
+        parts = []
+        for a in range(0, x.shape[0], block):
+            rows = slice(a, min(a + block, x.shape[0]))
+            prob, _ = self._dropout(x[rows], replace(ctx, rows=rows))
+            parts.append(self._missing(prob))
+        return sp.csr_matrix(sp.vstack(parts, format="csr"), dtype=bool)
 
     def _missing(self, prob: sp.csr_matrix) -> sp.csr_matrix:
         m = sp.csr_matrix(prob > self.threshold)
@@ -556,7 +574,7 @@ class CNNImputer(BaseImputer):
         lib = _norm.library_size(x)
         xlog = self._normalized(x, lib)
         prob, labels = self._dropout(x, ctx, rng)
-        missing = self._missing(prob)
+        missing = self._missing(prob) if prob is not None else self._missing_by_blocks(x, ctx)
         self.dropout_prob_, self.labels_ = prob, labels
         # a cache key, not a fingerprint: `posterior` reuses these probabilities only for this
         # very matrix object (impute and fit_transform pass the one they validated); other
@@ -804,7 +822,8 @@ class CNNImputer(BaseImputer):
         lib = _norm.library_size(x)
         xlog = self._normalized(x, lib)
         fitted = getattr(self, "_fit_counts", None)
-        if self.dropout_layer is None and fitted is not None and fitted() is x:
+        if (self.dropout_layer is None and self.dropout_prob_ is not None and fitted is not None
+                and fitted() is x):
             prob, labels = self.dropout_prob_, self.labels_  # the fit's, for the same matrix
         else:
             prob, labels = self._dropout(x, ctx)
