@@ -233,7 +233,8 @@ def test_blocks_bounded_by_chunk_rows(sim_path, tmp_path, monkeypatch):
     monkeypatch.setattr(_chunks.StoreWriter, "append", append)
     screpair.impute_file(path, tmp_path / "o.h5ad", "alra", chunk_rows=30, progress=False, k=5)
     assert reads and max(reads) <= 30 and sum(reads) == ad.n_obs
-    assert {k for k, _ in writes} == {"X", "layers/alra"}
+    # the input's layers are carried over by blocks too
+    assert {k for k, _ in writes} == {"X", "layers/alra"} | {f"layers/{k}" for k in ad.layers}
     assert max(n for _, n in writes) <= 30
     assert sum(n for k, n in writes if k == "layers/alra") == ad.n_obs
 
@@ -336,3 +337,92 @@ def test_cnn_with_dropout_layer(sim, tmp_path, one_torch_thread):
     with pytest.raises(KeyError, match="layer 'q' not found"):  # before reading the counts
         screpair.impute_file(path, tmp_path / "o2.h5ad", "cnn", **{**params, "dropout_layer": "q"})
     assert not (tmp_path / "o2.h5ad").exists()
+
+
+def _rich(sim):
+    """``sim`` with every AnnData slot filled: layers of several kinds, obsm, obsp, varm, varp,
+    uns and raw."""
+    ad = sim.copy()
+    rng = np.random.default_rng(0)
+    n, g = ad.shape
+    ad.layers["dense"] = rng.normal(size=(n, g))
+    ad.layers["ints"] = sp.csr_matrix(ad.layers["true_counts"].astype(np.int64))
+    ad.obsm["X_pca"] = rng.normal(size=(n, 3)).astype(np.float32)
+    ad.obsp["connectivities"] = sp.random(n, n, density=0.02, format="csr", random_state=1)
+    ad.varm["PCs"] = rng.normal(size=(g, 3))
+    ad.varp["corr"] = rng.normal(size=(g, g))
+    ad.uns["note"] = {"a": 1, "b": np.arange(3)}
+    ad.raw = ad.copy()
+    return ad
+
+
+def _same_value(a, b) -> None:
+    if isinstance(a, dict):
+        assert set(a) == set(b)
+        for k in a:
+            _same_value(a[k], b[k])
+    elif hasattr(a, "equals"):  # DataFrame
+        assert a.equals(b)
+    elif isinstance(a, (np.ndarray,)) or sp.issparse(a):
+        assert _dense(a).dtype == _dense(b).dtype
+        np.testing.assert_array_equal(_dense(a), _dense(b))
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("fmt", ["h5ad", "zarr"])
+@pytest.mark.parametrize("layer", [None, "counts"])
+def test_output_keeps_the_rest_of_the_anndata(sim, tmp_path, fmt, layer):
+    ad = _rich(sim)
+    path = tmp_path / f"in.{fmt}"
+    screpair.write(ad, path)
+    mem = screpair.impute(_read(path), "alra", layer=layer, copy=True, k=5)
+    out = tmp_path / f"out.{fmt}"
+    screpair.impute_file(path, out, "alra", layer=layer, chunk_rows=37, progress=False, k=5)
+    back = _read(out)
+    for slot in ("layers", "obsm", "obsp", "varm", "varp"):
+        assert set(getattr(back, slot)) == set(getattr(mem, slot)), slot
+        for k in getattr(mem, slot):
+            if slot == "layers" and k == "alra":
+                continue
+            _same_value(getattr(back, slot)[k], getattr(mem, slot)[k])
+    np.testing.assert_allclose(_dense(back.layers["alra"]), _dense(mem.layers["alra"]),
+                               rtol=1e-6, atol=0)
+    assert set(back.uns) == set(mem.uns) == {"note", "simulate", "alra"}
+    _same_value(back.uns["note"], mem.uns["note"])
+    _same_value(back.uns["simulate"], mem.uns["simulate"])
+    assert back.raw is not None and back.raw.var.equals(mem.raw.var)
+    _same_value(back.raw.X, mem.raw.X)
+    assert back.layers["dropout_mask"].dtype == bool and back.layers["ints"].dtype == np.int64
+    np.testing.assert_array_equal(back.X.toarray(), mem.layers["counts"].toarray())
+
+
+def test_output_keeps_the_rest_restricted_to_the_genes(sim, tmp_path):
+    ad = _rich(sim)
+    path = tmp_path / "in.h5ad"
+    screpair.write(ad, path)
+    out = tmp_path / "out.h5ad"
+    screpair.impute_file(path, out, "alra", genes="hvg:15", chunk_rows=50, progress=False, k=5)
+    back = _read(out)
+    cols = np.flatnonzero(ad.var_names.isin(back.var_names))
+    assert len(cols) == 15
+    np.testing.assert_array_equal(back.layers["dense"], ad.layers["dense"][:, cols])
+    np.testing.assert_array_equal(back.varm["PCs"], ad.varm["PCs"][cols])
+    np.testing.assert_array_equal(back.varp["corr"], ad.varp["corr"][np.ix_(cols, cols)])
+    np.testing.assert_array_equal(back.obsm["X_pca"], ad.obsm["X_pca"])
+    assert back.raw.shape == ad.raw.shape  # raw keeps every gene
+
+
+def test_existing_output_slot_in_the_input_refused(sim, tmp_path, monkeypatch):
+    ad = sim.copy()
+    ad.layers["alra"] = ad.X.copy()
+    path = tmp_path / "in.h5ad"
+    screpair.write(ad, path)
+    out = tmp_path / "out.h5ad"
+    monkeypatch.setattr(_file, "read_all", lambda *a, **k: pytest.fail("read before the check"))
+    with pytest.raises(ValueError, match=r"layers\['alra'\] already exists.*overwrite=True"):
+        screpair.impute_file(path, out, "alra", progress=False, k=5)
+    monkeypatch.undo()
+    screpair.impute_file(path, out, "alra", overwrite=True, progress=False, k=5)
+    ref = screpair.impute(ad, "alra", overwrite=True, copy=True, k=5).layers["alra"]
+    np.testing.assert_allclose(_dense(_read(out).layers["alra"]), _dense(ref), rtol=1e-6)

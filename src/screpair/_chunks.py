@@ -503,6 +503,10 @@ class StoreWriter:
             self.root[key][start:start + block.shape[0]] = dense.astype(dtype, copy=False)
         self._rows[key] = start + block.shape[0]
 
+    def layer_names(self) -> set[str]:
+        """The names of the ``layers/<name>`` matrices declared so far."""
+        return {k.split("/", 1)[1] for k in self._rows if k.startswith("layers/")}
+
     def flush(self, key: str | None = None) -> None:
         """Write the collected sparse rows of ``key`` (``None``: of every matrix) to the store."""
         for k in [key] if key is not None else list(self._buffer):
@@ -602,3 +606,130 @@ def stream_store(path: Path, *, obs: pd.DataFrame, var: pd.DataFrame,
         finally:
             if fmt == "h5ad":
                 root.close()
+
+
+# ------------------------------------------------------------------------------- the rest
+
+#: the AnnData slots besides obs, var and X that a chunked output carries over from its input
+OTHER_SLOTS = ("layers", "obsm", "obsp", "varm", "varp", "uns")
+
+
+def element_keys(data) -> dict[str, list[str]]:
+    """The keys of ``layers``, ``obsm``, ``obsp``, ``varm``, ``varp`` and ``uns`` of an
+    AnnData or an ``.h5ad`` / ``.zarr`` store (read from the store's groups: nothing is
+    loaded), and ``"raw"``: ``["X"]`` when it has ``raw``."""
+    if isinstance(data, AnnData):
+        keys = {slot: list(getattr(data, slot).keys()) for slot in OTHER_SLOTS}
+        keys["raw"] = ["X"] if data.raw is not None else []
+        return keys
+    root = open_store(Path(data))
+    try:
+        keys = {slot: list(root[slot].keys()) if slot in root else [] for slot in OTHER_SLOTS}
+        keys["raw"] = ["X"] if "raw" in root and "X" in root["raw"] else []
+        return keys
+    finally:
+        if hasattr(root, "close"):
+            root.close()
+
+
+def copy_other_elements(data, w: StoreWriter, *, cols: np.ndarray | None = None,
+                        skip_layers=(), skip_uns=(), chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                        progress: bool = False) -> None:
+    """Copy what an AnnData (or an ``.h5ad`` / ``.zarr`` store) holds besides ``obs``, ``var``
+    and ``X`` into the store being written by ``w``, as the in-memory AnnData keeps it:
+    ``layers`` (except ``skip_layers``) and ``raw`` (its ``X`` by blocks of ``chunk_rows``
+    rows, ``var`` and ``varm``) streamed block by block, as stored (CSR or dense, same dtype);
+    ``obsm``, ``obsp``, ``varm``, ``varp`` whole (their size is cells or genes times a few
+    columns, or a cells x cells graph, never cells x genes); ``uns`` (except ``skip_uns``) into
+    ``w.uns``. With ``cols`` (the output genes), the layers keep those columns, ``varm`` those
+    rows and ``varp`` those rows and columns; ``raw`` keeps all its genes. A layer stored by
+    columns (CSC) cannot be read by rows: it is read whole (logged)."""
+    from anndata.io import read_elem
+
+    own = isinstance(data, AnnData)
+    root = None if own else open_store(Path(data))
+    try:
+        def elem(slot, name):
+            return getattr(data, slot)[name] if own else root[slot][name]
+
+        def value(slot, name):
+            return getattr(data, slot)[name] if own else read_elem(root[slot][name])
+
+        keys = element_keys(data)
+        for name in keys["layers"]:
+            if name not in skip_layers:
+                _copy_rows(elem("layers", name), w, f"layers/{name}", cols, chunk_rows,
+                           progress, data)
+        for slot in ("obsm", "obsp", "varm", "varp"):
+            for name in keys[slot]:
+                v = value(slot, name)
+                if cols is not None and slot in ("varm", "varp"):
+                    v = v.iloc[cols] if isinstance(v, pd.DataFrame) else v[cols]
+                    if slot == "varp":
+                        v = v[:, cols]
+                _write_whole(w, f"{slot}/{name}", v)
+        uns = dict(data.uns) if own else (read_elem(root["uns"]) if "uns" in root else {})
+        for name, v in uns.items():
+            if name not in skip_uns:
+                w.uns[name] = v
+        if keys["raw"]:
+            _copy_raw(data if own else root, w, chunk_rows, progress, data)
+    finally:
+        if root is not None and hasattr(root, "close"):
+            root.close()
+
+
+def _copy_rows(element, w: StoreWriter, key: str, cols, chunk_rows: int, progress: bool,
+               data) -> None:
+    """A cells x genes matrix (in memory, or a store element) copied by blocks of rows."""
+    if isinstance(element, (np.ndarray,)) or sp.issparse(element):
+        m = element
+    else:
+        enc = str(element.attrs.get("encoding-type", ""))
+        if enc == "csc_matrix":
+            from anndata.io import read_elem
+
+            logger.warning("%s of '%s' is stored by columns (CSC): read whole to be copied",
+                           key, data)
+            m = read_elem(element).tocsr()
+        else:
+            m = _matrix_element(element, key, Path(str(data)))
+    n, g = int(m.shape[0]), int(m.shape[1])
+    sparse = sp.issparse(m) or hasattr(m, "format")
+    k = g if cols is None else len(cols)
+    w.matrix(key, k, sparse=sparse, dtype=m.dtype)
+    bar = progress_bar(n, f"copying {key}", progress and n > chunk_rows)
+    try:
+        for s in range(0, n, chunk_rows):
+            block = m[s:min(s + chunk_rows, n)]
+            block = sp.csr_matrix(block) if sparse else np.asarray(block)
+            w.append(key, block if cols is None else block[:, cols])
+            bar.update(block.shape[0])
+    finally:
+        bar.close()
+
+
+def _write_whole(w: StoreWriter, key: str, value) -> None:
+    from anndata.io import write_elem
+
+    write_elem(w.root, key, value, dataset_kwargs=w._kwargs())
+
+
+def _copy_raw(src, w: StoreWriter, chunk_rows: int, progress: bool, data) -> None:
+    """``raw`` (``X`` by rows, ``var``, ``varm``) as anndata lays it out."""
+    from anndata.io import read_elem
+
+    if isinstance(src, AnnData):
+        x, var, varm = src.raw.X, src.raw.var, dict(src.raw.varm)
+    else:
+        g = src["raw"]
+        x = g["X"]
+        var = read_elem(g["var"]) if "var" in g else None
+        varm = {k: read_elem(g["varm"][k]) for k in g["varm"]} if "varm" in g else {}
+    raw = w.root.create_group("raw")
+    raw.attrs["encoding-type"], raw.attrs["encoding-version"] = "raw", "0.1.0"
+    if var is None:
+        var = pd.DataFrame(index=pd.RangeIndex(x.shape[1]).astype(str))
+    _write_whole(w, "raw/var", var)
+    _write_whole(w, "raw/varm", varm)
+    _copy_rows(x, w, "raw/X", None, chunk_rows, progress, data)

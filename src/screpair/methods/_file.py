@@ -22,6 +22,8 @@ from anndata import AnnData
 from .._chunks import (
     DEFAULT_CHUNK_ROWS,
     check_chunk_rows,
+    copy_other_elements,
+    element_keys,
     gene_stats,
     open_rows,
     progress_bar,
@@ -35,6 +37,7 @@ from .._utils import (
     RNGLike,
     check_layer_name,
     check_not_input_layer,
+    check_output_keys,
     jsonable,
     var_names,
 )
@@ -150,7 +153,12 @@ def impute_file(
     the output genes), ``X``: the input counts of those genes (CSR, float32), and
     ``layers[key_added]`` (float32: dense, chunked by rows, or CSR where the method's output is
     sparse), ``layers[f"{key}_var"]`` / ``layers["dropout_prob"]`` where the method has them, and
-    ``uns[key]`` as :func:`screpair.impute` writes it. The input's other layers are not copied.
+    ``uns[key]`` as :func:`screpair.impute` writes it, and the rest of the input as
+    :func:`screpair.impute` keeps it: its other layers and ``raw`` copied block by block,
+    ``obsm``, ``obsp``, ``varm``, ``varp`` and ``uns`` (:func:`screpair._chunks.copy_other_elements`;
+    with ``genes``, the layers and ``varm`` / ``varp`` restricted to the output genes). An input
+    that already holds an output layer or ``uns[key]`` is refused without ``overwrite``, as by
+    ``impute``; ``X`` is the counts read (with ``layer=``, not the input's ``X``).
 
     Cells and genes without counts are set aside and returned unchanged, as by ``impute``; the
     layers equal ``impute``'s (restricted to the output genes) up to float32 rounding.
@@ -225,6 +233,7 @@ def impute_file(
         names = _names(source.var)
         var = source.var.set_axis(names)
         spec = check_genes(spec, var, names)
+        _check_free(element_keys(data), est, key, layer, overwrite)  # carried-over slots
         n_obs, n_vars = source.shape
         rows = chunk_rows or default_chunk_rows(n_vars, budget)
         logger.info(
@@ -292,9 +301,25 @@ def impute_file(
             record["genes"] = spec.text
             record["n_genes_imputed"] = int(mask.sum())
         w.uns[key] = record
+        copy_other_elements(data, w, cols=None if len(out_cols) == n_vars else out_cols,
+                            skip_layers=w.layer_names(), skip_uns={key}, chunk_rows=rows,
+                            progress=progress)
     logger.info("impute_file: %d cells x %d genes -> '%s' (%.1f s in all)", n_obs, len(out_cols),
                 out, time.perf_counter() - start_all)
     return record
+
+
+def _check_free(taken: dict, est: BaseImputer, key: str, layer: str | None,
+                overwrite: bool) -> None:
+    """Refuse, as :func:`screpair.impute` does, output layers / ``uns[key]`` that the input
+    already holds (they are carried over into the output) unless ``overwrite``."""
+    from types import SimpleNamespace
+
+    outputs = [key] + ([f"{key}_var"] if est.has_var else [])
+    if est.has_dropout_prob and getattr(est, "dropout_layer", None) != "dropout_prob":
+        outputs.append("dropout_prob")
+    have = SimpleNamespace(layers=taken["layers"], uns=taken["uns"], obs=(), obsm=())
+    check_output_keys(have, outputs, layer=layer, overwrite=overwrite, uns=(key,))
 
 
 def _write_blocks(w, job: _Job, x, post_all, key: str, out_cols: np.ndarray, rows: int,
