@@ -1,5 +1,5 @@
-"""Memory and time of knn, alra and saver as the number of cells grows (issue 16), before and
-after the fit-small / transform-by-rows rewrite, and the accuracy cost of the scalable parts.
+"""Memory and time of knn, alra, saver and cnn as the number of cells grows (issue 16), before
+and after the fit-small / transform-by-rows rewrite, and the accuracy cost of the scalable parts.
 
 Data: pbmc3k (2,700 cells x 13,714 genes) replicated to ``n`` cells in memory by binomial
 thinning (cell ``i`` is a thinning of cell ``i mod 2700`` with probability drawn uniformly from
@@ -9,7 +9,13 @@ Usage::
 
     nice python benchmarks/bench_methods_scale.py --methods knn,alra --cells 10000,30000 \\
         --old-src /tmp/wt_old/src [--block 2000]
-    nice python benchmarks/bench_methods_scale.py --accuracy [--methods knn,alra,saver]
+    nice python benchmarks/bench_methods_scale.py --accuracy [--methods knn,alra,saver,cnn]
+
+cnn trains for ``--cnn-epochs`` epochs here (3; the time of a full training is the epochs times
+the time per epoch, which both versions share); its new code fits the dropout model on
+``--cnn-dropout-cells`` sampled cells (default: cnn's ``n_dropout_cells``, 10,000) and trains
+on every cell (up to ``n_train_cells``, 50,000). Version ``whole``: the new code with the
+posterior of all rows at once (the in-memory path).
 
 Each (method, cells, version) runs in its own subprocess (``PYTHONPATH`` = ``--old-src`` for the
 old code, this checkout's ``src`` for the new): peak RSS (``ru_maxrss``) minus the RSS after the
@@ -71,8 +77,16 @@ def replicate(n: int, seed: int = 0):
     return x
 
 
+CNN_EPOCHS = 3
+#: cnn's epoch limit in --accuracy (``--cnn-acc-epochs``; None: the default training)
+CNN_ACC_EPOCHS: int | None = None
+#: cnn's n_dropout_cells in the new code's runs (``--cnn-dropout-cells``; None: its default)
+CNN_DROPOUT_CELLS: int | None = None
+
+
 def _params(method: str) -> dict:
-    return {"saver": {"progress": False, "n_jobs": 1}}.get(method, {})
+    return {"saver": {"progress": False, "n_jobs": 1},
+            "cnn": {"train": {"n_epochs": CNN_EPOCHS, "progress": False}}}.get(method, {})
 
 
 def worker(method: str, n: int, version: str, block: int) -> dict:
@@ -80,12 +94,15 @@ def worker(method: str, n: int, version: str, block: int) -> dict:
 
     x = replicate(n)
     rss0 = _rss_mb()
-    est = screpair.get_method(method)(rng=0, **_params(method))
+    params = _params(method)
+    if method == "cnn" and version != "old" and CNN_DROPOUT_CELLS is not None:
+        params["n_dropout_cells"] = CNN_DROPOUT_CELLS
+    est = screpair.get_method(method)(rng=0, **params)
     t0 = time.perf_counter()
     est.fit(x)
     t_fit = time.perf_counter() - t0
     check = 0.0
-    if version == "old":
+    if version in ("old", "whole"):  # "whole": the new code, all rows at once (in memory)
         check = float(np.asarray(est.posterior(x).mean[:, :50]).sum())
     else:
         from screpair.methods._base import data_context
@@ -104,7 +121,10 @@ def worker(method: str, n: int, version: str, block: int) -> dict:
 
 def run_one(method, n, version, block, old_src) -> dict:
     env = dict(os.environ, PYTHONPATH=str(old_src if version == "old" else NEW_SRC))
-    cmd = [sys.executable, __file__, "--worker", method, str(n), version, "--block", str(block)]
+    cmd = [sys.executable, __file__, "--worker", method, str(n), version, "--block", str(block),
+           "--cnn-epochs", str(CNN_EPOCHS)]
+    if CNN_DROPOUT_CELLS is not None:
+        cmd += ["--cnn-dropout-cells", str(CNN_DROPOUT_CELLS)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         return {"method": method, "cells": n, "version": version,
@@ -186,6 +206,38 @@ def accuracy(methods: list[str], old_src: Path) -> None:
                   f"CP10k) {mse:.3g} ({mse / a.var():.2g} of the variance), r {r:.5f}; masked "
                   f"RMSE all cells {_masked(SaverImputer(n_fit_cells=None, **kw), x):.4f}, "
                   f"sample {_masked(SaverImputer(n_fit_cells=n_fit, **kw), x):.4f}", flush=True)
+        if "cnn" in methods and name == "pbmc3k":
+            _cnn_accuracy(x, n_fit)
+
+
+def _cnn_accuracy(x, n_fit: int) -> None:
+    """cnn (defaults, full training) on pbmc3k with the dropout model fitted on ``n_fit`` sampled
+    cells, and with the networks trained on ``n_fit`` sampled cells, vs all cells: masked RMSE,
+    and for the dropout model the agreement of the missing entries with the all-cells fit."""
+    from screpair.dropout import DropoutModel
+    from screpair.methods.cnn import CNNImputer
+
+    kw = {"rng": 0, "train": {"progress": False}}
+    if CNN_ACC_EPOCHS is not None:
+        kw["train"]["n_epochs"] = CNN_ACC_EPOCHS
+    full = DropoutModel(rng=0).fit(x)
+    sub = DropoutModel(n_fit_cells=n_fit, rng=0).fit(x)
+    from sklearn.metrics import adjusted_rand_score
+
+    a = full.prob_ > 0.5
+    b = sub.probabilities(x, rows=slice(0, x.shape[0]))[0] > 0.5  # by rows: prob_ not held
+    both = a.multiply(b).nnz
+    print(f"cnn pbmc3k: dropout model on {n_fit} of {x.shape[0]} cells vs all: cluster ARI "
+          f"{adjusted_rand_score(full.labels_, sub.labels_):.3f} ({len(full.clusters_)} vs "
+          f"{len(sub.clusters_)} clusters); missing entries {a.nnz:,} vs {b.nnz:,}, "
+          f"{both / max(a.nnz, 1):.3f} of all-cells' also in the sample's", flush=True)
+    for label, extra in (("all cells", {}), (f"dropout model on {n_fit}",
+                                             {"n_dropout_cells": n_fit}),
+                         (f"training on {n_fit}", {"n_train_cells": n_fit})):
+        t0 = time.perf_counter()
+        rmse = _masked(CNNImputer(**kw, **extra), x)
+        print(f"cnn pbmc3k {label}: masked RMSE {rmse:.4f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
 
 
 def main(argv=None) -> int:
@@ -199,7 +251,16 @@ def main(argv=None) -> int:
     p.add_argument("--accuracy", action="store_true",
                    help="measure what the scalable parts change (of --methods) instead")
     p.add_argument("--worker", nargs=3, metavar=("METHOD", "CELLS", "VERSION"))
+    p.add_argument("--cnn-epochs", type=int, default=3,
+                   help="cnn's training epochs in the memory / time runs")
+    p.add_argument("--cnn-dropout-cells", type=int, default=None,
+                   help="cnn's n_dropout_cells in the new code's runs (default: cnn's)")
+    p.add_argument("--cnn-acc-epochs", type=int, default=None,
+                   help="cnn's epoch limit in --accuracy (default: full training)")
     a = p.parse_args(argv)
+    global CNN_EPOCHS, CNN_DROPOUT_CELLS, CNN_ACC_EPOCHS
+    CNN_EPOCHS, CNN_DROPOUT_CELLS, CNN_ACC_EPOCHS = (a.cnn_epochs, a.cnn_dropout_cells,
+                                                     a.cnn_acc_epochs)
     if a.worker:
         m, n, v = a.worker
         print(json.dumps(worker(m, int(n), v, a.block)))

@@ -524,7 +524,7 @@ class CNNImputer(BaseImputer):
             prob = self._layer_prob(x, ctx)
             if rng is not None:
                 self.dropout_model_ = None
-        elif rng is not None or self.dropout_model_ is None:
+        elif rng is not None or getattr(self, "dropout_model_", None) is None:
             dm = self._dropout_model(as_rng(self.posterior_seed_) if rng is None else rng)
             dm.fit(x, labels=labels)
             if rng is not None:
@@ -578,7 +578,8 @@ class CNNImputer(BaseImputer):
         self.dropout_prob_, self.labels_ = prob, labels
         # a cache key, not a fingerprint: `posterior` reuses these probabilities only for this
         # very matrix object (impute and fit_transform pass the one they validated); other
-        # input refits the dropout model from `posterior_seed_`, which gives the same values
+        # input gets them from the fitted dropout model (the fitted rows keep their clusters:
+        # the same values)
         self._fit_counts = weakref.ref(x)
         self.train_cells_ = None
         if self.n_train_cells is not None and n_cells > int(self.n_train_cells):
