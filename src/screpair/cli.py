@@ -180,6 +180,10 @@ def _add_impute(sub) -> None:
     p.add_argument("--max-memory", default=None,
                    help="memory budget, e.g. 8G (default: half of this machine's RAM); an input "
                         "whose in-memory run would need more takes the chunked path")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS|FILE",
+                   help="run the posterior by blocks on a Dask cluster: the scheduler's address "
+                        "(tcp://HOST:PORT) or its scheduler file; .h5ad/.zarr input the workers "
+                        "can read, .zarr output (needs screpair[distributed])")
     _overwrite(p)
     _trust(p)
     _common(p)
@@ -245,6 +249,15 @@ def _cmd_impute(args) -> int:
     if not Path(args.input).expanduser().exists():
         msg = f"no such file or directory: '{args.input}'"
         raise FileNotFoundError(msg)
+    if args.scheduler is not None:  # checked before connecting, connected before the work
+        from .methods._dask import check_run, connect
+
+        check_run(est, Path(args.input).expanduser(), Path(args.output).expanduser())
+        client = connect(args.scheduler)
+        try:
+            return _impute_dask(args, est, genes, client)
+        finally:
+            client.close()
     chunked, why = _choose_path(args, est, genes)
     import logging
 
@@ -268,6 +281,26 @@ def _cmd_impute(args) -> int:
     _write_result(adata, args.output, key)
     print(f"imputed with {args.method!r}: {_summary_line(adata, key)} -> {args.output} "
           f"(layers[{key!r}], {adata.uns[key]['seconds']:.1f} s)")
+    return 0
+
+
+def _impute_dask(args, est, genes, client) -> int:
+    import logging
+
+    import screpair
+
+    logging.getLogger("screpair").info("impute: chunked path on the Dask cluster at %s",
+                                       args.scheduler)
+    rec = screpair.impute_file(args.input, args.output, est, layer=args.layer,
+                               key_added=args.key_added, genes=genes, chunk_rows=args.chunk_rows,
+                               max_memory=args.max_memory, overwrite=args.overwrite,
+                               progress=not args.quiet, transpose=args.transpose,
+                               client=client)
+    key = args.key_added or args.method
+    n_genes = rec.get("n_genes_imputed", "all")
+    print(f"imputed with {args.method!r} by blocks of {rec['chunk_rows']} cells on "
+          f"{rec['dask']['n_workers']} Dask worker(s): {n_genes} genes -> {args.output} "
+          f"(layers[{key!r}], {rec['seconds']:.1f} s)")
     return 0
 
 

@@ -130,6 +130,7 @@ def impute_file(
     overwrite: bool = False,
     progress: bool = True,
     transpose: bool | None = None,
+    client=None,
     rng: RNGLike = 0,
     **params,
 ) -> dict:
@@ -192,6 +193,13 @@ def impute_file(
         A progress bar over the blocks (cells/s).
     transpose
         Text input only (read into memory first): as :func:`screpair.read`.
+    client
+        A ``dask.distributed.Client``: the fit stays on this process, the posterior by row
+        blocks runs on the cluster's workers, each reading its block from ``in_path`` (an
+        ``.h5ad`` / ``.zarr`` path the workers can read) and writing its output block into
+        ``out_path``, which must be a ``.zarr`` store (see :mod:`screpair.methods._dask`).
+        For ``posterior_by_rows`` methods only; the output equals the run without a client
+        bit for bit. ``None``: no Dask (not imported).
     rng
         Seed or ``numpy.random.Generator`` for methods with randomness.
     **params
@@ -224,6 +232,11 @@ def impute_file(
     if extra is not None:
         check_layer_name(extra, "dropout_layer")
 
+    if client is not None:
+        from ._dask import check_client, check_run
+
+        check_client(client)
+        check_run(est, src_path, out)
     if store_format(src_path) and transpose is not None:
         msg = "transpose= applies to text input only."
         raise ValueError(msg)
@@ -283,7 +296,13 @@ def impute_file(
     record = {}
     with stream_store(out, obs=obs, var=out_var, chunk_rows=rows) as w, \
             log_task(f"posterior and writing by blocks of {rows} cells -> '{out}'", logger):
-        _write_blocks(w, job, x, post_all, key, out_cols, rows, progress)
+        if client is None:
+            _write_blocks(w, job, x, post_all, key, out_cols, rows, progress)
+        else:
+            from ._dask import write_blocks
+
+            dask_info = write_blocks(client, w, job, src_path, layer, key, out_cols, rows,
+                                     progress)
         seconds = time.perf_counter() - start
         record = {
             "method": est.name,
@@ -297,6 +316,8 @@ def impute_file(
             "posterior_by_rows": bool(job.by_rows),
             "input": str(src_path),
         }
+        if client is not None:
+            record["dask"] = dask_info
         if spec is not None:
             record["genes"] = spec.text
             record["n_genes_imputed"] = int(mask.sum())

@@ -1,0 +1,420 @@
+"""The chunk-wise transform of :func:`screpair.impute_file` on a Dask cluster.
+
+:func:`screpair.impute_file` with ``client=`` (CLI: ``--scheduler``) fits on the client process
+as without it, then hands the posterior by row blocks to the cluster: the fitted estimator is
+scattered to every worker once (``client.scatter(..., broadcast=True)``); each task reads its own
+block of cells from the input store (``.h5ad`` / ``.zarr`` path: workers must see the same file
+system), computes the block's posterior and writes it straight into the ``.zarr`` output
+store, so no block passes through the client.
+
+The output store is the temporary directory of :func:`screpair._chunks.stream_store`, renamed
+onto the output only when every task has finished. Dense layers are created with their final
+shape and chunks aligned to the row blocks, so block writes are independent and idempotent (a
+task that is run again after a lost worker writes the same values). Sparse matrices (``X``, the
+input counts) cannot be filled in parallel by rows: each task saves its block's CSR arrays as
+parts inside the temporary store, and a second round of tasks copies them into the final
+arrays by whole zarr chunks. A failing task, an interrupt or a lost client leaves the old
+output or none; a re-run starts clean (the temporary store of an earlier run is not reused).
+
+The posteriors of the ``posterior_by_rows`` methods (alra, knn, saver, cnn) draw no random
+numbers: each block's values depend only on its rows and the fitted state, never on the worker
+or the order in which blocks finish, so any number of workers gives the single-process output
+bit for bit (the same row blocks are used; no per-block seed is needed).
+
+:func:`screpair.impute` (in memory) takes no client: its data already live in the calling
+process, so spreading the posterior would send every block to the workers and every result
+back through it; :func:`screpair.impute_file` is the distributed path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .._chunks import _element_key, _matrix_element, check_block, open_store, progress_bar
+from .._logging import get_logger
+from ._api import _Job, _scatter, _subset
+
+logger = get_logger(__name__)
+
+#: entries per chunk of the sparse arrays (data, indices, indptr), as the single-process writer
+SPARSE_CHUNK = 2**18
+#: seconds to wait, after a failure, for tasks already running to stop before the temporary
+#: store is removed (a running task cannot be stopped, and would write into a removed store)
+DRAIN_TIMEOUT = 120.0
+#: seconds :func:`connect` waits for the scheduler
+CONNECT_TIMEOUT = 10.0
+_PARTS = ".screpair-parts"
+_ADDRESS = re.compile(r"^[\w.\-\[\]:]+:\d+$")  # host:port without a protocol
+
+
+def connect(scheduler: str, *, timeout: float | None = None):
+    """A ``dask.distributed.Client`` for ``scheduler``: an address (``tcp://HOST:PORT``, or
+    ``HOST:PORT``) or the path of a scheduler file (``dask scheduler --scheduler-file``).
+    Raises ``ValueError`` with one line when it cannot be reached within ``timeout`` seconds
+    (default :data:`CONNECT_TIMEOUT`)."""
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
+    try:
+        from distributed import Client
+    except ImportError as e:
+        msg = "--scheduler needs dask.distributed: pip install 'screpair[distributed]'."
+        raise ImportError(msg) from e
+    text = str(scheduler).strip()
+    if "://" in text or _ADDRESS.match(text):
+        kwargs = {"address": text}
+        what = f"the Dask scheduler at '{text}'"
+    else:
+        path = Path(text).expanduser()
+        if not path.is_file():
+            msg = (f"--scheduler {text!r} is neither an address (tcp://HOST:PORT) nor an "
+                   "existing scheduler file.")
+            raise ValueError(msg)
+        kwargs = {"scheduler_file": str(path)}
+        what = f"the Dask scheduler of '{text}'"
+    try:
+        return Client(**kwargs, timeout=timeout)
+    except Exception as e:  # noqa: BLE001 - OSError, TimeoutError, ValueError (bad address)
+        detail = " ".join(str(e).split()) or type(e).__name__
+        msg = (f"cannot reach {what} within {timeout:g} s ({detail}); start one with "
+               "`dask scheduler` or check the address.")
+        raise ValueError(msg) from None
+
+
+def check_client(client) -> None:
+    """Raise unless ``client`` is a ``dask.distributed.Client`` (by its methods: no import)."""
+    if not all(hasattr(client, a) for a in ("submit", "scatter", "run", "scheduler_info")):
+        msg = f"client must be a dask.distributed.Client, got {type(client).__name__}."
+        raise TypeError(msg)
+
+
+def check_run(est, src_path: Path, out: Path) -> None:
+    """What a distributed run needs that can be checked before the work (and before
+    connecting): a ``posterior_by_rows`` method, an ``.h5ad`` / ``.zarr`` input path and a
+    ``.zarr`` output."""
+    from .._chunks import store_format
+    from ..io import output_format
+
+    if not (est._is_template() and est.posterior_by_rows):
+        msg = (f"method {est.name!r} computes its posterior for all cells at once "
+               "(posterior_by_rows is False), so it cannot be spread over a Dask cluster; run "
+               "it without a client (CLI: without --scheduler).")
+        raise ValueError(msg)
+    if not store_format(src_path):
+        msg = (f"with a Dask client the input must be an .h5ad file or a .zarr store that the "
+               f"workers read, got '{src_path}'.")
+        raise ValueError(msg)
+    if output_format(out)[0] != "zarr":
+        msg = (f"with a Dask client the output must be a .zarr store (workers write their "
+               f"blocks into it in parallel; HDF5 cannot), got '{out}'.")
+        raise ValueError(msg)
+
+
+@dataclass
+class _Fitted:
+    """What every task needs, scattered once: the fitted estimator and the data's layout."""
+
+    est: Any
+    ctx: Any  # DataContext of the cells and genes with counts (rows set per block)
+    cells: np.ndarray  # masks over all cells / genes
+    genes: np.ndarray
+    out_cols: np.ndarray | None  # output genes (None: all)
+    n_vars: int
+    src: str
+    layer: str | None
+    root: str  # the temporary output store
+    names: dict[str, str]  # posterior field -> output layer
+    sparse: dict[str, bool]  # output matrix ("X", "layers/<name>") -> stored as CSR
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def write_blocks(client, w, job: _Job, src_path: Path, layer: str | None, key: str,
+                 out_cols: np.ndarray, rows: int, progress: bool) -> dict:
+    """Compute the posterior of ``job`` (fitted) by blocks of ``rows`` cells on the cluster of
+    ``client`` and write it, with the input counts of ``out_cols``, into the zarr store of the
+    :class:`~screpair._chunks.StoreWriter` ``w``. Returns ``{"scheduler", "n_workers"}``."""
+    if not job.by_rows:  # a fitted state that needs all cells at once (check_run said yes)
+        msg = (f"the fitted {job.est.name!r} needs all cells at once (posterior_by_rows is "
+               "False); run it without a Dask client.")
+        raise ValueError(msg)
+    root = Path(w.root.store.root)
+    n_obs, n_vars = job.cells.size, job.genes.size
+    k = len(out_cols)
+    names = {"mean": key, "var": f"{key}_var", "dropout_prob": "dropout_prob"}
+    probe = job.posterior(0, 1)  # one cell, on the client: which layers, dense or sparse
+    names = {f: n for f, n in names.items() if getattr(probe, f) is not None}
+    sparse = {"X": True} | {f"layers/{n}": sp.issparse(getattr(probe, f))
+                            for f, n in names.items()}
+    for name, is_sparse in sparse.items():
+        if not is_sparse:
+            _create_dense(w.root, name, n_obs, k, rows)
+    (root / _PARTS).mkdir()
+    fitted = _Fitted(est=job.est, ctx=job.ctx, cells=job.cells, genes=job.genes,
+                     out_cols=None if k == n_vars else out_cols, n_vars=n_vars,
+                     src=str(src_path.resolve()), layer=layer, root=str(root), names=names,
+                     sparse=sparse)
+    info = client.scheduler_info()
+    n_workers = len(info.get("workers", {}))
+    logger.info("Dask: %d worker(s) at %s; scattering the fitted %r", n_workers,
+                info.get("address", "?"), job.est.name)
+    token = f"screpair-{uuid.uuid4().hex[:8]}"
+    futures = []
+    try:
+        shared = client.scatter(fitted, broadcast=True, hash=False)
+        starts = list(range(0, n_obs, rows))
+        spans = []
+        for b, s in enumerate(starts):
+            e = min(s + rows, n_obs)
+            i0, i1 = (int(v) for v in np.searchsorted(job.rows, [s, e]))
+            spans.append((s, e))
+            futures.append(client.submit(_block_task, shared, b, s, e, i0, i1, pure=False,
+                                         key=f"{token}-block-{b}"))
+        nnz = _wait(futures, spans, n_obs, progress and n_obs > rows)
+        futures = []
+        for name, is_sparse in sparse.items():
+            if is_sparse:
+                futures += _gather_sparse(client, shared, w.root, name, spans, nnz[name], k,
+                                          token)
+        _wait(futures)
+        futures = []
+    except BaseException:
+        _abort(client, futures, token)
+        raise
+    shutil.rmtree(root / _PARTS)
+    for name, is_sparse in sparse.items():  # declared complete: the writer knows its layers
+        if name != "X":
+            w.matrix(name, k, sparse=is_sparse)
+            w._rows[name] = n_obs
+    return {"scheduler": str(info.get("address", "")), "n_workers": n_workers}
+
+
+def _wait(futures: list, spans: list | None = None, n_obs: int = 0,
+          progress: bool = False) -> dict[str, list[int]]:
+    """Wait for ``futures`` (block tasks when ``spans`` is given, with a bar over cells); the
+    first failure is raised. Returns the stored entries of each sparse matrix per block."""
+    from distributed import as_completed
+
+    nnz: dict[str, list[int]] = {}
+    bar = progress_bar(n_obs, "imputing (dask)", progress)
+    try:
+        for fut in as_completed(futures):
+            out = fut.result()
+            if spans is None:
+                continue
+            b, counts = out
+            for name, n in counts.items():
+                nnz.setdefault(name, [0] * len(spans))[b] = n
+            bar.update(spans[b][1] - spans[b][0])
+    finally:
+        bar.close()
+    return nnz
+
+
+def _abort(client, futures: list, token: str) -> None:
+    """Cancel the run's tasks and wait (up to :data:`DRAIN_TIMEOUT`) until those already
+    running have stopped, so that none writes into the store after it is removed."""
+    if futures:
+        client.cancel(futures, force=True)
+    end = time.monotonic() + DRAIN_TIMEOUT
+    told = False
+    while time.monotonic() < end:
+        try:
+            live = client.run(_live_tasks, token, on_error="ignore")
+        except Exception:  # noqa: BLE001 - scheduler gone: nothing more to wait for
+            return
+        n = sum(len(v) for v in live.values() if isinstance(v, list))
+        if not n:
+            return
+        if not told:
+            logger.warning("waiting for %d running Dask task(s) to stop before removing the "
+                           "temporary output", n)
+            told = True
+        time.sleep(0.2)
+    logger.warning("Dask tasks still running after %.0f s; the temporary output is removed "
+                   "anyway", DRAIN_TIMEOUT)
+
+
+def _live_tasks(token: str, dask_worker=None) -> list[str]:
+    """On a worker: the keys of this run's tasks it still holds (running or cancelled while
+    running)."""
+    return [str(ts.key) for ts in dask_worker.state.tasks.values()
+            if str(ts.key).startswith(token) and ts.state in ("executing", "cancelled",
+                                                              "long-running", "resumed")]
+
+
+# ------------------------------------------------------------------------------ tasks
+
+
+def _block_task(f: _Fitted, b: int, s: int, e: int, i0: int, i1: int) -> tuple[int, dict]:
+    """Rows ``s:e`` (kept cells ``i0:i1`` of the fit): read, posterior, write. Returns the
+    stored entries of each sparse matrix of the block."""
+    _test_fault(b)
+    x = _read_block(f.src, f.layer, s, e)
+    cols = f.out_cols
+    parts = {"X": x if cols is None else x[:, cols]}
+    k = f.n_vars if cols is None else len(cols)
+    if i1 > i0:
+        cells = f.cells[s:e]
+        full = cells.all() and f.genes.all()
+        sub = x if full else _subset(x, np.flatnonzero(cells), np.flatnonzero(f.genes))
+        post = f.est._posterior_validated(sub, replace(f.ctx, rows=slice(i0, i1)))
+        for field, name in f.names.items():
+            m = _scatter(getattr(post, field), cells, f.genes, (e - s, f.n_vars))
+            parts[f"layers/{name}"] = m if cols is None else m[:, cols]
+    else:  # no cell with counts in this block: zeros, as the single-process path writes
+        for name in f.names.values():
+            sparse = f.sparse[f"layers/{name}"]
+            parts[f"layers/{name}"] = sp.csr_matrix((e - s, k)) if sparse else np.zeros((e - s, k))
+    import zarr
+
+    root = zarr.open_group(f.root, mode="r+")  # r+: never recreates a removed store
+    nnz = {}
+    for name, m in parts.items():
+        if f.sparse[name]:
+            csr = sp.csr_matrix(m, dtype=np.float32)
+            nnz[name] = int(csr.nnz)
+            _save_part(f.root, name, b, csr)
+        else:
+            dense = m.toarray() if sp.issparse(m) else np.asarray(m)
+            root[name][s:e] = dense.astype(np.float32, copy=False)
+    return b, nnz
+
+
+def _read_block(src: str, layer: str | None, s: int, e: int) -> sp.csr_matrix:
+    """Rows ``s:e`` of the counts in the store ``src``, validated as the single-process path
+    validates them (:func:`screpair._chunks.check_block`)."""
+    path = Path(src)
+    root = open_store(path)
+    try:
+        key = _element_key(root, layer, path)
+        block = _matrix_element(root[key], key, path)[s:e]
+        block = sp.csr_matrix(block) if sp.issparse(block) else np.asarray(block)
+    finally:
+        if hasattr(root, "close"):
+            root.close()
+    return check_block(block, layer)
+
+
+def _part_dir(root: str, name: str) -> Path:
+    return Path(root) / _PARTS / name.replace("/", "__")
+
+
+def _save_part(root: str, name: str, b: int, csr: sp.csr_matrix) -> None:
+    """Save block ``b`` of the sparse matrix ``name``: its values, column indices and row
+    pointers without the leading 0 (each file written whole, then renamed into place)."""
+    d = _part_dir(root, name)
+    if not d.parent.is_dir():  # the run was abandoned and its store removed
+        msg = f"the temporary output '{root}' is gone"
+        raise FileNotFoundError(msg)
+    d.mkdir(exist_ok=True)
+    arrays = {"data": csr.data.astype(np.float32, copy=False), "indices": csr.indices,
+              "indptr": csr.indptr[1:].astype(np.int64)}
+    for field, a in arrays.items():
+        tmp = d / f".{field}.{b}.{os.getpid()}.npy"
+        np.save(tmp, a)
+        os.replace(tmp, d / f"{field}.{b}.npy")
+
+
+def _create_dense(root, name: str, n_obs: int, k: int, rows: int) -> None:
+    """A float32 array ``name`` of its final shape, chunked by rows so that every block of
+    ``rows`` rows covers whole chunks (its blocks can be written independently)."""
+    most = max(1, 2**20 // max(k, 1))  # about 4 MB chunks, as the single-process writer
+    if n_obs <= rows:  # one block: any chunks
+        c = min(n_obs, most)
+    else:  # a divisor of rows near `most`; one chunk per block when rows has none
+        c = next((rows // p for p in range(-(-rows // most), rows + 1) if rows % p == 0), rows)
+        c = rows if c < most // 4 else c
+    ds = root.create_array(name, shape=(n_obs, k), dtype=np.float32,
+                           chunks=(max(c, 1), max(k, 1)))
+    ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
+
+
+def _gather_sparse(client, shared, root, name: str, spans: list, nnz: list[int], k: int,
+                   token: str) -> list:
+    """Create the CSR element ``name`` (anndata's encoding) with its final sizes and submit the
+    tasks that copy the blocks' parts into it, each task a range of whole zarr chunks."""
+    n_obs = spans[-1][1] if spans else 0
+    counts = np.asarray(nnz, dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    total = int(offsets[-1])
+    idx = np.int32 if max(total, k) < 2**31 else np.int64
+    g = root.create_group(name)
+    g.attrs.update({"encoding-type": "csr_matrix", "encoding-version": "0.1.0",
+                    "shape": [int(n_obs), int(k)]})
+    g.create_array("data", shape=(total,), dtype=np.float32, chunks=(SPARSE_CHUNK,))
+    g.create_array("indices", shape=(total,), dtype=idx, chunks=(SPARSE_CHUNK,))
+    g.create_array("indptr", shape=(n_obs + 1,), dtype=np.int64, chunks=(SPARSE_CHUNK,))
+    row_starts = np.asarray([1 + s for s, _ in spans], dtype=np.int64)
+    row_lengths = np.asarray([e - s for s, e in spans], dtype=np.int64)
+    plans = [("data", total, offsets[:-1], counts, None),
+             ("indices", total, offsets[:-1], counts, None),
+             ("indptr", n_obs + 1, row_starts, row_lengths, offsets[:-1])]
+    futures = []
+    n_tasks = max(1, len(spans))
+    for field, length, starts, lengths, adds in plans:
+        span = SPARSE_CHUNK * max(1, round(length / (SPARSE_CHUNK * n_tasks)))
+        for a in range(0, length, span):
+            futures.append(client.submit(
+                _gather_task, shared, name, field, a, min(a + span, length), starts, lengths,
+                adds, pure=False, key=f"{token}-gather-{name}-{field}-{a}"))
+    return futures
+
+
+def _gather_task(f: _Fitted, name: str, field: str, a: int, b: int, starts: np.ndarray,
+                 lengths: np.ndarray, adds: np.ndarray | None) -> None:
+    """Fill entries ``a:b`` (whole zarr chunks) of the array ``field`` of the CSR ``name`` from
+    the parts of the blocks that overlap them (``adds``: the row pointers' offsets)."""
+    import zarr
+
+    arr = zarr.open_group(f.root, mode="r+")[name][field]
+    out = np.zeros(b - a, dtype=arr.dtype)  # indptr[0] = 0
+    d = _part_dir(f.root, name)
+    first = max(0, int(np.searchsorted(starts, a, side="right")) - 1)
+    for j in range(first, len(starts)):
+        lo, hi = max(a, int(starts[j])), min(b, int(starts[j] + lengths[j]))
+        if int(starts[j]) >= b:
+            break
+        if hi <= lo:
+            continue
+        part = np.load(d / f"{field}.{j}.npy", mmap_mode="r")
+        piece = part[lo - int(starts[j]):hi - int(starts[j])]
+        out[lo - a:hi - a] = piece + adds[j] if adds is not None else piece
+    arr[a:b] = out
+
+
+# ------------------------------------------------------------------------------ test hook
+
+#: test hook, set on the workers with ``client.run(_set_test_fault, ...)``: ``(kind, block,
+#: marker)``; ``"fail"`` raises in that block's task, ``"kill"`` ends the worker process there
+#: once (the first task to create ``marker``)
+_TEST_FAULT: tuple[str, int, str] | None = None
+
+
+def _set_test_fault(fault: tuple[str, int, str] | None) -> None:
+    global _TEST_FAULT
+    _TEST_FAULT = fault
+
+
+def _test_fault(b: int) -> None:
+    if _TEST_FAULT is None or _TEST_FAULT[1] != b:
+        return
+    kind, _, marker = _TEST_FAULT
+    if kind == "fail":
+        msg = f"test fault in block {b}"
+        raise RuntimeError(msg)
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return  # killed once already: the rerun goes through
+    os.close(fd)
+    os._exit(1)

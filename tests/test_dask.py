@@ -1,0 +1,261 @@
+"""The chunked pipeline on a Dask cluster (issue 17): impute_file(client=) and `screpair impute
+--scheduler` give the single-process chunked output bit for bit, whatever the number of
+workers; a lost worker or a failing task leaves a complete output or the old one."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+
+import anndata
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import screpair
+from screpair.cli import main
+from screpair.methods import _dask
+
+distributed = pytest.importorskip("distributed")
+
+FAST = {"alra": {"k": 5}, "knn": {"k": 5, "n_pcs": 5}, "saver": {}}
+ROWS = 64  # 200 cells: blocks of 64, 64, 64 and 8
+
+
+def _read(path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return anndata.read_h5ad(path) if str(path).endswith(".h5ad") else anndata.read_zarr(path)
+
+
+def _dense(m):
+    return m.toarray() if sp.issparse(m) else np.asarray(m)
+
+
+def _assert_same(a, b):
+    """Every matrix of the two outputs identical, bit for bit (values and kinds)."""
+    assert sorted(a.layers) == sorted(b.layers)
+    assert list(a.obs_names) == list(b.obs_names) and list(a.var_names) == list(b.var_names)
+    for key in a.layers:
+        assert sp.issparse(a.layers[key]) == sp.issparse(b.layers[key]), key
+        assert a.layers[key].dtype == b.layers[key].dtype, key
+        np.testing.assert_array_equal(_dense(a.layers[key]), _dense(b.layers[key]), err_msg=key)
+    assert sp.isspmatrix_csr(b.X)
+    np.testing.assert_array_equal(a.X.indptr, b.X.indptr)
+    np.testing.assert_array_equal(a.X.indices, b.X.indices)
+    np.testing.assert_array_equal(a.X.data, b.X.data)
+
+
+def _cluster(n_workers: int):
+    return distributed.LocalCluster(n_workers=n_workers, processes=True, threads_per_worker=1,
+                                    dashboard_address=":0")
+
+
+@pytest.fixture(scope="module")
+def client():
+    with _cluster(2) as cluster, distributed.Client(cluster) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def stores(sim, tmp_path_factory):
+    """The simulation as .zarr and .h5ad inputs."""
+    d = tmp_path_factory.mktemp("stores")
+    ad = sim.copy()
+    paths = {"zarr": d / "in.zarr", "h5ad": d / "in.h5ad"}
+    for p in paths.values():
+        screpair.write(ad, p)
+    return ad, paths
+
+
+@pytest.fixture
+def no_fault(client):
+    yield
+    client.run(_dask._set_test_fault, None)
+
+
+def _plain(src, out, method, **kw):
+    screpair.impute_file(src, out, method, chunk_rows=ROWS, progress=False, **FAST[method], **kw)
+    return _read(out)
+
+
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_equals_single_process(stores, tmp_path, client, method):
+    ad, paths = stores
+    ref = _plain(paths["zarr"], tmp_path / "plain.zarr", method)
+    out = tmp_path / "dask.zarr"
+    rec = screpair.impute_file(paths["zarr"], out, method, chunk_rows=ROWS, progress=False,
+                               client=client, **FAST[method])
+    back = _read(out)
+    _assert_same(ref, back)
+    assert back.shape == ad.shape and back.layers[method].dtype == np.float32
+    assert (method == "saver") == ("saver_var" in back.layers)
+    assert rec["dask"]["n_workers"] == 2 and back.uns[method]["dask"]["n_workers"] == 2
+    assert back.uns[method]["chunk_rows"] == ROWS
+    # only the output is left: no temporary store, no block parts inside it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dask.zarr", "plain.zarr"]
+    assert not (out / ".screpair-parts").exists()
+
+
+def test_cnn_inference(stores, tmp_path, client, one_torch_thread):
+    """cnn trains on this process; its trained networks and dropout model are applied by
+    blocks on the workers: the single-process output bit for bit."""
+    ad, paths = stores
+    params = dict(groupby="group", module={"n_hidden": 8}, targets={"n_ensemble": 1},
+                  train={"n_epochs": 1, "batch_size": 64, "progress": False, "device": "cpu"})
+    kw = {"chunk_rows": ROWS, "progress": False, **params}
+    screpair.impute_file(paths["zarr"], tmp_path / "plain.zarr", "cnn", **kw)
+    screpair.impute_file(paths["zarr"], tmp_path / "dask.zarr", "cnn", client=client, **kw)
+    ref, back = _read(tmp_path / "plain.zarr"), _read(tmp_path / "dask.zarr")
+    _assert_same(ref, back)
+    assert {"cnn", "dropout_prob"} <= set(back.layers)
+    assert back.uns["cnn"]["posterior_by_rows"] and back.uns["cnn"]["dask"]["n_workers"] == 2
+
+
+def test_h5ad_input_genes_and_empty_cells(sim, tmp_path, client):
+    """An .h5ad input read by the workers, cells and genes without counts set aside, and an
+    output gene subset: the same bits as the single-process path."""
+    ad = sim.copy()
+    x = ad.X.toarray()
+    x[[5, 70, 71], :] = 0  # cells without counts, one of them in a block of its own below
+    x[:, 3] = 0
+    ad.X = sp.csr_matrix(x)
+    src = tmp_path / "in.h5ad"
+    screpair.write(ad, src)
+    kw = {"genes": "hvg:15", "chunk_rows": 10, "progress": False, "k": 5}
+    with pytest.warns(UserWarning, match="no counts"):
+        screpair.impute_file(src, tmp_path / "plain.zarr", "alra", **kw)
+    with pytest.warns(UserWarning, match="no counts"):
+        screpair.impute_file(src, tmp_path / "dask.zarr", "alra", client=client, **kw)
+    ref, back = _read(tmp_path / "plain.zarr"), _read(tmp_path / "dask.zarr")
+    _assert_same(ref, back)
+    assert back.n_vars == 15 and back.uns["alra"]["n_cells_set_aside"] == 3
+    np.testing.assert_array_equal(_dense(back.layers["alra"])[[5, 70, 71]], 0.0)
+
+
+@pytest.mark.parametrize("n_workers", [1, 4])
+def test_same_output_for_any_number_of_workers(stores, tmp_path, n_workers):
+    ad, paths = stores
+    ref = _plain(paths["zarr"], tmp_path / "plain.zarr", "saver")
+    with _cluster(n_workers) as cluster, distributed.Client(cluster) as c:
+        rec = screpair.impute_file(paths["zarr"], tmp_path / "dask.zarr", "saver",
+                                   chunk_rows=ROWS, progress=False, client=c)
+    assert rec["dask"]["n_workers"] == n_workers
+    _assert_same(ref, _read(tmp_path / "dask.zarr"))
+
+
+def test_lost_worker_output_complete(stores, tmp_path, client, no_fault):
+    """A worker process that dies in the middle of a block: Dask runs the block again
+    elsewhere; the output is complete and equal to the single-process one."""
+    ad, paths = stores
+    ref = _plain(paths["zarr"], tmp_path / "plain.zarr", "knn")
+    marker = tmp_path / "killed"
+    client.run(_dask._set_test_fault, ("kill", 1, str(marker)))
+    screpair.impute_file(paths["zarr"], tmp_path / "dask.zarr", "knn", chunk_rows=ROWS,
+                         progress=False, client=client, **FAST["knn"])
+    assert marker.exists()  # a worker was killed in block 1
+    _assert_same(ref, _read(tmp_path / "dask.zarr"))
+    client.wait_for_workers(2, timeout=60)  # the nanny restarted it
+
+
+def test_failed_task_leaves_old_output(stores, tmp_path, client, no_fault):
+    """A task that fails: the run stops, the old output is kept, nothing else is left."""
+    ad, paths = stores
+    out = tmp_path / "out.zarr"
+    old = _plain(paths["zarr"], out, "knn")
+    client.run(_dask._set_test_fault, ("fail", 2, ""))
+    with pytest.raises(RuntimeError, match="test fault in block 2"):
+        screpair.impute_file(paths["zarr"], out, "alra", chunk_rows=ROWS, progress=False,
+                             overwrite=True, client=client, k=5)
+    back = _read(out)
+    assert list(back.layers) == ["knn"] and back.uns["knn"]["method"] == "knn"
+    np.testing.assert_array_equal(_dense(back.layers["knn"]), _dense(old.layers["knn"]))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.zarr"]
+    # a new output that fails leaves none
+    with pytest.raises(RuntimeError, match="test fault"):
+        screpair.impute_file(paths["zarr"], tmp_path / "new.zarr", "alra", chunk_rows=ROWS,
+                             progress=False, client=client, k=5)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.zarr"]
+
+
+def test_checked_before_the_work(stores, tmp_path, client, monkeypatch):
+    ad, paths = stores
+
+    def no_reading(*a, **k):
+        msg = "read before the checks"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr("screpair.methods._file.read_all", no_reading)
+    with pytest.raises(ValueError, match=r"output must be a \.zarr store"):
+        screpair.impute_file(paths["zarr"], tmp_path / "out.h5ad", "alra", client=client)
+    with pytest.raises(ValueError, match="posterior_by_rows is False"):
+        screpair.impute_file(paths["zarr"], tmp_path / "out.zarr", "dae", client=client)
+    csv = tmp_path / "in.csv"
+    screpair.write(ad, csv)
+    with pytest.raises(ValueError, match=r"input must be an \.h5ad file or a \.zarr store"):
+        screpair.impute_file(csv, tmp_path / "out.zarr", "alra", client=client)
+    with pytest.raises(TypeError, match="dask.distributed.Client"):
+        screpair.impute_file(paths["zarr"], tmp_path / "out.zarr", "alra", client="tcp://x:1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv"]
+
+
+def test_cli_scheduler(stores, tmp_path, client, capsys):
+    ad, paths = stores
+    ref = _plain(paths["h5ad"], tmp_path / "plain.zarr", "alra")
+    address = client.scheduler.address
+    out = tmp_path / "dask.zarr"
+    argv = ["impute", str(paths["h5ad"]), str(out), "--method", "alra", "--chunk-rows",
+            str(ROWS), "--scheduler", address, "-q"]
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"k": 5}')
+    assert main([*argv, "--config", str(cfg)]) == 0
+    assert "on 2 Dask worker(s)" in capsys.readouterr().out
+    _assert_same(ref, _read(out))
+    # the same through a scheduler file
+    sched = tmp_path / "scheduler.json"
+    sched.write_text(json.dumps({"type": "Scheduler", "address": address}))
+    argv[argv.index(address)] = str(sched)
+    assert main([*argv, "--config", str(cfg), "--overwrite"]) == 0
+    _assert_same(ref, _read(out))
+
+
+@pytest.mark.parametrize("scheduler, message", [
+    ("tcp://127.0.0.1:1", "cannot reach the Dask scheduler at 'tcp://127.0.0.1:1' within 1 s"),
+    ("no-such-file.json", "neither an address (tcp://HOST:PORT) nor an existing scheduler file"),
+])
+def test_cli_bad_scheduler(stores, tmp_path, capsys, monkeypatch, scheduler, message):
+    """A scheduler that cannot be reached: exit 2, one line, before anything is read."""
+    ad, paths = stores
+    monkeypatch.setattr(_dask, "CONNECT_TIMEOUT", 1.0)
+    monkeypatch.setattr("screpair.methods._file.read_all", None)  # never reached
+    out = tmp_path / "out.zarr"
+    code = main(["impute", str(paths["zarr"]), str(out), "--scheduler", scheduler])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+    assert err.count("\n") == 1 and err.startswith("screpair: error: ") and "Traceback" not in err
+    assert not out.exists()
+    # an output the workers cannot write into: refused before connecting
+    code = main(["impute", str(paths["zarr"]), str(tmp_path / "o.h5ad"), "--scheduler",
+                 "tcp://127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "output must be a .zarr store" in err and "within" not in err
+
+
+def test_no_dask_without_client(stores, tmp_path):
+    """Without a client screpair never imports distributed (nor dask on `import screpair`;
+    anndata itself imports dask.array when dask is installed, so dask may be loaded by it)."""
+    ad, paths = stores
+    code = (
+        "import sys, screpair\n"
+        "assert 'dask' not in sys.modules and 'distributed' not in sys.modules\n"
+        f"screpair.impute_file({str(paths['zarr'])!r}, {str(tmp_path / 'o.zarr')!r}, 'alra',"
+        " chunk_rows=64, progress=False, k=5)\n"
+        "assert 'distributed' not in sys.modules, 'distributed imported'\n"
+        "assert not [m for m in sys.modules if m.startswith('screpair.methods._dask')]\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "o.zarr").is_dir()
