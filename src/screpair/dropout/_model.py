@@ -123,7 +123,10 @@ class DropoutModel:
         Up to it, every cell is used and the probabilities are exactly those of the two
         functions on all cells. Above it: 3-D t-SNE and k-means take time (and ADPclust memory,
         already capped at 4,000 cells) that grows with the cells; the parameters come from the
-        sample.
+        sample. Measured: 200 of 600 cells of a well-separated Splat simulation give ARI >= 0.9
+        against the whole-data clustering (tests); 1,000 of pbmc3k's 2,700 cells ARI 0.742,
+        with 91.8 % of the all-cells' entries above 0.5 also above 0.5
+        (``benchmarks/README.md``).
     n_neighbors
         Sampled cells voting on the cluster of another cell.
     cluster_kwargs

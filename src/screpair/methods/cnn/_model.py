@@ -247,6 +247,9 @@ class CNNImputer(BaseImputer):
         probabilities are those of the whole data; above it a random sample is clustered
         (3-D t-SNE and k-means take time growing with the cells) and the other cells join the
         cluster of their nearest sampled neighbours in the sample's PCA space. Default 10,000.
+        Measured (pbmc3k, 1,000 of 2,700 cells, rng 0): clusters ARI 0.742 against the
+        all-cells clustering, 91.8 % of the all-cells' missing entries also missing
+        (``benchmarks/README.md``).
     n_train_cells
         Most cells the networks are trained on (targets, inputs and output biases come from the
         same cells; ``None``: all). Above it a random sample of this size is used: an epoch's
