@@ -157,7 +157,6 @@ def test_lost_worker_output_complete(stores, tmp_path, client, no_fault):
                          progress=False, client=client, **FAST["knn"])
     assert marker.exists()  # a worker was killed in block 1
     _assert_same(ref, _read(tmp_path / "dask.zarr"))
-    client.wait_for_workers(2, timeout=60)  # the nanny restarted it
 
 
 def test_failed_task_leaves_old_output(stores, tmp_path, client, no_fault):
@@ -170,7 +169,8 @@ def test_failed_task_leaves_old_output(stores, tmp_path, client, no_fault):
         screpair.impute_file(paths["zarr"], out, "alra", chunk_rows=ROWS, progress=False,
                              overwrite=True, client=client, k=5)
     back = _read(out)
-    assert list(back.layers) == ["knn"] and back.uns["knn"]["method"] == "knn"
+    assert "alra" not in back.layers and "alra" not in back.uns
+    assert back.uns["knn"]["method"] == "knn"
     np.testing.assert_array_equal(_dense(back.layers["knn"]), _dense(old.layers["knn"]))
     assert [p.name for p in tmp_path.iterdir()] == ["out.zarr"]
     # a new output that fails leaves none
@@ -211,7 +211,7 @@ def test_cli_scheduler(stores, tmp_path, client, capsys):
     cfg = tmp_path / "cfg.json"
     cfg.write_text('{"k": 5}')
     assert main([*argv, "--config", str(cfg)]) == 0
-    assert "on 2 Dask worker(s)" in capsys.readouterr().out
+    assert "Dask worker(s): all genes" in capsys.readouterr().out
     _assert_same(ref, _read(out))
     # the same through a scheduler file
     sched = tmp_path / "scheduler.json"

@@ -168,25 +168,18 @@ def write_blocks(client, w, job: _Job, src_path: Path, layer: str | None, key: s
     logger.info("Dask: %d worker(s) at %s; scattering the fitted %r", n_workers,
                 info.get("address", "?"), job.est.name)
     token = f"screpair-{uuid.uuid4().hex[:8]}"
-    futures = []
+    spans = [(s, min(s + rows, n_obs)) for s in range(0, n_obs, rows)]
+    blocks = {b: (b, s, e, *(int(v) for v in np.searchsorted(job.rows, [s, e])))
+              for b, (s, e) in enumerate(spans)}
+    futures: list = []
     try:
-        shared = client.scatter(fitted, broadcast=True, hash=False)
-        starts = list(range(0, n_obs, rows))
-        spans = []
-        for b, s in enumerate(starts):
-            e = min(s + rows, n_obs)
-            i0, i1 = (int(v) for v in np.searchsorted(job.rows, [s, e]))
-            spans.append((s, e))
-            futures.append(client.submit(_block_task, shared, b, s, e, i0, i1, pure=False,
-                                         key=f"{token}-block-{b}"))
-        nnz = _wait(futures, spans, n_obs, progress and n_obs > rows)
-        futures = []
+        nnz = _run_blocks(client, fitted, blocks, spans, token, futures,
+                          progress and n_obs > rows)
         for name, is_sparse in sparse.items():
             if is_sparse:
-                futures += _gather_sparse(client, shared, w.root, name, spans, nnz[name], k,
-                                          token)
+                futures += _gather_sparse(client, w.root, name, spans, nnz[name], k, token)
         _wait(futures)
-        futures = []
+        futures.clear()
     except BaseException:
         _abort(client, futures, token)
         raise
@@ -198,26 +191,59 @@ def write_blocks(client, w, job: _Job, src_path: Path, layer: str | None, key: s
     return {"scheduler": str(info.get("address", "")), "n_workers": n_workers}
 
 
-def _wait(futures: list, spans: list | None = None, n_obs: int = 0,
-          progress: bool = False) -> dict[str, list[int]]:
-    """Wait for ``futures`` (block tasks when ``spans`` is given, with a bar over cells); the
-    first failure is raised. Returns the stored entries of each sparse matrix per block."""
+#: times the fitted state is scattered again when every worker holding it was lost
+MAX_SCATTERS = 3
+
+
+def _run_blocks(client, fitted: _Fitted, blocks: dict, spans: list, token: str, futures: list,
+                progress: bool) -> dict[str, list[int]]:
+    """Run the block tasks (a bar over cells); the first failure is raised. Returns the stored
+    entries of each sparse matrix per block.
+
+    A lost worker's blocks are rerun by Dask. The scattered fitted state is data, not a task:
+    when every worker that held it is lost (Dask's memory manager may keep a single copy), the
+    tasks that still need it are cancelled; it is then scattered again and those blocks
+    submitted again (their writes are idempotent), at most :data:`MAX_SCATTERS` times."""
     from distributed import as_completed
+    from distributed.client import FutureCancelledError
 
     nnz: dict[str, list[int]] = {}
-    bar = progress_bar(n_obs, "imputing (dask)", progress)
+    bar = progress_bar(spans[-1][1], "imputing (dask)", progress)
+    todo = dict(blocks)
     try:
-        for fut in as_completed(futures):
-            out = fut.result()
-            if spans is None:
-                continue
-            b, counts = out
-            for name, n in counts.items():
-                nnz.setdefault(name, [0] * len(spans))[b] = n
-            bar.update(spans[b][1] - spans[b][0])
+        for attempt in range(MAX_SCATTERS):
+            shared = client.scatter(fitted, broadcast=True, hash=False)
+            futures[:] = [client.submit(_block_task, shared, *args, pure=False,
+                                        key=f"{token}-block-{b}-{attempt}")
+                          for b, args in todo.items()]
+            for fut in as_completed(list(futures)):
+                try:
+                    b, counts = fut.result()
+                except FutureCancelledError:  # its fitted state was lost with its workers
+                    continue
+                todo.pop(b)
+                for name, n in counts.items():
+                    nnz.setdefault(name, [0] * len(spans))[b] = n
+                bar.update(spans[b][1] - spans[b][0])
+            futures.clear()
+            if not todo:
+                return nnz
+            logger.warning("Dask: the fitted state was lost with its workers; scattering it "
+                           "again for %d block(s)", len(todo))
     finally:
         bar.close()
-    return nnz
+    msg = (f"Dask: the fitted state was lost with its workers {MAX_SCATTERS} times; "
+           f"{len(todo)} block(s) not written.")
+    raise RuntimeError(msg)
+
+
+def _wait(futures: list) -> None:
+    """Wait for ``futures``; the first failure is raised."""
+    from distributed import wait
+
+    wait(futures)
+    for fut in futures:
+        fut.result()
 
 
 def _abort(client, futures: list, token: str) -> None:
@@ -339,7 +365,7 @@ def _create_dense(root, name: str, n_obs: int, k: int, rows: int) -> None:
     ds.attrs["encoding-type"], ds.attrs["encoding-version"] = "array", "0.2.0"
 
 
-def _gather_sparse(client, shared, root, name: str, spans: list, nnz: list[int], k: int,
+def _gather_sparse(client, root, name: str, spans: list, nnz: list[int], k: int,
                    token: str) -> list:
     """Create the CSR element ``name`` (anndata's encoding) with its final sizes and submit the
     tasks that copy the blocks' parts into it, each task a range of whole zarr chunks."""
@@ -365,20 +391,20 @@ def _gather_sparse(client, shared, root, name: str, spans: list, nnz: list[int],
         span = SPARSE_CHUNK * max(1, round(length / (SPARSE_CHUNK * n_tasks)))
         for a in range(0, length, span):
             futures.append(client.submit(
-                _gather_task, shared, name, field, a, min(a + span, length), starts, lengths,
+                _gather_task, str(Path(root.store.root)), name, field, a, min(a + span, length), starts, lengths,
                 adds, pure=False, key=f"{token}-gather-{name}-{field}-{a}"))
     return futures
 
 
-def _gather_task(f: _Fitted, name: str, field: str, a: int, b: int, starts: np.ndarray,
+def _gather_task(root: str, name: str, field: str, a: int, b: int, starts: np.ndarray,
                  lengths: np.ndarray, adds: np.ndarray | None) -> None:
     """Fill entries ``a:b`` (whole zarr chunks) of the array ``field`` of the CSR ``name`` from
     the parts of the blocks that overlap them (``adds``: the row pointers' offsets)."""
     import zarr
 
-    arr = zarr.open_group(f.root, mode="r+")[name][field]
+    arr = zarr.open_group(root, mode="r+")[name][field]
     out = np.zeros(b - a, dtype=arr.dtype)  # indptr[0] = 0
-    d = _part_dir(f.root, name)
+    d = _part_dir(root, name)
     first = max(0, int(np.searchsorted(starts, a, side="right")) - 1)
     for j in range(first, len(starts)):
         lo, hi = max(a, int(starts[j])), min(b, int(starts[j] + lengths[j]))
