@@ -482,6 +482,13 @@ class StoreWriter:
         self._rows[key], self._sparse[key], self._n_vars[key] = 0, sparse, n_vars
         self._dtype[key] = np.dtype(dtype)
 
+    def declare_written(self, key: str, n_vars: int, *, sparse: bool | None = None) -> None:
+        """Declare the matrix ``key`` whose ``n_obs`` rows were written into the store by other
+        code (e.g. Dask workers), so that :meth:`check_complete` and :meth:`layer_names` count
+        it."""
+        self.matrix(key, n_vars, sparse=sparse)
+        self._rows[key] = self.n_obs
+
     def append(self, key: str, block) -> None:
         """Write the next rows of ``key`` (as its declared dtype)."""
         start, n_vars = self._rows[key], self._n_vars[key]

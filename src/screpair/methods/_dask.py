@@ -186,8 +186,7 @@ def write_blocks(client, w, job: _Job, src_path: Path, layer: str | None, key: s
     shutil.rmtree(root / _PARTS)
     for name, is_sparse in sparse.items():  # declared complete: the writer knows its layers
         if name != "X":
-            w.matrix(name, k, sparse=is_sparse)
-            w._rows[name] = n_obs
+            w.declare_written(name, k, sparse=is_sparse)
     return {"scheduler": str(info.get("address", "")), "n_workers": n_workers}
 
 
