@@ -203,11 +203,54 @@ def test_suites_defined_and_checked(tmp_path):
                          "degrade_reference"}
     assert {"cqn", "raw", "magic", "scvi", "cnn", "saver", "diffusion"} <= set(papers.methods)
     assert papers.seeds == (0, 1, 2, 3, 4)
+    # the protocols never run on real data first; masked and degrade (published) last
+    assert [r.name for r in papers.runs] == ["mcv", "clustering", "deg_bulk", "deg_splat",
+                                            "smfish", "downsample", "masked", "masked_sparse",
+                                            "degrade"]
+    # one seed where the protocol draws nothing at random, the suite's 5 elsewhere
+    seeds = {r.name: r.seeds_for(papers) for r in papers.runs}
+    assert seeds.pop("deg_bulk") == seeds.pop("deg_splat") == seeds.pop("smfish") == [0]
+    assert all(s == [0, 1, 2, 3, 4] for s in seeds.values())
+    assert all(r.seeds_for(papers, [7, 8]) == [7, 8] for r in papers.runs)  # --seeds wins
     with pytest.raises(FileNotFoundError, match="missing from the data folder"):
         _suites.check_suite("papers", data_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown suite"):
         _suites.check_suite("nope")
     assert _suites.check_suite("quick", data_dir=tmp_path) is SUITES["quick"]  # demo: no files
+
+
+def test_deg_and_smfish_prepare_nothing_random():
+    """The reason those runs have one seed: different seeds give the same task and scores."""
+    import screpair
+    from screpair.evaluate import get_protocol
+
+    ad = screpair.simulate.splat(n_obs=80, n_vars=60, group_prob=[0.5, 0.5], rng=0)
+    proto = get_protocol("deg", k=10, n_top_genes=None)
+    a, b = proto.prepare(ad, rng=0), proto.prepare(ad, rng=1)
+    assert (a.adata.X != b.adata.X).nnz == 0
+    x = a.adata.X.toarray()
+    assert proto.score(a, x) == proto.score(b, x)
+
+
+def test_suite_runs_use_their_own_seeds(tmp_path, monkeypatch):
+    """A run with its own seeds runs only those; --seeds overrides every run; jobs.csv and
+    results.csv keep the runner's columns (so resuming works)."""
+    from screpair import evaluate as ev
+    from screpair.evaluate import _benchmark, _suites
+
+    suite = _suites.Suite(
+        runs=(_suites.SuiteRun("random", ("demo",), ("mcv",)),
+              _suites.SuiteRun("fixed", ("demo",), ("deg",), {"deg": {"k": 10}}, seeds=(0,))),
+        methods=("raw",), seeds=(0, 1))
+    monkeypatch.setitem(_suites.SUITES, "tiny", suite)
+    res = ev.run_suite("tiny", tmp_path, plots=False, progress=False)
+    got = res.groupby("protocol")["seed"].unique().map(sorted).to_dict()
+    assert got == {"mcv": [0, 1], "deg": [0]}
+    for run in ("random", "fixed"):
+        assert list(pd.read_csv(tmp_path / run / "jobs.csv").columns) == _benchmark.COLUMNS
+    assert list(pd.read_csv(tmp_path / "results.csv").columns) == _benchmark.COLUMNS
+    res = ev.run_suite("tiny", tmp_path / "override", seeds=[3], plots=False, progress=False)
+    assert sorted(res["seed"].unique()) == [3]
 
 
 @pytest.mark.slow

@@ -541,8 +541,9 @@ def _add_benchmark(sub) -> None:
     p = sub.add_parser("benchmark", help="compare methods and peers on datasets and protocols")
     p.add_argument("--suite", default=None, choices=("papers", "quick"),
                    help="a named suite instead of --data/--protocol: 'papers' (every protocol on "
-                        "every dataset of --data-dir, 5 seeds, hours) or 'quick' (demo data, "
-                        "minutes); --methods / --seeds override the suite's")
+                        "every dataset of --data-dir, 5 seeds where the protocol is random, "
+                        "hours) or 'quick' (demo data, minutes); --methods / --seeds override "
+                        "the suite's")
     p.add_argument("--data-dir", default=None,
                    help="folder of the suite's datasets (default: $SCREPAIR_DATA or ../shared/data)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
