@@ -264,3 +264,82 @@ def test_dropout_protocol_writes_reliability_diagram(tmp_path):
     back = pd.DataFrame(res.attrs["calibration"])
     np.testing.assert_allclose(back["frac_dropout"], cal["frac_dropout"], rtol=1e-12)
     pd.concat([res, res])  # results with calibration records still concatenate
+
+
+# ----------------------------------------------------------------------------- where we lose
+def _table(values: dict) -> pd.DataFrame:
+    """Results rows from ``{(metric, method): [value per seed]}`` on one dataset / protocol."""
+    rows = []
+    for (metric, method), vals in values.items():
+        for seed, v in enumerate(vals):
+            rows.append({"dataset": "d", "protocol": "masked", "method": method, "seed": seed,
+                         "metric": metric, "value": v, "seconds": 1.0, "peak_mem_mb": 1.0,
+                         "status": "ok", "error": ""})
+    return pd.DataFrame(rows, columns=ev._benchmark.COLUMNS)
+
+
+def test_losses_hand_computed():
+    """mse (lower better): cnn 0.4, raw 0.5, knn 0.6 -> cnn first, knn loses to cnn by 0.2
+    (50% of 0.4). pearson (higher better): raw 0.9, knn 0.8, cnn 0.7 -> a peer wins; knn loses
+    by 0.1 (11.1%), cnn by 0.2 (22.2%). Means over two seeds."""
+    res = _table({("mse", "cnn"): [0.3, 0.5], ("mse", "raw"): [0.5, 0.5],
+                  ("mse", "knn"): [0.6, 0.6], ("pearson", "cnn"): [0.7, 0.7],
+                  ("pearson", "raw"): [0.85, 0.95], ("pearson", "knn"): [0.8, 0.8],
+                  ("zeros_imputed", "cnn"): [1.0, 1.0], ("zeros_imputed", "raw"): [0.0, 0.0]})
+    lost = ev._benchmark.losses(res, ours=["cnn", "knn"]).set_index(["method", "metric"])
+    assert sorted(lost.index) == [("cnn", "pearson"), ("knn", "mse"), ("knn", "pearson")]
+    np.testing.assert_allclose(lost.loc[("knn", "mse"), ["value", "winner_value", "gap",
+                                                         "gap_pct", "rank"]].astype(float),
+                               [0.6, 0.4, 0.2, 50.0, 3.0], rtol=1e-12)
+    assert lost.loc[("knn", "mse"), "winner"] == "cnn"
+    assert not lost.loc[("knn", "mse"), "winner_is_peer"]
+    np.testing.assert_allclose(lost.loc[("cnn", "pearson"), ["gap", "gap_pct"]].astype(float),
+                               [0.2, 100 * 0.2 / 0.9], rtol=1e-12)
+    np.testing.assert_allclose(lost.loc[("knn", "pearson"), ["gap", "gap_pct"]].astype(float),
+                               [0.1, 100 * 0.1 / 0.9], rtol=1e-12)
+    assert lost.loc[("cnn", "pearson"), "winner"] == "raw"
+    assert lost.loc[("cnn", "pearson"), "winner_is_peer"]
+
+    md = ev.markdown_summary(res, ours=["cnn", "knn"])
+    assert "## Where screpair's methods lose" in md
+    assert "| cnn | 2 | 1 | 1 | 1 | raw (1) |" in md  # 2 experiments (zeros_imputed unranked)
+    assert "| knn | 2 | 0 | 2 | 1 | cnn (1), raw (1) |" in md
+    # the one experiment no screpair method wins: raw, with knn the closest screpair method
+    assert "### Experiments no screpair method wins (1)" in md
+    assert "| d | masked | pearson ↑ | raw | 0.9 | knn | 0.8 | 0.1 | 11.1 |" in md
+    assert "| d | masked | mse ↓ | 0.6 | 3 | cnn (screpair) | 0.4 | 0.2 | 50 |" in md
+
+
+def test_losses_ties_count_as_first():
+    res = _table({("mse", "cnn"): [0.4], ("mse", "raw"): [0.4], ("mse", "knn"): [0.5]})
+    lost = ev._benchmark.losses(res, ours=["cnn", "knn"])
+    assert list(lost["method"]) == ["knn"]
+    assert lost["winner"].iloc[0] == "cnn, raw" and not lost["winner_is_peer"].iloc[0]
+    assert lost["gap"].iloc[0] == pytest.approx(0.1, rel=1e-12)
+
+
+def test_seeds_line_names_the_exceptions():
+    a = _table({("mse", "raw"): [0.1, 0.2, 0.3]})
+    b = _table({("mse", "raw"): [0.1]}).assign(protocol="deg")
+    line = ev._benchmark._seeds_line(pd.concat([a, b]))
+    assert line == "Seeds: 0, 1, 2 (other seeds: d · deg: 0)."
+
+
+def test_collect_results_reads_an_unfinished_run(tmp_path):
+    """jobs.csv rows (finished ok jobs) plus the failed/skipped rows of the last results.csv;
+    a line cut short by an interrupt is dropped."""
+    cols = ev._benchmark.COLUMNS
+    ok = _table({("mse", "raw"): [0.1, 0.2], ("mse", "knn"): [0.3]})
+    ok.to_csv(tmp_path / "jobs.csv", index=False)
+    with open(tmp_path / "jobs.csv", "a") as f:
+        f.write("d,masked,knn,1,mse,0.4")  # interrupted mid-line: no status
+    failed = pd.DataFrame([{"dataset": "d", "protocol": "masked", "method": "boom", "seed": 0,
+                            "metric": "", "value": np.nan, "seconds": np.nan,
+                            "peak_mem_mb": np.nan, "status": "failed", "error": "x"}])
+    pd.concat([ok.iloc[:1], failed]).to_csv(tmp_path / "results.csv", index=False)
+    got = ev._benchmark.collect_results(tmp_path)
+    assert list(got.columns) == cols
+    assert sorted(zip(got["method"], got["seed"], got["status"], strict=True)) == [
+        ("boom", 0, "failed"), ("knn", 0, "ok"), ("raw", 0, "ok"), ("raw", 1, "ok")]
+    assert got.loc[got["method"] == "boom", "metric"].iloc[0] == ""
+    assert ev._benchmark.collect_results(tmp_path / "none").empty

@@ -251,6 +251,51 @@ def _append_journal(path: Path | None, rows: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
+def read_results(path: str | os.PathLike) -> pd.DataFrame:
+    """A ``results.csv`` or ``jobs.csv`` written by the runner, read back as it was written:
+    empty ``metric`` / ``error`` cells stay empty strings (not NaN), columns :data:`COLUMNS`."""
+    res = pd.read_csv(path, keep_default_na=False, na_values=[""], on_bad_lines="skip")
+    missing = [c for c in COLUMNS if c not in res.columns]
+    if missing:
+        msg = f"'{path}' is not a benchmark results table (no column(s) {missing})."
+        raise ValueError(msg)
+    res = res[COLUMNS].copy()
+    res["metric"] = res["metric"].fillna("").astype(str)
+    res["error"] = res["error"].fillna("").astype(str)
+    # a line cut short by an interrupt has no status: dropped
+    res = res[res["status"].isin(["ok", "failed", "skipped"])]
+    res["seed"] = res["seed"].astype(int)
+    return res.reset_index(drop=True)
+
+
+def collect_results(out_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every job a (possibly unfinished) run has recorded in ``out_dir``: the finished jobs of
+    ``jobs.csv`` (:data:`JOURNAL`, written as each job ends) plus, from the ``results.csv`` of the
+    last pass that ended, the jobs not in the journal (the failed and skipped ones). Empty
+    (:data:`COLUMNS`) when neither file is there."""
+    folder = Path(out_dir)
+    keys = ["dataset", "protocol", "method", "seed"]
+    parts = []
+    journal = folder / JOURNAL
+    if journal.is_file():
+        done = _read_journal(journal)  # only jobs whose every row is ok
+        parts.append(pd.DataFrame([r for rows in done.values() for r in rows], columns=COLUMNS))
+    final = folder / "results.csv"
+    if final.is_file():
+        old = read_results(final)
+        have = set(map(tuple, parts[0][keys].astype({"seed": int}).itertuples(index=False))
+                   ) if parts else set()
+        new = [tuple(k) not in have for k in old[keys].itertuples(index=False)]
+        parts.append(old[new])
+    if not parts:
+        return pd.DataFrame(columns=COLUMNS)
+    res = pd.concat(parts, ignore_index=True)
+    res["seed"] = res["seed"].astype(int)
+    res["metric"] = res["metric"].fillna("").astype(str)
+    res["error"] = res["error"].fillna("").astype(str)
+    return res
+
+
 # --------------------------------------------------------------------------- runner
 def run_benchmark(
     datasets,
@@ -527,6 +572,130 @@ def rank_table(results: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["mean_rank", "rank_sd"])
 
 
+def _ours(methods, ours) -> set[str]:
+    """The screpair methods among ``methods``: ``ours`` if given, else the registered ones."""
+    if ours is None:
+        from ..methods._registry import available_methods
+
+        ours = available_methods()
+    return set(ours) & set(methods)
+
+
+def losses(results: pd.DataFrame, *, ours=None) -> pd.DataFrame:
+    """Where each screpair method is not first: one row per (screpair method, experiment it took
+    part in and does not win).
+
+    An experiment is one ranked (dataset, protocol, metric) of :func:`summarize`; its winner is
+    the method with the best mean over seeds (ties: every tied method, joined by ``", "``; a
+    method tied for first is first). ``ours``: the screpair method names (default: every
+    registered method, :func:`screpair.available_methods`). Columns: ``method``, ``dataset``,
+    ``protocol``, ``metric``, ``value`` (its mean), ``rank``, ``winner``, ``winner_value``,
+    ``winner_is_peer`` (no screpair method among the winners), ``gap`` (how much better the
+    winner is, in the metric's units: ``|winner_value - value|``) and ``gap_pct`` (``gap`` as a
+    percentage of ``|winner_value|``; NaN when that is 0).
+    """
+    cols = ["method", "dataset", "protocol", "metric", "value", "rank", "winner",
+            "winner_value", "winner_is_peer", "gap", "gap_pct"]
+    summ = summarize(results)
+    summ = summ[np.isfinite(summ["rank"].astype(float))]
+    mine = _ours(summ["method"], ours)
+    rows = []
+    for (d, p, m), block in summ.groupby(["dataset", "protocol", "metric"], sort=False):
+        higher = GREATER_IS_BETTER.get(m, True)
+        best = block["mean"].max() if higher else block["mean"].min()
+        winners = block.loc[block["mean"] == best, "method"].tolist()
+        for _, r in block[block["method"].isin(mine)].iterrows():
+            if r["method"] in winners:
+                continue
+            gap = abs(best - r["mean"])
+            rows.append({"method": r["method"], "dataset": d, "protocol": p, "metric": m,
+                         "value": r["mean"], "rank": r["rank"], "winner": ", ".join(winners),
+                         "winner_value": best, "winner_is_peer": not set(winners) & mine,
+                         "gap": gap, "gap_pct": 100 * gap / abs(best) if best != 0 else np.nan})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _num(v: float) -> str:
+    """A value at 3 significant digits (no exponent for ordinary magnitudes)."""
+    if not np.isfinite(v):
+        return "nan"
+    return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.2e}"
+
+
+def _losses_markdown(results: pd.DataFrame, ours) -> list[str]:
+    """The report's "Where screpair's methods lose" section (:func:`losses`)."""
+    summ = summarize(results)
+    summ = summ[np.isfinite(summ["rank"].astype(float))]
+    mine = sorted(_ours(summ["method"], ours))
+    if not mine or summ["method"].nunique() < 2:
+        return []
+    lost = losses(results, ours=mine)
+    arrow = {m: "↑" if GREATER_IS_BETTER.get(m, True) else "↓" for m in summ["metric"].unique()}
+    lines = ["## Where screpair's methods lose", "",
+             "Generated from the results. An experiment is one ranked dataset x protocol x "
+             "metric; the winner has the best mean over seeds; *gap* is how much better the "
+             "winner is, in the metric's units (and as a % of the winner's value).", ""]
+    n_exp = summ.groupby("method").size()
+    lines += ["| screpair method | experiments | first | not first | of which won by a peer | "
+              "beaten most often by |", "|---|---|---|---|---|---|"]
+    for m in mine:
+        lm = lost[lost["method"] == m]
+        top = lm["winner"].value_counts()
+        most = (", ".join(f"{w} ({c})" for w, c in top.head(3).items()) if len(top) else "–")
+        lines.append(f"| {m} | {n_exp.get(m, 0)} | {n_exp.get(m, 0) - len(lm)} | {len(lm)} | "
+                     f"{int(lm['winner_is_peer'].sum())} | {most} |")
+    lines.append("")
+    # experiments that no screpair method wins: the best screpair method vs the winning peer
+    peer_wins = lost[lost["winner_is_peer"]]
+    if not peer_wins.empty:
+        best = (peer_wins.assign(order=peer_wins["gap"])
+                .sort_values("order").drop_duplicates(["dataset", "protocol", "metric"]))
+        lines += [f"### Experiments no screpair method wins ({len(best)})", "",
+                  "| dataset | protocol | metric | winner (peer) | winner's value | "
+                  "best screpair method | its value | gap | gap % |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for _, r in best.sort_values(["protocol", "dataset", "metric"]).iterrows():
+            lines.append(f"| {r['dataset']} | {r['protocol']} | {r['metric']} "
+                         f"{arrow[r['metric']]} | {r['winner']} | {_num(r['winner_value'])} | "
+                         f"{r['method']} | {_num(r['value'])} | {_num(r['gap'])} | "
+                         f"{_num(r['gap_pct'])} |")
+        lines.append("")
+    for m in mine:
+        lm = lost[lost["method"] == m].sort_values(["protocol", "dataset", "metric"])
+        if lm.empty:
+            continue
+        lines += [f"### {m}: not first in {len(lm)} of {n_exp.get(m, 0)} experiments", "",
+                  f"| dataset | protocol | metric | {m} | rank | winner | winner's value | gap "
+                  "| gap % |", "|---|---|---|---|---|---|---|---|---|"]
+        for _, r in lm.iterrows():
+            who = r["winner"] + ("" if r["winner_is_peer"] else " (screpair)")
+            lines.append(f"| {r['dataset']} | {r['protocol']} | {r['metric']} "
+                         f"{arrow[r['metric']]} | {_num(r['value'])} | {r['rank']:g} | {who} | "
+                         f"{_num(r['winner_value'])} | {_num(r['gap'])} | "
+                         f"{_num(r['gap_pct'])} |")
+        lines.append("")
+    return lines
+
+
+def _seeds_line(results: pd.DataFrame) -> str:
+    """"Seeds: ..." for the report: the seeds most (dataset, protocol) pairs have, and the pairs
+    that have other seeds."""
+    ok = results[results["status"] == "ok"]
+    if ok.empty:
+        ok = results
+    per = ok.groupby(["dataset", "protocol"], sort=False)["seed"].agg(
+        lambda s: tuple(sorted(set(int(v) for v in s))))
+    if per.empty:
+        return "Seeds: none."
+    common = per.value_counts().index[0]
+    text = f"Seeds: {', '.join(map(str, common))}"
+    other = per[per != common]
+    if len(other):
+        text += " (other seeds: " + "; ".join(
+            f"{d} · {p}: {', '.join(map(str, v))}" for (d, p), v in other.items()) + ")"
+    return text + "."
+
+
 def _fmt(mean: float, sd: float) -> str:
     if not np.isfinite(mean):
         return "nan"
@@ -534,16 +703,16 @@ def _fmt(mean: float, sd: float) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def markdown_summary(results: pd.DataFrame, *, command: str | None = None) -> str:
+def markdown_summary(results: pd.DataFrame, *, command: str | None = None, ours=None) -> str:
     """Markdown report: per dataset and protocol a table of methods x metrics (mean ± sd over
-    seeds, rank in brackets), the mean rank, time and peak memory; then an overall mean-rank table
-    and the failed/skipped jobs."""
+    seeds, rank in brackets), the mean rank, time and peak memory; then an overall mean-rank
+    table, where each screpair method loses (:func:`losses`; ``ours``: the screpair method
+    names, default the registered methods) and the failed/skipped jobs."""
     summ = summarize(results)
     lines = ["# screpair benchmark", ""]
     if command:
         lines += ["Regenerate with:", "", "```", command, "```", ""]
-    seeds = sorted(results["seed"].unique().tolist())
-    lines += [f"Seeds: {', '.join(map(str, seeds))}. Values are mean ± sd over seeds; "
+    lines += [f"{_seeds_line(results)} Values are mean ± sd over seeds; "
               "(rank) is the method's rank on that metric (1 = best). Arrows: ↑ higher is better, "
               "↓ lower is better.", ""]
     for (dataset, protocol), block in summ.groupby(["dataset", "protocol"], sort=False):
@@ -580,6 +749,7 @@ def markdown_summary(results: pd.DataFrame, *, command: str | None = None) -> st
             lines.append(f"| {m} | {r['mean_rank']:.2f} | {r['rank_sd']:.2f} | "
                          f"{int(r['n_experiments'])} | " + " | ".join(cost) + " |")
         lines.append("")
+    lines += _losses_markdown(results, ours)
     bad = results[results["status"] != "ok"]
     if not bad.empty:
         lines += ["## Failed or skipped", "", "| dataset | protocol | method | seed | status | error |",
