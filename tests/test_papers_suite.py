@@ -270,3 +270,31 @@ def test_cli_benchmark_needs_data_or_suite(tmp_path, capsys):
     assert main(["benchmark", "--suite", "papers", "--data-dir", str(tmp_path), "--out",
                  str(tmp_path)]) == 2
     assert "missing from the data folder" in capsys.readouterr().err
+
+
+def test_report_only_from_an_unfinished_suite(tmp_path, capsys):
+    """--report-only writes the combined report from the runs' jobs.csv without running
+    anything, also while a run is unfinished (a cut-off last line is dropped)."""
+    from screpair.cli import main
+    from screpair.evaluate import _benchmark
+
+    rows = [{"dataset": "demo", "protocol": "masked", "method": m, "seed": 0, "metric": k,
+             "value": v, "seconds": 1.0, "peak_mem_mb": 2.0, "status": "ok", "error": ""}
+            for m, vals in (("raw", (0.5, 0.9)), ("knn", (0.4, 0.8)))
+            for k, v in zip(("mse", "pearson"), vals, strict=True)]
+    run = tmp_path / "demo"
+    run.mkdir()
+    pd.DataFrame(rows, columns=_benchmark.COLUMNS).to_csv(run / "jobs.csv", index=False)
+    with open(run / "jobs.csv", "a") as f:
+        f.write("demo,masked,alra,0,mse,0.3,1.0")  # the job being written when read
+    assert main(["benchmark", "--suite", "quick", "--out", str(tmp_path), "--report-only",
+                 "--no-plots", "-q"]) == 0
+    assert "benchmark report: 2 ok and 0 failed or skipped jobs" in capsys.readouterr().out
+    res = _benchmark.read_results(tmp_path / "results.csv")
+    assert sorted(res["method"].unique()) == ["knn", "raw"] and len(res) == 4
+    md = (tmp_path / "summary.md").read_text()
+    assert "--report-only" in md and "## demo · masked" in md
+    assert "| knn | 2 | 1 | 1 | 1 | raw (1) |" in md  # loses pearson to raw
+    empty = tmp_path / "empty"
+    assert main(["benchmark", "--suite", "quick", "--out", str(empty), "--report-only"]) == 2
+    assert "no job of suite 'quick' recorded" in capsys.readouterr().err

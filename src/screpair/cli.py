@@ -548,6 +548,10 @@ def _add_benchmark(sub) -> None:
                    help="folder of the suite's datasets (default: $SCREPAIR_DATA or ../shared/data)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="--suite: continue from the jobs an interrupted run finished (jobs.csv)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: rewrite results.csv, summary.md and the figures in --out "
+                        "from the jobs recorded there so far (with --suite: every run's "
+                        "jobs.csv; works while the suite is still running)")
     p.add_argument("--data", default=None, help="comma-separated .h5ad files (raw counts in X)")
     p.add_argument("--methods", default=None,
                    help="comma-separated: registered methods and peers raw, gene_mean, cqn, "
@@ -595,6 +599,8 @@ def _cmd_benchmark(args) -> int:
             msg = (f"config file {args.config}: {key!r} must map names to tables of parameters, "
                    f'e.g. {{"{key}": {{"knn": {{"k": 10}}}}}}.')
             raise CLIError(msg)
+    if args.report_only:
+        return _benchmark_report(args)
     if (args.suite is None) == (args.data is None):
         msg = "benchmark needs exactly one of --data (files) and --suite (papers or quick)."
         raise CLIError(msg)
@@ -654,6 +660,36 @@ def _cmd_benchmark(args) -> int:
         print(f"screpair: error: {n_jobs - n_ok} of {n_jobs} benchmark jobs failed (listed above; "
               "results of the others are written)", file=sys.stderr)
         return EXIT_FAILED_JOBS
+    return 0
+
+
+def _benchmark_report(args) -> int:
+    """``benchmark --report-only``: the report of what --out holds, nothing run."""
+    import shlex
+
+    from .evaluate._benchmark import collect_results, write_outputs
+
+    parts = ["screpair", "benchmark", *(["--suite", args.suite] if args.suite else []),
+             "--out", args.out, "--report-only"]
+    command = shlex.join(parts)
+    if args.suite is not None:
+        from .evaluate._suites import report_suite
+
+        try:
+            res = report_suite(args.suite, args.out, plots=args.plots, command=command)
+        except FileNotFoundError as e:
+            raise CLIError(str(e)) from None
+    else:
+        res = collect_results(args.out)
+        if res.empty:
+            msg = (f"--report-only: no jobs recorded in '{args.out}' (no jobs.csv or "
+                   "results.csv there).")
+            raise CLIError(msg)
+        write_outputs(res, args.out, plots=args.plots, command=command)
+    jobs = res.drop_duplicates(["dataset", "protocol", "method", "seed"])
+    n_ok = int((jobs["status"] == "ok").sum())
+    print(f"benchmark report: {n_ok} ok and {len(jobs) - n_ok} failed or skipped jobs -> "
+          f"{args.out}/results.csv, summary.md")
     return 0
 
 

@@ -6,7 +6,8 @@ A run pairs the datasets with the protocols that apply to them (the DEG protocol
 bulk only on Soumillon, smFISH only on Grün, ...). Each run writes into its own folder under the
 suite's output folder and is resumable (:func:`run_benchmark`'s ``resume``), so a suite that
 takes hours can be continued after an interruption; the combined ``results.csv``, ``summary.md``
-and figures are written at the top of the output folder when every run has finished.
+and figures are written at the top of the output folder when every run has finished, or at any
+time from what the runs have recorded so far with :func:`report_suite` (CLI ``--report-only``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from .._logging import get_logger, log_task
-from ._benchmark import run_benchmark, write_outputs
+from ._benchmark import collect_results, run_benchmark, write_outputs
 
 logger = get_logger(__name__)
 
@@ -199,4 +200,33 @@ def run_suite(
                 command=command))
     results = pd.concat(parts, ignore_index=True)
     write_outputs(results, out, plots=plots, command=command)
+    return results
+
+
+def suite_results(name: str, out_dir: str | os.PathLike) -> pd.DataFrame:
+    """What the runs of suite ``name`` have recorded so far in ``out_dir``: per run folder, the
+    finished jobs of its ``jobs.csv`` and the failed / skipped jobs of its last ``results.csv``
+    (:func:`~screpair.evaluate._benchmark.collect_results`), combined. Runs not started yet
+    contribute nothing; a run still going contributes the jobs finished so far."""
+    if name not in SUITES:
+        msg = f"unknown suite {name!r}; available: {', '.join(SUITES)}."
+        raise ValueError(msg)
+    out = Path(out_dir)
+    parts = [collect_results(out / run.name) for run in SUITES[name].runs]
+    parts = [p for p in parts if not p.empty]
+    if not parts:
+        msg = (f"no job of suite {name!r} recorded in '{out}' (looked for "
+               f"<run>/jobs.csv, e.g. '{out / SUITES[name].runs[0].name / 'jobs.csv'}').")
+        raise FileNotFoundError(msg)
+    return pd.concat(parts, ignore_index=True)
+
+
+def report_suite(name: str, out_dir: str | os.PathLike, *, plots: bool = True,
+                 command: str | None = None) -> pd.DataFrame:
+    """Write the combined ``results.csv``, ``summary.md`` and figures of suite ``name`` into
+    ``out_dir`` from what its runs have recorded so far (:func:`suite_results`), without running
+    anything: the report of a suite that is still running or was interrupted. The embedding
+    plots need the imputed data and are not redrawn. Returns the combined results."""
+    results = suite_results(name, out_dir)
+    write_outputs(results, out_dir, plots=plots, command=command)
     return results
