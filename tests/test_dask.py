@@ -77,7 +77,8 @@ def no_fault(client):
 
 
 def _plain(src, out, method, **kw):
-    screpair.impute_file(src, out, method, chunk_rows=ROWS, progress=False, **FAST[method], **kw)
+    screpair.impute_file(src, out, method, chunk_rows=ROWS, progress=False,
+                         **(FAST[method] | kw))
     return _read(out)
 
 
@@ -100,14 +101,18 @@ def test_equals_single_process(stores, tmp_path, client, method):
 
 
 def test_cnn_inference(stores, tmp_path, client, one_torch_thread):
-    """cnn trains on this process; its trained networks and dropout model are applied by
-    blocks on the workers: the single-process output bit for bit."""
+    """cnn trains on this process; its dropout model's EM runs its E-step blocks on the
+    workers, and its trained networks and dropout model are applied by blocks on the workers:
+    the single-process output bit for bit."""
     ad, paths = stores
     params = dict(groupby="group", module={"n_hidden": 8}, targets={"n_ensemble": 1},
                   train={"n_epochs": 1, "batch_size": 64, "progress": False, "device": "cpu"})
     kw = {"chunk_rows": ROWS, "progress": False, **params}
     screpair.impute_file(paths["zarr"], tmp_path / "plain.zarr", "cnn", **kw)
-    screpair.impute_file(paths["zarr"], tmp_path / "dask.zarr", "cnn", client=client, **kw)
+    with distributed.get_task_stream(client) as ts:
+        screpair.impute_file(paths["zarr"], tmp_path / "dask.zarr", "cnn", client=client,
+                             **kw)
+    assert _tasks(ts)["_e_step_block"] >= 2  # one block of cells per EM update here
     ref, back = _read(tmp_path / "plain.zarr"), _read(tmp_path / "dask.zarr")
     _assert_same(ref, back)
     assert {"cnn", "dropout_prob"} <= set(back.layers)
@@ -137,13 +142,124 @@ def test_h5ad_input_genes_and_empty_cells(sim, tmp_path, client):
 
 @pytest.mark.parametrize("n_workers", [1, 4])
 def test_same_output_for_any_number_of_workers(stores, tmp_path, n_workers):
+    """1 and 4 workers (the module's client: 2) give the single-process output, the fit's
+    gene batches included (SAVER_BLOCKS: several regression batches)."""
     ad, paths = stores
-    ref = _plain(paths["zarr"], tmp_path / "plain.zarr", "saver")
-    with _cluster(n_workers) as cluster, distributed.Client(cluster) as c:
+    ref = _plain(paths["zarr"], tmp_path / "plain.zarr", "saver", **SAVER_BLOCKS)
+    with _cluster(n_workers) as cluster, distributed.Client(cluster) as c, \
+            distributed.get_task_stream(c) as ts:
         rec = screpair.impute_file(paths["zarr"], tmp_path / "dask.zarr", "saver",
-                                   chunk_rows=ROWS, progress=False, client=c)
+                                   chunk_rows=ROWS, progress=False, client=c, **SAVER_BLOCKS)
     assert rec["dask"]["n_workers"] == n_workers
+    assert _tasks(ts)["_regression_task"] >= 5
     _assert_same(ref, _read(tmp_path / "dask.zarr"))
+
+
+# ------------------------------------------------------------------ the fits and passes
+
+#: SAVER on the 99 simulated genes with several regression batches: no cutoff-learning stage
+#: (it would fit the first 100 genes on the calling process), batches of 16 genes
+SAVER_BLOCKS = {"maxcor_cutoff": 0.0, "batch_size": 16}
+
+
+def _tasks(ts) -> dict[str, int]:
+    """Tasks run per function, from a ``get_task_stream`` record (keys
+    ``screpair-<function>-<token>-...``)."""
+    from collections import Counter
+
+    keys = [str(t["key"]) for t in ts.data]
+    return Counter(k.split("-")[1] for k in keys if k.startswith("screpair-"))
+
+
+def _fitted(est) -> dict:
+    return {k: v for k, v in vars(est).items() if k.endswith("_") and k != "var_names_"}
+
+
+def _assert_equal_attrs(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            _assert_equal_attrs(a[k], b[k])
+        elif sp.issparse(a[k]):
+            assert (a[k] != b[k]).nnz == 0, k
+        elif a[k] is None or isinstance(a[k], (str, float, int)):
+            assert a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]), k  # NaN == NaN
+        else:  # arrays (object arrays of strings too), tuples
+            np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "h5ad"])
+def test_gene_stats_on_workers(stores, client, fmt):
+    """The streaming gene pass by the workers (each block read from the store, the float sums
+    chained in row order) equals the single-process pass bit for bit."""
+    from screpair import _chunks
+
+    ad, paths = stores
+    with _chunks.open_rows(paths[fmt]) as src:
+        ref = _chunks.gene_stats(src, 37)
+    with distributed.get_task_stream(client) as ts:
+        got = _dask.gene_stats(client, paths[fmt], None, ad.n_obs, ad.n_vars, 37)
+    assert _tasks(ts)["stats"] == 2 * 6 + 1  # 6 blocks of 37 (200 cells): read, add; zeros
+    for field in ("library_size", "counts", "n_cells", "mean", "mean_sq"):
+        a, b = getattr(ref, field), getattr(got, field)
+        assert a.dtype == b.dtype, field
+        np.testing.assert_array_equal(a, b, err_msg=field)
+    assert got.n_obs == ad.n_obs
+    np.testing.assert_allclose(got.counts, np.asarray(ad.X.sum(0)).ravel(), rtol=0)
+    # the counts read from a layer by the workers (the same counts as X here)
+    got = _dask.gene_stats(client, paths[fmt], "counts", ad.n_obs, ad.n_vars, 64)
+    np.testing.assert_array_equal(got.mean, ref.mean)
+
+
+def test_saver_fit_on_workers(stores, tmp_path, client):
+    """SAVER's max-correlation and regression batches as tasks: the fitted prior (every
+    attribute) and the output layers identical to the fit on this process."""
+    from screpair.methods.saver import SaverImputer
+
+    ad, paths = stores
+    ests = {}
+    for name, c in [("plain", None), ("dask", client)]:
+        ests[name] = SaverImputer(rng=0, progress=False, **SAVER_BLOCKS)
+        with distributed.get_task_stream(client) as ts:
+            screpair.impute_file(paths["zarr"], tmp_path / f"{name}.zarr", ests[name],
+                                 chunk_rows=ROWS, progress=False, client=c)
+        tasks = _tasks(ts)
+        n_batches = -(-int(ests[name].predicted_.sum()) // 16)
+        assert tasks["_regression_task"] == (n_batches if c is not None else 0)
+    assert n_batches >= 5 and tasks["_max_correlation_task"] >= 5
+    a, b = _fitted(ests["plain"]), _fitted(ests["dask"])
+    _assert_equal_attrs(a, b)
+    assert {"coef_", "intercept_", "var_param_", "maxcor_"} <= a.keys()
+    assert np.any(a["coef_"] != 0)
+    _assert_same(_read(tmp_path / "plain.zarr"), _read(tmp_path / "dask.zarr"))
+
+
+@pytest.mark.parametrize("model", ["zinb", "scimpute"])
+def test_dropout_model_fit_on_workers(sim, client, model, monkeypatch):
+    """cnn's dropout model: the ZINB EM's E-step by cell blocks, scImpute's mixture EM by
+    cluster x gene blocks, as tasks: parameters and probabilities identical to the fit on this
+    process."""
+    from screpair._parallel import on_cluster
+    from screpair.dropout import DropoutModel
+
+    x = sp.csr_matrix(sim.X, dtype=np.float64)
+    # zinb: blocks of 20 cells (10 E-step tasks per update); scImpute: blocks of genes of
+    # about 500 entries (several per cluster)
+    kw = {"block_size": 2_000} if model == "zinb" else {}
+    monkeypatch.setattr("screpair.dropout._em._EM_BLOCK", 500)
+    fits = {}
+    for name in ("plain", "dask"):
+        dm = DropoutModel(model=model, fit_kwargs=kw, rng=0)
+        with on_cluster(client if name == "dask" else None), \
+                distributed.get_task_stream(client) as ts:
+            fits[name] = dm.fit(x, labels=sim.obs["group"])
+        tasks = _tasks(ts)
+    key = "_e_step_block" if model == "zinb" else "_cluster_block_task"
+    assert tasks[key] >= (10 if model == "zinb" else 6)
+    a, b = fits["plain"], fits["dask"]
+    _assert_equal_attrs(a.params_, b.params_)
+    assert (a.prob_ != b.prob_).nnz == 0 and a.prob_.nnz > 0
+    np.testing.assert_array_equal(a.labels_, b.labels_)
 
 
 def test_lost_worker_output_complete(stores, tmp_path, client, no_fault):
@@ -259,3 +375,23 @@ def test_no_dask_without_client(stores, tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert (tmp_path / "o.zarr").is_dir()
+
+
+def test_mixture_blocks_equal_whole_cluster(sim):
+    """fit_dropout's cluster x gene blocks (the tasks of a Dask fit) give what the EM of each
+    whole cluster gives (fit_mixture over its own blocks of genes), bit for bit: the split
+    follows fit_mixture's blocks, which are fitted independently."""
+    from screpair import _norm
+    from screpair.dropout import _em
+
+    x = sp.csr_matrix(sim.X, dtype=np.float64)
+    fit = _em.fit_dropout(x, sim.obs["group"])
+    vals = _em._scimpute_log(x, _norm.library_size(x))
+    for c in range(fit.clusters.size):
+        rows = np.flatnonzero(fit.cell_cluster == c)
+        whole = _em._fit_cluster(vals[rows], max_iter=100, tol=0.5)
+        fitted = np.isin(whole.status, [0, 1])  # converged / max_iter (others: later codes)
+        assert fitted.sum() > 50
+        for name in ("eta", "alpha", "beta", "mu", "sigma"):
+            np.testing.assert_array_equal(getattr(fit, name)[c], getattr(whole, name))
+        np.testing.assert_array_equal(fit.n_iter[c], whole.n_iter)

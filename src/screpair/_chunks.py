@@ -353,22 +353,57 @@ def gene_stats(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
     """
     n, g = source.shape
     lib = np.zeros(n)
-    counts, n_cells = np.zeros(g), np.zeros(g, dtype=np.int64)
-    mean, mean_sq = np.zeros(g), np.zeros(g)
-    inv = 1.0 / n
+    n_cells = np.zeros(g, dtype=np.int64)
+    sums = (np.zeros(g), np.zeros(g), np.zeros(g))  # counts, mean, mean_sq
     for start, stop, x in source.blocks(chunk_rows, progress=progress, desc="gene statistics"):
-        lib[start:stop] = library_size(x)
-        np.add.at(counts, x.indices, x.data)
-        n_cells += np.bincount(x.indices[x.data > 0], minlength=g)
-        xn = normalize(x, target_sum, lib[start:stop])
-        np.add.at(mean, xn.indices, (xn * inv).data)
-        sq = xn.multiply(xn).tocsr()
-        np.add.at(mean_sq, sq.indices, (sq * inv).data)
+        terms = block_stats(x, n, target_sum)
+        lib[start:stop] = terms.library_size
+        n_cells += terms.n_cells
+        add_block_stats(sums, terms)
+    return finish_gene_stats(n, lib, n_cells, sums, source.layer)
+
+
+@dataclass
+class BlockStats:
+    """The terms one block of rows adds to :func:`gene_stats` (:func:`block_stats`): its
+    library sizes and detection counts, and the (gene, value) entries added, in row order, to
+    the per-gene sums of counts, of the normalized values over ``n_obs`` and of their squares
+    over ``n_obs``."""
+
+    library_size: np.ndarray
+    n_cells: np.ndarray
+    entries: tuple[tuple[np.ndarray, np.ndarray], ...]  # counts, mean, mean_sq
+
+
+def block_stats(x: sp.csr_matrix, n_obs: int, target_sum: float = CP10K) -> BlockStats:
+    """The :class:`BlockStats` of a validated CSR block ``x`` of a matrix of ``n_obs`` rows."""
+    inv = 1.0 / n_obs
+    lib = library_size(x)
+    n_cells = np.bincount(x.indices[x.data > 0], minlength=x.shape[1])
+    xn = normalize(x, target_sum, lib)
+    sq = xn.multiply(xn).tocsr()
+    return BlockStats(library_size=lib, n_cells=n_cells,
+                      entries=((x.indices, x.data), (xn.indices, (xn * inv).data),
+                               (sq.indices, (sq * inv).data)))
+
+
+def add_block_stats(sums: tuple[np.ndarray, ...], terms: BlockStats) -> None:
+    """Add a block's entries to the per-gene ``sums`` (counts, mean, mean_sq) in place, entry
+    by entry in row order (``np.add.at``): blocks added in row order give the sums of the whole
+    matrix bit for bit."""
+    for acc, (idx, vals) in zip(sums, terms.entries, strict=True):
+        np.add.at(acc, idx, vals)
+
+
+def finish_gene_stats(n_obs: int, lib: np.ndarray, n_cells: np.ndarray,
+                      sums: tuple[np.ndarray, ...], layer: str | None) -> GeneStats:
+    """The :class:`GeneStats` of the accumulated pass (all-zero counts refused)."""
     if not lib.any():
-        what = f"layer {source.layer!r}" if source.layer is not None else "the count matrix"
+        what = f"layer {layer!r}" if layer is not None else "the count matrix"
         msg = f"{what} is all zeros; there is nothing to impute."
         raise ValueError(msg)
-    return GeneStats(n_obs=n, library_size=lib, counts=counts, n_cells=n_cells, mean=mean,
+    counts, mean, mean_sq = sums
+    return GeneStats(n_obs=n_obs, library_size=lib, counts=counts, n_cells=n_cells, mean=mean,
                      mean_sq=mean_sq)
 
 

@@ -72,6 +72,7 @@ from scipy.special import digamma, gammaln, polygamma
 
 from .. import _norm
 from .._logging import get_logger, log_task
+from .._parallel import map_blocks
 from .._utils import get_counts
 
 logger = get_logger(__name__)
@@ -243,20 +244,35 @@ def fit_mixture(
     if x.size and not np.all(x > 0):
         msg = "all values must be > 0 (the gamma component lives on the positive axis)."
         raise ValueError(msg)
-    out = MixtureFit(
+    out = _empty_fit(n_units)
+    starts = np.concatenate([[0], np.cumsum(unit_len)])
+    for lo, hi in _unit_blocks(unit_len, block_size):
+        sl = slice(starts[lo], starts[hi])
+        _fit_block(x[sl], m[sl], unit_len[lo:hi], out, lo, point, max_iter, tol)
+    return out
+
+
+def _empty_fit(n_units: int) -> MixtureFit:
+    return MixtureFit(
         *(np.full(n_units, np.nan) for _ in _PARAM_NAMES),
         n_iter=np.zeros(n_units, dtype=np.int64),
         status=np.full(n_units, _FAILED, dtype=np.int8),
         loglik=np.full(n_units, np.nan),
     )
+
+
+def _unit_blocks(unit_len: np.ndarray, block_size: int) -> list[tuple[int, int]]:
+    """``(lo, hi)``: blocks of consecutive units with about ``block_size`` entries each (at
+    least one unit). Each block is fitted on its own (:func:`_fit_block`), so its units'
+    results do not depend on the other blocks."""
     starts = np.concatenate([[0], np.cumsum(unit_len)])
-    # blocks of consecutive units with about block_size entries each
+    n_units = unit_len.size
+    out = []
     lo = 0
     while lo < n_units:
         hi = int(np.searchsorted(starts, starts[lo] + block_size, side="right")) - 1
         hi = min(max(hi, lo + 1), n_units)
-        sl = slice(starts[lo], starts[hi])
-        _fit_block(x[sl], m[sl], unit_len[lo:hi], out, lo, point, max_iter, tol)
+        out.append((lo, hi))
         lo = hi
     return out
 
@@ -521,15 +537,21 @@ def fit_dropout(
     status = np.full(shape, _SMALL, dtype=np.int8)
     n_iter = np.zeros(shape, dtype=np.int64)
     with log_task(f"fitting the dropout mixture ({k} clusters x {n_genes} genes)", logger):
+        # cluster x gene blocks (fit_mixture's own blocks of genes within each cluster), fitted
+        # independently (screpair._parallel.map_blocks: on a Dask cluster, one task each)
+        blocks = []
         for c in range(k):
             rows = np.flatnonzero(codes == c)
             if rows.size <= 1:
                 continue
-            fit = _fit_cluster(vals[rows], max_iter=max_iter, tol=tol)
+            unit_len, _ = _cluster_unit_len(vals, rows)
+            blocks += [(c, rows, lo, hi) for lo, hi in _unit_blocks(unit_len, _EM_BLOCK)]
+        for (c, _, lo, hi), fit in zip(blocks, map_blocks(_cluster_block_task, blocks, vals,
+                                                          (max_iter, tol)), strict=True):
             for name in _PARAM_NAMES:
-                pars[name][c] = getattr(fit, name)
-            status[c] = fit.status
-            n_iter[c] = fit.n_iter
+                pars[name][c, lo:hi] = getattr(fit, name)
+            status[c, lo:hi] = fit.status
+            n_iter[c, lo:hi] = fit.n_iter
 
     fitted = (status == _CONVERGED) | (status == _MAX_ITER)
     mu, sigma = pars["mu"], pars["sigma"]
@@ -593,8 +615,28 @@ def _zero_logit(eta, alpha, beta, mu, sigma) -> np.ndarray:
     return lg - ln
 
 
+#: entries per block of units in the dropout mixture's EM (fit_mixture's default block_size)
+_EM_BLOCK = 131_072
+
+
 def _fit_cluster(vals: sp.csr_matrix, *, max_iter: int, tol: float) -> MixtureFit:
     """EM for every gene of one cluster: each gene's zeros become one entry with a multiplicity."""
+    values, unit_len, mult = _cluster_units(vals)
+    return fit_mixture(values, unit_len, mult=mult, max_iter=max_iter, tol=tol)
+
+
+def _cluster_unit_len(vals: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Entries of every gene's unit in the cluster of the cells ``rows`` (its non-zero values,
+    plus one for its zeros when it has any) and its zeros."""
+    nnz = np.bincount(vals[rows].indices, minlength=vals.shape[1]).astype(np.int64)
+    n0 = rows.size - nnz
+    return nnz + (n0 > 0), n0
+
+
+def _cluster_units(vals: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The EM's input for the cells of one cluster (``vals``): every gene's values (its zeros
+    as one entry of value :data:`POINT` with their number as multiplicity), unit lengths and
+    multiplicities (see :func:`fit_mixture`)."""
     n_cells, n_genes = vals.shape
     csc = vals.tocsc()
     csc.sort_indices()
@@ -610,7 +652,22 @@ def _fit_cluster(vals: sp.csr_matrix, *, max_iter: int, tol: float) -> MixtureFi
     mult[zpos] = n0[has0 == 1]
     within = np.arange(csc.nnz) - np.repeat(csc.indptr[:-1], nnz)
     values[np.repeat(starts + has0, nnz) + within] = csc.data
-    return fit_mixture(values, unit_len, mult=mult, max_iter=max_iter, tol=tol)
+    return values, unit_len, mult
+
+
+def _cluster_block_task(vals: sp.csr_matrix, em: tuple, block: tuple) -> MixtureFit:
+    """The EM of one cluster x gene block ``(cluster, rows, lo, hi)``: the units (genes)
+    ``lo:hi`` of the cluster of the cells ``rows``, fitted as :func:`fit_mixture` fits that
+    block of the whole cluster (the same :func:`_fit_block` on the same entries), so the
+    blocks together give :func:`_fit_cluster`'s result bit for bit."""
+    max_iter, tol = em
+    _, rows, lo, hi = block
+    values, unit_len, mult = _cluster_units(vals[rows])
+    starts = np.concatenate([[0], np.cumsum(unit_len)])
+    sl = slice(starts[lo], starts[hi])
+    out = _empty_fit(hi - lo)
+    _fit_block(values[sl], mult[sl], unit_len[lo:hi], out, 0, POINT, max_iter, tol)
+    return out
 
 
 def _assemble_prob(x: sp.csr_matrix, codes, zero_prob, *, dtype, batch_size) -> sp.csr_matrix:

@@ -62,6 +62,7 @@ from scipy.special import expit, gammaln, log_expit
 
 from .. import _norm
 from .._logging import get_logger, log_task
+from .._parallel import Shared, map_blocks
 from .._utils import get_counts
 from ._em import _labels_codes
 
@@ -312,9 +313,10 @@ def fit_zinb_dropout(
     k_g = {"gene": 1, "cluster": k, "none": 0}[inflation]
     g = np.full((k_g, n_genes), inflation_init)
     logliks: list[float] = []  # one per EM update
-    with log_task(f"fitting the ZINB dropout model ({k} clusters x {n_genes} genes)", logger):
+    with log_task(f"fitting the ZINB dropout model ({k} clusters x {n_genes} genes)", logger), \
+            Shared((x, codes, s, k, n_bins)) as data:  # on a Dask cluster: scattered once
         for _ in range(max_iter):
-            stats = _e_step(x, codes, s, mu, phi, curve, g, blocks, k, n_bins)
+            stats = _e_step(data, mu, phi, curve, g, blocks, k, n_bins, n_genes)
             zs_sum, num, den, bin_t, bin_z, bin_n, dg_sum, ll = stats
             logliks.append(ll)
             if k_g == 1:  # Beta(1, 1 + inflation_prior) MAP of the gene term
@@ -378,8 +380,10 @@ def _block_lg1(g, codes, start, stop):
     return np.log1p(-g[np.where(c >= 0, c, 0)])
 
 
-def _e_step(x, codes, s, mu, phi, curve, g, blocks, k, n_bins):
-    n_genes = x.shape[1]
+def _e_step(data: Shared, mu, phi, curve, g, blocks, k, n_bins, n_genes):
+    """The E-step's sums over all cells: each block of cells' terms (:func:`_e_step_block`,
+    independent: :func:`screpair._parallel.map_blocks`, on a Dask cluster one task per block)
+    added in block order, as one loop over the blocks would add them."""
     zs_sum = np.zeros((k, n_genes))
     num = np.zeros(n_genes)
     den = np.zeros(n_genes)
@@ -388,56 +392,76 @@ def _e_step(x, codes, s, mu, phi, curve, g, blocks, k, n_bins):
     bin_n = np.zeros(n_bins)
     dg_sum = np.zeros((k, n_genes))
     ll = 0.0
+    for part in map_blocks(_e_step_block, blocks, data, (mu, phi, curve, g)):
+        zs_sum += part["zs_sum"]
+        if part["dg_sum"] is not None:
+            dg_sum += part["dg_sum"]
+        num += part["num"]
+        den += part["den"]
+        bin_t += part["bin_t"]
+        bin_z += part["bin_z"]
+        bin_n += part["bin_n"]
+        ll += part["ll_zero"]
+        ll += part["ll_nonzero"]
+    return zs_sum, num, den, bin_t, bin_z, bin_n, dg_sum, ll
+
+
+def _e_step_block(data: tuple, params: tuple, block: tuple[int, int]) -> dict:
+    """The E-step's terms of the cells ``start:stop`` (reads its arguments only): what this
+    block adds to each of :func:`_e_step`'s sums."""
+    x, codes, s, k, n_bins = data
+    mu, phi, curve, g = params
+    start, stop = block
     b0, b1 = curve
     phi_safe = np.where(phi > 0, phi, _PHI_MIN)
     r = 1.0 / phi_safe
-    for start, stop in blocks:
-        y, m, t, lp0, ok = _block_means(x, codes, s, mu, phi, start, stop)
-        live = ok[:, None] & (m > 0)
-        zero = (y == 0) & live
-        lg1 = _block_lg1(g, codes, start, stop)
-        z, _, cshare = _posterior(t, lp0, curve, lg1)
-        z = np.where(zero, z, 0.0)
-        c = codes[start:stop]
-        # per (cluster, gene): sum of z s over the zeros
-        ind = sp.csr_matrix(
-            (s[start:stop][ok], (c[ok], np.flatnonzero(ok))), shape=(k, stop - start)
+    part: dict = {"dg_sum": None}
+    y, m, t, lp0, ok = _block_means(x, codes, s, mu, phi, start, stop)
+    live = ok[:, None] & (m > 0)
+    zero = (y == 0) & live
+    lg1 = _block_lg1(g, codes, start, stop)
+    z, _, cshare = _posterior(t, lp0, curve, lg1)
+    z = np.where(zero, z, 0.0)
+    c = codes[start:stop]
+    # per (cluster, gene): sum of z s over the zeros
+    ind = sp.csr_matrix(
+        (s[start:stop][ok], (c[ok], np.flatnonzero(ok))), shape=(k, stop - start)
+    )
+    part["zs_sum"] = ind @ z
+    if lg1 is not None:
+        # E[gene-term dropout | y = 0] = z g / pi; the curve is fitted to z c / pi
+        eta = curve[0] + curve[1] * np.clip(t, _T_MIN, _T_MAX)
+        gg = -np.expm1(lg1)
+        pi = -np.expm1(log_expit(-eta) + lg1)
+        one = sp.csr_matrix(
+            (np.ones(int(ok.sum())), (c[ok], np.flatnonzero(ok))), shape=(k, stop - start)
         )
-        zs_sum += ind @ z
-        if lg1 is not None:
-            # E[gene-term dropout | y = 0] = z g / pi; the curve is fitted to z c / pi
-            eta = curve[0] + curve[1] * np.clip(t, _T_MIN, _T_MAX)
-            gg = -np.expm1(lg1)
-            pi = -np.expm1(log_expit(-eta) + lg1)
-            one = sp.csr_matrix(
-                (np.ones(int(ok.sum())), (c[ok], np.flatnonzero(ok))), shape=(k, stop - start)
-            )
-            dg_sum += one @ np.where(zero, z * gg / pi, 0.0)
-            zc = z * cshare
-        else:
-            zc = z
-        w = 1.0 - z
-        num += np.sum(w * ((y - m) ** 2 - m), axis=0, where=live)
-        den += np.sum(w * m * m, axis=0, where=live)
-        tl = t[live]
-        idx = np.clip(((tl - _T_MIN) / _BIN_WIDTH).astype(np.int64), 0, n_bins - 1)
-        bin_t += np.bincount(idx, weights=tl, minlength=n_bins)
-        bin_z += np.bincount(idx, weights=zc[live], minlength=n_bins)
-        bin_n += np.bincount(idx, minlength=n_bins)
-        # log-likelihood: zeros log(pi + (1 - pi) P0), non-zeros log(1 - pi) + NB log-pmf
-        eta = b0 + b1 * np.clip(t, _T_MIN, _T_MAX)
-        l1 = log_expit(-eta) + (0.0 if lg1 is None else lg1)  # log(1 - pi)
-        lz = np.logaddexp(np.log(-np.expm1(l1)), l1 + lp0)
-        ll += float(lz[zero].sum())
-        nz = (y > 0) & live
-        yy, mm = y[nz], m[nz]
-        rr = np.broadcast_to(r, y.shape)[nz]
-        lnb = (
-            gammaln(yy + rr) - gammaln(rr) - gammaln(yy + 1.0)
-            + rr * np.log(rr / (rr + mm)) + yy * np.log(mm / (rr + mm))
-        )
-        ll += float(np.sum(l1[nz] + lnb))
-    return zs_sum, num, den, bin_t, bin_z, bin_n, dg_sum, ll
+        part["dg_sum"] = one @ np.where(zero, z * gg / pi, 0.0)
+        zc = z * cshare
+    else:
+        zc = z
+    w = 1.0 - z
+    part["num"] = np.sum(w * ((y - m) ** 2 - m), axis=0, where=live)
+    part["den"] = np.sum(w * m * m, axis=0, where=live)
+    tl = t[live]
+    idx = np.clip(((tl - _T_MIN) / _BIN_WIDTH).astype(np.int64), 0, n_bins - 1)
+    part["bin_t"] = np.bincount(idx, weights=tl, minlength=n_bins)
+    part["bin_z"] = np.bincount(idx, weights=zc[live], minlength=n_bins)
+    part["bin_n"] = np.bincount(idx, minlength=n_bins)
+    # log-likelihood: zeros log(pi + (1 - pi) P0), non-zeros log(1 - pi) + NB log-pmf
+    eta = b0 + b1 * np.clip(t, _T_MIN, _T_MAX)
+    l1 = log_expit(-eta) + (0.0 if lg1 is None else lg1)  # log(1 - pi)
+    lz = np.logaddexp(np.log(-np.expm1(l1)), l1 + lp0)
+    part["ll_zero"] = float(lz[zero].sum())
+    nz = (y > 0) & live
+    yy, mm = y[nz], m[nz]
+    rr = np.broadcast_to(r, y.shape)[nz]
+    lnb = (
+        gammaln(yy + rr) - gammaln(rr) - gammaln(yy + 1.0)
+        + rr * np.log(rr / (rr + mm)) + yy * np.log(mm / (rr + mm))
+    )
+    part["ll_nonzero"] = float(np.sum(l1[nz] + lnb))
+    return part
 
 
 def _assemble(x, codes, s, mu, phi, curve, g, blocks, *, min_prob, dtype) -> sp.csr_matrix:

@@ -16,6 +16,13 @@ parts inside the temporary store, and a second round of tasks copies them into t
 arrays by whole zarr chunks. A failing task, an interrupt or a lost client leaves the old
 output or none; a re-run starts clean (the temporary store of an earlier run is not reused).
 
+Before the posterior, the run's other independent work goes to the workers too: the gene
+statistics pass of ``genes="hvg:N"`` (:func:`gene_stats`: each block read from the input by a
+worker, the per-gene float sums chained in row order) and, while the fit runs inside
+:func:`screpair._parallel.on_cluster`, the fit's block maps (:func:`map_on_cluster`: SAVER's
+gene batches, the dropout model's EM blocks), whose results the fit combines in block order.
+Every value sent to the workers is realigned there (:class:`_Aligned`).
+
 The posteriors of the ``posterior_by_rows`` methods (alra, knn, saver, cnn) draw no random
 numbers: each block's values depend only on its rows and the fitted state, never on the worker
 or the order in which blocks finish, so any number of workers gives the single-process output
@@ -211,8 +218,8 @@ def _run_blocks(client, fitted: _Fitted, blocks: dict, spans: list, token: str, 
     todo = dict(blocks)
     try:
         for attempt in range(MAX_SCATTERS):
-            shared = client.scatter(fitted, broadcast=True, hash=False)
-            futures[:] = [client.submit(_block_task, shared, *args, pure=False,
+            shared = client.scatter([_Aligned(fitted)], broadcast=True, hash=False)[0]
+            futures[:] = [client.submit(_run_aligned, _block_task, shared, *args, pure=False,
                                         key=f"{token}-block-{b}-{attempt}")
                           for b, args in todo.items()]
             for fut in as_completed(list(futures)):
@@ -415,6 +422,212 @@ def _gather_task(root: str, name: str, field: str, a: int, b: int, starts: np.nd
         piece = part[lo - int(starts[j]):hi - int(starts[j])]
         out[lo - a:hi - a] = piece + adds[j] if adds is not None else piece
     arr[a:b] = out
+
+
+# ------------------------------------------------------------------------------ alignment
+
+
+class _Aligned:
+    """A value to scatter whose arrays are realigned when a worker unpickles it.
+
+    Dask hands the numpy buffers of an unpickled object out as views of the received frames,
+    at any byte offset: the arrays are not aligned to their item size. NumPy computes some
+    operations on unaligned arrays by other loops than on aligned ones (``matmul`` does not
+    call BLAS, for one), which may round differently, so a block computed on a worker could
+    differ in the last bits from the same block computed here. Unpickled, this wrapper gives
+    its value back with every array copied to aligned memory (:func:`_realign`), once per
+    worker."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return _realign, (self.value,)
+
+
+#: packages whose objects' attributes :func:`_realign` visits (estimators, dataclasses, sparse
+#: matrices, splines, neighbour indexes; not pandas' or torch's internals)
+_REALIGNED = ("screpair", "scipy", "sklearn")
+
+
+def _realign(obj, _seen=None, _depth=0):
+    """``obj`` with its numpy arrays aligned: unaligned arrays are copied; containers (tuple,
+    list, dict) are rebuilt, the attributes of other objects (an estimator, a sparse matrix, a
+    spline; objects of :data:`_REALIGNED` packages) replaced in place. Applied to values just
+    unpickled on a worker (not yet shared)."""
+    if isinstance(obj, _Aligned):
+        return obj.value  # not serialized (an in-process cluster): nothing was unaligned
+    if isinstance(obj, np.ndarray):
+        return obj if obj.flags.aligned or obj.dtype.hasobject else obj.copy(order="K")
+    if _depth > 6 or obj is None or isinstance(obj, (str, bytes, int, float, bool, type)):
+        return obj
+    _seen = set() if _seen is None else _seen
+    if id(obj) in _seen:
+        return obj
+    _seen.add(id(obj))
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_realign(v, _seen, _depth + 1) for v in obj)
+    if isinstance(obj, list):
+        return [_realign(v, _seen, _depth + 1) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _realign(v, _seen, _depth + 1) for k, v in obj.items()}
+    attrs = getattr(obj, "__dict__", None)
+    owner = type(obj).__module__.split(".")[0]
+    if isinstance(attrs, dict) and not callable(obj) and owner in _REALIGNED:
+        for k, v in list(attrs.items()):
+            new = _realign(v, _seen, _depth + 1)
+            if new is not v:
+                attrs[k] = new
+    return obj
+
+
+def _run_aligned(func, *args):
+    """A task: ``func(*args)`` with its arguments' arrays aligned (see :class:`_Aligned`)."""
+    return func(*(_realign(a) for a in args))
+
+
+# ------------------------------------------------------------------------------ fits and passes
+
+
+def map_on_cluster(client, func, blocks: list, shared: tuple):
+    """The cluster side of :func:`screpair._parallel.map_blocks`: ``func(*shared, block)`` as
+    one task per block on the workers of ``client``, the results yielded in block order.
+
+    ``shared`` is scattered to every worker once (:class:`~screpair._parallel.Shared` values
+    once for their lifetime). When every worker holding a scattered value is lost, the tasks
+    that need it are cancelled: the values are scattered again and the blocks not yet
+    returned submitted again (a block's result depends only on its arguments), at most
+    :data:`MAX_SCATTERS` times. Tasks left when the caller stops early or a task fails are
+    cancelled."""
+    return _ordered_results(client, func, blocks, shared)
+
+
+def _ordered_results(client, func, blocks: list, shared: tuple):
+    from distributed.client import FutureCancelledError
+
+    token = f"screpair-{func.__name__}-{uuid.uuid4().hex[:8]}"
+
+    def scatter(value):
+        return client.scatter([_Aligned(value)], broadcast=True, hash=False)[0]
+
+    own: list = [None] * len(shared)  # futures of the plain values, scattered for this call
+    futures: dict[int, Any] = {}
+    try:
+        args = _first_scatter(shared, own, scatter)
+        futures = {b: client.submit(_run_aligned, func, *args, blk, pure=False,
+                                    key=f"{token}-{b}-0")
+                   for b, blk in enumerate(blocks)}
+        attempt = 0
+        for b in range(len(blocks)):
+            while True:
+                try:
+                    result = futures[b].result()
+                    break
+                except FutureCancelledError:  # a scattered value was lost with its workers
+                    attempt += 1
+                    if attempt >= MAX_SCATTERS:
+                        msg = (f"Dask: the data of {func.__name__} was lost with its workers "
+                               f"{MAX_SCATTERS} times.")
+                        raise RuntimeError(msg) from None
+                    logger.warning("Dask: %s's data lost with its workers; scattering it again",
+                                   func.__name__)
+                    args = _first_scatter(shared, own, scatter, again=True)
+                    for j in range(b, len(blocks)):
+                        futures[j] = client.submit(_run_aligned, func, *args, blocks[j],
+                                                   pure=False, key=f"{token}-{j}-{attempt}")
+            del futures[b]
+            yield result
+    finally:
+        if futures:
+            client.cancel(list(futures.values()), force=True)
+        for f in own:
+            if f is not None:
+                f.release()
+
+
+def _first_scatter(shared: tuple, own: list, scatter, again: bool = False) -> list:
+    """The arguments standing for ``shared`` on the workers: each value scattered once (again
+    after a loss: ``again``); the futures of plain values kept in ``own`` (released by the
+    caller), those of :class:`~screpair._parallel.Shared` values on them."""
+    from .._parallel import Shared
+
+    args = []
+    for i, v in enumerate(shared):
+        if isinstance(v, Shared):
+            if v.future is None or again:
+                v.future = scatter(v.value)
+            args.append(v.future)
+        else:
+            if own[i] is None or again:
+                own[i] = scatter(v)
+            args.append(own[i])
+    return args
+
+
+def gene_stats(client, src: Path, layer: str | None, n_obs: int, n_vars: int, rows: int, *,
+               progress: bool = False):
+    """:func:`screpair._chunks.gene_stats` of the counts in the store ``src`` (``layer``) by
+    blocks of ``rows`` cells on the workers of ``client``: the same
+    :class:`~screpair._chunks.GeneStats`, bit for bit.
+
+    Each block's task reads and validates its rows and computes its terms
+    (:func:`~screpair._chunks.block_stats`: library sizes, detection counts, the normalized
+    entries), in parallel. The per-gene float sums are accumulated entry by entry in row order,
+    as the single-process pass does (a sum of per-block partial sums would round differently):
+    a chain of small tasks adds block ``b``'s entries to the sums after block ``b - 1``'s, each
+    on the worker that holds the block's terms, so only the per-gene sums (three float64
+    vectors) move between workers and the client receives only them, the library sizes and the
+    detection counts."""
+    from .._chunks import finish_gene_stats
+
+    token = f"screpair-stats-{uuid.uuid4().hex[:8]}"
+    spans = [(s, min(s + rows, n_obs)) for s in range(0, n_obs, rows)]
+    terms = [client.submit(_stats_block, str(Path(src).resolve()), layer, s, e, n_obs,
+                           pure=False, key=f"{token}-block-{b}")
+             for b, (s, e) in enumerate(spans)]
+    sums = client.submit(_stats_zeros, n_vars, pure=False, key=f"{token}-zeros")
+    chain = []
+    for b, t in enumerate(terms):
+        sums = client.submit(_stats_add, sums, t, pure=False, key=f"{token}-add-{b}")
+        chain.append(sums)
+    del terms, sums  # the chain holds them: each block's terms are released once added
+    lib = np.zeros(n_obs)
+    n_cells = np.zeros(n_vars, dtype=np.int64)
+    bar = progress_bar(n_obs, "gene statistics (dask)", progress and len(spans) > 1)
+    try:
+        for b, (s, e) in enumerate(spans):
+            acc, lib_b, n_cells_b = chain[b].result()
+            lib[s:e] = lib_b
+            n_cells += n_cells_b
+            chain[b] = None
+            bar.update(e - s)
+    except BaseException:
+        client.cancel([f for f in chain if f is not None], force=True)
+        raise
+    finally:
+        bar.close()
+    return finish_gene_stats(n_obs, lib, n_cells, acc, layer)
+
+
+def _stats_block(src: str, layer: str | None, s: int, e: int, n_obs: int):
+    """Rows ``s:e`` of the store: read, validated, their :class:`~screpair._chunks.BlockStats`."""
+    from .._chunks import block_stats
+
+    return block_stats(_read_block(src, layer, s, e), n_obs)
+
+
+def _stats_zeros(n_vars: int) -> tuple:
+    return (np.zeros(n_vars), np.zeros(n_vars), np.zeros(n_vars)), None, None
+
+
+def _stats_add(prev: tuple, terms) -> tuple:
+    """The per-gene sums after one more block (a copy: ``prev`` may be read again when a task
+    is rerun), with the block's library sizes and detection counts."""
+    from .._chunks import add_block_stats
+
+    sums = tuple(np.array(a, copy=True) for a in prev[0])  # aligned copies
+    add_block_stats(sums, terms)
+    return sums, terms.library_size, terms.n_cells
 
 
 # ------------------------------------------------------------------------------ test hook

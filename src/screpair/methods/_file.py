@@ -33,6 +33,7 @@ from .._chunks import (
     stream_store,
 )
 from .._logging import get_logger, log_task
+from .._parallel import on_cluster
 from .._utils import (
     RNGLike,
     check_layer_name,
@@ -196,12 +197,14 @@ def impute_file(
     transpose
         Text input only (read into memory first): as :func:`screpair.read`.
     client
-        A ``dask.distributed.Client``: the fit stays on this process, the posterior by row
-        blocks runs on the cluster's workers, each reading its block from ``in_path`` (an
-        ``.h5ad`` / ``.zarr`` path the workers can read) and writing its output block into
-        ``out_path``, which must be a ``.zarr`` store (see :mod:`screpair.methods._dask`).
-        For ``posterior_by_rows`` methods only; the output equals the run without a client
-        bit for bit. ``None``: no Dask (not imported).
+        A ``dask.distributed.Client``: the fit is driven by this process, with its
+        independent blocks (SAVER's gene batches, the dropout model's EM blocks:
+        :func:`screpair._parallel.map_blocks`) and the ``hvg:N`` gene statistics pass on the
+        cluster's workers; the posterior by row blocks runs on the workers, each reading its
+        block from ``in_path`` (an ``.h5ad`` / ``.zarr`` path the workers can read) and writing
+        its output block into ``out_path``, which must be a ``.zarr`` store (see
+        :mod:`screpair.methods._dask`). For ``posterior_by_rows`` methods only; the output
+        equals the run without a client bit for bit. ``None``: no Dask (not imported).
     rng
         Seed or ``numpy.random.Generator`` for methods with randomness.
     **params
@@ -275,14 +278,23 @@ def impute_file(
         warnings.warn(
             f"{int((~job.cells).sum())} cell(s) and {int((~job.genes).sum())} gene(s) have no "
             "counts; they are set aside and returned unchanged.", UserWarning, stacklevel=2)
+    if client is None:
+        def stats():
+            return gene_stats(open_rows(x, validated=True), rows)
+    else:  # the same pass by the workers, each reading its blocks from the store
+        def stats():
+            from ._dask import gene_stats as dask_gene_stats
+
+            return dask_gene_stats(client, src_path, layer, n_obs, n_vars, rows,
+                                   progress=progress)
     with log_task("selecting the output genes", logger):
-        mask = select_genes(spec, var, names,
-                            lambda: gene_stats(open_rows(x, validated=True), rows))
+        mask = select_genes(spec, var, names, stats)
     out_cols = np.flatnonzero(mask)
 
     start = time.perf_counter()
     n_sub, g_sub = job.x.shape
-    with log_task(f"fitting {est.name!r} on {n_sub} cells x {g_sub} genes", logger):
+    with log_task(f"fitting {est.name!r} on {n_sub} cells x {g_sub} genes", logger), \
+            on_cluster(client):  # the fit's block maps on the workers (a client given)
         job.fit()
     post_all = None
     if not job.by_rows:

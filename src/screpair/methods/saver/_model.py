@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ..._logging import get_logger, log_task
 from ..._norm import library_size, size_factors
+from ..._parallel import Shared, map_blocks
 from ..._utils import RNGLike, as_rng
 from .._base import BaseImputer, DataContext, Posterior
 from . import _lasso
@@ -594,11 +595,15 @@ class SaverImputer(BaseImputer):
             s = (logx - self.predictor_center_) / self.predictor_scale_
             self._fit_components(s, k, rng)
             reg_idx = np.flatnonzero(regressable)
-            self._fit_max_correlation(xc, s, inv, reg_idx)
-            folds = rng.permutation(np.arange(n) % int(self.n_folds))
-            order = rng.permutation(reg_idx)
-            rest = self._regression_genes(order, xc, s, sf, folds, f_sum)
-            self._fit_regressions(rest, xc, s, sf, folds, f_sum)
+            # the fit cells' counts and predictors, read by the gene batches of the two block
+            # maps below (on a Dask cluster: scattered once for both)
+            with Shared(xc) as xc_shared, Shared(s) as s_shared:
+                self._fit_max_correlation(xc, s, inv, reg_idx, shared=(xc_shared, s_shared))
+                folds = rng.permutation(np.arange(n) % int(self.n_folds))
+                order = rng.permutation(reg_idx)
+                rest = self._regression_genes(order, xc, s, sf, folds, f_sum)
+                self._fit_regressions(rest, xc, s, sf, folds, f_sum,
+                                      shared=(xc_shared, s_shared))
         else:
             self.scores_ = np.zeros((n, 0))
             self.loadings_ = np.zeros((self.predictor_index_.size, 0))
@@ -659,21 +664,33 @@ class SaverImputer(BaseImputer):
             self.scores_ = u * np.sqrt(n)  # unit-variance component scores
             self.loadings_ = (vt / sd[:, None]).T  # (p, k): s @ loadings_ == scores_
 
-    def _fit_max_correlation(self, xc, s: np.ndarray, inv: np.ndarray, reg_idx) -> None:
+    def _fit_max_correlation(self, xc, s: np.ndarray, inv: np.ndarray, reg_idx,
+                             shared: tuple | None = None) -> None:
         """``maxcor_``: each regressable gene's largest absolute correlation with a predictor
-        gene other than itself (normalized counts against ``s``)."""
-        n, bs = s.shape[0], int(self.batch_size)
+        gene other than itself (normalized counts against ``s``), by batches of genes
+        (:func:`screpair._parallel.map_blocks`; ``shared``: ``xc`` and ``s`` as
+        :class:`~screpair._parallel.Shared`)."""
+        bs = int(self.batch_size)
+        batches = [reg_idx[i : i + bs] for i in range(0, reg_idx.size, bs)]
+        xc_, s_ = shared or (xc, s)
         with log_task("max correlation with predictor genes", logger):
-            for start in range(0, reg_idx.size, bs):
-                genes = reg_idx[start : start + bs]
-                y = self._rows(xc, genes).multiply(inv[None, :]).toarray()
-                y -= y.mean(1, keepdims=True)
-                y /= y.std(1, keepdims=True)
-                corr = y @ s / n
-                pos = self._predictor_pos[genes]
-                rows = np.flatnonzero(pos >= 0)
-                corr[rows, pos[rows]] = 0.0
-                self.maxcor_[genes] = np.abs(corr).max(1)
+            results = map_blocks(_max_correlation_task, batches, self._predictor_pos, xc_, s_,
+                                 inv, self._threads())
+            for genes, maxcor in zip(batches, results, strict=True):
+                self.maxcor_[genes] = maxcor
+
+    @staticmethod
+    def _max_correlation(genes, predictor_pos, xc, s: np.ndarray, inv: np.ndarray) -> np.ndarray:
+        """The ``maxcor_`` of one batch of ``genes`` (reads its arguments only)."""
+        n = s.shape[0]
+        y = SaverImputer._rows(xc, genes).multiply(inv[None, :]).toarray()
+        y -= y.mean(1, keepdims=True)
+        y /= y.std(1, keepdims=True)
+        corr = y @ s / n
+        pos = predictor_pos[genes]
+        rows = np.flatnonzero(pos >= 0)
+        corr[rows, pos[rows]] = 0.0
+        return np.abs(corr).max(1)
 
     def _regression_genes(self, order, xc, s, sf, folds, f_sum) -> np.ndarray:
         """Learn the max-correlation cutoff (``"auto"``: from the first ``_N_CUTOFF_GENES`` of
@@ -704,15 +721,24 @@ class SaverImputer(BaseImputer):
                 rest = rest[self.maxcor_[rest] > self.maxcor_cutoff_]
         return np.sort(rest)
 
-    def _fit_regressions(self, genes, xc, s, sf, folds, f_sum) -> None:
+    def _fit_regressions(self, genes, xc, s, sf, folds, f_sum,
+                         shared: tuple | None = None) -> None:
         """Poisson LASSO priors for ``genes`` in batches (lambda.min from the learned trend in
-        fast mode, else by cross-validation)."""
+        fast mode, else by cross-validation). The batches are independent: each is fitted by
+        :meth:`_fit_batch` (:func:`screpair._parallel.map_blocks`: on a Dask cluster, one task
+        per batch; ``shared``: ``xc`` and ``s`` as :class:`~screpair._parallel.Shared`) and
+        stored in gene order."""
         bs = int(self.batch_size)
         batches = [genes[i : i + bs] for i in range(0, genes.size, bs)]
         how = "estimated lambda.min" if self.lambda_coefs_ is not None else "cross-validation"
+        xc_, s_ = shared or (xc, s)
         with log_task(f"Poisson LASSO for {genes.size} genes ({how})", logger):
-            for batch in tqdm(batches, desc="SAVER regression", disable=not self.progress):
-                self._fit_genes(batch, xc, s, sf, folds, f_sum, coefs=self.lambda_coefs_)
+            results = map_blocks(_regression_task, batches, self, xc_, s_,
+                                 (sf, folds, f_sum, self.lambda_coefs_))
+            bar = tqdm(zip(batches, results, strict=True), total=len(batches),
+                       desc="SAVER regression", disable=not self.progress)
+            for batch, fitted in bar:
+                self._store_fit(batch, fitted)
 
     def _fit_mean_priors(self, xc, gene_mean: np.ndarray, sf: np.ndarray, f_sum) -> None:
         """Constant (gene-mean) prior and its variance form for every expressed gene not
@@ -729,6 +755,11 @@ class SaverImputer(BaseImputer):
     def _fit_genes(self, genes, xc, s, sf, folds, f_sum, coefs=None) -> None:
         if genes.size == 0:
             return
+        self._store_fit(genes, self._fit_batch(genes, xc, s, sf, folds, f_sum, coefs))
+
+    def _fit_batch(self, genes, xc, s, sf, folds, f_sum, coefs=None) -> dict:
+        """The LASSO prior and variance form of one batch of ``genes`` (reads the fitted
+        components, ``maxcor_`` and the parameters; writes nothing: :meth:`_store_fit`)."""
         counts = self._rows(xc, genes)
         y = counts.multiply((1.0 / sf)[None, :]).toarray()
         design = self._design(genes, s)
@@ -750,15 +781,21 @@ class SaverImputer(BaseImputer):
             frac = np.exp(-np.outer(log_ratio, np.linspace(0.0, 1.0, n_steps)))
             theta = _lasso.fit_path(design, y, lam_max[:, None] * frac)[-1]
             lam_min, sd_cv = lam_max * frac[:, -1], np.full(genes.size, np.nan)
+        mu = np.exp(np.minimum(_lasso.linear_predictor(theta, design), 50.0))
+        model, param, nll = fit_variance_model(counts, mu, sf, f_sum)
+        return {"theta": theta, "lambda_max": lam_max, "lambda_min": lam_min, "sd_cv": sd_cv,
+                "variance": (model, param, nll)}
+
+    def _store_fit(self, genes, fitted: dict) -> None:
+        """Store the :meth:`_fit_batch` result of ``genes``."""
+        theta = fitted["theta"]
         self.predicted_[genes] = True
         self.intercept_[genes] = theta[:, 0]
         self.coef_[genes] = theta[:, 1:]
-        self.lambda_max_[genes] = lam_max
-        self.lambda_min_[genes] = lam_min
-        self.sd_cv_[genes] = sd_cv
-        mu = np.exp(np.minimum(_lasso.linear_predictor(theta, design), 50.0))
-        model, param, nll = fit_variance_model(counts, mu, sf, f_sum)
-        self._store_variance(genes, model, param, nll)
+        self.lambda_max_[genes] = fitted["lambda_max"]
+        self.lambda_min_[genes] = fitted["lambda_min"]
+        self.sd_cv_[genes] = fitted["sd_cv"]
+        self._store_variance(genes, *fitted["variance"])
 
     def _learn_lambda(self, genes: np.ndarray) -> tuple[float, float] | None:
         """SAVER's fast mode: least squares ``log(lambda.max / lambda.min)^2 ~ maxcor``."""
@@ -832,6 +869,21 @@ class SaverImputer(BaseImputer):
             v[:, empty] = 0.0
             mean[:, genes], var[:, genes] = m, v
         return Posterior(mean=mean, var=var)
+
+
+# --------------------------------------------------------------------------- block tasks
+# module-level, so that Dask workers can import them (screpair._parallel.map_blocks)
+
+
+def _max_correlation_task(predictor_pos, xc, s, inv, threads, genes) -> np.ndarray:
+    with threadpool_limits(limits=threads):
+        return SaverImputer._max_correlation(genes, predictor_pos, xc, s, inv)
+
+
+def _regression_task(est: SaverImputer, xc, s, rest: tuple, genes) -> dict:
+    sf, folds, f_sum, coefs = rest
+    with threadpool_limits(limits=est._threads()):
+        return est._fit_batch(genes, xc, s, sf, folds, f_sum, coefs=coefs)
 
 
 # --------------------------------------------------------------------------- sampling
