@@ -103,8 +103,9 @@ def test_markdown_agrees_with_csv(bench):
 def test_pngs_are_written(bench):
     _, out = bench
     names = {p.name for p in out.glob("*.png")}
-    assert {"bars_tiny_masked.png", "bars_tiny_clustering.png", "rank_heatmap.png",
-            "embedding_tiny.png"} <= names
+    # one panel grid per protocol, the Fig. 6 ranking (heat map, mean rank, time, memory)
+    assert {"bars_masked.png", "bars_clustering.png", "ranking.png", "rank_heatmap.png",
+            "rank_overall.png", "embedding_tiny.png"} <= names
     for name in names:
         head = (out / name).read_bytes()[:8]
         assert head == b"\x89PNG\r\n\x1a\n"
@@ -343,3 +344,29 @@ def test_collect_results_reads_an_unfinished_run(tmp_path):
         ("boom", 0, "failed"), ("knn", 0, "ok"), ("raw", 0, "ok"), ("raw", 1, "ok")]
     assert got.loc[got["method"] == "boom", "metric"].iloc[0] == ""
     assert ev._benchmark.collect_results(tmp_path / "none").empty
+
+
+def test_panel_grid_shape():
+    """A dataset's metrics side by side, wrapped into rows of at most 5 of about equal length."""
+    grid = ev._benchmark._grid
+    assert [grid(n) for n in (1, 2, 4, 5, 6, 10, 11)] == [(1, 1), (1, 2), (1, 4), (1, 5),
+                                                          (2, 3), (2, 5), (3, 4)]
+
+
+def test_figure_labels_show_direction_and_ours():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = ev._benchmark
+    assert b._direction("mse") == "mse ↓ lower is better"
+    assert b._direction("ari") == "ari ↑ higher is better"
+    assert b._direction("zeros_imputed") == "zeros_imputed (not ranked)"
+    fig, ax = plt.subplots()
+    ax.set_xticks([0, 1], ["cnn", "raw"])
+    b._style_method_labels(ax.get_xticklabels(), {"cnn"})
+    cnn, raw = ax.get_xticklabels()
+    assert cnn.get_fontweight() == "bold" and cnn.get_color() == b.OURS_COLOR
+    assert raw.get_fontweight() == "normal"
+    plt.close(fig)

@@ -7,6 +7,7 @@ peer whose package is missing as ``skipped``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -831,23 +832,254 @@ def plot_reliability(calibration: pd.DataFrame, out_dir) -> list[Path]:
 
 def _save(fig, path: Path) -> Path:
     """Lay out (``tight_layout`` without matplotlib's "could not fit" warning for crowded
-    figures), write (PNG, 100 dpi) and close ``fig``; returns ``path``."""
+    figures, unless the figure has its own layout engine), write (PNG, 100 dpi) and close
+    ``fig``; returns ``path``."""
     import warnings
 
     import matplotlib.pyplot as plt
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        fig.tight_layout()
+    if fig.get_layout_engine() is None:  # figures made with layout="constrained" keep it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def plot_results(results: pd.DataFrame, out_dir, *, embeddings=None, labels=None) -> list[Path]:
-    """Metric bars per dataset and protocol (a grid of panels, screpair's methods blue, peers
-    grey, each axis labelled with its direction), a rank heatmap, the overall ranking (mean rank
-    ± sd, :func:`rank_table`) and 2-D embeddings by label."""
+#: screpair's methods in the figures (peers and baselines: grey)
+OURS_COLOR = "C0"
+PEER_COLOR = "0.62"
+
+
+def _direction(metric: str) -> str:
+    """A metric's axis label with its direction (``mse ↓ lower is better``)."""
+    if metric in UNRANKED:
+        return f"{metric} (not ranked)"
+    if GREATER_IS_BETTER.get(metric, True):
+        return f"{metric} ↑ higher is better"
+    return f"{metric} ↓ lower is better"
+
+
+def _style_method_labels(labels, ours: set[str]) -> None:
+    """Bold, blue tick labels for screpair's methods; grey for the peers."""
+    for t in labels:
+        mine = t.get_text() in ours
+        t.set_fontweight("bold" if mine else "normal")
+        t.set_color(OURS_COLOR if mine else "0.3")
+
+
+def _method_order(results: pd.DataFrame, summ: pd.DataFrame) -> list[str]:
+    """Methods in the order of the overall ranking (best first), then any others."""
+    ranked = list(rank_table(results).index)
+    return ranked + [m for m in dict.fromkeys(summ["method"]) if m not in ranked]
+
+
+def _grid(n_metrics: int) -> tuple[int, int]:
+    """``(rows per dataset, columns)`` of a protocol's panel grid: the metrics of a dataset
+    side by side, wrapped into rows of at most 5 panels of about equal length."""
+    rows = -(-n_metrics // 5)
+    return rows, -(-n_metrics // rows)
+
+
+def _plot_protocol(block: pd.DataFrame, protocol: str, methods: list[str], ours: set[str],
+                   path: Path) -> Path:
+    """``bars_<protocol>.png``: one panel per dataset x metric (mean ± sd over seeds), every
+    panel with the same methods in the same order; the no-imputation ``raw`` value dashed."""
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(block["dataset"]))
+    metrics = list(dict.fromkeys(block["metric"]))
+    metrics = [m for m in metrics if m not in UNRANKED] + [m for m in metrics if m in UNRANKED]
+    methods = [m for m in methods if m in set(block["method"])]
+    per, ncols = _grid(len(metrics))
+    nrows = per * len(datasets)
+    width = max(2.6, 0.22 * len(methods) + 1.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 2.5 * nrows + 0.8),
+                             squeeze=False, layout="constrained")
+    used = set()
+    x = np.arange(len(methods))
+    for (i, dataset), (j, metric) in itertools.product(enumerate(datasets), enumerate(metrics)):
+        ax = axes[i * per + j // ncols, j % ncols]
+        used.add(id(ax))
+        b = block[(block["dataset"] == dataset) & (block["metric"] == metric)].set_index("method")
+        b = b.reindex(methods)
+        colors = [OURS_COLOR if m in ours else PEER_COLOR for m in methods]
+        ax.bar(x, b["mean"].fillna(0.0), yerr=b["sd"].fillna(0.0), capsize=2, color=colors,
+               error_kw={"lw": 0.8})
+        for i in np.flatnonzero(b["mean"].isna().to_numpy()):
+            ax.text(x[i], 0, "n/a", ha="center", va="bottom", fontsize=6, color="0.4")
+        if "raw" in b.index and np.isfinite(b.at["raw", "mean"]) and metric not in UNRANKED:
+            ax.axhline(b.at["raw", "mean"], ls="--", lw=0.8, color="0.25", zorder=0)
+        ax.set_title(dataset, fontsize=9)
+        ax.set_ylabel(_direction(metric), fontsize=7)
+        ax.set_xticks(x, methods, rotation=60, ha="right", fontsize=7)
+        _style_method_labels(ax.get_xticklabels(), ours)
+        ax.tick_params(axis="y", labelsize=7)
+    for ax in axes.ravel():
+        if id(ax) not in used:
+            ax.set_visible(False)
+    fig.suptitle(f"{protocol} (one row of panels per dataset)\nblue, bold = screpair's methods;"
+                 " grey = peers and baselines; dashed = raw (no imputation); bars: mean ± sd "
+                 "over seeds", fontsize=9)
+    return _save(fig, path)
+
+
+def _heat(ax, values: np.ndarray, *, cmap, norm, fmt) -> object:
+    """Annotated heat map on ``ax`` (NaN cells blank, marked "–"); returns the image."""
+    import matplotlib.pyplot as plt
+
+    cm = plt.get_cmap(cmap)
+    im = ax.imshow(np.ma.masked_invalid(values), cmap=cm, norm=norm, aspect="auto")
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            v = values[i, j]
+            if not np.isfinite(v):
+                ax.text(j, i, "–", ha="center", va="center", fontsize=6, color="0.5")
+                continue
+            r, g, b_, _ = cm(norm(v))
+            dark = 0.299 * r + 0.587 * g + 0.114 * b_ < 0.5
+            ax.text(j, i, fmt(v), ha="center", va="center", fontsize=6,
+                    color="w" if dark else "k")
+    return im
+
+
+def _group_labels(ax, groups: list[str]) -> None:
+    """Separate the runs of equal ``groups`` along the x axis by white lines and name each run
+    on a secondary axis on top."""
+    starts = [j for j in range(len(groups)) if j == 0 or groups[j] != groups[j - 1]]
+    ends = [*starts[1:], len(groups)]
+    for b in starts[1:]:
+        ax.axvline(b - 0.5, color="w", lw=2.5)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([(b + e - 1) / 2 for b, e in zip(starts, ends, strict=True)],
+                   [groups[b] for b in starts], fontsize=8, rotation=30, ha="left")
+    top.tick_params(length=0)
+
+
+def _short(v: float) -> str:
+    """Seconds or MB in at most 4 characters: 0.3, 12, 340, 1.2k."""
+    if v < 10:
+        return f"{v:.1f}"
+    if v < 1000:
+        return f"{v:.0f}"
+    return f"{v / 1000:.1f}k"
+
+
+def plot_ranking(results: pd.DataFrame, out_dir, *, ours=None) -> list[Path]:
+    """The cnnImpute paper's Fig. 6 (``ranking.png``) and the per-experiment rank heat map
+    (``rank_heatmap.png``).
+
+    ``ranking.png``, one row per method (best mean rank on top): the heat map of ranks per
+    protocol x dataset (mean of that pair's metric ranks, columns grouped by protocol), each
+    method's mean rank ± sd over all experiments (:func:`rank_table`), and its mean seconds and
+    peak MB per job on every dataset (log colour scales). ``rank_heatmap.png``: the rank of
+    every experiment (dataset x protocol x metric), grouped by protocol. ``ours``: screpair's
+    methods (default: the registered ones), drawn blue and bold.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm, Normalize
+
+    out = Path(out_dir)
+    summ = summarize(results)
+    summ = summ[np.isfinite(summ["rank"].astype(float))]
+    if summ.empty:
+        return []
+    ranks = rank_table(results)
+    methods = list(ranks.index)
+    mine = _ours(methods, ours)
+    protocols = list(dict.fromkeys(summ["protocol"]))
+    datasets = list(dict.fromkeys(results["dataset"]))
+    pairs = [(p, d) for p in protocols for d in datasets
+             if ((summ["protocol"] == p) & (summ["dataset"] == d)).any()]
+    pair_rank = summ.groupby(["protocol", "dataset", "method"])["rank"].mean()
+    heat = np.array([[pair_rank.get((p, d, m), np.nan) for p, d in pairs] for m in methods])
+    n_m = len(methods)
+    rank_norm = Normalize(1, max(2, n_m))
+    files = []
+
+    # ----- ranking.png: heat map | mean rank ± sd | seconds | peak MB
+    cost = {w: np.array([[ranks.at[m, f"{w}[{d}]"] if f"{w}[{d}]" in ranks else np.nan
+                          for d in datasets] for m in methods], dtype=float)
+            for w in ("seconds", "peak_mem_mb")}
+    w_heat, w_bar, w_cost = 0.34 * len(pairs) + 0.4, 2.6, 0.36 * len(datasets) + 0.4
+    fig, axes = plt.subplots(
+        1, 4, figsize=(w_heat + w_bar + 2 * w_cost + 1.6, 0.34 * n_m + 3.2),
+        gridspec_kw={"width_ratios": [w_heat, w_bar, w_cost, w_cost]}, layout="constrained")
+    ax = axes[0]
+    im = _heat(ax, heat, cmap="viridis_r", norm=rank_norm, fmt=lambda v: f"{v:.1f}")
+    ax.set_xticks(range(len(pairs)), [d for _, d in pairs], rotation=90, fontsize=7)
+    ax.set_yticks(range(n_m), methods, fontsize=8)
+    _style_method_labels(ax.get_yticklabels(), mine)
+    _group_labels(ax, [p for p, _ in pairs])
+    ax.set_title("rank per protocol x dataset (mean over its metrics; 1 = best)", fontsize=9)
+    cb = fig.colorbar(im, ax=ax, location="bottom", shrink=0.25, aspect=30, pad=0.01)
+    cb.set_label("rank (1 = best)", fontsize=7)
+    cb.ax.tick_params(labelsize=7)
+    ax = axes[1]
+    y = np.arange(n_m)
+    ax.barh(y, ranks["mean_rank"], xerr=ranks["rank_sd"], capsize=2,
+            color=[OURS_COLOR if m in mine else PEER_COLOR for m in methods])
+    right = float((ranks["mean_rank"] + ranks["rank_sd"]).max())
+    for yi, (mr, sd) in enumerate(zip(ranks["mean_rank"], ranks["rank_sd"], strict=True)):
+        ax.text(mr + sd + 0.08, yi, f"{mr:.2f} ± {sd:.2f}", va="center", fontsize=7)
+    ax.set_ylim(n_m - 0.5, -0.5)
+    ax.set_yticks(y, [])
+    ax.set_xlim(0, right * 1.45 + 0.5)
+    ax.set_xlabel("mean rank ± sd ↓ lower is better", fontsize=8)
+    ax.set_title(f"mean rank over {int(ranks['n_experiments'].max())} experiments",
+                 fontsize=9)
+    ax.tick_params(labelsize=7)
+    for ax, what, title, cmap in ((axes[2], "seconds", "seconds per job ↓", "Oranges"),
+                                  (axes[3], "peak_mem_mb", "peak MB per job ↓", "Purples")):
+        v = cost[what]
+        finite = v[np.isfinite(v) & (v > 0)]
+        lo, hi = (max(finite.min(), 1e-2), finite.max()) if finite.size else (0.1, 1.0)
+        norm = LogNorm(lo, max(hi, lo * 1.01))
+        _heat(ax, np.where(v > 0, v, lo), cmap=cmap, norm=norm, fmt=_short)
+        ax.set_xticks(range(len(datasets)), datasets, rotation=90, fontsize=7)
+        ax.set_yticks(range(n_m), [])
+        ax.set_title(f"{title}\n(method fit + repair, mean)", fontsize=9)
+    axes[3].yaxis.tick_right()
+    axes[3].set_yticks(range(n_m), methods, fontsize=8)
+    _style_method_labels(axes[3].get_yticklabels(), mine)
+    fig.suptitle("Overall ranking (cnnImpute Fig. 6 style): blue, bold = screpair's methods; "
+                 "grey = peers and baselines", fontsize=10)
+    files.append(_save(fig, out / "ranking.png"))
+
+    # ----- rank_heatmap.png: every experiment, grouped by protocol
+    summ = summ.assign(order=summ["protocol"].map({p: i for i, p in enumerate(protocols)}))
+    exps = (summ[["order", "protocol", "dataset", "metric"]].drop_duplicates()
+            .sort_values(["order"], kind="stable"))
+    keys = list(exps[["protocol", "dataset", "metric"]].itertuples(index=False, name=None))
+    per = summ.set_index(["protocol", "dataset", "metric", "method"])["rank"]
+    full = np.array([[per.get((*k, m), np.nan) for k in keys] for m in methods])
+    label_h = 0.075 * max(len(f"{d} · {m}") for _, d, m in keys)
+    fig, ax = plt.subplots(figsize=(0.24 * len(keys) + 2.5, 0.34 * n_m + 1.9 + label_h),
+                           layout="constrained")
+    im = _heat(ax, full, cmap="viridis_r", norm=rank_norm, fmt=lambda v: f"{v:g}")
+    ax.set_xticks(range(len(keys)), [f"{d} · {m}" for _, d, m in keys], rotation=90,
+                  fontsize=6)
+    ax.set_yticks(range(n_m), methods, fontsize=8)
+    _style_method_labels(ax.get_yticklabels(), mine)
+    _group_labels(ax, [k[0] for k in keys])
+    fig.colorbar(im, ax=ax, fraction=0.02, pad=0.01, label="rank (1 = best)")
+    ax.set_title("rank per experiment (dataset · metric, grouped by protocol)", fontsize=9)
+    files.append(_save(fig, out / "rank_heatmap.png"))
+    return files
+
+
+def plot_results(results: pd.DataFrame, out_dir, *, embeddings=None, labels=None,
+                 ours=None) -> list[Path]:
+    """One panel grid per protocol (``bars_<protocol>.png``: a panel per dataset x metric,
+    screpair's methods blue with bold labels, peers grey, the no-imputation ``raw`` value
+    dashed, each axis labelled with the metric's direction), the ranking figures of
+    :func:`plot_ranking` (``ranking.png``, ``rank_heatmap.png``), the overall ranking alone
+    (``rank_overall.png``: mean rank ± sd, :func:`rank_table`) and 2-D embeddings by label.
+    ``ours``: screpair's methods (default: the registered ones)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -856,55 +1088,24 @@ def plot_results(results: pd.DataFrame, out_dir, *, embeddings=None, labels=None
     out = Path(out_dir)
     files: list[Path] = []
     summ = summarize(results)
-    from ..methods._registry import available_methods
-
-    ours = set(available_methods())
-    for (dataset, protocol), block in summ.groupby(["dataset", "protocol"], sort=False):
-        metrics = list(dict.fromkeys(block["metric"]))
-        ncols = min(4, len(metrics))
-        nrows = -(-len(metrics) // ncols)
-        fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 3.0 * nrows), squeeze=False)
-        for ax, metric in zip(axes.ravel(), metrics, strict=False):
-            b = block[block["metric"] == metric]
-            colors = ["C0" if m in ours else "0.65" for m in b["method"]]  # screpair vs peers
-            ax.bar(b["method"], b["mean"], yerr=b["sd"], capsize=3, color=colors)
-            if metric in UNRANKED:
-                ax.set_ylabel(metric, fontsize=8)
-            else:
-                better = "higher" if GREATER_IS_BETTER.get(metric, True) else "lower"
-                ax.set_ylabel(f"{metric} ({better} is better)", fontsize=8)
-            ax.tick_params(axis="x", rotation=45, labelsize=8)
-        for ax in axes.ravel()[len(metrics):]:
-            ax.set_visible(False)
-        fig.suptitle(f"{dataset} · {protocol}  (blue: screpair methods, grey: peers and "
-                     "baselines; bars: mean ± sd over seeds)", fontsize=10)
-        files.append(_save(fig, out / f"bars_{_safe(dataset)}_{_safe(protocol)}.png"))
+    mine = _ours(summ["method"], ours)
+    order = _method_order(results, summ)
+    for protocol, block in summ.groupby("protocol", sort=False):
+        files.append(_plot_protocol(block, protocol, order, mine,
+                                    out / f"bars_{_safe(protocol)}.png"))
     if not summ.empty:
-        summ = summ.assign(experiment=summ["dataset"] + "/" + summ["protocol"] + "/" + summ["metric"])
-        heat = summ.pivot_table(index="method", columns="experiment", values="rank", sort=False)
-        label_h = 0.07 * max(len(str(c)) for c in heat.columns)  # rotated x labels, inches
-        fig, ax = plt.subplots(figsize=(max(4, 0.45 * heat.shape[1] + 2),
-                                        0.45 * heat.shape[0] + 1.5 + label_h))
-        im = ax.imshow(heat.to_numpy(dtype=float), cmap="viridis_r", aspect="auto")
-        ax.set_xticks(range(heat.shape[1]), heat.columns, rotation=90, fontsize=7)
-        ax.set_yticks(range(heat.shape[0]), heat.index, fontsize=8)
-        for i in range(heat.shape[0]):
-            for j in range(heat.shape[1]):
-                v = heat.iat[i, j]
-                if np.isfinite(v):
-                    ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=6, color="w")
-        fig.colorbar(im, ax=ax, label="rank (1 = best)")
-        ax.set_title("rank per experiment")
-        files.append(_save(fig, out / "rank_heatmap.png"))
+        files += plot_ranking(results, out, ours=mine)
         ranks = rank_table(results)
-        fig, ax = plt.subplots(figsize=(5, 0.4 * len(ranks) + 1.2))
-        ypos = np.arange(len(ranks))[::-1]
-        colors = ["C0" if m in ours else "0.65" for m in ranks.index]
-        ax.barh(ypos, ranks["mean_rank"], xerr=ranks["rank_sd"], color=colors, capsize=3)
-        ax.set_yticks(ypos, ranks.index, fontsize=8)
-        ax.set_xlabel("mean rank over experiments ± sd (lower is better)")
-        ax.set_title("overall ranking (blue: screpair, grey: peers)", fontsize=9)
-        files.append(_save(fig, out / "rank_overall.png"))
+        if not ranks.empty:
+            fig, ax = plt.subplots(figsize=(5, 0.4 * len(ranks) + 1.2))
+            ypos = np.arange(len(ranks))[::-1]
+            colors = [OURS_COLOR if m in mine else PEER_COLOR for m in ranks.index]
+            ax.barh(ypos, ranks["mean_rank"], xerr=ranks["rank_sd"], color=colors, capsize=3)
+            ax.set_yticks(ypos, ranks.index, fontsize=8)
+            _style_method_labels(ax.get_yticklabels(), mine)
+            ax.set_xlabel("mean rank over experiments ± sd ↓ lower is better")
+            ax.set_title("overall ranking (blue, bold: screpair; grey: peers)", fontsize=9)
+            files.append(_save(fig, out / "rank_overall.png"))
     datasets = dict.fromkeys(d for d, _ in (embeddings or {}))
     for dataset in datasets:
         embs = {m: e for (d, m), e in embeddings.items() if d == dataset}
