@@ -144,11 +144,13 @@ def impute_file(
     stored count; never densified by this pipeline; a method may fit on a documented sample of
     them, e.g. saver's ``n_fit_cells``). Its posterior is then computed block by
     block for methods whose output per cell depends only on that cell's row and the fitted state
-    (``posterior_by_rows``: ``alra``, ``knn``, ``saver``, ``cnn``; cnn trains on at most
-    ``n_train_cells`` and fits its dropout model on at most ``n_dropout_cells``); the others
-    (``diffusion``, ``dae``, ``vae``, and a cnn model saved without its dropout model) compute it
-    once for all cells, which is then written out by blocks: their memory is not bounded by
-    ``chunk_rows`` (the log says so). What the method
+    (``posterior_by_rows``: ``alra``, ``knn``, ``saver``, ``cnn``, ``diffusion``, ``dae``,
+    ``vae``; cnn, diffusion, dae and vae train on at most ``n_train_cells`` cells, cnn fits its
+    dropout model on at most ``n_dropout_cells``; diffusion's repair noise is laid out by fixed
+    blocks of cells, so its blocks too equal the in-memory output for any ``chunk_rows``); the
+    others (a cnn model saved without its dropout model) compute it once for all cells, which is
+    then written out by blocks: their memory is not bounded by ``chunk_rows`` (the log says
+    so). What the method
     itself holds while fitting (e.g. a dense low-rank reconstruction) is the method's.
 
     The output file is written block by block, never assembled in memory, atomically (a

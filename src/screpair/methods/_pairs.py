@@ -18,6 +18,19 @@ Pipeline (DiffRepairer, Xiao et al. 2025):
    (``L`` the observed library size of the input cell), clipped at 0; an observed zero whose
    repaired value stays below ``PairConfig.zero_threshold`` (log1p(CP10k)) is kept at zero.
 
+Large data (issue 16): ``fit`` trains on at most ``n_train_cells`` cells (default
+:data:`TRAIN_CELLS`, 50,000; a random sample drawn from ``rng`` above it, every cell below it,
+so that data below the cap train exactly as before), and the HVGs, the standardization and the
+clip range come from those same training cells. The training pairs are held sparse (the
+``log1p(CP10k)`` values of the modelled genes as float32 CSR, one matrix per view) and each
+minibatch is densified on its own; only the standardization statistics need the training
+cells' clean profiles dense, once, for a moment (about ``2 x n_train x n_hvg x 4`` bytes: 2 GB
+at 50,000 cells x 5,000 HVGs, against about 6-7 GB of dense pairs before). The network's size
+depends on the genes only. The posterior of a cell depends only on its row, the fitted state
+and ``posterior_seed_`` (``posterior_by_rows``): :func:`screpair.impute_file` computes it block
+by block with the output of :func:`screpair.impute`, for any ``chunk_rows`` (see
+:meth:`PairImputer._posterior` for how the repair noise is laid out over the cells).
+
 Subclasses implement the network, the loss for a batch of pairs, and the prediction.
 """
 
@@ -117,6 +130,16 @@ def _log_profiles(x, genes, lib: np.ndarray | None = None) -> np.ndarray:
     return to_dense(_norm.log_normalize(x[:, genes], _norm.CP10K, lib)).astype(np.float32)
 
 
+def _log_csr(x, genes) -> sp.csr_matrix:
+    """:func:`_log_profiles` of the counts ``x`` held sparse: the same float32 values (the
+    scaling and the log in float64, per entry, then cast), as CSR; densifying any rows gives
+    those rows of ``_log_profiles(x, genes)`` bit for bit."""
+    lib = _norm.library_size(x)
+    part = x[:, genes]
+    part = sp.csr_matrix(part) if not sp.issparse(part) else part
+    return sp.csr_matrix(_norm.log_normalize(part, _norm.CP10K, lib), dtype=np.float32)
+
+
 def _check_range(bounds, name: str) -> tuple[float, float]:
     lo, hi = (float(b) for b in bounds)
     if not 0 <= lo <= hi:
@@ -155,14 +178,86 @@ def n_views(cfg: PairConfig, n_cells: int) -> int:
 
 def make_pairs(
     x, genes: np.ndarray, cfg: PairConfig, k: int, rng: np.random.Generator, gene_length: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Clean log profiles ``(n, g)`` and ``k`` degraded ones ``(k, n, g)`` on the ``genes``
-    columns (``k`` from :func:`n_views`; ``gene_length``: one value per column of ``x``)."""
-    clean = _log_profiles(x, genes)
-    views = np.empty((k, *clean.shape), dtype=np.float32)
-    for v in range(k):
-        views[v] = _log_profiles(degrade_view(x, cfg, rng, gene_length), genes)
+) -> tuple[sp.csr_matrix, list[sp.csr_matrix]]:
+    """Clean log profiles ``(n, g)`` and ``k`` degraded ones (a list of ``(n, g)``) on the
+    ``genes`` columns, as float32 CSR (:func:`_log_csr`; ``k`` from :func:`n_views`;
+    ``gene_length``: one value per column of ``x``). The views are drawn from ``rng`` one after
+    the other, each over all cells."""
+    clean = _log_csr(x, genes)
+    views = [_log_csr(degrade_view(x, cfg, rng, gene_length), genes) for _ in range(k)]
     return clean, views
+
+
+def _replace_rows(old: sp.csr_matrix, new: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """``old`` with the rows ``rows`` taken from ``new`` (same shape)."""
+    n = old.shape[0]
+    pick = np.arange(n)
+    pick[rows] += n
+    return sp.csr_matrix(sp.vstack([old, new], format="csr")[pick])
+
+
+#: default ``n_train_cells``: most cells the networks are trained on (a random sample above)
+TRAIN_CELLS = 50_000
+#: cells per seed block of the repair noise (a multiple of the prediction batch): the noise of
+#: the cells of block ``j`` comes from one generator of its own (see ``PairImputer._posterior``)
+SEED_BLOCK = 8192
+
+
+def _block_generator(seed: int, block: int, device):
+    """The torch generator of the repair noise of seed block ``block``: block 0 from
+    ``default_rng(seed)`` (the one stream every cell used before seed blocks existed), block
+    ``j >= 1`` from ``default_rng(SeedSequence(seed, spawn_key=(j,)))`` (independent streams)."""
+    torch = import_torch()
+    src = seed if block == 0 else np.random.SeedSequence(seed, spawn_key=(int(block),))
+    return torch.Generator(device=device).manual_seed(torch_seed(np.random.default_rng(src)))
+
+
+class _Noise:
+    """Standard normal draws of the repair, batch by batch, each batch's draws fixed by its
+    position: the cells ``[a, a + batch)`` (``a`` a multiple of ``batch``, the last batch
+    clipped at ``n_obs``) draw ``n_draws`` tensors of shape ``(n_samples * size, n_genes)``,
+    in that order, from the generator of their seed block (:func:`_block_generator`), after the
+    draws of the block's earlier batches. Asking for a batch replays (draws and discards) the
+    earlier batches of its block, unless it continues where this object, or the ``marks`` of an
+    earlier one (the generator states at the start and the end of its last batch), stopped."""
+
+    def __init__(self, seed: int, device, shape: tuple[int, int, int], batch: int, marks=()):
+        self.seed, self.device, self.batch = int(seed), device, int(batch)
+        self.n_draws, self.n_samples, self.n_genes = shape
+        self.key = (self.seed, str(device), tuple(shape), self.batch)
+        self.gen, self.block, self.pos = None, -1, -1
+        self.marks = [m for m in marks if m[0] == self.key]  # (key, block, position, state)
+
+    def _draw(self, size: int) -> list:
+        torch = import_torch()
+        shape = (self.n_samples * size, self.n_genes)
+        return [torch.randn(shape, generator=self.gen, device=self.device, dtype=torch.float32)
+                for _ in range(self.n_draws)]
+
+    def _mark(self) -> tuple:
+        return (self.key, self.block, self.pos, self.gen.get_state())
+
+    def draws(self, start: int, stop: int) -> list:
+        """The draws of the batch of cells ``[start, stop)`` (``start`` a multiple of the batch
+        size, ``stop`` the batch's end)."""
+        if not self.n_draws:
+            return []
+        block = start // SEED_BLOCK
+        if self.gen is None or self.block != block or self.pos > start:
+            self.gen = _block_generator(self.seed, block, self.device)
+            self.block, self.pos = block, block * SEED_BLOCK
+            for _, b, pos, state in self.marks:  # continue an earlier call
+                if b == block and self.pos <= pos <= start:
+                    self.gen.set_state(state)
+                    self.pos = pos
+        while self.pos < start:  # earlier batches of the block: full batches
+            self._draw(self.batch)
+            self.pos += self.batch
+        before = self._mark()
+        out = self._draw(stop - start)
+        self.pos = stop
+        self.marks = [before, self._mark()]
+        return out
 
 
 @contextlib.contextmanager
@@ -179,19 +274,34 @@ class PairImputer(BaseImputer):
     """Base estimator for methods trained on (clean, degraded) pairs; see the module docstring.
 
     Subclasses define ``_build_module(n_genes)``, ``_loss(module, x0, c, generator)`` (a scalar
-    tensor) and ``_sample(module, c, n_samples, generator)`` (``(n_samples, batch, genes)``
-    samples in standardized log space and a ``(batch, genes)`` point estimate, or ``None`` to use
-    the samples' mean), and list their config classes in ``_configs``.
+    tensor) and ``_sample(module, c, n_samples, generator, noise=None)`` (``(n_samples, batch,
+    genes)`` samples in standardized log space and a ``(batch, genes)`` point estimate, or
+    ``None`` to use the samples' mean; ``noise``: the batch's standard normal draws, the
+    ``_noise_draws()`` tensors of shape ``(n_samples * batch, genes)`` in the order the
+    sampler uses them, which it then takes instead of drawing from ``generator``), define
+    ``_noise_draws()`` when the repair is random (default 0: deterministic), take
+    ``n_train_cells`` in ``__init__`` and list their config classes in ``_configs``.
+
+    Fitting trains on at most ``n_train_cells`` cells (``train_cells_``; see the module
+    docstring); the posterior of any block of rows is those rows of the posterior of all rows
+    (``posterior_by_rows``), bit for bit.
     """
 
     _configs: ClassVar[dict[str, type]] = {"pairs": PairConfig, "train": TrainConfig}
+    #: cells per prediction batch (a divisor of :data:`SEED_BLOCK`)
     _predict_batch: ClassVar[int] = 256
     uses_reference: ClassVar[bool] = True
     has_var: ClassVar[bool] = True
-    #: the repair noise is one stream over the cells in order (seeded by ``posterior_seed_``)
-    posterior_by_rows: ClassVar[bool] = False
+    #: a cell's repair depends on its row, the fitted state and ``posterior_seed_`` only (the
+    #: noise is laid out by fixed batches and seed blocks of cells; see ``_posterior``)
+    posterior_by_rows: ClassVar[bool] = True
     #: repairing degraded input: its counts need not be integers
     _posterior_checks: ClassVar[dict[str, Any]] = {"warn_empty": False, "require_integer": False}
+
+    def __getstate__(self) -> dict:
+        state = dict(super().__getstate__())
+        state.pop("_noise_marks", None)  # where the last posterior's noise stopped: a cache
+        return state
 
     # ---- hooks -------------------------------------------------------------------------------
     def _build_module(self, n_genes: int):  # pragma: no cover - abstract
@@ -204,8 +314,13 @@ class PairImputer(BaseImputer):
         """The validation score early stopping monitors (default: the training loss)."""
         return self._loss(module, x0, c, generator)
 
-    def _sample(self, module, c, n_samples: int, generator):  # pragma: no cover - abstract
+    def _sample(self, module, c, n_samples: int, generator, noise=None):  # pragma: no cover
         raise NotImplementedError
+
+    def _noise_draws(self) -> int:
+        """Standard normal tensors of shape ``(n_samples * batch, genes)`` one prediction batch
+        draws (0: the repair is deterministic)."""
+        return 0
 
     def _n_samples(self) -> int:
         return 1
@@ -246,6 +361,12 @@ class PairImputer(BaseImputer):
         if not float(pcfg.zero_threshold) >= 0:
             msg = f"zero_threshold must be >= 0, got {pcfg.zero_threshold!r}."
             raise ValueError(msg)
+        cap = getattr(self, "n_train_cells", None)
+        if cap is not None and (
+            isinstance(cap, (bool, np.bool_)) or not isinstance(cap, (int, np.integer)) or cap < 10
+        ):
+            msg = f"n_train_cells must be None or an integer >= 10, got {cap!r}."
+            raise ValueError(msg)
 
     def _standardize(self, v: np.ndarray) -> np.ndarray:
         return ((v - self.gene_mean_) / self.gene_scale_).astype(np.float32)
@@ -268,52 +389,72 @@ class PairImputer(BaseImputer):
         """Make training pairs from the (clean) profiles ``x`` and train the network.
 
         ``fit(data)`` takes cells x genes raw counts (AnnData, ndarray or sparse): the clean
-        reference. The fitted estimator has ``var_names_``, ``hvg_`` (bool mask over genes),
-        ``gene_mean_``/``gene_scale_`` (standardization of the log values), ``module_``,
-        ``history_`` (one row per epoch) and ``posterior_seed_`` (the integer seed of the repair
-        noise: ``rng`` itself when it is an int, else one draw from it).
+        reference. Above ``n_train_cells`` cells a random sample of that many (drawn first from
+        ``rng``; ``train_cells_``, sorted) stands for all of them in everything below; at or
+        below it every cell is used and ``rng`` is not touched for it. The fitted estimator
+        has ``var_names_``, ``hvg_`` (bool mask over genes: the top ``n_top_genes`` by
+        dispersion over the training cells), ``gene_mean_``/``gene_scale_`` (standardization of
+        the log values, from the training cells' clean profiles), ``clip_``, ``module_``,
+        ``history_`` (one row per epoch), ``train_cells_`` (``None``: all cells) and
+        ``posterior_seed_`` (the integer seed of the repair noise: ``rng`` itself when it is an
+        int, else one draw from it).
         """
         from .. import pp
 
         torch = import_torch()
         pcfg, tcfg = self._pairs_cfg(), self._train_cfg()
         rng = as_rng(self.rng)
+        cap = getattr(self, "n_train_cells", None)
+        self.train_cells_ = None
+        if cap is not None and x.shape[0] > int(cap):
+            cells = np.sort(rng.choice(x.shape[0], size=int(cap), replace=False))
+            logger.info("%s: training on %d of %d cells (n_train_cells)", self.name, cells.size,
+                        x.shape[0])
+            self.train_cells_ = cells
+            x = x[cells]
         n_top = int(pcfg.n_top_genes)
         if x.shape[1] <= n_top:
             hvg = np.ones(x.shape[1], dtype=bool)
         else:
             hvg = pp.hvg_dispersion(x, n_top)["highly_variable"].to_numpy(dtype=bool)
         genes = np.flatnonzero(hvg)
-        k = n_views(pcfg, x.shape[0])
+        n = x.shape[0]
+        k = n_views(pcfg, n)
         gene_length = self._gene_length(ctx)
-        with log_task(f"making {k} degraded view(s) of {x.shape[0]} cells", logger):
-            clean, views = make_pairs(x, genes, pcfg, k, rng, gene_length)
+        with log_task(f"making {k} degraded view(s) of {n} cells", logger):
+            clean_log, views = make_pairs(x, genes, pcfg, k, rng, gene_length)
         # centred per gene, scaled by one overall sd: a per-gene sd would blow up rarely
-        # detected genes (sd ~ 0 in the reference) when a degraded cell does express them
+        # detected genes (sd ~ 0 in the reference) when a degraded cell does express them.
+        # The statistics need the clean profiles dense once (centred in place, then freed).
+        clean = clean_log.toarray()
         self.gene_mean_ = clean.mean(0).astype(np.float32)
-        sd = float((clean - self.gene_mean_).std())
-        self.gene_scale_ = np.full(len(genes), max(sd, 1e-3), dtype=np.float32)
-        clean_z = self._standardize(clean)
-        views_z = self._standardize(views)
         # plausible range of a repaired log value: [0, max over the reference + 0.5]
         top = float(clean.max()) + 0.5
+        clean -= self.gene_mean_
+        sd = float(clean.std())
+        del clean
+        self.gene_scale_ = np.full(len(genes), max(sd, 1e-3), dtype=np.float32)
         self.clip_ = self._standardize(np.stack([np.zeros(len(genes)), np.full(len(genes), top)]))
 
         device = resolve_device(tcfg.device)
-        n = x.shape[0]
         train_cells, val_cells = split_cells(n, tcfg.val_frac, rng)
         # pair index p -> (view p // n, cell p % n); validation uses only the first view
         train_idx = (np.arange(k)[:, None] * n + train_cells[None]).ravel()
         val_idx = val_cells
-        x0_all = torch.from_numpy(clean_z)
-        c_all = torch.from_numpy(views_z.reshape(k * n, -1))
         seed = torch_seed(rng)
         gen = torch.Generator(device=device).manual_seed(seed)
 
+        def batch(rows):  # standardized (x0, c) of these pairs, dense for the batch only
+            cells, view = rows % n, rows // n
+            c = np.empty((len(rows), len(genes)), dtype=np.float32)
+            for v in np.unique(view):
+                sel = view == v
+                c[sel] = self._standardize(views[v][cells[sel]].toarray())
+            x0 = self._standardize(clean_log[cells].toarray())
+            return torch.from_numpy(x0).to(device), torch.from_numpy(c).to(device)
+
         def loss_fn(rows, training):
-            rows_t = torch.as_tensor(rows, dtype=torch.long)
-            x0 = x0_all[rows_t % n].to(device)
-            c = c_all[rows_t].to(device)
+            x0, c = batch(np.asarray(rows))
             if training:
                 return LossOutput(loss=self._loss(module, x0, c, gen))
             g = torch.Generator(device=device).manual_seed(int(rows[0]))
@@ -322,13 +463,11 @@ class PairImputer(BaseImputer):
         on_epoch = None
         if pcfg.redraw_views:  # one view's training cells get fresh damage at every epoch
             redraw_rng = np.random.default_rng(rng.integers(2**63))
-            c_view = c_all.view(k, n, -1)
 
             def on_epoch(epoch: int) -> None:
-                fresh = _log_profiles(degrade_view(x, pcfg, redraw_rng, gene_length), genes)
-                c_view[(epoch - 1) % k, train_cells] = torch.from_numpy(
-                    self._standardize(fresh[train_cells])
-                )
+                fresh = _log_csr(degrade_view(x, pcfg, redraw_rng, gene_length), genes)
+                v = (epoch - 1) % k
+                views[v] = _replace_rows(views[v], fresh, train_cells)
 
         with _seeded_torch(seed, device):
             module = self._build_module(len(genes)).to(device)
@@ -346,7 +485,22 @@ class PairImputer(BaseImputer):
         self.posterior_seed_ = fit_seed(self.rng)
 
     def _posterior(self, x, ctx: DataContext) -> Posterior:
-        """Repair the profiles ``x`` (counts, not necessarily integers).
+        """Repair the profiles ``x`` (counts, not necessarily integers): the rows ``ctx.rows`` of
+        a data set of ``ctx.n_obs`` cells.
+
+        The cells are repaired in fixed batches of ``_predict_batch`` (256) cells of the data
+        set, ``[256 i, 256 (i + 1))`` (the last one clipped at ``n_obs``); a batch that ``x``
+        holds only in part is run whole, its other rows zero, so every cell meets the same
+        arithmetic on any block of rows. Random repairs (diffusion) draw each batch's noise
+        from the generator of its seed block of :data:`SEED_BLOCK` (8,192) cells: block 0 from
+        ``posterior_seed_`` as before seed blocks existed (data of at most 8,192 cells get the
+        noise, hence the output, of earlier releases), block ``j`` from
+        ``SeedSequence(posterior_seed_, spawn_key=(j,))``; a batch takes its draws after those
+        of the block's earlier batches. The posterior of a cell thus depends on its row, the
+        fitted state, ``posterior_seed_`` and ``n_obs`` only, never on how the rows are split
+        into blocks or in which order blocks are asked for. A block that starts inside a seed
+        block replays the noise of that seed block's earlier batches (at most 8,191 cells' worth),
+        unless it continues where the estimator's previous call stopped.
 
         Returns
         -------
@@ -367,7 +521,12 @@ class PairImputer(BaseImputer):
             raise ValueError(msg)
         device = resolve_device(self._train_cfg().device)
         module = self.module_.to(device)
-        gen = torch.Generator(device=device).manual_seed(torch_seed(as_rng(self.posterior_seed_)))
+        size = self._predict_batch
+        r0 = int(ctx.rows.start or 0)
+        r1 = r0 + x.shape[0]
+        n_obs = max(int(ctx.n_obs), r1)
+        noise = _Noise(self.posterior_seed_, device, (self._noise_draws(), n_samples, len(genes)),
+                       size, getattr(self, "_noise_marks", ()))
         mean = x.toarray() if sp.issparse(x) else np.array(x)
         mean = mean.astype(np.float32)
         var = np.zeros_like(mean) if n_samples > 1 else None
@@ -375,17 +534,27 @@ class PairImputer(BaseImputer):
             log_task(f"repairing {x.shape[0]} cells with {self.name}", logger),
             torch.inference_mode(),
         ):
-            for start in range(0, x.shape[0], self._predict_batch):
-                stop = min(start + self._predict_batch, x.shape[0])
-                cb = torch.from_numpy(c[start:stop]).to(device)
-                z, point = self._sample(module, cb, n_samples, gen)
+            for b0 in range(r0 - r0 % size, r1, size):
+                b1 = min(b0 + size, n_obs)  # the batch; x holds its rows lo:hi
+                lo, hi = max(b0, r0), min(b1, r1)
+                cb = c[lo - r0 : hi - r0]
+                if (lo, hi) != (b0, b1):  # run the whole batch: the same arithmetic per cell
+                    whole = np.zeros((b1 - b0, len(genes)), dtype=np.float32)
+                    whole[lo - b0 : hi - b0] = cb
+                    cb = whole
+                eps = noise.draws(b0, b1)
+                z, point = self._sample(module, torch.from_numpy(cb).to(device), n_samples,
+                                        None, noise=eps)
+                part = slice(lo - b0, hi - b0)
+                start, stop = lo - r0, hi - r0
+                z = z[:, part]
                 counts = _norm.to_counts(
                     self._unstandardize(z.float().cpu().numpy()), lib[start:stop]
                 )
                 if point is None:
                     repaired = counts.mean(0)
                 else:
-                    p = self._unstandardize(point.float().cpu().numpy())
+                    p = self._unstandardize(point[part].float().cpu().numpy())
                     repaired = _norm.to_counts(p, lib[start:stop])
                 if zero_threshold > 0:  # observed zeros whose repaired value is small stay zero
                     low = _log_profiles(repaired, slice(None), lib[start:stop]) < zero_threshold
@@ -393,6 +562,8 @@ class PairImputer(BaseImputer):
                 mean[start:stop, genes] = repaired
                 if var is not None:
                     var[start:stop, genes] = counts.var(0, ddof=1)
+        if noise.marks:
+            self._noise_marks = noise.marks
         self.module_ = module.cpu()
         return Posterior(mean=mean, var=var)
 

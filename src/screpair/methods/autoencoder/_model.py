@@ -2,7 +2,10 @@
 
 Both use exactly the diffusion method's data pipeline and training pairs
 (:mod:`screpair.methods._pairs`): input the degraded log profile ``c``, target the clean
-``x0`` (standardized log values of the top HVGs), output back on the count scale.
+``x0`` (standardized log values of the top HVGs), output back on the count scale. Training
+uses at most ``n_train_cells`` cells; the repair is deterministic (no noise: the networks run
+in eval mode and the VAE decodes its posterior mean), one cell's output depends only on its
+row and the fitted model, and ``posterior_by_rows`` holds.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..._utils import RNGLike
-from .._pairs import PairConfig, PairImputer
+from .._pairs import TRAIN_CELLS, PairConfig, PairImputer
 from .._torch import TrainConfig, import_torch
 
 
@@ -52,11 +55,13 @@ class _AEImputer(PairImputer):
         module: AEConfig | None = None,
         train: TrainConfig | None = None,
         pairs: PairConfig | None = None,
+        n_train_cells: int | None = TRAIN_CELLS,
         rng: RNGLike = None,
     ):
         self.module = module
         self.train = train
         self.pairs = pairs
+        self.n_train_cells = n_train_cells
         self.rng = rng
 
     def _build_module(self, n_genes: int):
@@ -78,6 +83,12 @@ class DAEImputer(_AEImputer):
         Training settings (:class:`~screpair.methods.TrainConfig`).
     pairs
         Training-pair settings (:class:`~screpair.methods.diffusion.PairConfig`).
+    n_train_cells
+        Most cells trained on (``None``: all). Above it a random sample of this many cells
+        (drawn first from ``rng``; ``train_cells_``) gives the HVGs, the standardization and
+        the training pairs; at or below it every cell is used, exactly as before the cap
+        existed. Default 50,000. Prediction covers every cell either way, by rows
+        (:func:`screpair.impute_file` computes it block by block).
     rng
         Seed or ``numpy.random.Generator``.
     """
@@ -89,7 +100,7 @@ class DAEImputer(_AEImputer):
         torch = import_torch()
         return torch.nn.functional.mse_loss(module(c), x0)
 
-    def _sample(self, module, c, n_samples, generator):
+    def _sample(self, module, c, n_samples, generator, noise=None):
         return module(c)[None], None
 
 
@@ -107,6 +118,12 @@ class VAEImputer(_AEImputer):
         Training settings (:class:`~screpair.methods.TrainConfig`).
     pairs
         Training-pair settings (:class:`~screpair.methods.diffusion.PairConfig`).
+    n_train_cells
+        Most cells trained on (``None``: all). Above it a random sample of this many cells
+        (drawn first from ``rng``; ``train_cells_``) gives the HVGs, the standardization and
+        the training pairs; at or below it every cell is used, exactly as before the cap
+        existed. Default 50,000. Prediction covers every cell either way, by rows
+        (:func:`screpair.impute_file` computes it block by block).
     rng
         Seed or ``numpy.random.Generator``.
     """
@@ -121,5 +138,5 @@ class VAEImputer(_AEImputer):
         recon = torch.nn.functional.mse_loss(x_hat, x0)
         return recon + self._module_cfg().kl_weight * kl / x0.shape[1]
 
-    def _sample(self, module, c, n_samples, generator):
+    def _sample(self, module, c, n_samples, generator, noise=None):
         return module(c, None)[0][None], None

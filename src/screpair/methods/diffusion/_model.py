@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..._utils import RNGLike
-from .._pairs import PairConfig, PairImputer
+from .._pairs import TRAIN_CELLS, PairConfig, PairImputer
 from .._torch import TrainConfig, import_torch
 from ._schedule import NoiseSchedule
 
@@ -136,8 +136,25 @@ class DiffusionImputer(PairImputer):
         minimum-MSE repair, which the mean of ``n_samples`` samples only approaches as
         ``n_samples`` grows (its error exceeds it by the posterior variance / ``n_samples``).
         ``"samples"``: the mean of the final samples (the paper).
+    n_train_cells
+        Most cells trained on (``None``: all). Above it a random sample of this many cells
+        (drawn first from ``rng``; ``train_cells_``) gives the HVGs, the standardization and
+        the training pairs; at or below it every cell is used, exactly as before the cap
+        existed. Default 50,000. Repair covers every cell either way.
     rng
-        Seed or ``numpy.random.Generator`` (pair making, split, initialization, noise).
+        Seed or ``numpy.random.Generator`` (sample, pair making, split, initialization, noise).
+        ``fit`` fixes the repair noise's seed, ``posterior_seed_``: the same output on every
+        call and after save / load.
+
+    Notes
+    -----
+    Large data: the repair of a cell depends only on its row, the fitted model and
+    ``posterior_seed_`` (``posterior_by_rows``), so :func:`screpair.impute_file` computes it
+    block by block and writes the in-memory path's values for any ``chunk_rows``. The noise is
+    laid out by fixed batches of 256 cells and seed blocks of ``SEED_BLOCK`` (8,192) cells,
+    one generator each (see :meth:`PairImputer._posterior`); the first seed block keeps the
+    single noise stream of earlier releases, so data of up to 8,192 cells repair exactly as
+    before, larger data get fresh noise from their 8,193rd cell on.
 
     Examples
     --------
@@ -169,6 +186,7 @@ class DiffusionImputer(PairImputer):
         n_inference_steps: int = 4,
         eta: float = 0.0,
         mean: str = "denoiser",
+        n_train_cells: int | None = TRAIN_CELLS,
         rng: RNGLike = None,
     ):
         self.module = module
@@ -178,6 +196,7 @@ class DiffusionImputer(PairImputer):
         self.n_inference_steps = n_inference_steps
         self.eta = eta
         self.mean = mean
+        self.n_train_cells = n_train_cells
         self.rng = rng
 
     def _schedule(self) -> NoiseSchedule:
@@ -257,31 +276,48 @@ class DiffusionImputer(PairImputer):
             msg = f"val_metric must be 'loss' or 'repair', got {cfg.val_metric!r}."
             raise ValueError(msg)
 
-    def _sample(self, module, c, n_samples: int, generator):
+    def _noise_draws(self) -> int:
+        """The starting noise, plus one fresh noise per step but the last when ``eta > 0``."""
+        n_steps = len(self._schedule().timesteps(int(self.n_inference_steps)))
+        return 1 + (n_steps - 1 if float(self.eta) > 0 else 0)
+
+    def _sample(self, module, c, n_samples: int, generator, noise=None):
         """DDIM reverse process from pure noise, ``n_samples`` per cell: the samples ``(S, B, G)``
-        and the point estimate ``(B, G)`` (``None`` for ``mean="samples"``)."""
+        and the point estimate ``(B, G)`` (``None`` for ``mean="samples"``).
+
+        The starting noise and (``eta > 0``) each step's fresh noise come from ``noise`` when
+        given (:meth:`_noise_draws` tensors of shape ``(S * B, G)``, sample-major rows: row
+        ``s * B + b`` is sample ``s`` of cell ``b``), else they are drawn from ``generator``
+        in that order."""
         self._check_mean()
         torch = import_torch()
         sched = self._schedule()
         b, g = c.shape
         cond = c.repeat(n_samples, 1)
-        x = torch.randn(cond.shape, generator=generator, device=c.device, dtype=c.dtype)
+        draws = iter(noise) if noise is not None else None
+        if draws is None:
+            x = torch.randn(cond.shape, generator=generator, device=c.device, dtype=c.dtype)
+        else:
+            x = next(draws).to(device=c.device, dtype=c.dtype)
         clip = torch.as_tensor(self.clip_, device=c.device, dtype=c.dtype)
         n_inf = int(self.n_inference_steps)
         ts = sched.timesteps(n_inf)
+        eta = float(self.eta)
         point = None
         for i, t in enumerate(ts):
             prev_t = int(ts[i + 1]) if i + 1 < len(ts) else -1
             tt = torch.full((cond.shape[0],), int(t), device=c.device, dtype=torch.long)
             pred = module(x, tt, cond)  # v or eps (module.prediction_type)
+            z = next(draws) if draws is not None and eta > 0 and prev_t >= 0 else None
             out = sched.step(
                 pred,
                 int(t),
                 x,
                 prev_t=prev_t,
-                eta=float(self.eta),
+                eta=eta,
                 clip=(clip[0], clip[1]),
                 generator=generator,
+                noise=z,
             )
             x = out.prev
             if i == 0 and self.mean == "denoiser":

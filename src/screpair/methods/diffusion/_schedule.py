@@ -164,6 +164,7 @@ class NoiseSchedule:
         eta: float = 0.0,
         clip: tuple[float | torch.Tensor, float | torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> StepOutput:
         """One reverse step from timestep ``t`` to ``prev_t``.
 
@@ -189,6 +190,9 @@ class NoiseSchedule:
             with the clipped ``x0_hat`` (as diffusers does when thresholding).
         generator
             Source of the fresh noise ``z`` when ``eta > 0``.
+        noise
+            The fresh noise ``z`` itself (shaped like ``x_t``), instead of a draw from
+            ``generator``; used only when ``eta > 0`` and ``prev_t >= 0``.
         """
         torch = import_torch()
         t = int(t)
@@ -216,6 +220,8 @@ class NoiseSchedule:
         direction = (1.0 - a_s - sigma**2).clamp_min(0.0).sqrt() * eps_hat
         prev = a_s.sqrt() * x0_hat + direction
         if eta > 0 and prev_t >= 0:
-            z = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
+            z = noise if noise is not None else torch.randn(
+                x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device
+            )
             prev = prev + sigma * z
         return StepOutput(prev=prev, x0_hat=x0_hat)
