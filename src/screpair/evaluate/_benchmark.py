@@ -1005,7 +1005,8 @@ def plot_ranking(results: pd.DataFrame, out_dir, *, ours=None) -> list[Path]:
     cost = {w: np.array([[ranks.at[m, f"{w}[{d}]"] if f"{w}[{d}]" in ranks else np.nan
                           for d in datasets] for m in methods], dtype=float)
             for w in ("seconds", "peak_mem_mb")}
-    w_heat, w_bar, w_cost = 0.34 * len(pairs) + 0.4, 2.6, 0.36 * len(datasets) + 0.4
+    w_heat = max(3.2, 0.34 * len(pairs) + 0.4)
+    w_bar, w_cost = 2.6, max(1.8, 0.36 * len(datasets) + 0.4)
     fig, axes = plt.subplots(
         1, 4, figsize=(w_heat + w_bar + 2 * w_cost + 1.6, 0.34 * n_m + 3.2),
         gridspec_kw={"width_ratios": [w_heat, w_bar, w_cost, w_cost]}, layout="constrained")
@@ -1015,7 +1016,7 @@ def plot_ranking(results: pd.DataFrame, out_dir, *, ours=None) -> list[Path]:
     ax.set_yticks(range(n_m), methods, fontsize=8)
     _style_method_labels(ax.get_yticklabels(), mine)
     _group_labels(ax, [p for p, _ in pairs])
-    ax.set_title("rank per protocol x dataset (mean over its metrics; 1 = best)", fontsize=9)
+    ax.set_title("rank per protocol · dataset\n(mean over its metrics; 1 = best)", fontsize=9)
     cb = fig.colorbar(im, ax=ax, location="bottom", shrink=0.25, aspect=30, pad=0.01)
     cb.set_label("rank (1 = best)", fontsize=7)
     cb.ax.tick_params(labelsize=7)
@@ -1030,11 +1031,11 @@ def plot_ranking(results: pd.DataFrame, out_dir, *, ours=None) -> list[Path]:
     ax.set_yticks(y, [])
     ax.set_xlim(0, right * 1.45 + 0.5)
     ax.set_xlabel("mean rank ± sd ↓ lower is better", fontsize=8)
-    ax.set_title(f"mean rank over {int(ranks['n_experiments'].max())} experiments",
+    ax.set_title(f"mean rank ± sd\nover {int(ranks['n_experiments'].max())} experiments",
                  fontsize=9)
     ax.tick_params(labelsize=7)
-    for ax, what, title, cmap in ((axes[2], "seconds", "seconds per job ↓", "Oranges"),
-                                  (axes[3], "peak_mem_mb", "peak MB per job ↓", "Purples")):
+    for ax, what, title, cmap in ((axes[2], "seconds", "seconds / job ↓", "Oranges"),
+                                  (axes[3], "peak_mem_mb", "peak MB / job ↓", "Purples")):
         v = cost[what]
         finite = v[np.isfinite(v) & (v > 0)]
         lo, hi = (max(finite.min(), 1e-2), finite.max()) if finite.size else (0.1, 1.0)
@@ -1042,7 +1043,7 @@ def plot_ranking(results: pd.DataFrame, out_dir, *, ours=None) -> list[Path]:
         _heat(ax, np.where(v > 0, v, lo), cmap=cmap, norm=norm, fmt=_short)
         ax.set_xticks(range(len(datasets)), datasets, rotation=90, fontsize=7)
         ax.set_yticks(range(n_m), [])
-        ax.set_title(f"{title}\n(method fit + repair, mean)", fontsize=9)
+        ax.set_title(f"{title}\n(fit + repair, mean)", fontsize=9)
     axes[3].yaxis.tick_right()
     axes[3].set_yticks(range(n_m), methods, fontsize=8)
     _style_method_labels(axes[3].get_yticklabels(), mine)
