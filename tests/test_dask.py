@@ -306,8 +306,14 @@ def test_checked_before_the_work(stores, tmp_path, client, monkeypatch):
     monkeypatch.setattr("screpair.methods._file.read_all", no_reading)
     with pytest.raises(ValueError, match=r"output must be a \.zarr store"):
         screpair.impute_file(paths["zarr"], tmp_path / "out.h5ad", "alra", client=client)
+    from screpair.methods.alra import ALRAImputer
+
+    class WholeALRA(ALRAImputer):  # a method whose posterior needs all cells at once
+        posterior_by_rows = False
+
     with pytest.raises(ValueError, match="posterior_by_rows is False"):
-        screpair.impute_file(paths["zarr"], tmp_path / "out.zarr", "dae", client=client)
+        screpair.impute_file(paths["zarr"], tmp_path / "out.zarr", WholeALRA(k=5),
+                             client=client)
     csv = tmp_path / "in.csv"
     screpair.write(ad, csv)
     with pytest.raises(ValueError, match=r"input must be an \.h5ad file or a \.zarr store"):
@@ -395,3 +401,26 @@ def test_mixture_blocks_equal_whole_cluster(sim):
         for name in ("eta", "alpha", "beta", "mu", "sigma"):
             np.testing.assert_array_equal(getattr(fit, name)[c], getattr(whole, name))
         np.testing.assert_array_equal(fit.n_iter[c], whole.n_iter)
+
+
+@pytest.mark.parametrize("method", ["dae", "diffusion"])
+def test_pair_methods_by_rows_on_workers(stores, tmp_path, client, one_torch_thread, method):
+    """dae / vae / diffusion compute their posterior by rows (diffusion's noise laid out by
+    fixed blocks of cells): trained on this process, applied by blocks on the workers, the
+    single-process output bit for bit."""
+    ad, paths = stores
+    params = {"train": {"n_epochs": 1, "batch_size": 64, "patience": 0, "progress": False,
+                        "device": "cpu"},
+              "pairs": {"n_top_genes": 60, "n_views": 2}}
+    params["module"] = ({"hidden": 16, "latent": 4} if method == "dae" else
+                        {"patch_size": 10, "d_model": 16, "n_layers": 1, "n_heads": 2,
+                         "dim_feedforward": 16, "cond_hidden": 16, "cond_dim": 8})
+    if method == "diffusion":  # a random repair: eta > 0, two samples
+        params |= {"n_samples": 2, "n_inference_steps": 3, "eta": 0.5}
+    kw = {"chunk_rows": ROWS, "progress": False, **params}
+    screpair.impute_file(paths["zarr"], tmp_path / "plain.zarr", method, **kw)
+    rec = screpair.impute_file(paths["zarr"], tmp_path / "dask.zarr", method, client=client,
+                               **kw)
+    ref, back = _read(tmp_path / "plain.zarr"), _read(tmp_path / "dask.zarr")
+    _assert_same(ref, back)
+    assert method in back.layers and rec["dask"]["n_workers"] == 2

@@ -23,10 +23,11 @@ worker, the per-gene float sums chained in row order) and, while the fit runs in
 gene batches, the dropout model's EM blocks), whose results the fit combines in block order.
 Every value sent to the workers is realigned there (:class:`_Aligned`).
 
-The posteriors of the ``posterior_by_rows`` methods (alra, knn, saver, cnn) draw no random
-numbers: each block's values depend only on its rows and the fitted state, never on the worker
-or the order in which blocks finish, so any number of workers gives the single-process output
-bit for bit (the same row blocks are used; no per-block seed is needed).
+The posteriors of the ``posterior_by_rows`` methods (alra, knn, saver, cnn, dae, vae,
+diffusion) depend only on their rows and the fitted state (diffusion's repair noise is drawn
+per fixed block of cells, from the fitted seed), never on the worker or the order in which
+blocks finish, so any number of workers gives the single-process output bit for bit (the same
+row blocks are used; no per-worker seed).
 
 :func:`screpair.impute` (in memory) takes no client: its data already live in the calling
 process, so spreading the posterior would send every block to the workers and every result
@@ -431,12 +432,14 @@ class _Aligned:
     """A value to scatter whose arrays are realigned when a worker unpickles it.
 
     Dask hands the numpy buffers of an unpickled object out as views of the received frames,
-    at any byte offset: the arrays are not aligned to their item size. NumPy computes some
-    operations on unaligned arrays by other loops than on aligned ones (``matmul`` does not
-    call BLAS, for one), which may round differently, so a block computed on a worker could
-    differ in the last bits from the same block computed here. Unpickled, this wrapper gives
-    its value back with every array copied to aligned memory (:func:`_realign`), once per
-    worker."""
+    at any byte offset: the arrays are not aligned to their item size (measured: offsets of
+    62, 31, 33 bytes mod 64). With such arrays, SAVER's maximum correlations computed on a
+    worker differed from the same batches computed here in the last bit (1 to 6 of 99 genes,
+    varying from run to run); with the arrays copied to aligned memory they are identical
+    (tests/test_dask.py). Which operation rounds differently on unaligned data was not pinned
+    down (matmul, mean and std of unaligned copies gave the same bits in isolation), so
+    every scattered value is realigned. Unpickled, this wrapper gives its value back with
+    every array copied to aligned memory (:func:`_realign`), once per worker."""
 
     def __init__(self, value):
         self.value = value
@@ -513,7 +516,7 @@ def _ordered_results(client, func, blocks: list, shared: tuple):
     own: list = [None] * len(shared)  # futures of the plain values, scattered for this call
     futures: dict[int, Any] = {}
     try:
-        args = _first_scatter(shared, own, scatter)
+        args = _scattered_args(shared, own, scatter)
         futures = {b: client.submit(_run_aligned, func, *args, blk, pure=False,
                                     key=f"{token}-{b}-0")
                    for b, blk in enumerate(blocks)}
@@ -531,7 +534,7 @@ def _ordered_results(client, func, blocks: list, shared: tuple):
                         raise RuntimeError(msg) from None
                     logger.warning("Dask: %s's data lost with its workers; scattering it again",
                                    func.__name__)
-                    args = _first_scatter(shared, own, scatter, again=True)
+                    args = _scattered_args(shared, own, scatter, again=True)
                     for j in range(b, len(blocks)):
                         futures[j] = client.submit(_run_aligned, func, *args, blocks[j],
                                                    pure=False, key=f"{token}-{j}-{attempt}")
@@ -545,7 +548,7 @@ def _ordered_results(client, func, blocks: list, shared: tuple):
                 f.release()
 
 
-def _first_scatter(shared: tuple, own: list, scatter, again: bool = False) -> list:
+def _scattered_args(shared: tuple, own: list, scatter, again: bool = False) -> list:
     """The arguments standing for ``shared`` on the workers: each value scattered once (again
     after a loss: ``again``); the futures of plain values kept in ``own`` (released by the
     caller), those of :class:`~screpair._parallel.Shared` values on them."""
