@@ -196,3 +196,15 @@ def test_save_load_same_output_by_rows(sim, tmp_path, small_blocks, posterior_bl
     old = CLASSES[method].load(tmp_path / "m")
     assert old.n_train_cells == _pairs.TRAIN_CELLS
     np.testing.assert_array_equal(old.transform(x), want)
+
+
+def test_noise_marks_of_other_data(sim, monkeypatch, posterior_rows):
+    """Where a call on other data stopped (a last batch clipped at its 50 cells) never shifts
+    the noise of a later call: the same output as a fresh copy of the model."""
+    monkeypatch.setattr(PairImputer, "_predict_batch", 32)
+    monkeypatch.setattr(_pairs, "SEED_BLOCK", 256)
+    x = sp.csr_matrix(sim.layers["counts"], dtype=np.float64)
+    est = _est("diffusion").fit(x)
+    want = est.posterior(x).mean[96:]
+    est.posterior(x[:50])  # leaves marks at cells 32 and 50 (clipped)
+    np.testing.assert_array_equal(posterior_rows(est, x, slice(96, x.shape[0])).mean, want)

@@ -246,8 +246,9 @@ class _Noise:
         if self.gen is None or self.block != block or self.pos > start:
             self.gen = _block_generator(self.seed, block, self.device)
             self.block, self.pos = block, block * SEED_BLOCK
-            for _, b, pos, state in self.marks:  # continue an earlier call
-                if b == block and self.pos <= pos <= start:
+            for _, b, pos, state in self.marks:  # continue an earlier call, from the start
+                # or end of a whole batch (a clipped last batch's end is no batch boundary)
+                if b == block and self.pos <= pos <= start and pos % self.batch == 0:
                     self.gen.set_state(state)
                     self.pos = pos
         while self.pos < start:  # earlier batches of the block: full batches
