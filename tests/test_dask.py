@@ -241,6 +241,7 @@ def test_dropout_model_fit_on_workers(sim, client, model, monkeypatch):
     process."""
     from screpair._parallel import on_cluster
     from screpair.dropout import DropoutModel
+    from screpair.methods._dask import map_on_cluster
 
     x = sp.csr_matrix(sim.X, dtype=np.float64)
     # zinb: blocks of 20 cells (10 E-step tasks per update); scImpute: blocks of genes of
@@ -250,7 +251,7 @@ def test_dropout_model_fit_on_workers(sim, client, model, monkeypatch):
     fits = {}
     for name in ("plain", "dask"):
         dm = DropoutModel(model=model, fit_kwargs=kw, rng=0)
-        with on_cluster(client if name == "dask" else None), \
+        with on_cluster(*((client, map_on_cluster) if name == "dask" else (None,))), \
                 distributed.get_task_stream(client) as ts:
             fits[name] = dm.fit(x, labels=sim.obs["group"])
         tasks = _tasks(ts)

@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "_utils": 0,
     "_norm": 0,
     "_chunks": 0,
+    "_parallel": 0,
     "io": 0,
     "datasets": 0,
     "pp": 1,

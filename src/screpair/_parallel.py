@@ -3,8 +3,10 @@
 The fits that :func:`screpair.impute_file` runs with ``client=`` spread their independent pieces
 (SAVER's gene batches, the dropout model's cluster x gene blocks and its EM's cell blocks) over
 the cluster through :func:`map_blocks`: inside ``with on_cluster(client):`` it submits one task
-per block to the client's workers (:func:`screpair.methods._dask.map_on_cluster`); anywhere else
-it computes the blocks here, one after the other. The same function computes every block either
+per block to the client's workers (the ``mapper`` given, :func:`screpair.methods._dask.map_on_cluster`); anywhere else
+it computes the blocks here, one after the other. The cluster side is handed in by the caller
+(``on_cluster(client, map_on_cluster)``), so this bottom-layer module imports nothing of
+``screpair.methods``. The same function computes every block either
 way and the results come back in block order, for the caller to combine in that order, so a fit
 gives the same numbers, bit for bit, with or without a cluster and whatever the number of
 workers (this holds as long as the function reads only its arguments: no random draws, nothing
@@ -22,14 +24,21 @@ from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from typing import Any
 
-_CLIENT: ContextVar[Any] = ContextVar("screpair_dask_client", default=None)
+#: ``(client, mapper)`` set by :func:`on_cluster`; ``(None, None)``: here
+_CLIENT: ContextVar[tuple[Any, Callable | None]] = ContextVar(
+    "screpair_dask_client", default=(None, None))
 
 
 @contextlib.contextmanager
-def on_cluster(client) -> Iterator[Any]:
+def on_cluster(client, mapper: Callable | None = None) -> Iterator[Any]:
     """Run the :func:`map_blocks` of the code inside the block on the workers of ``client``
-    (a ``dask.distributed.Client``; ``None``: here)."""
-    token = _CLIENT.set(client)
+    (a ``dask.distributed.Client``; ``None``: here) through ``mapper(client, func, blocks,
+    shared)`` (:func:`screpair.methods._dask.map_on_cluster`), which yields the blocks' results
+    in block order."""
+    if client is not None and mapper is None:
+        msg = "on_cluster(client) needs the mapper that submits the blocks (map_on_cluster)."
+        raise TypeError(msg)
+    token = _CLIENT.set((client, mapper))
     try:
         yield client
     finally:
@@ -38,7 +47,7 @@ def on_cluster(client) -> Iterator[Any]:
 
 def current_client():
     """The client set by :func:`on_cluster`, or ``None``."""
-    return _CLIENT.get()
+    return _CLIENT.get()[0]
 
 
 class Shared:
@@ -74,10 +83,8 @@ def map_blocks(func: Callable, blocks: Iterable, *shared) -> Iterator:
     all its tasks.
     """
     blocks = list(blocks)
-    client = _CLIENT.get()
+    client, mapper = _CLIENT.get()
     if client is None or not blocks:
         values = [s.value if isinstance(s, Shared) else s for s in shared]
         return (func(*values, b) for b in blocks)
-    from .methods._dask import map_on_cluster
-
-    return map_on_cluster(client, func, blocks, shared)
+    return mapper(client, func, blocks, shared)

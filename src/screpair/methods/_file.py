@@ -295,8 +295,11 @@ def impute_file(
 
     start = time.perf_counter()
     n_sub, g_sub = job.x.shape
+    mapper = None
+    if client is not None:
+        from ._dask import map_on_cluster as mapper
     with log_task(f"fitting {est.name!r} on {n_sub} cells x {g_sub} genes", logger), \
-            on_cluster(client):  # the fit's block maps on the workers (a client given)
+            on_cluster(client, mapper):  # the fit's block maps on the workers (a client given)
         job.fit()
     post_all = None
     if not job.by_rows:
