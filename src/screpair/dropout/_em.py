@@ -659,14 +659,14 @@ def _cluster_block_task(vals: sp.csr_matrix, em: tuple, block: tuple) -> Mixture
     """The EM of one cluster x gene block ``(cluster, rows, lo, hi)``: the units (genes)
     ``lo:hi`` of the cluster of the cells ``rows``, fitted as :func:`fit_mixture` fits that
     block of the whole cluster (the same :func:`_fit_block` on the same entries), so the
-    blocks together give :func:`_fit_cluster`'s result bit for bit."""
+    blocks together give :func:`_fit_cluster`'s result bit for bit. A gene's unit depends on
+    its own column only, so the units of the block's genes are built from those columns alone
+    (not from the whole cluster, once per block)."""
     max_iter, tol = em
     _, rows, lo, hi = block
-    values, unit_len, mult = _cluster_units(vals[rows])
-    starts = np.concatenate([[0], np.cumsum(unit_len)])
-    sl = slice(starts[lo], starts[hi])
+    values, unit_len, mult = _cluster_units(vals[rows][:, lo:hi])
     out = _empty_fit(hi - lo)
-    _fit_block(values[sl], mult[sl], unit_len[lo:hi], out, 0, POINT, max_iter, tol)
+    _fit_block(values, mult, unit_len, out, 0, POINT, max_iter, tol)
     return out
 
 
