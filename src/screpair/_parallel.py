@@ -2,15 +2,15 @@
 
 The fits that :func:`screpair.impute_file` runs with ``client=`` spread their independent pieces
 (SAVER's gene batches, the dropout model's cluster x gene blocks and its EM's cell blocks) over
-the cluster through :func:`map_blocks`: inside ``with on_cluster(client):`` it submits one task
-per block to the client's workers (the ``mapper`` given, :func:`screpair.methods._dask.map_on_cluster`); anywhere else
-it computes the blocks here, one after the other. The cluster side is handed in by the caller
-(``on_cluster(client, map_on_cluster)``), so this bottom-layer module imports nothing of
-``screpair.methods``. The same function computes every block either
-way and the results come back in block order, for the caller to combine in that order, so a fit
-gives the same numbers, bit for bit, with or without a cluster and whatever the number of
-workers (this holds as long as the function reads only its arguments: no random draws, nothing
-from the worker). Nothing here imports Dask.
+the cluster through :func:`map_blocks`: inside ``with on_cluster(client, mapper):`` it submits
+one task per block to the client's workers through ``mapper``
+(:func:`screpair.methods._dask.map_on_cluster`, handed in by the caller, so this bottom-layer
+module imports nothing of ``screpair.methods``); anywhere else it computes the blocks here, one
+after the other. The same function computes every block either way and the results come back
+in block order, for the caller to combine in that order, so a fit gives the same numbers, bit
+for bit, with or without a cluster and whatever the number of workers (this holds as long as
+the function reads only its arguments: no random draws, nothing from the worker). Nothing here
+imports Dask.
 
 The switch is a context variable (as joblib's ``parallel_backend`` or dask's own ``config.set``)
 rather than a parameter of every estimator: estimators store only their hyper-parameters, and

@@ -502,10 +502,6 @@ def map_on_cluster(client, func, blocks: list, shared: tuple):
     returned submitted again (a block's result depends only on its arguments), at most
     :data:`MAX_SCATTERS` times. Tasks left when the caller stops early or a task fails are
     cancelled."""
-    return _ordered_results(client, func, blocks, shared)
-
-
-def _ordered_results(client, func, blocks: list, shared: tuple):
     from distributed.client import FutureCancelledError
 
     token = f"screpair-{func.__name__}-{uuid.uuid4().hex[:8]}"
