@@ -631,7 +631,7 @@ def _losses_markdown(results: pd.DataFrame, ours) -> list[str]:
     if not mine or summ["method"].nunique() < 2:
         return []
     lost = losses(results, ours=mine)
-    arrow = {m: "↑" if GREATER_IS_BETTER.get(m, True) else "↓" for m in summ["metric"].unique()}
+    arrow = {m: _arrow(m) for m in summ["metric"].unique()}
     lines = ["## Where screpair's methods lose", "",
              "Generated from the results. An experiment is one ranked dataset x protocol x "
              "metric; the winner has the best mean over seeds; *gap* is how much better the "
@@ -697,6 +697,12 @@ def _seeds_line(results: pd.DataFrame) -> str:
     return text + "."
 
 
+def _arrow(metric: str) -> str:
+    """``↑`` for a metric where higher is better, ``↓`` where lower is
+    (:data:`~screpair.evaluate.GREATER_IS_BETTER`)."""
+    return "↑" if GREATER_IS_BETTER.get(metric, True) else "↓"
+
+
 def _fmt(mean: float, sd: float) -> str:
     if not np.isfinite(mean):
         return "nan"
@@ -718,7 +724,7 @@ def markdown_summary(results: pd.DataFrame, *, command: str | None = None, ours=
               "↓ lower is better.", ""]
     for (dataset, protocol), block in summ.groupby(["dataset", "protocol"], sort=False):
         metrics = list(dict.fromkeys(block["metric"]))
-        head = [m if m in UNRANKED else f"{m} {'↑' if GREATER_IS_BETTER.get(m, True) else '↓'}"
+        head = [m if m in UNRANKED else f"{m} {_arrow(m)}"
                 for m in metrics]
         lines += [f"## {dataset} · {protocol}", "",
                   "| method | " + " | ".join(head) + " | mean rank | seconds | peak MB |",
@@ -856,9 +862,8 @@ def _direction(metric: str) -> str:
     """A metric's axis label with its direction (``mse ↓ lower is better``)."""
     if metric in UNRANKED:
         return f"{metric} (not ranked)"
-    if GREATER_IS_BETTER.get(metric, True):
-        return f"{metric} ↑ higher is better"
-    return f"{metric} ↓ lower is better"
+    word = "higher" if GREATER_IS_BETTER.get(metric, True) else "lower"
+    return f"{metric} {_arrow(metric)} {word} is better"
 
 
 def _style_method_labels(labels, ours: set[str]) -> None:

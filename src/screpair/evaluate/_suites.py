@@ -144,12 +144,17 @@ def _data_dir(data_dir) -> Path:
     return Path(data_dir or os.environ.get("SCREPAIR_DATA") or DEFAULT_DATA_DIR).expanduser()
 
 
-def check_suite(name: str, *, data_dir=None) -> Suite:
-    """The suite ``name``, after checking that every file it needs is in the data folder."""
+def _suite(name: str) -> Suite:
+    """The suite ``name`` of :data:`SUITES` (an unknown name refused)."""
     if name not in SUITES:
         msg = f"unknown suite {name!r}; available: {', '.join(SUITES)}."
         raise ValueError(msg)
-    suite, folder = SUITES[name], _data_dir(data_dir)
+    return SUITES[name]
+
+
+def check_suite(name: str, *, data_dir=None) -> Suite:
+    """The suite ``name``, after checking that every file it needs is in the data folder."""
+    suite, folder = _suite(name), _data_dir(data_dir)
     need = {_FILES[d] for r in suite.runs for d in r.datasets if d in _FILES}
     need |= {v for r in suite.runs for p in r.protocol_params.values() for k, v in p.items()
              if k.endswith("_path")}
@@ -208,15 +213,12 @@ def suite_results(name: str, out_dir: str | os.PathLike) -> pd.DataFrame:
     finished jobs of its ``jobs.csv`` and the failed / skipped jobs of its last ``results.csv``
     (:func:`~screpair.evaluate._benchmark.collect_results`), combined. Runs not started yet
     contribute nothing; a run still going contributes the jobs finished so far."""
-    if name not in SUITES:
-        msg = f"unknown suite {name!r}; available: {', '.join(SUITES)}."
-        raise ValueError(msg)
     out = Path(out_dir)
-    parts = [collect_results(out / run.name) for run in SUITES[name].runs]
+    parts = [collect_results(out / run.name) for run in _suite(name).runs]
     parts = [p for p in parts if not p.empty]
     if not parts:
         msg = (f"no job of suite {name!r} recorded in '{out}' (looked for "
-               f"<run>/jobs.csv, e.g. '{out / SUITES[name].runs[0].name / 'jobs.csv'}').")
+               f"<run>/jobs.csv, e.g. '{out / _suite(name).runs[0].name / 'jobs.csv'}').")
         raise FileNotFoundError(msg)
     return pd.concat(parts, ignore_index=True)
 
