@@ -90,6 +90,107 @@ def nearest_neighbors(pcs: np.ndarray, k: int, *, exact_max_cells: int = EXACT_M
     return idx
 
 
+#: the neighbourhood sizes ``KNNImputer(k="mcv")`` chooses from
+MCV_K_GRID = (5, 10, 15, 30, 50, 100)
+#: what ``KNNImputer`` averages: CP10k profiles (``"counts"``) or log1p(CPM) (``"log"``, MAGIC's)
+SPACES = ("counts", "log")
+MCV_LOSSES = ("mse", "poisson")
+_BLOCK = 1024  # rows per block of the calibration's dense predictions
+
+
+def neighbor_matrix(idx: np.ndarray, k: int | None = None) -> sp.csr_matrix:
+    """Row-stochastic ``(rows, n)`` matrix ``W`` averaging each row's first ``k`` neighbours of
+    ``idx`` (``(rows, >= k)`` indices into ``n = idx.shape[0]`` points when all rows are given;
+    ``n`` is ``idx.max() + 1`` at least). ``k=None``: all columns of ``idx``."""
+    idx = idx if k is None else idx[:, :k]
+    n, k = idx.shape
+    return sp.csr_matrix((np.full(n * k, 1.0 / k), idx.ravel(), np.arange(0, n * k + 1, k)),
+                         shape=(n, max(n, int(idx.max()) + 1)))
+
+
+def _smooth(w_rows: sp.csr_matrix, w: sp.csr_matrix, values, steps: int) -> np.ndarray:
+    """``(W^steps)[rows] @ values`` as ``W[rows] @ W ... @ W @ values`` (dense result): the
+    sparse rows of ``W^steps`` are built first (at most ``rows x n``), never ``W^steps``."""
+    p = w_rows
+    for _ in range(steps - 1):
+        p = p @ w
+    out = p @ values
+    return out.toarray() if sp.issparse(out) else np.asarray(out)
+
+
+def _space_values(x, space: str):
+    """What is averaged: CP10k profiles (``"counts"``) or log1p(CPM) (``"log"``)."""
+    if space == "counts":
+        return _norm.normalize(x, _norm.CP10K)
+    return _norm.log_normalize(x, _norm.CPM)
+
+
+def _to_counts(smooth: np.ndarray, lib: np.ndarray, space: str) -> np.ndarray:
+    """Averaged values back on the count scale of library sizes ``lib`` (in place for
+    ``"counts"``)."""
+    if space == "counts":
+        smooth *= (lib / _norm.CP10K)[:, None]  # _norm.unnormalize, in place
+        return smooth
+    return _norm.to_counts(smooth, lib, _norm.CPM)
+
+
+def _neighbors_of(x, k: int, n_pcs: int, *, seed: int, exact_max_cells: int) -> np.ndarray:
+    """Each cell's ``k`` nearest cells in the centred PCA of log1p(CP10k) of ``x``."""
+    lg = _norm.log_normalize(x, _norm.CP10K)
+    n_pcs = max(1, min(int(n_pcs), min(x.shape) - 1))
+    if min(x.shape) > 1:
+        pcs = centred_pca(lg, n_pcs, seed=seed)
+    else:  # a single cell or gene: the centred values themselves
+        lg = lg.toarray() if sp.issparse(lg) else lg
+        pcs = lg - lg.mean(axis=0)
+    return nearest_neighbors(pcs, k, exact_max_cells=exact_max_cells, seed=seed)
+
+
+def _dense(m) -> np.ndarray:
+    return m.toarray() if sp.issparse(m) else np.asarray(m, dtype=np.float64)
+
+
+def mcv_losses(train, test, idx: np.ndarray, ks, *, space: str = "counts", steps: int = 1,
+               loss: str = "mse") -> dict[int, float]:
+    """Molecular cross-validation loss of kNN smoothing of ``train`` with each ``k`` of ``ks``.
+
+    ``train`` / ``test``: a binomial split of the same counts (cells x genes); ``idx``: the
+    cells' neighbours in ``train`` (``(n, >= max(ks))``, nearest first). For each ``k`` the
+    smoothed ``train`` (as :class:`KNNImputer` computes it, count scale at ``train``'s library
+    sizes) is scored against ``test`` by
+
+    - ``loss="mse"``: Open Problems' denoising MSE (both normalised per cell to 1e4 total,
+      log1p, squared difference averaged over all entries; cells without counts stay 0), the
+      value of :func:`screpair.evaluate.mcv_mse`;
+    - ``loss="poisson"``: the Poisson negative log-likelihood of ``test`` under the smoothed
+      means rescaled by ``test.sum() / train.sum()``, ``mean(d - test * log(d + 1e-6))``, the
+      value of :func:`screpair.evaluate.mcv_poisson` with ``order="mcv"``.
+
+    Computed over blocks of rows, so no ``cells x genes`` array is formed beyond one block.
+    """
+    n, g = train.shape
+    lib = _norm.library_size(train)
+    values = _space_values(train, space)
+    scale = float(test.sum()) / float(train.sum())
+    test = sp.csr_matrix(test) if sp.issparse(test) else np.asarray(test, dtype=np.float64)
+    out = {}
+    for k in ks:
+        w = neighbor_matrix(idx, k)
+        total = 0.0
+        for lo in range(0, n, _BLOCK):
+            rows = slice(lo, min(lo + _BLOCK, n))
+            pred = _to_counts(_smooth(w[rows], w, values, steps), lib[rows], space)
+            t = _dense(test[rows])
+            if loss == "mse":
+                d = _norm.log_normalize(pred, _norm.CP10K) - _norm.log_normalize(t, _norm.CP10K)
+                total += float(np.sum(d**2))
+            else:
+                pred *= scale
+                total += float(np.sum(pred - t * np.log(pred + 1e-6)))
+        out[int(k)] = total / (n * g)
+    return out
+
+
 class KNNImputer(BaseImputer):
     """Average each cell's normalized profile with its ``k`` nearest neighbours.
 
@@ -98,35 +199,64 @@ class KNNImputer(BaseImputer):
     formed, sparse input stays sparse); each cell's library-normalized profile is replaced by
     the mean over itself and its ``k - 1`` nearest neighbours, then scaled back to the cell's
     own library size (count scale). This is the smoothing idea of knn-smoothing (Wagner et al.
-    2018) in a single step.
+    2018) in a single step; ``steps > 1`` repeats the averaging (``W^steps``, ``W`` the
+    row-stochastic neighbour matrix), as MAGIC's diffusion does.
 
     Parameters
     ----------
     k
-        Neighbourhood size, the cell itself included (``k=1`` returns the input).
+        Neighbourhood size, the cell itself included (``k=1`` returns the input), or ``"mcv"``:
+        chosen from ``k_grid`` by molecular cross-validation of the counts given to ``fit``
+        (Batson, Royer & Webber 2019): they are split binomially (``mcv_train_frac`` of the
+        molecules to a training half, seeded by ``rng``), the training half is smoothed with
+        every ``k`` (its own neighbours) and scored against the held-out half by ``mcv_loss``
+        (:func:`mcv_losses`); the ``k`` with the lowest loss is then used on all the counts.
     n_pcs
         Number of principal components used for the distances.
+    steps
+        Number of averaging steps (``1``: one average over the neighbours).
+    space
+        What is averaged: ``"counts"`` (default) the CP10k profiles, an arithmetic mean of the
+        neighbours' expression; ``"log"`` their log1p(CPM) values, mapped back with
+        ``expm1(v) * L / 1e6`` (MAGIC's space: close to a geometric mean, which shrinks genes
+        that few neighbours express towards 0).
+    k_grid
+        Candidate neighbourhood sizes for ``k="mcv"`` (those above the number of cells are
+        capped to it).
+    mcv_loss
+        ``"mse"``: Open Problems' denoising MSE of log1p(CP10k) values; ``"poisson"``: the
+        Poisson NLL of the held-out counts (see :func:`mcv_losses`).
+    mcv_train_frac
+        The share of molecules in the calibration's training half.
     exact_max_cells
         Up to this many cells the neighbours are exact; above it they come from pynndescent's
         approximate ``NNDescent`` (:func:`nearest_neighbors`; ``0``: always approximate).
     rng
-        Seed for the randomized SVD and the approximate neighbour search.
+        Seed for the randomized SVD, the approximate neighbour search and the calibration split.
 
     Attributes
     ----------
+    k_
+        The neighbourhood size used (``k``, capped to the number of cells, or the calibrated one).
+    mcv_losses_
+        With ``k="mcv"``: ``{k: loss}`` of every candidate (lower is better); else ``None``.
     neighbors_
-        ``(n_cells, k)`` each fitted cell's neighbours (row indices).
+        ``(n_cells, k_)`` each fitted cell's neighbours (row indices).
     normalized_
-        The fitted cells' counts scaled to 1e4 per cell (CSR for sparse input), which the
-        posterior averages.
+        What the posterior averages: the fitted cells' counts scaled to 1e4 per cell
+        (``space="counts"``) or their log1p(CPM) (``"log"``); CSR for sparse input.
 
     Notes
     -----
     Transductive: ``transform`` needs the cells given to ``fit``; it averages the fitted cells'
     normalized profiles and uses the given counts only for their library sizes. The posterior
-    of a block of rows (``ctx.rows``) is ``W[rows] @ normalized_`` (``W`` the row-stochastic
-    neighbour matrix), so blocks stack to the all-rows result; memory is the sparse input, the
-    ``cells x (n_pcs + 10)`` PCA blocks and the dense output block.
+    of a block of rows (``ctx.rows``) is ``(W^steps)[rows] @ normalized_``, so blocks stack to
+    the all-rows result; memory is the sparse input, the ``cells x (n_pcs + 10)`` PCA blocks,
+    the sparse rows of ``W^steps`` and the dense output block. ``k="mcv"`` costs one more PCA and
+    neighbour search (on the training half) and one smoothing per candidate.
+
+    *Molecular cross-validation* (issue 19, ``benchmarks/mcv_smoothing.py``, rng 0, scored on the
+    benchmark's MCV test split, which the method never sees): MCV_NUMBERS
 
     *Approximate neighbours* (above ``exact_max_cells``; measured by forcing them with
     ``exact_max_cells=0``, rng 0, ``benchmarks/bench_methods_scale.py --accuracy``): on pbmc3k
@@ -142,43 +272,75 @@ class KNNImputer(BaseImputer):
     name = "knn"
     transductive = True
 
-    def __init__(self, *, k: int = 15, n_pcs: int = 30, exact_max_cells: int = EXACT_MAX_CELLS,
+    def __init__(self, *, k: int | str = 15, n_pcs: int = 30, steps: int = 1,
+                 space: str = "counts", k_grid=MCV_K_GRID, mcv_loss: str = "mse",
+                 mcv_train_frac: float = 0.9, exact_max_cells: int = EXACT_MAX_CELLS,
                  rng: RNGLike = 0):
-        self.k, self.n_pcs, self.exact_max_cells, self.rng = k, n_pcs, exact_max_cells, rng
+        self.k, self.n_pcs, self.steps, self.space = k, n_pcs, steps, space
+        self.k_grid, self.mcv_loss, self.mcv_train_frac = k_grid, mcv_loss, mcv_train_frac
+        self.exact_max_cells, self.rng = exact_max_cells, rng
 
     def _check_params(self) -> None:
-        if int(self.k) < 1:
-            msg = f"k must be >= 1, got {self.k}."
+        if isinstance(self.k, str):
+            if self.k != "mcv":
+                msg = f"k must be an integer >= 1 or 'mcv', got {self.k!r}."
+                raise ValueError(msg)
+            grid = list(self.k_grid)
+            if not grid or any(int(k) < 1 for k in grid):
+                msg = f"k_grid must be non-empty integers >= 1, got {self.k_grid!r}."
+                raise ValueError(msg)
+        elif int(self.k) < 1:
+            msg = f"k must be >= 1 or 'mcv', got {self.k}."
+            raise ValueError(msg)
+        if int(self.steps) < 1:
+            msg = f"steps must be >= 1, got {self.steps}."
+            raise ValueError(msg)
+        for name, value, allowed in (("space", self.space, SPACES),
+                                     ("mcv_loss", self.mcv_loss, MCV_LOSSES)):
+            if value not in allowed:
+                msg = f"{name} must be one of {allowed}, got {value!r}."
+                raise ValueError(msg)
+        if not 0.0 < float(self.mcv_train_frac) < 1.0:
+            msg = f"mcv_train_frac must be in (0, 1), got {self.mcv_train_frac!r}."
             raise ValueError(msg)
         if int(self.exact_max_cells) < 0:
             msg = f"exact_max_cells must be >= 0, got {self.exact_max_cells}."
             raise ValueError(msg)
 
+    def _calibrate(self, x, rng: np.random.Generator, seed: int) -> dict[int, float]:
+        from anndata import AnnData
+
+        from ..simulate import mcv_split
+
+        n = x.shape[0]
+        ks = sorted({min(int(k), n) for k in self.k_grid})
+        train, test = (sp.csr_matrix(half.X, dtype=np.float64) for half in mcv_split(
+            AnnData(X=sp.csr_matrix(x)), train_frac=float(self.mcv_train_frac), rng=rng))
+        idx = _neighbors_of(train, max(ks), self.n_pcs, seed=seed,
+                            exact_max_cells=int(self.exact_max_cells))
+        losses = mcv_losses(train, test, idx, ks, space=self.space, steps=int(self.steps),
+                            loss=self.mcv_loss)
+        logger.info("kNN k='mcv' (%s loss): %s", self.mcv_loss,
+                    ", ".join(f"k={k}: {v:.4g}" for k, v in losses.items()))
+        return losses
+
     def _fit(self, x, ctx: DataContext) -> None:
-        k = min(int(self.k), x.shape[0])
-        seed = int(as_rng(self.rng).integers(2**31))
-        lg = _norm.log_normalize(x, _norm.CP10K)
-        n_pcs = max(1, min(int(self.n_pcs), min(x.shape) - 1))
-        if min(x.shape) > 1:
-            pcs = centred_pca(lg, n_pcs, seed=seed)
-        else:  # a single cell or gene: the centred values themselves
-            lg = lg.toarray() if sp.issparse(lg) else lg
-            pcs = lg - lg.mean(axis=0)
-        del lg
-        self.neighbors_ = nearest_neighbors(pcs, k, exact_max_cells=int(self.exact_max_cells),
-                                            seed=seed)
-        self.normalized_ = _norm.normalize(x, _norm.CP10K)
+        rng = as_rng(self.rng)
+        seed = int(rng.integers(2**31))
+        if self.k == "mcv":
+            self.mcv_losses_ = self._calibrate(x, rng, seed)
+            self.k_ = min(self.mcv_losses_, key=self.mcv_losses_.get)
+        else:
+            self.mcv_losses_ = None
+            self.k_ = min(int(self.k), x.shape[0])
+        self.neighbors_ = _neighbors_of(x, self.k_, self.n_pcs, seed=seed,
+                                        exact_max_cells=int(self.exact_max_cells))
+        self.normalized_ = _space_values(x, self.space)
 
     def _posterior(self, x, ctx: DataContext) -> Posterior:
         lib = _norm.library_size(x)
-        idx = self.neighbors_[ctx.rows]
-        n, k = idx.shape
         # row-stochastic neighbour rows of this block: never builds a cells x k x genes array
-        w = sp.csr_matrix(
-            (np.full(n * k, 1.0 / k), idx.ravel(), np.arange(0, n * k + 1, k)),
-            shape=(n, self.neighbors_.shape[0]),
-        )
-        smooth = w @ self.normalized_  # a new array (dense for dense input)
-        smooth = smooth.toarray() if sp.issparse(smooth) else np.asarray(smooth)
-        smooth *= (lib / _norm.CP10K)[:, None]  # _norm.unnormalize, in place
-        return Posterior(mean=smooth)
+        w = neighbor_matrix(self.neighbors_)
+        rows = w[ctx.rows]
+        smooth = _smooth(rows, w, self.normalized_, int(self.steps))  # a new array
+        return Posterior(mean=_to_counts(smooth, lib, self.space))
