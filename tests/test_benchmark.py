@@ -370,3 +370,64 @@ def test_figure_labels_show_direction_and_ours():
     assert cnn.get_fontweight() == "bold" and cnn.get_color() == b.OURS_COLOR
     assert raw.get_fontweight() == "normal"
     plt.close(fig)
+
+
+def test_partial_report_ranks_only_finished_pairs():
+    """Dataset d has every job of methods a, b, c on seeds 0, 1; on dataset e only a (both
+    seeds) and b (seed 0) have finished, c not at all: e is not ranked (a would be first
+    there), d is, and the report names what e still lacks. A failed job counts as finished."""
+    d = _table({("mse", "a"): [0.3, 0.3], ("mse", "b"): [0.2, 0.2], ("mse", "c"): [0.1, 0.1]})
+    e = _table({("mse", "a"): [0.5, 0.5], ("mse", "b"): [0.9]}).assign(dataset="e")
+    res = pd.concat([d, e], ignore_index=True)
+    b = ev._benchmark
+    assert b.missing_jobs(res) == {("e", "masked"): ["b (seed 1)", "c"]}
+    summ = ev.summarize(res).set_index(["dataset", "method"])
+    assert summ.loc[("d", "c"), "rank"] == 1 and summ.loc[("d", "a"), "rank"] == 3
+    assert summ.loc["e", "rank"].isna().all()
+    ranks = ev.rank_table(res)
+    assert ranks["n_experiments"].to_dict() == {"c": 1, "b": 1, "a": 1}
+    assert list(ranks.index) == ["c", "b", "a"]
+    lost = b.losses(res, ours=["a"])
+    assert list(lost["dataset"]) == ["d"]  # a's unranked "win" on e is not a result
+    md = ev.markdown_summary(res, ours=["a"])
+    assert "Not ranked (1 dataset x protocol pairs" in md and ": e · masked." in md
+    assert "Not ranked: not finished yet for b (seed 1), c." in md
+    # the missing jobs fail: every job has its row, e is ranked among a and b
+    failed = pd.DataFrame([{"dataset": "e", "protocol": "masked", "method": m, "seed": s,
+                            "metric": "", "value": np.nan, "seconds": np.nan,
+                            "peak_mem_mb": np.nan, "status": "failed", "error": "x"}
+                           for m, s in (("b", 1), ("c", 0), ("c", 1))], columns=res.columns)
+    done = pd.concat([res, failed], ignore_index=True)
+    assert b.missing_jobs(done) == {}
+    assert ev.summarize(done).set_index(["dataset", "method"]).loc[("e", "a"), "rank"] == 1
+
+
+def test_mcv_verdict_says_who_wins_and_why():
+    """mcv_mse (lower better): magic 0.15, saver 0.23, raw 0.28 -> no screpair win, gap 0.08
+    (53.3 % of 0.15); mcv_poisson_mcv: saver 0.037 < scvi 0.040 < raw 0.078 -> saver wins.
+    A screpair method worse than raw cannot win even without peers (pbmc: knn 0.3 vs raw 0.28)."""
+    res = _table({("mcv_mse", "magic"): [0.15], ("mcv_mse", "saver"): [0.23],
+                  ("mcv_mse", "raw"): [0.28], ("mcv_poisson_mcv", "magic"): [0.056],
+                  ("mcv_poisson_mcv", "saver"): [0.037], ("mcv_poisson_mcv", "raw"): [0.078],
+                  ("mcv_poisson_mcv", "scvi"): [0.040], ("mcv_mse", "scvi"): [0.27]})
+    res = res.assign(protocol="mcv")
+    only_raw = _table({("mcv_mse", "knn"): [0.3], ("mcv_mse", "raw"): [0.28]}).assign(
+        protocol="mcv", dataset="pbmc")
+    v = ev._benchmark.mcv_verdict(res, ours=["saver", "knn"]).set_index(["dataset", "metric"])
+    mse = v.loc[("d", "mcv_mse")]
+    assert (mse["best_ours"], mse["best_peer"], mse["winner"], bool(mse["wins"])) == (
+        "saver", "magic", "magic", False)
+    np.testing.assert_allclose([mse["ours_value"], mse["raw_value"], mse["peer_value"],
+                                mse["gap"], mse["gap_pct"]],
+                               [0.23, 0.28, 0.15, 0.08, 100 * 0.08 / 0.15], rtol=1e-12)
+    pois = v.loc[("d", "mcv_poisson_mcv")]
+    assert bool(pois["wins"]) and pois["winner"] == "saver" and pois["gap"] == 0
+    assert pois["best_peer"] == "scvi" and pois["peer_value"] == pytest.approx(0.040)
+    pb = ev._benchmark.mcv_verdict(only_raw, ours=["knn"]).iloc[0]
+    assert not pb["wins"] and pb["winner"] == "raw" and pb["best_peer"] == ""
+    md = ev.markdown_summary(res, ours=["saver"])
+    assert "## MCV: does a screpair method beat no denoising and every peer?" in md
+    assert "| d | mcv_mse ↓ | saver | 0.23 | 0.28 | magic | 0.15 | no | magic | 0.08 | 53.3 |" in md
+    assert "| d | mcv_poisson_mcv ↓ | saver | 0.037 | 0.078 | scvi | 0.04 | yes | saver | 0 | 0 |" in md
+    assert "**mcv_mse: no screpair method wins on 1 of 1 datasets** (won by magic)." in md
+    assert "Jensen" in md and "**mcv_poisson_mcv:" not in md

@@ -525,11 +525,42 @@ def _one_line(e: BaseException, *, with_notes: bool = False) -> str:
 
 
 # --------------------------------------------------------------------------- summaries
+def missing_jobs(results: pd.DataFrame) -> dict[tuple[str, str], list[str]]:
+    """The (dataset, protocol) pairs of a partial run that lack some of the run's jobs.
+
+    A pair's jobs are every method that has a row (of any status) for that protocol on any
+    dataset, times every seed that has a row for the pair. A job without any row (not run yet)
+    is missing; a failed or skipped job has its row and counts as done. Returns
+    ``{(dataset, protocol): ["method", "method (seed 1, 2)", ...]}`` for the incomplete pairs
+    (a method missing on every seed is named alone), sorted; complete pairs are left out.
+    """
+    if results.empty:
+        return {}
+    methods = results.groupby("protocol", sort=False)["method"].agg(lambda m: sorted(set(m)))
+    out = {}
+    for (d, p), block in results.groupby(["dataset", "protocol"], sort=False):
+        seeds = sorted({int(v) for v in block["seed"]})
+        have = block.groupby("method")["seed"].agg(lambda v: {int(x) for x in v})
+        lack = []
+        for m in methods[p]:
+            gone = [s for s in seeds if s not in have.get(m, set())]
+            if len(gone) == len(seeds):
+                lack.append(m)
+            elif gone:
+                lack.append(f"{m} (seed {', '.join(map(str, gone))})")
+        if lack:
+            out[(d, p)] = lack
+    return out
+
+
 def summarize(results: pd.DataFrame) -> pd.DataFrame:
     """Mean, sd and number of seeds per (dataset, protocol, method, metric), plus the method's
     rank among the methods of that (dataset, protocol, metric) (1 = best; ties share the
     average rank; direction from :data:`~screpair.evaluate.GREATER_IS_BETTER`; NaN for the
-    metrics that are only reported, such as ``zeros_imputed``)."""
+    metrics that are only reported, such as ``zeros_imputed``, and for every metric of a
+    (dataset, protocol) pair that some of the run's jobs have not reached yet,
+    :func:`missing_jobs`: a pair with one finished method would rank it first, so a partial
+    report ranks only complete pairs)."""
     ok = results[(results["status"] == "ok") & results["metric"].astype(bool)]
     cols = ["dataset", "protocol", "method", "metric"]
     if ok.empty:
@@ -544,6 +575,10 @@ def summarize(results: pd.DataFrame) -> pd.DataFrame:
         [summ["dataset"], summ["protocol"], summ["metric"]], sort=False
     ).rank(method="average")
     summ.loc[summ["metric"].isin(UNRANKED), "rank"] = np.nan  # reported, not ranked
+    partial = missing_jobs(results)
+    if partial:
+        pairs = pd.MultiIndex.from_frame(summ[["dataset", "protocol"]])
+        summ.loc[pairs.isin(list(partial)), "rank"] = np.nan
     return summ
 
 
@@ -678,6 +713,98 @@ def _losses_markdown(results: pd.DataFrame, ours) -> list[str]:
     return lines
 
 
+#: no denoising: the baseline every MCV method must beat
+RAW = "raw"
+#: why a peer can win an MCV metric that no screpair method wins (the report's explanation)
+MCV_WHY = {
+    "mcv_mse": (
+        "Open Problems' MSE compares log1p(CP10k) of the denoised train split with log1p(CP10k) "
+        "of the test split, which holds only 10 % of the molecules: most test entries are 0, so "
+        "a gene's expected log value lies far below the log of its expected expression (Jensen's "
+        "inequality) and the metric rewards outputs that shrink sparse genes towards 0 rather "
+        "than accurate means (on a simulation with known means, the true means score worse than "
+        "the raw counts: tests/test_knn_mcv.py). MAGIC averages log1p(CPM) values, a "
+        "geometric-like mean that does exactly this; methods that average or model counts "
+        "cannot, whatever their smoothing (knn over k = 5-200 and 1-3 steps), while knn "
+        "averaging log1p(CPM) (`space=\"log\"`) comes within a few % of MAGIC "
+        "(benchmarks/mcv_smoothing.py, KNNImputer's docstring). On the proper Poisson NLL "
+        "(`mcv_poisson_mcv`) the ranking differs."),
+    "mcv_poisson": (
+        "This is openproblems v1's argument order, `mean(test - d * log(test + 1e-6))`: linear "
+        "in the denoised values `d`, with weight +13.8 on every test zero and -log(test) <= 0 "
+        "elsewhere, so it rewards predicting about 0 wherever the 10 % test split has no count "
+        "(strong smoothing of log values, MAGIC) and is not a likelihood of the test counts; "
+        "the MCV paper's order (`mcv_poisson_mcv`) is."),
+}
+
+
+def mcv_verdict(results: pd.DataFrame, *, ours=None) -> pd.DataFrame:
+    """Issue 19's MCV goal per ranked (dataset, metric) of the ``mcv`` protocol: does a
+    screpair method beat no denoising (``raw``) and every peer?
+
+    Columns: ``dataset``, ``metric``, ``best_ours`` / ``ours_value`` (the best screpair method
+    and its mean), ``raw_value``, ``best_peer`` / ``peer_value`` (the best method that is
+    neither screpair's nor ``raw``), ``wins`` (``ours_value`` strictly better than both),
+    ``winner`` / ``winner_value`` (the best method overall; ``best_ours`` when it wins), ``gap``
+    (how much better the winner is than ``best_ours``, in the metric's units; 0 when screpair's
+    method wins) and ``gap_pct`` (``gap`` as a % of ``|winner_value|``).
+    """
+    cols = ["dataset", "metric", "best_ours", "ours_value", "raw_value", "best_peer",
+            "peer_value", "wins", "winner", "winner_value", "gap", "gap_pct"]
+    summ = summarize(results)
+    summ = summ[(summ["protocol"] == "mcv") & np.isfinite(summ["rank"].astype(float))]
+    mine = _ours(summ["method"], ours)
+    rows = []
+    for (d, m), block in summ.groupby(["dataset", "metric"], sort=False):
+        sign = 1.0 if GREATER_IS_BETTER.get(m, True) else -1.0
+        score = block.set_index("method")["mean"] * sign  # higher is better
+        own = score[score.index.isin(mine)]
+        peers = score[~score.index.isin(mine) & (score.index != RAW)]
+        if own.empty:
+            continue
+        best_own = own.idxmax()
+        others = score.drop(index=list(mine))
+        wins = bool(others.empty or own.max() > others.max())
+        winner = best_own if wins else score.idxmax()
+        rows.append({
+            "dataset": d, "metric": m, "best_ours": best_own, "ours_value": own.max() * sign,
+            "raw_value": score.get(RAW, np.nan) * sign,
+            "best_peer": peers.idxmax() if len(peers) else "",
+            "peer_value": peers.max() * sign if len(peers) else np.nan, "wins": wins,
+            "winner": winner, "winner_value": score[winner] * sign,
+            "gap": 0.0 if wins else abs(score.max() - own.max())})
+        rows[-1]["gap_pct"] = (100 * rows[-1]["gap"] / abs(rows[-1]["winner_value"])
+                               if rows[-1]["winner_value"] else np.nan)
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _mcv_markdown(results: pd.DataFrame, ours) -> list[str]:
+    """The report's MCV section: :func:`mcv_verdict`, and why a peer wins where one does."""
+    v = mcv_verdict(results, ours=ours)
+    if v.empty:
+        return []
+    lines = ["## MCV: does a screpair method beat no denoising and every peer?", "",
+             "Per dataset and metric of the MCV protocol (Open Problems' denoising task): the "
+             "best screpair method, no denoising (raw), the best peer, and the gap to the "
+             "winner where no screpair method wins.", "",
+             "| dataset | metric | best screpair method | its value | raw | best peer | its value "
+             "| screpair wins | winner | gap | gap % |", "|---" * 11 + "|"]
+    for _, r in v.iterrows():
+        lines.append(f"| {r['dataset']} | {r['metric']} {_arrow(r['metric'])} | "
+                     f"{r['best_ours']} | {_num(r['ours_value'])} | {_num(r['raw_value'])} | "
+                     f"{r['best_peer'] or '–'} | {_num(r['peer_value'])} | "
+                     f"{'yes' if r['wins'] else 'no'} | {r['winner']} | {_num(r['gap'])} | "
+                     f"{_num(r['gap_pct'])} |")
+    lines.append("")
+    lost = v[~v["wins"]]
+    for m, block in lost.groupby("metric", sort=False):
+        who = ", ".join(sorted(set(block["winner"])))
+        lines += [f"**{m}: no screpair method wins on {len(block)} of "
+                  f"{int((v['metric'] == m).sum())} datasets** (won by {who}). "
+                  + MCV_WHY.get(m, ""), ""]
+    return lines
+
+
 def _seeds_line(results: pd.DataFrame) -> str:
     """"Seeds: ..." for the report: the seeds most (dataset, protocol) pairs have, and the pairs
     that have other seeds."""
@@ -722,12 +849,20 @@ def markdown_summary(results: pd.DataFrame, *, command: str | None = None, ours=
     lines += [f"{_seeds_line(results)} Values are mean ± sd over seeds; "
               "(rank) is the method's rank on that metric (1 = best). Arrows: ↑ higher is better, "
               "↓ lower is better.", ""]
+    partial = missing_jobs(results)
+    if partial:
+        lines += [f"Not ranked ({len(partial)} dataset x protocol pairs whose jobs have not "
+                  "all finished; a pair with one finished method would rank it first): "
+                  + "; ".join(f"{d} · {p}" for d, p in partial) + ".", ""]
     for (dataset, protocol), block in summ.groupby(["dataset", "protocol"], sort=False):
         metrics = list(dict.fromkeys(block["metric"]))
         head = [m if m in UNRANKED else f"{m} {_arrow(m)}"
                 for m in metrics]
-        lines += [f"## {dataset} · {protocol}", "",
-                  "| method | " + " | ".join(head) + " | mean rank | seconds | peak MB |",
+        lines += [f"## {dataset} · {protocol}", ""]
+        if (dataset, protocol) in partial:
+            lines += ["Not ranked: not finished yet for "
+                      + ", ".join(partial[(dataset, protocol)]) + ".", ""]
+        lines += ["| method | " + " | ".join(head) + " | mean rank | seconds | peak MB |",
                   "|---" * (len(metrics) + 4) + "|"]
         by_method = block.groupby("method", sort=False)
         order = by_method["rank"].mean().sort_values().index
@@ -757,6 +892,7 @@ def markdown_summary(results: pd.DataFrame, *, command: str | None = None, ours=
                          f"{int(r['n_experiments'])} | " + " | ".join(cost) + " |")
         lines.append("")
     lines += _losses_markdown(results, ours)
+    lines += _mcv_markdown(results, ours)
     bad = results[results["status"] != "ok"]
     if not bad.empty:
         lines += ["## Failed or skipped", "", "| dataset | protocol | method | seed | status | error |",
