@@ -407,6 +407,71 @@ def finish_gene_stats(n_obs: int, lib: np.ndarray, n_cells: np.ndarray,
                      mean_sq=mean_sq)
 
 
+@dataclass
+class RowTotals:
+    """Per-cell and per-gene totals over all cells that a fit on a sample of rows may need
+    (:func:`row_totals`; :class:`TotalsPass` accumulates them block by block).
+
+    Attributes
+    ----------
+    library_size
+        Total counts per cell (every cell of the data set).
+    norm_sum
+        Per gene, the sum over cells of ``count / library size`` (the library-normalized
+        values over the target sum), accumulated entry by entry in row order.
+    """
+
+    library_size: np.ndarray
+    norm_sum: np.ndarray
+
+    def take(self, cells: np.ndarray, genes: np.ndarray) -> RowTotals:
+        """The totals of the cells and genes of these masks (cells and genes without counts
+        add nothing to the sums, so they are the totals of the subset)."""
+        return RowTotals(library_size=self.library_size[cells], norm_sum=self.norm_sum[genes])
+
+
+class TotalsPass:
+    """:class:`RowTotals` of a matrix of ``n_obs`` x ``n_vars`` seen in consecutive row
+    blocks (in row order), with each row's and gene's stored-entry count (:func:`nonempty`'s
+    masks): the sums are added entry by entry in row order (``np.add.at``), so they are the
+    same, bit for bit, whatever the block size."""
+
+    def __init__(self, n_obs: int, n_vars: int):
+        self.lib = np.zeros(n_obs)
+        self.row_nnz = np.zeros(n_obs, dtype=np.int64)
+        self.col_nnz = np.zeros(n_vars, dtype=np.int64)
+        self.norm_sum = np.zeros(n_vars)
+
+    def add(self, start: int, x: sp.csr_matrix) -> None:
+        """Add the validated CSR block ``x`` of rows ``start:start + x.shape[0]``."""
+        stop = start + x.shape[0]
+        per_row = np.diff(x.indptr)
+        lib = library_size(x)
+        self.lib[start:stop] = lib
+        self.row_nnz[start:stop] = per_row
+        self.col_nnz += np.bincount(x.indices, minlength=x.shape[1])
+        np.add.at(self.norm_sum, x.indices, x.data / np.repeat(lib, per_row))
+
+    @property
+    def cells(self) -> np.ndarray:
+        return self.row_nnz > 0
+
+    @property
+    def genes(self) -> np.ndarray:
+        return self.col_nnz > 0
+
+    def result(self) -> RowTotals:
+        return RowTotals(library_size=self.lib, norm_sum=self.norm_sum)
+
+
+def row_totals(x) -> RowTotals:
+    """The :class:`RowTotals` of validated counts ``x`` (CSR or ndarray) held in memory."""
+    x = sp.csr_matrix(x)
+    acc = TotalsPass(*x.shape)
+    acc.add(0, x)
+    return acc.result()
+
+
 def read_all(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
              rows: np.ndarray | None = None, cols: np.ndarray | None = None,
              progress: bool = False) -> sp.csr_matrix:

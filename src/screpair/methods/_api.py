@@ -190,6 +190,24 @@ class _Job:
     genes: np.ndarray
     rows: np.ndarray  # indices of the kept cells
     sub: AnnData | None = None  # for estimators with their own public fit / posterior
+    #: ``x`` holds only these kept cells (the fit's sample, read from a file), not all of them
+    sample: np.ndarray | None = None
+
+    @classmethod
+    def from_sample(cls, est: BaseImputer, x, sample: np.ndarray, totals, *, cells: np.ndarray,
+                    genes: np.ndarray, obs, var, names) -> _Job:
+        """The job of a template estimator whose fit reads only the kept cells ``sample``
+        (:meth:`BaseImputer._fit_rows`), ``x`` their validated counts of the kept genes and
+        ``totals`` the :class:`~screpair._chunks.RowTotals` of all kept cells: the context is
+        the one :meth:`prepare` builds, plus ``sample`` and ``totals``, so the fit is the one
+        ``prepare``'s job makes from all counts in memory."""
+        rows, cols = np.flatnonzero(cells), np.flatnonzero(genes)
+        obs = obs.iloc[rows].copy()
+        var = var.iloc[cols].copy()
+        var.index = names[genes]
+        ctx = DataContext(var_names=var.index, obs=obs, var=var, layers={}, n_obs=rows.size,
+                          rows=slice(0, rows.size), sample=sample, totals=totals)
+        return cls(est, x, ctx, cells, genes, rows, sample=sample)
 
     @classmethod
     def prepare(cls, est: BaseImputer, x, *, obs, var, names, layers: Mapping[str, Any]) -> _Job:
@@ -217,11 +235,17 @@ class _Job:
     def fit(self) -> _Job:
         if self.ctx is not None:
             self.est._fit_validated(self.x, self.ctx)
+            if self.sample is not None:  # the posterior's contexts: blocks of all kept cells
+                self.ctx = replace(self.ctx, sample=None, totals=None)
         else:  # an estimator with its own public fit / posterior validates an AnnData itself
             self.est.fit(self.sub)
         return self
 
     def posterior(self, i0: int = 0, i1: int | None = None) -> Posterior:
+        """The posterior of the kept cells ``i0:i1`` from the counts held (all kept cells)."""
+        if self.sample is not None:
+            msg = "this job holds only its fit's sample: use block_posterior on each block."
+            raise RuntimeError(msg)
         i1 = self.x.shape[0] if i1 is None else i1
         if self.ctx is None:
             return self.est.posterior(self.sub)
@@ -229,6 +253,22 @@ class _Job:
             return self.est._posterior_validated(self.x, self.ctx)
         ctx = replace(self.ctx, rows=slice(i0, i1))
         return self.est._posterior_validated(self.x[i0:i1], ctx)
+
+
+    def block_posterior(self, block, s: int, e: int, i0: int, i1: int) -> Posterior:
+        """The posterior of rows ``s:e`` of the data set (all cells and genes), whose validated
+        counts are ``block`` and which hold the kept cells ``i0:i1`` (``i1 > i0``)."""
+        cells = self.cells[s:e]
+        full = cells.all() and self.genes.all()
+        sub = block if full else _subset(block, np.flatnonzero(cells), np.flatnonzero(self.genes))
+        return self.est._posterior_validated(sub, replace(self.ctx, rows=slice(i0, i1)))
+
+    def probe(self) -> Posterior:
+        """The posterior of one kept cell: which fields the method returns, dense or sparse."""
+        if self.sample is None:
+            return self.posterior(0, 1)
+        r = int(self.sample[0])
+        return self.est._posterior_validated(self.x[0:1], replace(self.ctx, rows=slice(r, r + 1)))
 
 
 def _as_layer(m):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Self
 
 import numpy as np
@@ -14,7 +15,7 @@ from anndata import AnnData
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
-from .._utils import Data, compare_var_names, get_counts, var_names
+from .._utils import Data, as_rng, compare_var_names, get_counts, var_names
 
 
 @dataclass
@@ -62,6 +63,13 @@ class DataContext:
     named
         Whether ``var_names`` came with the data (an AnnData) or were made up (a bare matrix,
         whose genes can only be checked by their number).
+    sample
+        For ``_fit`` only: ``x`` holds just these rows (sorted) of the ``n_obs`` cells, the
+        ones :meth:`BaseImputer._fit_rows` asked for; ``None``: ``x`` holds every cell.
+    totals
+        With ``sample``: the :class:`screpair._chunks.RowTotals` of all ``n_obs`` cells
+        (library sizes; per-gene sums of the library-normalized counts), from a streaming pass
+        (:func:`screpair.impute_file`) or from the whole matrix in memory, the same numbers.
     """
 
     var_names: pd.Index
@@ -71,6 +79,8 @@ class DataContext:
     n_obs: int
     rows: slice
     named: bool = True
+    sample: np.ndarray | None = None
+    totals: Any = None
 
 
 def data_context(data: Data, x) -> DataContext:
@@ -83,6 +93,29 @@ def data_context(data: Data, x) -> DataContext:
                            rows=slice(0, n))
     return DataContext(var_names=names, obs=pd.DataFrame(index=pd.RangeIndex(n).astype(str)),
                        var=pd.DataFrame(index=names), n_obs=n, rows=slice(0, n), named=False)
+
+
+def sample_rows(rng, n: int, cap: int | None) -> np.ndarray | None:
+    """The sorted rows of a uniform sample of ``cap`` of ``n`` cells drawn from ``rng``
+    (``np.sort(rng.choice(n, cap, replace=False))``), or ``None`` (no sample: ``cap`` is
+    ``None`` or at least ``n``). ``rng`` itself is not advanced: a ``Generator`` is copied, so
+    the fit that later draws the same sample from it gets the same rows."""
+    if cap is None or n <= int(cap):
+        return None
+    gen = copy.deepcopy(rng) if isinstance(rng, np.random.Generator) else as_rng(rng)
+    return np.sort(gen.choice(n, int(cap), replace=False))
+
+
+def draw_sample(rng: np.random.Generator, n: int, cap: int | None,
+                ctx: DataContext) -> np.ndarray | None:
+    """The sample a ``_fit`` works on, drawn from its ``rng`` as :func:`sample_rows` draws it
+    (advancing ``rng`` the same way whether or not the rows were taken already): ``ctx.sample``
+    when the caller already took them (``x`` holds only those rows; the draw is then only made
+    to advance ``rng``), else the drawn rows (``None``: every row)."""
+    if cap is None or n <= int(cap):
+        return None
+    rows = np.sort(rng.choice(n, int(cap), replace=False))
+    return rows if ctx.sample is None else ctx.sample
 
 
 def moved_params_error(cls: type, params: Mapping[str, Any]) -> TypeError | None:
@@ -109,6 +142,16 @@ def moved_params_error(cls: type, params: Mapping[str, Any]) -> TypeError | None
     return TypeError(msg)
 
 
+def take_rows(x, rows: np.ndarray):
+    """The rows ``rows`` of validated counts ``x``, validated form kept (CSR with sorted
+    indices, or a C-ordered ndarray)."""
+    if sp.issparse(x):
+        sub = sp.csr_matrix(x[rows])
+        sub.sort_indices()
+        return sub
+    return np.ascontiguousarray(np.asarray(x)[rows])
+
+
 class BaseImputer(BaseEstimator):
     """sklearn-style base: ``__init__`` only stores parameters, ``fit`` returns ``self``.
 
@@ -123,9 +166,10 @@ class BaseImputer(BaseEstimator):
         ``x``: validated counts (float64 CSR with sorted indices, or a C-ordered ndarray), cells
         x genes; ``ctx``: its :class:`DataContext`. Fits the model and stores fitted attributes
         (names ending in ``_``); the template then sets ``var_names_`` (and, for transductive
-        methods, ``n_obs_``). Today
-        ``x`` holds every cell (``ctx.rows`` is ``slice(0, ctx.n_obs)``); an inductive method
-        must not assume it (a later path may fit on a sample of cells), a transductive one may.
+        methods, ``n_obs_``). ``x`` holds every cell of the data set (``ctx.n_obs``), unless
+        the method's ``_fit_rows(n)`` asked for a sample of rows: ``x`` then holds only those
+        (``ctx.sample``), and ``ctx.totals`` the library sizes and gene sums of all cells;
+        :func:`screpair.impute_file` then reads only those rows from the file.
     ``_posterior(x, ctx) -> Posterior``
         The same kind of ``x``: the rows ``ctx.rows`` of a data set of ``ctx.n_obs`` cells with
         the fitted genes. :func:`screpair.impute` calls it once with all rows;
@@ -169,6 +213,17 @@ class BaseImputer(BaseEstimator):
     # ---- hooks -------------------------------------------------------------------------------
     def _check_params(self) -> None:
         """Check the parameters (types, ranges) before any data are read; ``fit`` calls it."""
+        return None
+
+    def _fit_rows(self, n: int) -> np.ndarray | None:
+        """The sorted rows of ``n`` cells that ``_fit`` reads (a sample drawn as
+        :func:`sample_rows` draws it, without touching the estimator's state), or ``None``:
+        every row (the default; e.g. a transductive method that needs all cells).
+
+        When it gives rows, :meth:`_fit_validated` (every public path: ``fit``,
+        :func:`screpair.impute`, :func:`screpair.impute_file`) hands ``_fit`` only those rows,
+        with ``ctx.sample`` and ``ctx.totals`` set, so a fit on the whole matrix in memory and
+        one on the rows read from a file are the same fit."""
         return None
 
     def _fit(self, x, ctx: DataContext) -> None:  # pragma: no cover - abstract
@@ -220,8 +275,17 @@ class BaseImputer(BaseEstimator):
         return cls.fit is BaseImputer.fit and cls.posterior is BaseImputer.posterior
 
     def _fit_validated(self, x, ctx: DataContext) -> Self:
-        """``fit`` on counts already validated by ``get_counts`` (``ctx``: their context)."""
+        """``fit`` on counts already validated by ``get_counts`` (``ctx``: their context). When
+        ``x`` holds every cell and :meth:`_fit_rows` asks for a sample, ``_fit`` gets only the
+        sample's rows (with their ``ctx.sample`` and all cells' ``ctx.totals``)."""
         self._check_params()
+        if ctx.sample is None:
+            rows = self._fit_rows(x.shape[0])
+            if rows is not None:
+                from .._chunks import row_totals
+
+                ctx = replace(ctx, sample=rows, totals=row_totals(x))
+                x = take_rows(x, rows)
         self._fit(x, ctx)
         self.var_names_ = ctx.var_names
         if self.transductive:

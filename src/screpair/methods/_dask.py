@@ -159,7 +159,7 @@ def write_blocks(client, w, job: _Job, src_path: Path, layer: str | None, key: s
     n_obs, n_vars = job.cells.size, job.genes.size
     k = len(out_cols)
     names = {"mean": key, "var": f"{key}_var", "dropout_prob": "dropout_prob"}
-    probe = job.posterior(0, 1)  # one cell, on the client: which layers, dense or sparse
+    probe = job.probe()  # one cell, on the client: which layers, dense or sparse
     names = {f: n for f, n in names.items() if getattr(probe, f) is not None}
     sparse = {"X": True} | {f"layers/{n}": sp.issparse(getattr(probe, f))
                             for f, n in names.items()}

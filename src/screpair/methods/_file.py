@@ -21,6 +21,7 @@ from anndata import AnnData
 
 from .._chunks import (
     DEFAULT_CHUNK_ROWS,
+    TotalsPass,
     check_chunk_rows,
     copy_other_elements,
     element_keys,
@@ -258,31 +259,45 @@ def impute_file(
         rows = chunk_rows or default_chunk_rows(n_vars, budget)
         logger.info(
             "chunked path: %d cells x %d genes in blocks of %d cells; budget %s "
-            "(in memory would need about %s); fit on all cells' sparse counts (%s)",
+            "(in memory would need about %s)",
             n_obs, n_vars, rows, format_bytes(budget),
-            format_bytes(in_memory_bytes(n_obs, n_vars, source.nnz())),
-            format_bytes(source.nbytes_sparse()))
+            format_bytes(in_memory_bytes(n_obs, n_vars, source.nnz())))
         other = None if extra is None else open_rows(data, extra)  # exists? before the work
         if other is not None:
             stack.callback(other.close)
         if other is not None and other.shape != source.shape:
             msg = f"layer {extra!r} has shape {other.shape}, the counts {source.shape}."
             raise ValueError(msg)
-        with log_task(f"reading '{src_path.name}' by blocks of {rows} cells", logger):
-            x = read_all(source, rows, progress=progress)
+        job, x = None, None
+        why = _fit_path(est, n_obs, extra_layer=other is not None)
+        if why is None:  # the fit reads a sample of rows: only those are held
+            job = _sample_job(est, source, rows, names, progress)
+            if job is None:
+                why = (f"{est.name!r} reads every cell: the cells with counts are not more "
+                       "than its sample size")
+        if job is None:
+            logger.info("fit on all cells' counts, held in memory as sparse CSR (%s): %s",
+                        format_bytes(source.nbytes_sparse()), why)
+            with log_task(f"reading '{src_path.name}' by blocks of {rows} cells", logger):
+                x = read_all(source, rows, progress=progress)
+            layers = {}
+            if other is not None:  # read as stored, in memory (the method needs all of it)
+                with other:
+                    layers[extra] = read_stored(other, rows)
+            job = _Job.prepare(est, x, obs=source.obs, var=source.var, names=names,
+                               layers=layers)
         obs = source.obs
-        layers = {}
-        if other is not None:  # read as stored, in memory (the method needs all of it)
-            with other:
-                layers[extra] = read_stored(other, rows)
-    job = _Job.prepare(est, x, obs=obs, var=source.var, names=names, layers=layers)
     if not (job.cells.all() and job.genes.all()):
         warnings.warn(
             f"{int((~job.cells).sum())} cell(s) and {int((~job.genes).sum())} gene(s) have no "
             "counts; they are set aside and returned unchanged.", UserWarning, stacklevel=2)
-    if client is None:
+    if client is None and job.sample is None:
         def stats():
             return gene_stats(open_rows(x, validated=True), rows)
+    elif client is None:  # the fit's sample only in memory: the pass reads the store
+        def stats():
+            with open_rows(data, layer) as again:
+                return gene_stats(again, rows, progress=progress)
     else:  # the same pass by the workers, each reading its blocks from the store
         def stats():
             from ._dask import gene_stats as dask_gene_stats
@@ -315,8 +330,13 @@ def impute_file(
     record = {}
     with stream_store(out, obs=obs, var=out_var, chunk_rows=rows) as w, \
             log_task(f"posterior and writing by blocks of {rows} cells -> '{out}'", logger):
-        if client is None:
-            _write_blocks(w, job, x, post_all, key, out_cols, rows, progress)
+        if client is None and job.sample is None:
+            _write_blocks(w, job, _slices(x, rows), n_obs, post_all, key, out_cols, rows,
+                          progress)
+        elif client is None:  # each block read from the store again, validated, imputed
+            with open_rows(data, layer) as again:
+                _write_blocks(w, job, again.blocks(rows), n_obs, None, key, out_cols, rows,
+                              progress)
         else:
             from ._dask import write_blocks
 
@@ -333,6 +353,7 @@ def impute_file(
             "n_genes_set_aside": int((~job.genes).sum()),
             "chunk_rows": int(rows),
             "posterior_by_rows": bool(job.by_rows),
+            "fit_cells_read": None if job.sample is None else int(job.sample.size),
             "input": str(src_path),
         }
         if client is not None:
@@ -349,6 +370,52 @@ def impute_file(
     return record
 
 
+def _fit_path(est: BaseImputer, n_obs: int, *, extra_layer: bool) -> str | None:
+    """``None`` when the fit of ``est`` on ``n_obs`` cells reads only a sample of them
+    (:meth:`BaseImputer._fit_rows`), which :func:`impute_file` then reads alone; else why the
+    fit needs all cells' counts in memory."""
+    if not est._is_template():
+        return f"{est.name!r} validates and fits an AnnData itself (its own public fit)"
+    if extra_layer:
+        return f"{est.name!r} reads the layer {est.dropout_layer!r} of every cell"
+    if type(est)._fit_rows is BaseImputer._fit_rows:
+        return (f"{est.name!r} fits on every cell (it takes no sample of rows"
+                f"{'; transductive' if est.transductive else ''})")
+    if est._fit_rows(n_obs) is None:
+        return f"{est.name!r} reads every cell: {n_obs} cells are not more than its sample size"
+    return None
+
+
+def _sample_job(est: BaseImputer, source, rows: int, names: pd.Index,
+                progress: bool) -> _Job | None:
+    """The job of a fit on a sample of rows: one streaming pass over ``source`` (which cells
+    and genes have counts, and the :class:`~screpair._chunks.RowTotals` of all cells), then
+    the sample's rows alone read and validated (their genes with counts; checked for rounded
+    normalized values as :func:`screpair.impute` checks the whole matrix). ``None`` when the
+    cells with counts are too few for a sample (the fit then reads every cell)."""
+    n_obs, n_vars = source.shape
+    acc = TotalsPass(n_obs, n_vars)
+    for s, _, xb in source.blocks(rows, progress=progress, desc="counting cells and genes"):
+        acc.add(s, xb)
+    cells, genes = acc.cells, acc.genes
+    if not cells.any():
+        where = f"layer {source.layer!r}" if source.layer is not None else "the count matrix"
+        msg = f"{where} is all zeros; there is nothing to impute."
+        raise ValueError(msg)
+    kept = np.flatnonzero(cells)
+    sample = est._fit_rows(kept.size)
+    if sample is None:
+        return None
+    logger.info("fit on a sample of rows: %s reads %d of the %d cells with counts, read "
+                "again from the store (the posterior reads every block again)", est.name,
+                sample.size, kept.size)
+    with log_task(f"reading the fit's {sample.size} cells", logger):
+        x = read_all(source, rows, rows=kept[sample], cols=np.flatnonzero(genes),
+                     progress=progress)
+    return _Job.from_sample(est, x, sample, acc.result().take(cells, genes), cells=cells,
+                            genes=genes, obs=source.obs, var=source.var, names=names)
+
+
 def _check_free(taken: dict, est: BaseImputer, key: str, layer: str | None,
                 overwrite: bool) -> None:
     """Refuse, as :func:`screpair.impute` does, output layers / ``uns[key]`` that the input
@@ -362,11 +429,21 @@ def _check_free(taken: dict, est: BaseImputer, key: str, layer: str | None,
     check_output_keys(have, outputs, layer=layer, overwrite=overwrite, uns=(key,))
 
 
-def _write_blocks(w, job: _Job, x, post_all, key: str, out_cols: np.ndarray, rows: int,
-                  progress: bool) -> None:
-    """Posterior (per block, or sliced from ``post_all``) and counts of each block of cells,
-    scattered back to all cells and genes, restricted to ``out_cols``, appended to ``w``."""
-    n_obs, n_vars = x.shape
+def _slices(x, rows: int):
+    """``(start, stop, x[start:stop])`` for consecutive blocks of ``rows`` rows of ``x``."""
+    for s in range(0, x.shape[0], rows):
+        e = min(s + rows, x.shape[0])
+        yield s, e, x[s:e]
+
+
+def _write_blocks(w, job: _Job, blocks, n_obs: int, post_all, key: str, out_cols: np.ndarray,
+                  rows: int, progress: bool) -> None:
+    """Posterior (per block, or sliced from ``post_all``) and counts of each block of cells
+    (``blocks``: ``(start, stop, validated counts)`` of consecutive blocks of ``rows`` cells),
+    scattered back to all cells and genes, restricted to ``out_cols``, appended to ``w``. The
+    posterior of a block is the job's (:meth:`_Job.posterior`) when it holds all counts, else
+    computed from the block's counts (:meth:`_Job.block_posterior`)."""
+    n_vars = job.genes.size
     k = len(out_cols)
     w.matrix("X", k, sparse=True)
     names = {"mean": key, "var": f"{key}_var", "dropout_prob": "dropout_prob"}
@@ -374,9 +451,8 @@ def _write_blocks(w, job: _Job, x, post_all, key: str, out_cols: np.ndarray, row
     pending = 0  # rows of leading blocks without counts, written once the kinds are known
     bar = progress_bar(n_obs, "imputing", progress and n_obs > rows)
     try:
-        for s in range(0, n_obs, rows):
-            e = min(s + rows, n_obs)
-            w.append("X", x[s:e] if k == n_vars else x[s:e][:, out_cols])
+        for s, e, xb in blocks:
+            w.append("X", xb if k == n_vars else xb[:, out_cols])
             i0, i1 = (int(v) for v in np.searchsorted(job.rows, [s, e]))
             if i1 == i0:  # no cell with counts in this block
                 if kinds is None:
@@ -385,7 +461,12 @@ def _write_blocks(w, job: _Job, x, post_all, key: str, out_cols: np.ndarray, row
                     _zeros(w, kinds, e - s, k)
                 bar.update(e - s)
                 continue
-            post = job.posterior(i0, i1) if post_all is None else None
+            if post_all is not None:
+                post = None
+            elif job.sample is None:
+                post = job.posterior(i0, i1)
+            else:
+                post = job.block_posterior(xb, s, e, i0, i1)
             parts = {}
             for field, name in names.items():
                 m = getattr(post_all if post is None else post, field)

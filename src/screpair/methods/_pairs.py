@@ -21,7 +21,8 @@ Pipeline (DiffRepairer, Xiao et al. 2025):
 Large data (issue 16): ``fit`` trains on at most ``n_train_cells`` cells (default
 :data:`TRAIN_CELLS`, 50,000; a random sample drawn from ``rng`` above it, every cell below it,
 so that data below the cap train exactly as before), and the HVGs, the standardization and the
-clip range come from those same training cells. The training pairs are held sparse (the
+clip range come from those same training cells; :func:`screpair.impute_file` reads only those
+rows from the file for the fit (``_fit_rows``), the same training as in memory. The training pairs are held sparse (the
 ``log1p(CP10k)`` values of the modelled genes as float32 CSR, one matrix per view) and each
 minibatch is densified on its own; only the standardization statistics need the training
 cells' clean profiles dense, once, for a moment (about ``2 x n_train x n_hvg x 4`` bytes: 2 GB
@@ -49,7 +50,7 @@ import scipy.sparse as sp
 from .. import _norm
 from .._logging import get_logger, log_task
 from .._utils import as_rng, to_dense, torch_seed
-from ._base import BaseImputer, DataContext, Posterior
+from ._base import BaseImputer, DataContext, Posterior, draw_sample, sample_rows
 from ._torch import (
     LossOutput,
     TrainConfig,
@@ -386,6 +387,11 @@ class PairImputer(BaseImputer):
         return simulate.default_gene_length(ctx.var_names)
 
     # ---- estimator API -----------------------------------------------------------------------
+    def _fit_rows(self, n: int) -> np.ndarray | None:
+        """The ``n_train_cells`` sample of ``n`` cells (drawn first from ``rng``), or ``None``:
+        :func:`screpair.impute_file` reads only these rows for the fit."""
+        return sample_rows(self.rng, n, getattr(self, "n_train_cells", None))
+
     def _fit(self, x, ctx: DataContext) -> None:
         """Make training pairs from the (clean) profiles ``x`` and train the network.
 
@@ -406,13 +412,13 @@ class PairImputer(BaseImputer):
         pcfg, tcfg = self._pairs_cfg(), self._train_cfg()
         rng = as_rng(self.rng)
         cap = getattr(self, "n_train_cells", None)
-        self.train_cells_ = None
-        if cap is not None and x.shape[0] > int(cap):
-            cells = np.sort(rng.choice(x.shape[0], size=int(cap), replace=False))
+        cells = draw_sample(rng, ctx.n_obs, cap, ctx)  # ctx.sample: x holds only those
+        self.train_cells_ = cells
+        if cells is not None:
             logger.info("%s: training on %d of %d cells (n_train_cells)", self.name, cells.size,
-                        x.shape[0])
-            self.train_cells_ = cells
-            x = x[cells]
+                        ctx.n_obs)
+            if ctx.sample is None:  # a direct _fit call on every cell: take the sample's rows
+                x = x[cells]
         n_top = int(pcfg.n_top_genes)
         if x.shape[1] <= n_top:
             hvg = np.ones(x.shape[1], dtype=bool)

@@ -11,12 +11,15 @@ from sklearn.utils.extmath import randomized_svd
 from .. import _norm
 from .._logging import get_logger
 from .._utils import RNGLike, as_rng
-from ._base import BaseImputer, DataContext, Posterior
+from ._base import BaseImputer, DataContext, Posterior, draw_sample, sample_rows, take_rows
 
 logger = get_logger(__name__)
 
 #: values of the dense low-rank blocks formed at once (4M float64: 32 MB)
 _BLOCK_ENTRIES = 2**22
+#: default ``n_fit_cells``: most cells the rank, SVD, thresholds and scaling are fitted on (the
+#: scale of the neural methods' ``n_train_cells``)
+FIT_CELLS = 50_000
 #: the output is CSR (for a sparse input) when at most this share of its values is non-zero
 SPARSE_MAX_DENSITY = 0.5
 
@@ -129,7 +132,9 @@ class ALRAFit:
     ----------
     us, vt
         Rank-``k`` factors: ``us @ vt`` is the randomized-SVD approximation of ``a``
-        (``us = U * d``, cells x k; ``vt``, k x genes).
+        (``us = U * d``, cells x k; ``vt``, k x genes). ``us`` is ``None`` for a fit by
+        projection (:func:`alra_fit` with ``project=True``): the low-rank values of any rows
+        are then their values projected on the right singular vectors, ``a_rows @ vt.T @ vt``.
     threshold
         Per gene, ``|quantile_prob quantile|`` of its low-rank values: values at or below it
         are set to zero.
@@ -141,24 +146,33 @@ class ALRAFit:
         Per gene, the number of low-rank values above its threshold.
     """
 
-    us: np.ndarray
+    us: np.ndarray | None
     vt: np.ndarray
     threshold: np.ndarray
     scale: np.ndarray
     shift: np.ndarray
     n_kept: np.ndarray | None = None
+    n_rows: int | None = None  # rows the thresholds and statistics came from
+
+    def lowrank(self, a_rows, rows: slice) -> np.ndarray:
+        """The low-rank values (dense, float64) of the rows ``rows`` of ``a`` (values
+        ``a_rows``): ``us[rows] @ vt``, or by projection ``(a_rows @ vt.T) @ vt``."""
+        if self.us is None:
+            return np.asarray(a_rows @ self.vt.T) @ self.vt
+        return self.us[rows] @ self.vt
 
     @property
     def density(self) -> float:
         """Share of the low-rank values above the thresholds (``n_kept``): about the share of
         non-zero completed values (rescaled negatives become zeros, observed values restored
         add some)."""
-        return float(self.n_kept.sum() / (self.us.shape[0] * self.vt.shape[1]))
+        n = self.us.shape[0] if self.n_rows is None else self.n_rows
+        return float(self.n_kept.sum() / (n * self.vt.shape[1]))
 
     def complete(self, a_rows, rows: slice) -> np.ndarray:
         """Completed values (dense, float64) of the rows ``rows`` of ``a``, whose values are
         ``a_rows`` (dense or CSR)."""
-        sc = self.us[rows] @ self.vt  # the low-rank values, then updated in place
+        sc = self.lowrank(a_rows, rows)  # the low-rank values, then updated in place
         sc[sc <= self.threshold] = 0.0
         zero = sc == 0
         sc *= self.scale
@@ -179,7 +193,7 @@ class ALRAFit:
 
 
 def alra_fit(a, k: int, *, quantile_prob: float = 0.001, n_iter: int = 10, rng: RNGLike = 0,
-             block_entries: int | None = None) -> ALRAFit:
+             block_entries: int | None = None, project: bool = False) -> ALRAFit:
     """ALRA's fit on a log-normalized matrix ``a`` (cells x genes, dense or CSR).
 
     Steps (ALRA's ``alra`` function): rank-``k`` randomized SVD (products with ``a``, which
@@ -188,10 +202,15 @@ def alra_fit(a, k: int, *, quantile_prob: float = 0.001, n_iter: int = 10, rng: 
     deviation of the low-rank values above it and of the observed non-zeros, giving the
     rescaling. The low-rank matrix is formed only in blocks of at most ``block_entries`` values
     (two passes; default 2^22); besides ``a``, memory is one block plus ``(n_cells + n_genes) x k``.
+
+    ``project=True`` (a fit on a sample of cells whose completion is applied to other cells):
+    the low-rank values of ``a`` are its projection on the right singular vectors,
+    ``(a @ vt.T) @ vt``, as they will be for any other rows, and the returned fit keeps only
+    ``vt`` (``us`` is ``None``).
     """
     seed = int(as_rng(rng).integers(2**31))
     u, d, vt = randomized_svd(a, k, n_iter=n_iter, random_state=seed)
-    us = u * d
+    us = np.asarray(a @ vt.T) if project else u * d
     n, g = a.shape
     blocks = _row_blocks(n, g, block_entries or _BLOCK_ENTRIES)
     quant = _ColumnQuantile(n, quantile_prob)
@@ -214,8 +233,9 @@ def alra_fit(a, k: int, *, quantile_prob: float = 0.001, n_iter: int = 10, rng: 
         scale = sigma_2 / sigma_1
         shift = mu_2 - mu_1 * scale
     ok = ~np.isnan(sigma_1) & ~np.isnan(sigma_2) & ~((sigma_1 == 0) & (sigma_2 == 0)) & (sigma_1 != 0)
-    return ALRAFit(us=us, vt=vt, threshold=threshold, scale=np.where(ok, scale, 1.0),
-                   shift=np.where(ok, shift, 0.0), n_kept=n1)
+    return ALRAFit(us=None if project else us, vt=vt, threshold=threshold,
+                   scale=np.where(ok, scale, 1.0), shift=np.where(ok, shift, 0.0), n_kept=n1,
+                   n_rows=n)
 
 
 def alra_core(a, k: int, *, quantile_prob: float = 0.001, n_iter: int = 10, rng: RNGLike = 0,
@@ -301,12 +321,30 @@ class ALRAImputer(BaseImputer):
 
     def __init__(self, *, k: int | None = None, max_k: int = 100, thresh: float = 6.0,
                  noise_start: int | None = None, quantile_prob: float = 0.001, n_iter: int = 10,
-                 rng: RNGLike = 0):
+                 n_fit_cells: int | None = FIT_CELLS, rng: RNGLike = 0):
         self.k, self.max_k, self.thresh, self.noise_start = k, max_k, thresh, noise_start
         self.quantile_prob, self.n_iter, self.rng = quantile_prob, n_iter, rng
+        self.n_fit_cells = n_fit_cells
+
+    def _check_params(self) -> None:
+        cap = self.n_fit_cells
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, np.integer))
+                                or cap < 10):
+            msg = f"n_fit_cells must be None or an integer >= 10, got {cap!r}."
+            raise ValueError(msg)
+
+    def _fit_rows(self, n: int) -> np.ndarray | None:
+        """The ``n_fit_cells`` sample of ``n`` cells (drawn first from ``rng``), or ``None``."""
+        return sample_rows(self.rng, n, self.n_fit_cells)
 
     def _fit(self, x, ctx: DataContext) -> None:
         rng = as_rng(self.rng)
+        self.fit_cells_ = draw_sample(rng, ctx.n_obs, self.n_fit_cells, ctx)
+        if self.fit_cells_ is not None:
+            logger.info("ALRA: fitting on %d of %d cells (n_fit_cells); the other cells' "
+                        "values by projection", self.fit_cells_.size, ctx.n_obs)
+            if ctx.sample is None:  # a direct _fit call on every cell: take the sample's rows
+                x = take_rows(x, self.fit_cells_)
         a = _norm.log_normalize(x, _norm.CP10K)
         if self.k is None:
             self.k_, self.singular_values_ = choose_k(
@@ -319,7 +357,7 @@ class ALRAImputer(BaseImputer):
                 msg = f"k must be between 1 and {min(x.shape) - 1}, got {self.k}."
                 raise ValueError(msg)
         self.lowrank_ = alra_fit(a, self.k_, quantile_prob=self.quantile_prob, n_iter=self.n_iter,
-                             rng=rng)
+                                 rng=rng, project=self.fit_cells_ is not None)
         # CSR (4-byte values + 4-byte column indices) is smaller than dense float32 when at most
         # half of the values are stored
         self.sparse_output_ = bool(sp.issparse(x) and self.lowrank_.density <= SPARSE_MAX_DENSITY)

@@ -38,7 +38,7 @@ from ..._logging import get_logger, log_task
 from ..._norm import library_size, size_factors
 from ..._parallel import Shared, map_blocks
 from ..._utils import RNGLike, as_rng
-from .._base import BaseImputer, DataContext, Posterior
+from .._base import BaseImputer, DataContext, Posterior, draw_sample, sample_rows, take_rows
 from . import _lasso
 
 logger = get_logger(__name__)
@@ -354,6 +354,13 @@ class SaverImputer(BaseImputer):
         the variance forms) is learned from a random sample of this many cells when there are
         more (SAVER's ``pred.cells``), so the fit's memory and time stop growing with the data;
         every cell still gets its posterior, from its own predictors. ``None``: all cells.
+        Above it the size factors and ``gene_mean_`` are those of all cells (a streaming pass
+        in :func:`screpair.impute_file`, which reads only the sample's rows for the fit; the
+        same numbers in memory), and the mean-prior genes' variance forms come from the
+        sample too (before issue 16 they were fitted on all cells, so outputs above
+        ``n_fit_cells`` changed slightly; at or below it nothing changed); a gene with counts
+        in other cells but none in the sample gets the Fano form with factor 1 (prior
+        variance = its mean).
         Measured cost (``benchmarks/bench_methods_scale.py --accuracy``, rng 0): learning the
         prior from 1,000 of pbmc3k's 2,700 cells instead of all changes the output by an MSE
         of 2.5e-3 on log1p(CP10k) (1.2 % of its variance; r 0.994) and the masked-protocol
@@ -542,11 +549,16 @@ class SaverImputer(BaseImputer):
         return sp.csr_matrix(block.T) if sp.issparse(block) else sp.csr_matrix(np.asarray(block).T)
 
     # ------------------------------------------------------------------ fit
+    def _fit_rows(self, n: int) -> np.ndarray | None:
+        """The ``n_fit_cells`` sample of ``n`` cells (drawn first from ``rng``), or ``None``."""
+        return sample_rows(self.rng, n, self.n_fit_cells)
+
     def _fit(self, x, ctx: DataContext) -> None:
         """Fit the per-gene prior (regression and variance form) on validated counts ``x``
-        (cells x genes); every cell needs at least one count (:func:`screpair.impute` sets
-        cells without counts aside)."""
-        lib = library_size(x)
+        (cells x genes: every cell, or the ``n_fit_cells`` sample ``ctx.sample`` with all
+        cells' ``ctx.totals``); every cell needs at least one count (:func:`screpair.impute`
+        sets cells without counts aside)."""
+        lib = library_size(x) if ctx.sample is None else ctx.totals.library_size
         if np.any(lib == 0):
             msg = (
                 f"{int((lib == 0).sum())} cell(s) have no counts; SAVER needs positive library "
@@ -555,37 +567,42 @@ class SaverImputer(BaseImputer):
             raise ValueError(msg)
         rng = as_rng(self.rng)
         with threadpool_limits(limits=self._threads()), log_task("fitting SAVER", logger):
-            self._fit_prior(x, ctx.var_names, lib, rng)
+            self._fit_prior(x, ctx, lib, rng)
 
-    def _fit_prior(self, x, names, lib, rng: np.random.Generator) -> None:
-        """Fit the prior of every gene on validated counts ``x`` (every cell with counts).
+    def _fit_prior(self, x, ctx: DataContext, lib, rng: np.random.Generator) -> None:
+        """Fit the prior of every gene on validated counts ``x`` (every cell with counts, or
+        the sample ``ctx.sample``); ``lib``: the library sizes of all cells.
 
         Steps: normalized gene moments; the predictor genes and their standardized log values;
         for the genes that can be regressed, a PCA of the predictors, each gene's maximum
         correlation with them, the genes worth a Poisson LASSO (the learned cutoffs) and their
         LASSO fits; then a constant (gene-mean) prior for every gene not predicted. Random draws
-        happen in this order: the PCA seed, the CV folds, the gene order.
+        happen in this order: the sample of cells, the PCA seed, the CV folds, the gene order.
+
+        With a sample, the size factors (``lib`` over its mean) and the gene means
+        (``gene_mean_``) are those of all cells (from ``ctx.totals``: a streaming pass in
+        :func:`screpair.impute_file`); everything else, the mean-prior genes' variance forms
+        included, is learned from the sample's rows.
         """
-        n_all, n_genes = x.shape
+        n_all, n_genes = ctx.n_obs, x.shape[1]
         sf = size_factors(lib)
-        gene_mean, gene_var = self._gene_moments(x, 1.0 / sf)
         self.size_factors_ = sf
-        self.gene_mean_ = gene_mean
-        m = self.n_fit_cells
-        x_all, sf_all = x, sf
-        if m is None or n_all <= int(m):
-            self.fit_cells_ = None
+        self.fit_cells_ = draw_sample(rng, n_all, self.n_fit_cells, ctx)
+        if self.fit_cells_ is None:
+            gene_mean, gene_var = self._gene_moments(x, 1.0 / sf)
         else:  # SAVER's pred.cells: the prior is learned from a random sample of cells
-            self.fit_cells_ = np.sort(rng.choice(n_all, int(m), replace=False))
-            logger.info("SAVER: fitting the prior on %d of %d cells", int(m), n_all)
-            x, sf = x[self.fit_cells_], sf[self.fit_cells_]
-            if sp.issparse(x):
-                x.sort_indices()
+            logger.info("SAVER: fitting the prior on %d of %d cells", self.fit_cells_.size, n_all)
+            # the mean of x / s over all cells: sum(x / L) * mean(L) / n
+            gene_mean = ctx.totals.norm_sum * (lib.mean() / n_all)
+            if ctx.sample is None:  # a direct _fit call on every cell: take the sample's rows
+                x = take_rows(x, self.fit_cells_)
+            sf = sf[self.fit_cells_]
             _, gene_var = self._gene_moments(x, 1.0 / sf)
+        self.gene_mean_ = gene_mean
         n = x.shape[0]
         xc = x.tocsc() if sp.issparse(x) else x
         inv = 1.0 / sf
-        regressable = self._pred_mask(names) & (gene_var > 0)
+        regressable = self._pred_mask(ctx.var_names) & (gene_var > 0)
         logx = self._fit_predictors(xc, gene_mean, sf)
         k = min(int(self.n_components), self.predictor_index_.size - 1, n - 2)
         self._init_fitted(n_genes, k, gene_mean)
@@ -607,8 +624,6 @@ class SaverImputer(BaseImputer):
         else:
             self.scores_ = np.zeros((n, 0))
             self.loadings_ = np.zeros((self.predictor_index_.size, 0))
-        if self.fit_cells_ is not None:  # the mean priors are cheap: every cell (sparse)
-            xc, sf, f_sum = x_all, sf_all, _SumLog1p(sf_all)
         self._fit_mean_priors(xc, gene_mean, sf, f_sum)
 
     @staticmethod
@@ -745,6 +760,15 @@ class SaverImputer(BaseImputer):
         predicted by a regression."""
         bs = int(self.batch_size)
         null = np.flatnonzero(~self.predicted_ & (gene_mean > 0))
+        seen = np.asarray((xc[:, null] != 0).sum(0)).ravel() > 0 if null.size else null
+        unseen = null[~seen]
+        if unseen.size:  # only with a sample: genes of all cells without a count in it
+            # nothing in the sample to fit a form on: a Poisson-level prior (Fano factor 1)
+            logger.info("SAVER: %d mean-prior gene(s) have no count in the %d sampled cells; "
+                        "prior variance = mean (Fano factor 1)", unseen.size, xc.shape[0])
+            self._store_variance(unseen, np.full(unseen.size, VAR_MODELS.index("fano")),
+                                 np.ones(unseen.size), np.full((unseen.size, 3), np.inf))
+            null = null[seen]
         with log_task(f"variance model for {null.size} mean-prior genes", logger):
             for start in range(0, null.size, 4 * bs):
                 genes = null[start : start + 4 * bs]
