@@ -841,7 +841,10 @@ def markdown_summary(results: pd.DataFrame, *, command: str | None = None, ours=
     """Markdown report: per dataset and protocol a table of methods x metrics (mean ± sd over
     seeds, rank in brackets), the mean rank, time and peak memory; then an overall mean-rank
     table, where each screpair method loses (:func:`losses`; ``ours``: the screpair method
-    names, default the registered methods) and the failed/skipped jobs."""
+    names, default the registered methods), whether a screpair method wins each MCV metric and,
+    where none does, who wins, by how much and why (:func:`mcv_verdict`, :data:`MCV_WHY`), and
+    the failed/skipped jobs. The (dataset, protocol) pairs of a partial run that lack some jobs
+    (:func:`missing_jobs`) are listed and not ranked."""
     summ = summarize(results)
     lines = ["# screpair benchmark", ""]
     if command:
