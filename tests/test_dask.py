@@ -82,6 +82,19 @@ def _plain(src, out, method, **kw):
     return _read(out)
 
 
+@pytest.mark.parametrize("method", ["alra", "saver"])
+def test_fit_on_a_sample_equals_single_process(stores, tmp_path, client, method):
+    """Above the sample size (60 of 200 cells) the fit reads only the sample's rows; the
+    posterior blocks on the workers equal the single-process output bit for bit."""
+    _, paths = stores
+    ref = _plain(paths["zarr"], tmp_path / "plain.zarr", method, n_fit_cells=60)
+    out = tmp_path / "dask.zarr"
+    rec = screpair.impute_file(paths["zarr"], out, method, chunk_rows=ROWS, progress=False,
+                               client=client, n_fit_cells=60, **FAST[method])
+    assert rec["fit_cells_read"] == 60
+    _assert_same(ref, _read(out))
+
+
 @pytest.mark.parametrize("method", sorted(FAST))
 def test_equals_single_process(stores, tmp_path, client, method):
     ad, paths = stores

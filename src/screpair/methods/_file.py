@@ -140,10 +140,24 @@ def impute_file(
 
     The input (``.h5ad`` or ``.zarr``; other formats are read into memory first, as
     :func:`screpair.read` reads them) is read by blocks of ``chunk_rows`` cells, each validated as
-    :func:`screpair.impute` validates the whole matrix. The method is fitted on the validated
-    counts of all cells, held in memory as one sparse CSR matrix (float64 values: 12 bytes per
-    stored count; never densified by this pipeline; a method may fit on a documented sample of
-    them, e.g. saver's ``n_fit_cells``). Its posterior is then computed block by
+    :func:`screpair.impute` validates the whole matrix.
+
+    *The fit.* A method whose fit reads a sample of cells (``BaseImputer._fit_rows``: ``alra``
+    and ``saver`` above ``n_fit_cells``; ``dae``, ``vae`` and ``diffusion`` above
+    ``n_train_cells``) is fitted from those rows alone: one streaming pass over the blocks
+    finds the cells and genes with counts and all cells' totals (library sizes, per-gene sums
+    of the library-normalized counts: ``ctx.totals``), then only the sample's rows are read
+    and validated (the check for rounded normalized values is judged on them), and the
+    posterior pass reads and validates every block again. The fit's memory is then that of
+    the sample, not of the data, and its numbers are those of :func:`screpair.impute` (which
+    fits on the same rows of its matrix in memory). Otherwise (fewer cells than the sample
+    size; ``knn``, which is transductive and needs every cell; ``cnn``; a method with its own
+    public fit or one reading another layer) the method is fitted on the validated counts of
+    all cells, held in memory as one sparse CSR matrix (float64 values: 12 bytes per stored
+    count; never densified by this pipeline). The log says which path was taken and why;
+    ``uns[key]["fit_cells_read"]`` is the sample's size (``None``: all cells).
+
+    Its posterior is then computed block by
     block for methods whose output per cell depends only on that cell's row and the fitted state
     (``posterior_by_rows``: ``alra``, ``knn``, ``saver``, ``cnn``, ``diffusion``, ``dae``,
     ``vae``; cnn, diffusion, dae and vae train on at most ``n_train_cells`` cells, cnn fits its
@@ -191,8 +205,8 @@ def impute_file(
         Cells per block; default from ``max_memory`` (:func:`default_chunk_rows`).
     max_memory
         Memory budget (bytes or ``"8G"``); default :data:`DEFAULT_MEMORY_FRACTION` of the RAM.
-        It sets the default ``chunk_rows``; the fit's sparse counts and what a method holds are
-        not limited by it.
+        It sets the default ``chunk_rows``; the fit's sparse counts (all cells', or the
+        sample's) and what a method holds are not limited by it.
     overwrite
         Replace an existing output.
     progress

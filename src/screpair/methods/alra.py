@@ -274,8 +274,15 @@ class ALRAImputer(BaseImputer):
         Per-gene quantile of the low-rank values below which entries are set to zero.
     n_iter
         Power iterations of the randomized SVD.
+    n_fit_cells
+        Above this many cells the rank, the randomized SVD, the per-gene thresholds and the
+        rescaling statistics come from a uniform random sample of this many cells (drawn first
+        from ``rng``; ``fit_cells_``), and the low-rank values of every cell are its
+        log-normalized row projected on the fitted right singular vectors, ``a V V^T`` (see
+        Notes, *Large data*). At or below it every cell is used, exactly as before.
+        ``None``: always all cells. Default 50,000 (the neural methods' ``n_train_cells``).
     rng
-        Seed for the randomized SVDs.
+        Seed for the sample of cells and the randomized SVDs.
 
     Attributes
     ----------
@@ -284,7 +291,10 @@ class ALRAImputer(BaseImputer):
     singular_values_
         The top ``max_k`` singular values (when the rank was chosen).
     lowrank_
-        The fitted :class:`ALRAFit` (low-rank factors, per-gene thresholds and rescaling).
+        The fitted :class:`ALRAFit` (low-rank factors, per-gene thresholds and rescaling;
+        ``us`` is ``None`` for a fit on a sample, whose values follow by projection).
+    fit_cells_
+        The sorted rows of the cells fitted on (``None``: all cells).
     sparse_output_
         Whether the posterior mean is CSR (sparse input, at most half of the values kept).
 
@@ -314,6 +324,20 @@ class ALRAImputer(BaseImputer):
     per-gene sums add block totals, which changes the result by rounding only (vs the former
     whole-column implementation: max |d log1p| 1.2e-12 on pbmc3k, 5.3e-13 on baron; bit for
     bit with one block, e.g. the parity cases).
+
+    *Large data* (issue 16). Above ``n_fit_cells`` cells the fit reads only the sample
+    (:func:`screpair.impute_file` reads only those rows from the file): the ``n x k`` factor
+    ``U S`` is not kept; the low-rank values of any rows, sampled or not, are
+    ``(a_rows V) V^T`` (also on the sample when its thresholds and statistics are computed),
+    so the posterior depends on the cell's own row and the fitted ``V``, thresholds and
+    scaling, and its memory on the block. This departs from ALRA, whose low-rank values come
+    from the SVD of all cells. Measured cost (Splat, 20,000 cells x 1,000 genes, 4 groups,
+    75 % non-zero, rng 0; ``n_fit_cells=5000`` against all cells, both choosing rank 5):
+    log1p of the completed values correlate at r = 0.990, MSE 2.0 % of their variance, max
+    abs difference 7.08 (single entries thresholded to zero in one fit and kept in the
+    other); against the true counts (log1p CP10k) r 0.9558 vs 0.9549 and MSE 0.1258 vs
+    0.1286 for the fit on all cells: no loss of accuracy there. Fit 11.7 s vs 19.5 s (loaded
+    2-core machine).
     """
 
     name = "alra"
