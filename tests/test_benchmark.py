@@ -170,6 +170,15 @@ def test_unknown_method_fails_cleanly(tiny):
     assert (res.status == "failed").all() and res.error.str.contains("unknown method").all()
 
 
+def test_method_params_may_not_set_the_seed(tiny, tmp_path):
+    """The job's seed seeds the method; an ``rng`` in method_params is refused before any job
+    (it used to fail every job of that method with a duplicate-keyword error)."""
+    with pytest.raises(ValueError, match=r"method_params\['knn'\] sets 'rng'.*seeds="):
+        ev.run_benchmark({"tiny": tiny}, ["knn"], ["masked"], [0], tmp_path / "out",
+                         method_params={"knn": {"rng": 5}}, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_benchmark(tiny, tmp_path):
     from screpair.cli import main
 

@@ -236,7 +236,6 @@ def _read_journal(path: Path) -> dict[tuple, list[dict]]:
     for key, block in old.groupby(["dataset", "protocol", "method", "seed"], sort=False):
         if (block["status"] == "ok").all():
             done[(str(key[0]), str(key[1]), str(key[2]), int(key[3]))] = block.to_dict("records")
-    logger.info("resuming: %d finished jobs found in '%s'", len(done), path)
     return done
 
 
@@ -362,6 +361,11 @@ def run_benchmark(
     from tqdm.auto import tqdm
 
     method_params = dict(method_params or {})
+    for name, params in method_params.items():
+        if "rng" in (params or {}):
+            msg = (f"method_params[{name!r}] sets 'rng', but the benchmark seeds every method "
+                   "with the job's seed; choose the seeds with seeds= (CLI: --seeds).")
+            raise ValueError(msg)
     data = _load_datasets(datasets)
     protos = _make_protocols(protocols, dict(protocol_params or {}))
     methods = list(dict.fromkeys(methods))
@@ -422,7 +426,9 @@ def _start_journal(out_dir, resume: bool) -> tuple[Path | None, dict[tuple, list
         return None, {}
     journal = Path(out_dir) / JOURNAL
     if resume:
-        return journal, _read_journal(journal)
+        done = _read_journal(journal)
+        logger.info("resuming: %d finished jobs found in '%s'", len(done), journal)
+        return journal, done
     journal.unlink(missing_ok=True)
     return journal, {}
 
