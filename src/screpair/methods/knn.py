@@ -10,7 +10,7 @@ from sklearn.neighbors import NearestNeighbors
 from .. import _norm
 from .._logging import get_logger
 from .._utils import RNGLike, as_rng
-from ._base import BaseImputer, DataContext, Posterior
+from ._base import BaseImputer, DataContext, Posterior, draw_sample, take_rows
 
 logger = get_logger(__name__)
 
@@ -18,20 +18,12 @@ logger = get_logger(__name__)
 EXACT_MAX_CELLS = 8192
 
 
-def centred_pca(x, n_components: int, *, seed: int, n_iter: int = 5,
-                n_oversamples: int = 10) -> np.ndarray:
-    """Principal component scores of ``x`` (cells x genes, dense or CSR) centred by its column
-    means, without forming the centred (dense) matrix.
-
-    Every product with the centred matrix ``C = x - 1 m^T`` is taken as ``x @ q - 1 (m^T q)``
-    (implicit centring, as scanpy's sparse PCA and sklearn's ``PCA(svd_solver="arpack")`` do
-    with a ``LinearOperator``), so memory is ``x`` plus a few ``cells x (n_components + 10)``
-    blocks. The algorithm is the one of ``sklearn.decomposition.TruncatedSVD`` (randomized
-    range finder with LU-normalized power iterations, Halko et al. 2011; the transposed problem
-    when cells < genes; signs by ``svd_flip(u_based_decision=False)``; scores ``C @ V``) with
-    the same random draws for a given ``seed``, so it reproduces ``TruncatedSVD(n_components,
-    random_state=seed).fit_transform(C)`` up to rounding.
-    """
+def pca_components(x, n_components: int, *, seed: int, n_iter: int = 5,
+                   n_oversamples: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """The column means ``(genes,)`` of ``x`` (cells x genes, dense or CSR) and the
+    ``(n_components, genes)`` principal axes of ``x`` centred by them, without forming the
+    centred (dense) matrix; the fit behind :func:`centred_pca`, whose scores are
+    :func:`pca_scores` of ``x`` on them."""
     n, g = x.shape
     mean = np.asarray(x.mean(axis=0), dtype=np.float64).ravel()
 
@@ -59,8 +51,36 @@ def centred_pca(x, n_components: int, *, seed: int, n_iter: int = 5,
     # svd_flip(u_based_decision=False): the largest |loading| of each component is positive
     signs = np.sign(components[np.arange(components.shape[0]),
                                np.argmax(np.abs(components), axis=1)])
-    components = components * signs[:, None]
-    return c_dot(components.T)
+    return mean, components * signs[:, None]
+
+
+def pca_scores(x, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """The scores ``(x - 1 mean^T) @ components.T`` of the rows of ``x`` (dense or CSR),
+    computed as ``x @ components.T - mean @ components.T`` (implicit centring). A row's scores
+    depend on that row alone, so blocks of rows stack to the scores of all of them (bit for
+    bit for CSR, whose product is taken row by row; up to BLAS rounding for dense rows)."""
+    q = components.T
+    return np.asarray(x @ q) - mean @ q
+
+
+def centred_pca(x, n_components: int, *, seed: int, n_iter: int = 5,
+                n_oversamples: int = 10) -> np.ndarray:
+    """Principal component scores of ``x`` (cells x genes, dense or CSR) centred by its column
+    means, without forming the centred (dense) matrix.
+
+    Every product with the centred matrix ``C = x - 1 m^T`` is taken as ``x @ q - 1 (m^T q)``
+    (implicit centring, as scanpy's sparse PCA and sklearn's ``PCA(svd_solver="arpack")`` do
+    with a ``LinearOperator``), so memory is ``x`` plus a few ``cells x (n_components + 10)``
+    blocks. The algorithm is the one of ``sklearn.decomposition.TruncatedSVD`` (randomized
+    range finder with LU-normalized power iterations, Halko et al. 2011; the transposed problem
+    when cells < genes; signs by ``svd_flip(u_based_decision=False)``; scores ``C @ V``) with
+    the same random draws for a given ``seed``, so it reproduces ``TruncatedSVD(n_components,
+    random_state=seed).fit_transform(C)`` up to rounding. The axes and means are
+    :func:`pca_components`, the scores :func:`pca_scores`.
+    """
+    mean, components = pca_components(x, n_components, seed=seed, n_iter=n_iter,
+                                      n_oversamples=n_oversamples)
+    return pca_scores(x, mean, components)
 
 
 def nearest_neighbors(pcs: np.ndarray, k: int, *, exact_max_cells: int = EXACT_MAX_CELLS,
@@ -96,33 +116,75 @@ MCV_K_GRID = (5, 10, 15, 30, 50, 100)
 SPACES = ("counts", "log")
 MCV_LOSSES = ("mse", "poisson")
 _BLOCK = 1024  # rows per block of the calibration's dense predictions
+#: default ``n_fit_cells``: most cells the PCA axes are fitted on (above: a sample of them)
+N_FIT_CELLS = 50_000
+#: rows per block of the log-normalized rows projected on the sample's PCA axes
+_PROJECT_ROWS = 8192
 
 
-def neighbor_matrix(idx: np.ndarray, k: int | None = None) -> sp.csr_matrix:
+def neighbor_matrix(idx: np.ndarray, k: int | None = None, *,
+                    n_cols: int | None = None) -> sp.csr_matrix:
     """Row-stochastic ``(rows, n)`` matrix ``W`` averaging each row's first ``k`` neighbours of
-    ``idx`` (``(rows, >= k)`` indices into ``n = idx.shape[0]`` points when all rows are given;
-    ``n`` is ``idx.max() + 1`` at least). ``k=None``: all columns of ``idx``."""
+    ``idx`` (``(rows, >= k)`` indices into ``n`` points; ``n`` is ``n_cols``, default
+    ``max(rows, idx.max() + 1)``: all rows given). ``k=None``: all columns of ``idx``."""
     idx = idx if k is None else idx[:, :k]
     n, k = idx.shape
+    cols = max(n, int(idx.max()) + 1) if n_cols is None else int(n_cols)
     return sp.csr_matrix((np.full(n * k, 1.0 / k), idx.ravel(), np.arange(0, n * k + 1, k)),
-                         shape=(n, max(n, int(idx.max()) + 1)))
+                         shape=(n, cols))
 
 
-def _smooth(w_rows: sp.csr_matrix, w: sp.csr_matrix, values, steps: int) -> np.ndarray:
-    """``(W^steps)[rows] @ values`` as ``W[rows] @ W ... @ W @ values`` (dense result): the
-    sparse rows of ``W^steps`` are built first (at most ``rows x n``), never ``W^steps``."""
-    p = w_rows
-    for _ in range(steps - 1):
-        p = p @ w
-    out = p @ values
-    return out.toarray() if sp.issparse(out) else np.asarray(out)
+def _local(p: sp.csr_matrix) -> tuple[np.ndarray, sp.csr_matrix]:
+    """The columns ``support`` that ``p`` uses (sorted) and ``p`` restricted to them (its
+    entries in the same order, column ``j`` renumbered to its place in ``support``), so
+    ``p @ m == p_local @ m[support]`` with the same arithmetic."""
+    support, local = np.unique(p.indices, return_inverse=True)
+    return support, sp.csr_matrix((p.data, local.astype(p.indices.dtype), p.indptr),
+                                  shape=(p.shape[0], support.size))
 
 
-def _space_values(x, space: str):
-    """What is averaged: CP10k profiles (``"counts"``) or log1p(CPM) (``"log"``)."""
+def walk_rows(idx: np.ndarray, rows, steps: int = 1) -> sp.csr_matrix:
+    """The rows ``rows`` (a slice or indices) of ``W^steps`` as sparse ``(rows, n)``, ``W`` the
+    row-stochastic neighbour matrix of ``idx`` (``(n, k)``, :func:`neighbor_matrix`).
+
+    Computed as ``W[rows] @ W @ ... @ W`` where each product takes only the rows of ``W`` that
+    the previous factor uses (its non-zero columns), so neither ``W`` nor ``W^steps`` is
+    formed; the entries and their order are those of the product with the whole ``W``, so the
+    result is the same bit for bit. Memory: the sparse rows of ``W^steps`` (at most
+    ``rows x min(n, k^steps)``)."""
+    n = idx.shape[0]
+    p = neighbor_matrix(idx[rows], n_cols=n)
+    for _ in range(int(steps) - 1):
+        support, p = _local(p)
+        p = p @ neighbor_matrix(idx[support], n_cols=n)
+    return p
+
+
+def smooth_rows(counts, lib: np.ndarray, idx: np.ndarray, rows, *, steps: int = 1,
+                space: str = "counts") -> np.ndarray:
+    """The averaged profiles ``(W^steps)[rows] @ V`` (dense ``(rows, genes)``) of the cells
+    whose validated counts are ``counts`` (all ``n`` of them, library sizes ``lib``) and whose
+    neighbours are ``idx`` (``(n, k)``), ``V`` their CP10k profiles (``space="counts"``) or
+    log1p(CPM) values (``"log"``); ``V`` is never formed for all cells.
+
+    - ``"counts"``: the per-cell scaling is folded into the weights: ``P' = P diag(1e4 / L)``
+      (``P`` the rows of ``W^steps``, :func:`walk_rows`; 0 for ``L = 0``) and the result is
+      ``P' @ counts``, a product with the counts themselves (no copy). Each term is
+      ``(w * (1e4 / L_j)) * x_jg`` where averaging the CP10k values takes
+      ``w * (x_jg * (1e4 / L_j))``: the same sum, rounded differently (relative differences of
+      a few ulp, measured in :class:`KNNImputer`).
+    - ``"log"``: the log is not linear, so the rows the block averages (the non-zero columns of
+      ``P``) are taken from ``counts`` and log-normalized, then averaged: the same arithmetic
+      as averaging all cells' log1p(CPM) values, bit for bit.
+    """
+    p = walk_rows(idx, rows, steps)
     if space == "counts":
-        return _norm.normalize(x, _norm.CP10K)
-    return _norm.log_normalize(x, _norm.CPM)
+        p.data *= _norm.scale_factors(lib[p.indices], _norm.CP10K)
+        out = p @ counts
+    else:
+        support, p = _local(p)
+        out = p @ _norm.log_normalize(take_rows(counts, support), _norm.CPM, lib=lib[support])
+    return out.toarray() if sp.issparse(out) else np.asarray(out)
 
 
 def _to_counts(smooth: np.ndarray, lib: np.ndarray, space: str) -> np.ndarray:
@@ -134,15 +196,40 @@ def _to_counts(smooth: np.ndarray, lib: np.ndarray, space: str) -> np.ndarray:
     return _norm.to_counts(smooth, lib, _norm.CPM)
 
 
-def _neighbors_of(x, k: int, n_pcs: int, *, seed: int, exact_max_cells: int) -> np.ndarray:
-    """Each cell's ``k`` nearest cells in the centred PCA of log1p(CP10k) of ``x``."""
-    lg = _norm.log_normalize(x, _norm.CP10K)
-    n_pcs = max(1, min(int(n_pcs), min(x.shape) - 1))
-    if min(x.shape) > 1:
-        pcs = centred_pca(lg, n_pcs, seed=seed)
-    else:  # a single cell or gene: the centred values themselves
-        lg = lg.toarray() if sp.issparse(lg) else lg
-        pcs = lg - lg.mean(axis=0)
+def _row_blocks(n: int, size: int):
+    for lo in range(0, n, size):
+        yield slice(lo, min(lo + size, n))
+
+
+def _stack(blocks: list):
+    return sp.vstack(blocks, format="csr") if sp.issparse(blocks[0]) else np.vstack(blocks)
+
+
+def _neighbors_of(x, k: int, n_pcs: int, *, seed: int, exact_max_cells: int,
+                  sample: np.ndarray | None = None) -> np.ndarray:
+    """Each cell's ``k`` nearest cells in the centred PCA of log1p(CP10k) of ``x``.
+
+    ``sample`` (sorted rows of ``x``): the PCA axes and centring mean are fitted on those rows
+    only and every cell's scores are the projection of its log1p(CP10k) row on them, computed
+    by blocks of :data:`_PROJECT_ROWS` rows; memory is the sample's log values, one block's and
+    the ``cells x n_pcs`` scores, never a log copy of all cells."""
+    if sample is None or x.shape[1] < 2:
+        lg = _norm.log_normalize(x, _norm.CP10K)
+        n_pcs = max(1, min(int(n_pcs), min(x.shape) - 1))
+        if min(x.shape) > 1:
+            pcs = centred_pca(lg, n_pcs, seed=seed)
+        else:  # a single cell or gene: the centred values themselves
+            lg = lg.toarray() if sp.issparse(lg) else lg
+            pcs = lg - lg.mean(axis=0)
+    else:
+        n_pcs = max(1, min(int(n_pcs), min(sample.size, x.shape[1]) - 1))
+        lg = _stack([_norm.log_normalize(take_rows(x, sample[r]), _norm.CP10K)
+                     for r in _row_blocks(sample.size, _PROJECT_ROWS)])
+        mean, components = pca_components(lg, n_pcs, seed=seed)
+        del lg
+        pcs = np.empty((x.shape[0], components.shape[0]))
+        for r in _row_blocks(x.shape[0], _PROJECT_ROWS):
+            pcs[r] = pca_scores(_norm.log_normalize(x[r], _norm.CP10K), mean, components)
     return nearest_neighbors(pcs, k, exact_max_cells=exact_max_cells, seed=seed)
 
 
@@ -166,20 +253,20 @@ def mcv_losses(train, test, idx: np.ndarray, ks, *, space: str = "counts", steps
       means rescaled by ``test.sum() / train.sum()``, ``mean(d - test * log(d + 1e-6))``, the
       value of :func:`screpair.evaluate.mcv_poisson` with ``order="mcv"``.
 
-    Computed over blocks of rows, so no ``cells x genes`` array is formed beyond one block.
+    Computed over blocks of rows (:func:`smooth_rows`), so no ``cells x genes`` array is formed
+    beyond one block and no normalized copy of ``train``.
     """
     n, g = train.shape
     lib = _norm.library_size(train)
-    values = _space_values(train, space)
     scale = float(test.sum()) / float(train.sum())
     test = sp.csr_matrix(test) if sp.issparse(test) else np.asarray(test, dtype=np.float64)
     out = {}
     for k in ks:
-        w = neighbor_matrix(idx, k)
+        nb = np.ascontiguousarray(idx[:, :k])
         total = 0.0
-        for lo in range(0, n, _BLOCK):
-            rows = slice(lo, min(lo + _BLOCK, n))
-            pred = _to_counts(_smooth(w[rows], w, values, steps), lib[rows], space)
+        for rows in _row_blocks(n, _BLOCK):
+            pred = _to_counts(smooth_rows(train, lib, nb, rows, steps=steps, space=space),
+                              lib[rows], space)
             t = _dense(test[rows])
             if loss == "mse":
                 d = _norm.log_normalize(pred, _norm.CP10K) - _norm.log_normalize(t, _norm.CP10K)
@@ -231,8 +318,13 @@ class KNNImputer(BaseImputer):
     exact_max_cells
         Up to this many cells the neighbours are exact; above it they come from pynndescent's
         approximate ``NNDescent`` (:func:`nearest_neighbors`; ``0``: always approximate).
+    n_fit_cells
+        Up to this many cells the PCA is fitted on all of them; above it its axes and centring
+        mean are fitted on a uniform sample of ``n_fit_cells`` cells (drawn first from ``rng``)
+        and every cell is projected on them (see *Large data*); ``None``: always all cells.
     rng
-        Seed for the randomized SVD, the approximate neighbour search and the calibration split.
+        Seed for the PCA sample, the randomized SVD, the approximate neighbour search and the
+        calibration split.
 
     Attributes
     ----------
@@ -242,18 +334,33 @@ class KNNImputer(BaseImputer):
         With ``k="mcv"``: ``{k: loss}`` of every candidate (lower is better); else ``None``.
     neighbors_
         ``(n_cells, k_)`` each fitted cell's neighbours (row indices).
-    normalized_
-        What the posterior averages: the fitted cells' counts scaled to 1e4 per cell
-        (``space="counts"``) or their log1p(CPM) (``"log"``); CSR for sparse input.
+    fit_cells_
+        The sorted rows the PCA axes were fitted on (above ``n_fit_cells`` cells), else
+        ``None`` (all cells).
+    counts_
+        The validated counts given to ``fit`` (float64 CSR or ndarray): a reference, not a copy
+        (the posterior averages the neighbours' rows of it).
+    library_size_
+        ``(n_cells,)`` the fitted cells' library sizes (row sums of ``counts_``).
 
     Notes
     -----
     Transductive: ``transform`` needs the cells given to ``fit``; it averages the fitted cells'
     normalized profiles and uses the given counts only for their library sizes. The posterior
-    of a block of rows (``ctx.rows``) is ``(W^steps)[rows] @ normalized_``, so blocks stack to
-    the all-rows result; memory is the sparse input, the ``cells x (n_pcs + 10)`` PCA blocks,
-    the sparse rows of ``W^steps`` and the dense output block. ``k="mcv"`` costs one more PCA and
-    neighbour search (on the training half) and one smoothing per candidate.
+    of a block of rows (``ctx.rows``) is :func:`smooth_rows`: with ``space="counts"``
+    ``P' @ counts_ * L_i / 1e4``, ``P'`` the block's rows of ``W^steps`` (:func:`walk_rows`)
+    with each column ``j`` scaled by ``1e4 / L_j``, so no normalized copy of the counts is
+    held; with ``space="log"`` the rows the block averages are log-normalized for that block
+    only. Blocks stack to the all-rows result; memory is the counts (held by the caller
+    anyway), the ``cells x (n_pcs + 10)`` PCA blocks (above ``n_fit_cells``: the sample's log
+    values and ``cells x n_pcs`` scores), the neighbours, the sparse rows of ``W^steps`` and the
+    dense output block. ``k="mcv"`` costs one more PCA and neighbour search (on the training
+    half, the same PCA sample) and one smoothing per candidate.
+
+    *Folded weights.* Averaging CP10k profiles rounds each term as ``w * (x * (1e4 / L))``,
+    the folded weights as ``(w * (1e4 / L)) * x``: the output differs from averaging a
+    normalized copy (this class before issue 16) by a few ulp (see *Large data* for the measured
+    differences); ``space="log"`` is unchanged bit for bit.
 
     *Molecular cross-validation* (issue 19, ``benchmarks/mcv_smoothing.py``, rng 0, scored on the
     benchmark's MCV test split, which the method never sees; a 2-core machine shared with a
@@ -291,10 +398,10 @@ class KNNImputer(BaseImputer):
     def __init__(self, *, k: int | str = 15, n_pcs: int = 30, steps: int = 1,
                  space: str = "counts", k_grid=MCV_K_GRID, mcv_loss: str = "mse",
                  mcv_train_frac: float = 0.9, exact_max_cells: int = EXACT_MAX_CELLS,
-                 rng: RNGLike = 0):
+                 n_fit_cells: int | None = N_FIT_CELLS, rng: RNGLike = 0):
         self.k, self.n_pcs, self.steps, self.space = k, n_pcs, steps, space
         self.k_grid, self.mcv_loss, self.mcv_train_frac = k_grid, mcv_loss, mcv_train_frac
-        self.exact_max_cells, self.rng = exact_max_cells, rng
+        self.exact_max_cells, self.n_fit_cells, self.rng = exact_max_cells, n_fit_cells, rng
 
     def _check_params(self) -> None:
         if isinstance(self.k, str):
@@ -322,6 +429,11 @@ class KNNImputer(BaseImputer):
         if int(self.exact_max_cells) < 0:
             msg = f"exact_max_cells must be >= 0, got {self.exact_max_cells}."
             raise ValueError(msg)
+        cap = self.n_fit_cells
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, np.integer))
+                                or cap < 10):
+            msg = f"n_fit_cells must be None or an integer >= 10, got {cap!r}."
+            raise ValueError(msg)
 
     def _calibrate(self, x, rng: np.random.Generator, seed: int) -> dict[int, float]:
         from anndata import AnnData
@@ -333,7 +445,7 @@ class KNNImputer(BaseImputer):
         train, test = (sp.csr_matrix(half.X, dtype=np.float64) for half in mcv_split(
             AnnData(X=sp.csr_matrix(x)), train_frac=float(self.mcv_train_frac), rng=rng))
         idx = _neighbors_of(train, max(ks), self.n_pcs, seed=seed,
-                            exact_max_cells=int(self.exact_max_cells))
+                            exact_max_cells=int(self.exact_max_cells), sample=self.fit_cells_)
         losses = mcv_losses(train, test, idx, ks, space=self.space, steps=int(self.steps),
                             loss=self.mcv_loss)
         logger.info("kNN k='mcv' (%s loss): %s", self.mcv_loss,
@@ -342,6 +454,11 @@ class KNNImputer(BaseImputer):
 
     def _fit(self, x, ctx: DataContext) -> None:
         rng = as_rng(self.rng)
+        # drawn first, and only above n_fit_cells: below it rng and the output are as before
+        self.fit_cells_ = draw_sample(rng, x.shape[0], self.n_fit_cells, ctx)
+        if self.fit_cells_ is not None:
+            logger.info("kNN: PCA axes fitted on %d of %d cells (n_fit_cells); every cell "
+                        "projected on them", self.fit_cells_.size, x.shape[0])
         seed = int(rng.integers(2**31))
         if self.k == "mcv":
             self.mcv_losses_ = self._calibrate(x, rng, seed)
@@ -350,13 +467,14 @@ class KNNImputer(BaseImputer):
             self.mcv_losses_ = None
             self.k_ = min(int(self.k), x.shape[0])
         self.neighbors_ = _neighbors_of(x, self.k_, self.n_pcs, seed=seed,
-                                        exact_max_cells=int(self.exact_max_cells))
-        self.normalized_ = _space_values(x, self.space)
+                                        exact_max_cells=int(self.exact_max_cells),
+                                        sample=self.fit_cells_)
+        self.counts_ = x  # a reference: the posterior averages rows of it
+        self.library_size_ = _norm.library_size(x)
 
     def _posterior(self, x, ctx: DataContext) -> Posterior:
-        lib = _norm.library_size(x)
-        # row-stochastic neighbour rows of this block: never builds a cells x k x genes array
-        w = neighbor_matrix(self.neighbors_)
-        rows = w[ctx.rows]
-        smooth = _smooth(rows, w, self.normalized_, int(self.steps))  # a new array
-        return Posterior(mean=_to_counts(smooth, lib, self.space))
+        # the block's rows of W^steps only: never W, a cells x k x genes array or a normalized
+        # copy of the counts
+        smooth = smooth_rows(self.counts_, self.library_size_, self.neighbors_, ctx.rows,
+                             steps=int(self.steps), space=self.space)  # a new array
+        return Posterior(mean=_to_counts(smooth, _norm.library_size(x), self.space))
