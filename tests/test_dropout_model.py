@@ -152,6 +152,46 @@ def test_state_round_trip(separated):
         np.testing.assert_array_equal(l1, l2)
 
 
+def test_fit_from_the_sample_rows_alone(separated):
+    """``draw`` names the rows ``fit`` samples and advances the generator as ``fit`` does
+    (the clustering's draws included: here ADPclust's subsample too); ``fit`` on those rows
+    alone (``rows=``, ``n_obs=``) is the fit on all cells: the same clusters and parameters,
+    and the other cells, assigned when their probabilities are asked for, get the same
+    probabilities and labels, by blocks too, and after a state round trip."""
+    x, _ = separated
+    kw = dict(n_fit_cells=200, cluster_kwargs={"adp_max_cells": 100})
+    gen = np.random.default_rng(0)
+    drawn = DropoutModel(**kw).draw(gen, 600)
+    after = gen.integers(2**62)
+    gen_all, gen_part = np.random.default_rng(0), np.random.default_rng(0)
+    whole = DropoutModel(rng=gen_all, **kw).fit(x)
+    part = DropoutModel(rng=gen_part, **kw).fit(x[drawn], rows=drawn, n_obs=600)
+    assert gen_all.integers(2**62) == after and gen_part.integers(2**62) == after
+    np.testing.assert_array_equal(drawn, whole.fit_cells_)
+    np.testing.assert_array_equal(part.fit_cells_, drawn)
+    np.testing.assert_array_equal(part.cell_rows_, drawn)
+    for k, v in whole.params_.items():
+        np.testing.assert_array_equal(part.params_[k], v, err_msg=k)
+    np.testing.assert_array_equal(part.labels_, whole.labels_[drawn])
+    ref, ref_lab = whole.probabilities(x, rows=slice(0, 600))
+    for size in (64, 600):
+        prob, lab = _blocks(part, x, size)
+        assert (prob != ref).nnz == 0
+        np.testing.assert_array_equal(lab, ref_lab)
+    pos = np.array([5, drawn[0], 599, drawn[-1]])  # positions: fitted and other cells
+    prob, lab = part.probabilities(x[pos], rows=pos)
+    assert (prob != ref[pos]).nnz == 0
+    np.testing.assert_array_equal(lab, ref_lab[pos])
+    meta, arrays = part.state()
+    back = DropoutModel.from_state(json.loads(json.dumps(meta)), arrays)
+    np.testing.assert_array_equal(back.cell_rows_, drawn)
+    assert (_blocks(back, x, 100)[0] != ref).nnz == 0
+    with pytest.raises(ValueError, match="rows= needs no labels"):
+        DropoutModel(**kw).fit(x[drawn], rows=drawn, n_obs=600, labels=np.zeros(200))
+    with pytest.raises(ValueError, match="rows= needs"):
+        DropoutModel(**kw).fit(x[drawn[:50]], rows=drawn[:50], n_obs=600)
+
+
 # --------------------------------------------------------------------------- cnn by rows
 def test_cnn_posterior_by_row_blocks_equals_in_memory(sim, posterior_blocks, one_torch_thread):
     """cnn with its own clustering (all cells fit the dropout model): the posterior of row

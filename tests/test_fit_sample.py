@@ -226,3 +226,152 @@ def test_alra_sample_close_to_all_cells(sim300):
 def test_alra_n_fit_cells_checked():
     with pytest.raises(ValueError, match="n_fit_cells"):
         ALRAImputer(n_fit_cells=3).fit(np.ones((40, 30)))
+
+
+# --------------------------------------------------------------------------- cnn
+CNN_TINY = {"module": {"n_hidden": 16},
+            "train": {"n_epochs": 1, "batch_size": 32, "progress": False, "device": "cpu"}}
+CNN_SAMPLED = {"n_train_cells": 60, "n_dropout_cells": 60, **CNN_TINY}
+
+
+def test_cnn_file_equals_memory_above_the_sample_sizes(sim300, tmp_path, caplog,
+                                                       one_torch_thread):
+    """cnn above n_dropout_cells and n_train_cells (60 each of 290 cells): impute_file reads
+    only the union of the two samples for the fit and writes what impute writes."""
+    from screpair.methods.cnn import CNNImputer
+
+    ad, path = sim300
+    union = CNNImputer(rng=0, **CNN_SAMPLED)._fit_rows(290)
+    assert 60 < union.size <= 120
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = screpair.impute(ad, "cnn", copy=True, **CNN_SAMPLED)
+        with caplog.at_level("INFO", logger="screpair"):
+            rec = screpair.impute_file(path, tmp_path / "o.zarr", "cnn", chunk_rows=64,
+                                       progress=False, **CNN_SAMPLED)
+    assert rec["fit_cells_read"] == union.size and rec["posterior_by_rows"]
+    assert "fit on a sample of rows" in caplog.text
+    back = _read(tmp_path / "o.zarr")
+    for name in ("cnn", "dropout_prob"):
+        np.testing.assert_array_equal(_dense(back.layers[name]),
+                                      _dense(ref.layers[name]).astype(np.float32), name)
+    assert (_dense(back.layers["cnn"]) != _dense(ad.X)).any()  # some zeros imputed
+
+
+def test_cnn_sample_path_is_the_all_cells_fit(sim300, one_torch_thread):
+    """Above both sample sizes the fit from the union's rows alone (the default path) is the
+    fit on all cells that draws the two samples itself (``_fit`` on every row, the path of
+    earlier releases): the same samples, dropout model, networks and output, bit for bit."""
+    from screpair.methods._base import data_context
+    from screpair.methods.cnn import CNNImputer
+
+    ad, _ = sim300
+    x = _kept(ad)
+    ctx = data_context(x, x)
+    every = CNNImputer(rng=0, **CNN_SAMPLED)
+    every._check_params()
+    every._fit(x, ctx)  # ctx.sample None: every row, both samples drawn inside
+    sampled = CNNImputer(rng=0, **CNN_SAMPLED).fit(x)
+    dm, dm_all = sampled.dropout_model_, every.dropout_model_
+    np.testing.assert_array_equal(sampled.train_cells_, every.train_cells_)
+    np.testing.assert_array_equal(dm.fit_cells_, dm_all.fit_cells_)
+    assert dm.cell_rows_ is not None and dm_all.cell_rows_ is None  # sample / every cell
+    np.testing.assert_array_equal(dm.cell_codes_, dm_all.cell_codes_[dm.fit_cells_])
+    np.testing.assert_array_equal(sampled.input_index_, every.input_index_)
+    np.testing.assert_array_equal(sampled.target_index_, every.target_index_)
+    for (k, a), b in zip(sampled.module_.state_dict().items(),
+                         every.module_.state_dict().values(), strict=True):
+        assert (a == b).all(), k
+    post, post_all = sampled.posterior(x), every._posterior(x, ctx)
+    np.testing.assert_array_equal(post.mean, post_all.mean)
+    assert (post.dropout_prob != post_all.dropout_prob).nnz == 0
+    assert sampled.labels_ is None and every.labels_.shape == (290,)
+
+
+def test_cnn_below_the_sample_sizes_nothing_changes(sim300, one_torch_thread):
+    """Not above both sample sizes the fit reads every cell: no rows are asked for, and the
+    defaults (10,000 / 50,000 on 290 cells) equal no sampling (None) bit for bit."""
+    from screpair.methods.cnn import CNNImputer
+
+    ad, _ = sim300
+    x = _kept(ad)
+    for kw in ({}, {"n_dropout_cells": 60}, {"n_train_cells": 60},
+               {"n_train_cells": 60, "n_dropout_cells": None},
+               {"n_train_cells": 60, "n_dropout_cells": 60, "groupby": "g"}):
+        assert CNNImputer(rng=0, **kw)._fit_rows(290) is None, kw
+    default = CNNImputer(rng=0, **CNN_TINY)
+    none = CNNImputer(rng=0, n_dropout_cells=None, n_train_cells=None, **CNN_TINY)
+    np.testing.assert_array_equal(default.fit_transform(x), none.fit_transform(x))
+    assert default.train_cells_ is None and default.dropout_model_.fit_cells_ is None
+
+
+def test_cnn_fit_receives_only_the_sample(sim300, tmp_path, monkeypatch, one_torch_thread):
+    """What cnn's ``_fit`` and its dropout model's fit get from ``impute_file``: the union's
+    validated rows only, the dropout model's 60 sampled rows; the samples lie in the union and
+    are those ``impute`` draws from its matrix in memory."""
+    from screpair.dropout import DropoutModel
+    from screpair.methods.cnn import CNNImputer
+
+    ad, path = sim300
+    seen, fitted, dm_rows = [], [], []
+    real, real_dm = CNNImputer._fit, DropoutModel.fit
+
+    def spy(self, x, ctx):
+        seen.append((x.copy(), ctx.sample, ctx.n_obs))
+        fitted.append(self)
+        return real(self, x, ctx)
+
+    def spy_dm(self, x, **kw):
+        dm_rows.append(x.shape[0])
+        return real_dm(self, x, **kw)
+
+    monkeypatch.setattr(CNNImputer, "_fit", spy)
+    monkeypatch.setattr(DropoutModel, "fit", spy_dm)
+    screpair.impute_file(path, tmp_path / "o.zarr", "cnn", chunk_rows=64, progress=False,
+                         **CNN_SAMPLED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        screpair.impute(ad, "cnn", copy=True, **CNN_SAMPLED)
+    (xf, sample, n), (xm, sample_m, _) = seen
+    kept = _kept(ad)
+    assert n == 290 and xf.shape == (sample.size, kept.shape[1]) and sample.size < 121
+    np.testing.assert_array_equal(sample, sample_m)
+    assert (xf != take_rows(kept, sample)).nnz == 0 and (xf != xm).nnz == 0
+    assert dm_rows == [60, 60]
+    for est in fitted:
+        np.testing.assert_array_equal(
+            np.union1d(est.train_cells_, est.dropout_model_.fit_cells_), sample)
+
+
+def test_cnn_sample_with_a_generator_or_no_seed(sim300, one_torch_thread):
+    """``_fit_rows`` leaves a Generator ``rng`` alone and names the rows its fit then takes;
+    with ``rng=None`` (fresh entropy, drawn again by the fit) both samples are taken from the
+    rows given."""
+    from screpair.methods.cnn import CNNImputer
+
+    ad, _ = sim300
+    x = _kept(ad)
+    gen = np.random.default_rng(5)
+    state = gen.bit_generator.state
+    est = CNNImputer(rng=gen, **CNN_SAMPLED)
+    rows = est._fit_rows(290)
+    assert gen.bit_generator.state == state
+    est.fit(x)
+    np.testing.assert_array_equal(np.union1d(est.train_cells_, est.dropout_model_.fit_cells_),
+                                  rows)
+    free = CNNImputer(rng=None, **CNN_SAMPLED)
+    seen = []
+    real = CNNImputer._fit
+
+    def spy(self, x, ctx):
+        seen.append(ctx.sample)
+        return real(self, x, ctx)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CNNImputer, "_fit", spy)
+        out = free.fit_transform(x)
+    given = seen[0]
+    assert free.train_cells_.size == 60 and free.dropout_model_.fit_cells_.size == 60
+    assert np.isin(free.train_cells_, given).all()
+    assert np.isin(free.dropout_model_.fit_cells_, given).all()
+    assert np.isfinite(out).all() and out.shape == x.shape

@@ -380,6 +380,24 @@ def adpclust(
 
 
 # --------------------------------------------------------------------------- pipeline
+#: default ``adp_max_cells`` of :func:`cluster_cells`
+ADP_MAX_CELLS = 4000
+
+
+def cluster_draws(gen: np.random.Generator, n: int,
+                  adp_max_cells: int = ADP_MAX_CELLS) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Every draw :func:`cluster_cells` makes from its generator ``gen`` for ``n`` cells, in
+    its order: the seeds of the PCA, t-SNE and k-means, then the sorted rows of ADPclust's
+    subsample (all rows up to ``adp_max_cells``). ``gen`` is advanced as the clustering
+    advances it, so a caller can tell what the generator gives after a clustering without
+    running it (:meth:`screpair.dropout.DropoutModel.draw`)."""
+    seeds = tuple(int(s) for s in gen.integers(0, 2**31 - 1, size=3))
+    if n > adp_max_cells:
+        sub = np.sort(gen.choice(n, size=adp_max_cells, replace=False))
+    else:
+        sub = np.arange(n)
+    return seeds, sub
+
 
 
 def cluster_cells(
@@ -391,7 +409,7 @@ def cluster_cells(
     n_pcs: int = 10,
     f_cut: Sequence[float] = (0.1, 0.2, 0.3),
     n_bandwidths: int = 10,
-    adp_max_cells: int = 4000,
+    adp_max_cells: int = ADP_MAX_CELLS,
     target_sum: float | None = 1e4,
     n_top_genes: int | None = 2000,
     scale: bool = True,
@@ -448,8 +466,7 @@ def cluster_cells(
     if n < 4:
         msg = f"clustering needs at least 4 cells, got {n}."
         raise ValueError(msg)
-    gen = as_rng(rng)
-    seed_pca, seed_tsne, seed_km = (int(s) for s in gen.integers(0, 2**31 - 1, size=3))
+    (seed_pca, seed_tsne, seed_km), sub = cluster_draws(as_rng(rng), n, adp_max_cells)
     with log_task(f"clustering {n} cells (log2 normalized, PCA, 3-D t-SNE, ADPclust, k-means)",
                   logger):
         with log_task("log2 normalized + PCA", logger):
@@ -470,10 +487,6 @@ def cluster_cells(
             del y
         with log_task("3-D t-SNE", logger):
             emb = tsne_3d(pcs, perplexity=perplexity, seed=seed_tsne, n_jobs=n_jobs)
-        if n > adp_max_cells:
-            sub = np.sort(gen.choice(n, size=adp_max_cells, replace=False))
-        else:
-            sub = np.arange(n)
         with log_task("ADPclust", logger):
             _, centers, sil, h, cands = adpclust(
                 emb[sub], n_clusters=n_clusters, f_cut=f_cut, n_bandwidths=n_bandwidths

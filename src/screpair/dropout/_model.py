@@ -21,6 +21,12 @@ shape of the large-data path:
    whole-matrix result, and memory is one block (dense over the genes) plus the fitted state:
    ``n_clusters x n_genes`` parameters, the sample's principal components (``n_fit_cells x
    n_pcs``) and two numbers per fitted cell (cluster, fingerprint).
+
+A caller that reads rows from a store can fit on the sample alone: :meth:`DropoutModel.draw`
+names the sample ``fit`` draws for ``n`` cells (advancing a generator as ``fit`` does, the
+clustering's draws included), and ``fit(x_sample, rows=sample, n_obs=n)`` is the same fit from
+those rows only; the other cells are then assigned when their probabilities are asked for
+(the same nearest-neighbour vote that ``fit`` on all cells makes at fit time).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import scipy.sparse as sp
 from .. import _norm
 from .._logging import get_logger, log_task
 from .._utils import RNGLike, as_rng
-from ._cluster import CellProjection, cluster_cells
+from ._cluster import ADP_MAX_CELLS, CellProjection, cluster_cells, cluster_draws
 from ._em import _assemble_prob, fit_dropout
 from ._zinb import _assemble, fit_zinb_dropout
 
@@ -157,7 +163,9 @@ class DropoutModel:
         :class:`NeighbourAssigner` of new cells (``None`` when labels were given).
     cell_codes_, cell_hash_
         Cluster code and :func:`row_fingerprints` of every fitted cell (``None`` when labels
-        were given).
+        were given); of the sampled cells only when ``fit`` got only those (``rows=``).
+    cell_rows_
+        Rows of the cells of ``cell_codes_`` (sorted), ``None``: every row of the fitted data.
 
     Examples
     --------
@@ -199,21 +207,60 @@ class DropoutModel:
             raise ValueError(msg)
 
     # ------------------------------------------------------------------ fit
-    def fit(self, x, *, labels=None) -> DropoutModel:
+    def _draw_sample(self, rng: np.random.Generator, n: int) -> np.ndarray | None:
+        """The sorted rows of the sample of ``n`` cells (``None``: all), drawn from ``rng``."""
+        cap = None if self.n_fit_cells is None else int(self.n_fit_cells)
+        if cap is None or n <= cap:
+            return None
+        return np.sort(rng.choice(n, size=cap, replace=False))
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray | None:
+        """The sorted rows of the sample that :meth:`fit` (without labels) of ``n`` cells
+        clusters and fits on (``None``: all ``n``), drawn from ``rng``, which is advanced as
+        that fit advances it (the sample, then the clustering's draws,
+        :func:`screpair.dropout._cluster.cluster_draws`): what the generator gives next is what
+        it gives after the fit. Reads no data; ``fit(x[rows], rows=rows, n_obs=n)`` then fits
+        on those rows alone."""
+        self._check_params()
+        sample = self._draw_sample(rng, n)
+        kw = self.cluster_kwargs or {}
+        cluster_draws(rng, n if sample is None else sample.size,
+                      int(kw.get("adp_max_cells", ADP_MAX_CELLS)))
+        return sample
+
+    def fit(self, x, *, labels=None, rows: np.ndarray | None = None,
+            n_obs: int | None = None) -> DropoutModel:
         """Fit on the raw counts ``x`` (cells x genes, validated CSR or ndarray), clustering
         them unless ``labels`` (one per cell) are given.
+
+        ``rows`` and ``n_obs`` (no ``labels``): ``x`` holds only the rows ``rows`` of a data
+        set of ``n_obs`` cells, the sample :meth:`draw` names for ``n_obs`` (read alone from a
+        store): the clustering and parameters are those of the fit on all ``n_obs`` cells, the
+        sample's draw is still made (``rng`` advances the same way), and the other cells are
+        not assigned now but when :meth:`probabilities` gets them (``labels_``: the sampled
+        cells' only). Rows other than the drawn ones are taken as given (e.g. a sample drawn
+        from other entropy with ``rng=None``).
 
         ``rng`` is used as it is (a Generator is advanced: the sample, then the clustering).
         """
         self._check_params()
         rng = as_rng(self.rng)
-        n = x.shape[0]
+        n = x.shape[0] if rows is None else int(n_obs)
         cap = None if self.n_fit_cells is None else int(self.n_fit_cells)
         sample = None
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64)
+            if labels is not None or cap is None or n <= cap or rows.shape != (cap,) \
+                    or x.shape[0] != cap:
+                msg = (f"rows= needs no labels, more than n_fit_cells={cap} cells (n_obs={n}) "
+                       f"and x holding exactly those rows; got {rows.shape[0]} rows, "
+                       f"x with {x.shape[0]}.")
+                raise ValueError(msg)
         if labels is None:
-            if cap is not None and n > cap:
-                sample = np.sort(rng.choice(n, size=cap, replace=False))
-            xs = x if sample is None else x[sample]
+            sample = self._draw_sample(rng, n)
+            if rows is not None:  # x holds the sample's rows only: the draw advances rng
+                sample = rows
+            xs = x if sample is None or rows is not None else x[sample]
             with log_task(f"clustering {xs.shape[0]} cells for the dropout model", logger):
                 res = cluster_cells(xs, rng=rng, **(self.cluster_kwargs or {}))
             codes_s, uniques = pd.factorize(np.asarray(res.labels), sort=True)
@@ -221,7 +268,8 @@ class DropoutModel:
             self.assigner_ = NeighbourAssigner(res.projection, res.pcs, codes_s,
                                                int(self.n_neighbors))
             codes = codes_s
-            if sample is not None:
+            self.cell_rows_ = None if rows is None else sample
+            if sample is not None and rows is None:
                 with log_task(f"assigning {n - cap} cells by nearest sampled neighbours",
                               logger):
                     rest = np.setdiff1d(np.arange(n), sample)
@@ -231,6 +279,7 @@ class DropoutModel:
             self.cell_codes_ = np.asarray(codes, dtype=np.int64)
             self.cell_hash_ = row_fingerprints(x)
         else:
+            self.cell_rows_ = None
             labels = _label_array(labels, n)
             codes, uniques = pd.factorize(labels, sort=True)
             self.clusters_ = np.asarray(uniques).astype(str)
@@ -238,7 +287,7 @@ class DropoutModel:
                 sample = _stratified(codes, cap, rng)
             codes_s = codes if sample is None else codes[sample]
             self.assigner_ = self.cell_codes_ = self.cell_hash_ = None
-        xs = x if sample is None else x[sample]
+        xs = x if sample is None or rows is not None else x[sample]
         fit_fn = fit_zinb_dropout if self.model == "zinb" else fit_dropout
         with log_task(f"fitting dropout probabilities ({self.model}) on {xs.shape[0]} cells",
                       logger):
@@ -290,13 +339,13 @@ class DropoutModel:
         return _assemble(x, c, s, p["mean"], p["dispersion"], tuple(p["curve"]),
                          p["inflation"], blocks, min_prob=kw["min_prob"], dtype=dtype)
 
-    def codes(self, x, *, rows: slice | None = None, labels=None) -> np.ndarray:
+    def codes(self, x, *, rows: slice | np.ndarray | None = None, labels=None) -> np.ndarray:
         """Cluster code (row of the per-cluster parameters) of every row of ``x``.
 
         ``labels`` (one per row; required when the model was fitted with labels) must be
         fitted clusters. Otherwise cells of the fitted data (``rows``: their positions in it,
-        and the same counts) keep their fitted cluster, the others are assigned by nearest
-        neighbours.
+        a slice or one integer per row of ``x``, and the same counts) keep their fitted
+        cluster, the others are assigned by nearest neighbours.
         """
         n = x.shape[0]
         if labels is not None:
@@ -313,18 +362,42 @@ class DropoutModel:
             msg = "this dropout model was fitted with cluster labels: pass labels= as well."
             raise ValueError(msg)
         codes = np.full(n, -1, dtype=np.int64)
-        if rows is not None and self.cell_codes_ is not None:
-            start, stop, step = rows.indices(self.cell_codes_.shape[0])
-            pos = np.arange(start, stop, step)
-            if pos.size == n:
-                same = row_fingerprints(x) == self.cell_hash_[pos]
-                codes[same] = self.cell_codes_[pos[same]]
+        pos = self._fitted_positions(rows, n)
+        if pos is not None:
+            found = pos >= 0
+            same = np.zeros(n, dtype=bool)
+            same[found] = row_fingerprints(x[np.flatnonzero(found)] if not found.all()
+                                           else x) == self.cell_hash_[pos[found]]
+            codes[same] = self.cell_codes_[pos[same]]
         new = codes < 0
         if new.any():
             codes[new] = self.assigner_.assign(x[np.flatnonzero(new)] if not new.all() else x)
         return codes
 
-    def probabilities(self, x, *, rows: slice | None = None,
+    def _fitted_positions(self, rows, n: int) -> np.ndarray | None:
+        """Per row of a block of ``n`` rows at ``rows`` (slice or positions) of the fitted
+        data, its index into ``cell_codes_`` (``-1``: not a fitted cell), or ``None``: none."""
+        if rows is None or self.cell_codes_ is None:
+            return None
+        cell_rows = getattr(self, "cell_rows_", None)  # absent: pickled before it existed
+        if isinstance(rows, slice):
+            if cell_rows is None:  # every fitted row: the slice within them
+                start, stop, step = rows.indices(self.cell_codes_.shape[0])
+            else:
+                start, stop, step = rows.indices((rows.start or 0) + n * (rows.step or 1))
+            at = np.arange(start, stop, step)
+        else:
+            at = np.asarray(rows, dtype=np.int64)
+        if at.shape != (n,):
+            return None
+        if cell_rows is None:
+            return np.where((at >= 0) & (at < self.cell_codes_.shape[0]), at, -1)
+        idx = np.searchsorted(cell_rows, at)
+        hit = idx < cell_rows.size
+        hit[hit] = cell_rows[idx[hit]] == at[hit]
+        return np.where(hit, idx, -1)
+
+    def probabilities(self, x, *, rows: slice | np.ndarray | None = None,
                       labels=None) -> tuple[sp.csr_matrix, np.ndarray]:
         """Dropout probabilities (CSR, at zero counts only) and cluster labels of the rows of
         the raw counts ``x`` (see :meth:`codes` for ``rows`` and ``labels``)."""
@@ -345,6 +418,8 @@ class DropoutModel:
         if self.cell_codes_ is not None:
             arrays["cell.codes"] = self.cell_codes_
             arrays["cell.hash"] = self.cell_hash_.view(np.int64)
+            if getattr(self, "cell_rows_", None) is not None:
+                arrays["cell.rows"] = self.cell_rows_
         return meta, arrays
 
     @classmethod
@@ -365,7 +440,9 @@ class DropoutModel:
                                              np.asarray(arrays["sample.pcs"]),
                                              np.asarray(arrays["sample.codes"]),
                                              dm.n_neighbors)
-        dm.cell_codes_ = dm.cell_hash_ = None
+        dm.cell_codes_ = dm.cell_hash_ = dm.cell_rows_ = None
+        if "cell.rows" in arrays:
+            dm.cell_rows_ = np.asarray(arrays["cell.rows"], dtype=np.int64)
         if "cell.codes" in arrays:
             dm.cell_codes_ = np.asarray(arrays["cell.codes"], dtype=np.int64)
             dm.cell_hash_ = np.ascontiguousarray(arrays["cell.hash"], dtype=np.int64).view(

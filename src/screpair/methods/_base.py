@@ -226,6 +226,11 @@ class BaseImputer(BaseEstimator):
         one on the rows read from a file are the same fit."""
         return None
 
+    def _why_every_row(self, n: int) -> str:
+        """Why :meth:`_fit_rows` gives no sample of ``n`` cells (the log of
+        :func:`screpair.impute_file`), for a method that takes one above a sample size."""
+        return f"{n} cells are not more than its sample size"
+
     def _fit(self, x, ctx: DataContext) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 

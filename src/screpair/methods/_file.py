@@ -144,15 +144,17 @@ def impute_file(
 
     *The fit.* A method whose fit reads a sample of cells (``BaseImputer._fit_rows``: ``alra``
     and ``saver`` above ``n_fit_cells``; ``dae``, ``vae`` and ``diffusion`` above
-    ``n_train_cells``) is fitted from those rows alone: one streaming pass over the blocks
+    ``n_train_cells``; ``cnn`` above both ``n_dropout_cells`` and ``n_train_cells``, its own
+    dropout model fitted, no ``groupby``: the union of the two samples) is fitted from those
+    rows alone: one streaming pass over the blocks
     finds the cells and genes with counts and all cells' totals (library sizes, per-gene sums
     of the library-normalized counts: ``ctx.totals``), then only the sample's rows are read
     and validated (the check for rounded normalized values is judged on them), and the
     posterior pass reads and validates every block again. The fit's memory is then that of
     the sample, not of the data, and its numbers are those of :func:`screpair.impute` (which
     fits on the same rows of its matrix in memory). Otherwise (fewer cells than the sample
-    size; ``knn``, which is transductive and needs every cell; ``cnn``; a method with its own
-    public fit or one reading another layer) the method is fitted on the validated counts of
+    size; ``knn``, which is transductive and needs every cell; a method with its own
+    public fit or one reading another layer, e.g. cnn's ``dropout_layer``) the method is fitted on the validated counts of
     all cells, held in memory as one sparse CSR matrix (float64 values: 12 bytes per stored
     count; never densified by this pipeline). The log says which path was taken and why;
     ``uns[key]["fit_cells_read"]`` is the sample's size (``None``: all cells).
@@ -396,7 +398,7 @@ def _fit_path(est: BaseImputer, n_obs: int, *, extra_layer: bool) -> str | None:
         return (f"{est.name!r} fits on every cell (it takes no sample of rows"
                 f"{'; transductive' if est.transductive else ''})")
     if est._fit_rows(n_obs) is None:
-        return f"{est.name!r} reads every cell: {n_obs} cells are not more than its sample size"
+        return f"{est.name!r} reads every cell: {est._why_every_row(n_obs)}"
     return None
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import weakref
 from dataclasses import dataclass, replace
@@ -15,7 +16,7 @@ import scipy.sparse as sp
 from ... import _norm
 from ..._logging import get_logger, log_task
 from ..._utils import RNGLike, as_rng, torch_seed
-from .._base import BaseImputer, DataContext, Posterior, moved_params_error
+from .._base import BaseImputer, DataContext, Posterior, moved_params_error, take_rows
 from .._torch import (
     LossOutput,
     TrainConfig,
@@ -47,6 +48,14 @@ _MIN_INPUTS = 10  # shortest input that survives two conv(k=3) + maxpool(2) bloc
 DROPOUT_CELLS = 10_000
 #: default ``n_train_cells``: cells the networks are trained on
 TRAIN_CELLS = 50_000
+
+
+def _at_zeros(prob: sp.csr_matrix, x) -> sp.csr_matrix:
+    """``prob`` without the entries where the counts ``x`` are observed (never missing)."""
+    observed = (x != 0) if sp.issparse(x) else sp.csr_matrix(np.asarray(x) != 0)
+    prob = sp.csr_matrix(prob - prob.multiply(observed))
+    prob.eliminate_zeros()
+    return prob
 
 
 class _Used(NamedTuple):
@@ -182,7 +191,22 @@ class CNNImputer(BaseImputer):
     with the results of all cells), the training batches are dense only for the batch's cells
     and the genes the networks read or predict, and the posterior of a block of cells needs
     only those rows and the fitted state (``posterior_by_rows``): :func:`screpair.impute_file`
-    computes and writes it block by block.
+    computes and writes it block by block. Above both sample sizes (with the dropout model
+    fitted here, no ``groupby``) the fit reads only the rows of the union of the two samples
+    (at most ``n_dropout_cells + n_train_cells``, 60,000 at the defaults):
+    :func:`screpair.impute_file` reads only those rows from the store, :func:`screpair.impute`
+    takes them from its matrix, and both samples are drawn from ``rng`` as the fit on all
+    cells draws them, so the output is that fit's bit for bit (tests). No statistic of the fit
+    needs the other cells: the clustering, PCA, dropout parameters and the mean library size
+    of the size factors come from the dropout model's sample; the targets (detected in at
+    least ``targets.min_frac_cells`` of the cells), the input genes' correlations, the output
+    biases and the training from the training sample; each cell's CPM from its own row. The
+    other cells join a cluster (the vote of their nearest sampled cells in the sample's PCA
+    space) when their probabilities are computed, block by block. The fit reads every cell
+    below either sample size, with ``dropout_layer`` (the probabilities of every cell come
+    from that layer) and with ``groupby`` (the dropout model's sample is stratified by every
+    cell's label). With ``rng=None`` the fit draws a fresh seed and takes both samples from
+    the rows read.
 
     Parameters
     ----------
@@ -274,7 +298,8 @@ class CNNImputer(BaseImputer):
         fitted on a sample (more than ``n_dropout_cells`` cells): they are then computed by
         blocks, for the fit's missing entries and again by ``posterior``.
     labels_
-        Cell cluster labels of the fitted cells.
+        Cell cluster labels of the fitted cells; ``None`` when the fit read only its samples'
+        rows (the other cells' clusters are found with their probabilities).
     dropout_model_
         The fitted :class:`screpair.dropout.DropoutModel` (``None`` with ``dropout_layer``): it
         gives the probabilities of any block of cells, so ``posterior`` works by blocks of rows
@@ -542,10 +567,7 @@ class CNNImputer(BaseImputer):
             with log_task(f"dropout probabilities ({self.dropout_model}) of {x.shape[0]} cells",
                           logger):
                 prob, labels = self.dropout_model_.probabilities(x, rows=ctx.rows, labels=labels)
-        observed = (x != 0) if sp.issparse(x) else sp.csr_matrix(np.asarray(x) != 0)
-        prob = sp.csr_matrix(prob - prob.multiply(observed))  # observed values are never missing
-        prob.eliminate_zeros()
-        return prob, (None if labels is None else np.asarray(labels).astype(str))
+        return _at_zeros(prob, x), (None if labels is None else np.asarray(labels).astype(str))
 
     def _missing_by_blocks(self, x, ctx: DataContext, block: int = 1024) -> sp.csr_matrix:
         """The missing mask of ``x`` from the fitted dropout model, by blocks of cells (their
@@ -557,42 +579,108 @@ class CNNImputer(BaseImputer):
             parts.append(self._missing(prob))
         return sp.csr_matrix(sp.vstack(parts, format="csr"), dtype=bool)
 
+    def _missing_of_rows(self, x, rows: np.ndarray,
+                         block: int = 1024) -> tuple[sp.csr_matrix, np.ndarray]:
+        """The missing mask and cluster labels of the cells ``x`` at positions ``rows`` of the
+        data (fitted cells keep their fitted cluster) from the fitted dropout model, by blocks
+        of cells, as :meth:`_missing_by_blocks` takes them for consecutive rows."""
+        parts, labels = [], []
+        for a in range(0, x.shape[0], block):
+            b = min(a + block, x.shape[0])
+            xb = x[a:b]
+            prob, lab = self.dropout_model_.probabilities(xb, rows=rows[a:b])
+            parts.append(self._missing(_at_zeros(prob, xb)))
+            labels.append(np.asarray(lab).astype(str))
+        return (sp.csr_matrix(sp.vstack(parts, format="csr"), dtype=bool),
+                np.concatenate(labels))
+
     def _missing(self, prob: sp.csr_matrix) -> sp.csr_matrix:
         m = sp.csr_matrix(prob > self.threshold)
         m.eliminate_zeros()
         return m
 
     # ------------------------------------------------------------------ fit
+    def _plan(self, rng: np.random.Generator,
+              n: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The sorted rows of the dropout model's sample and of the networks' training sample
+        of ``n`` cells, drawn from ``rng`` (the fit's generator) as :meth:`_fit` draws them,
+        ``rng`` advanced as the fit advances it up to the training sample (the clustering's
+        draws included); ``None`` when the fit reads every cell: ``n`` is not above both
+        ``n_dropout_cells`` and ``n_train_cells``, or the probabilities come from
+        ``dropout_layer`` or the dropout model is stratified by ``groupby`` labels."""
+        if self.dropout_layer is not None or self.groupby is not None:
+            return None
+        if self.n_train_cells is None or n <= int(self.n_train_cells):
+            return None
+        drop = self._dropout_model(rng).draw(rng, n)
+        if drop is None:
+            return None
+        return drop, np.sort(rng.choice(n, size=int(self.n_train_cells), replace=False))
+
+    def _fit_rows(self, n: int) -> np.ndarray | None:
+        """The union of the dropout model's and the training sample of ``n`` cells
+        (:meth:`_plan`, from a copy of ``rng``), or ``None``: every cell. Only these rows are
+        fitted on (:func:`screpair.impute_file` reads only them); the networks' training, the
+        targets, input genes and output biases come from the training sample, the clustering
+        and the dropout parameters from the dropout model's, as they did from all cells."""
+        gen = copy.deepcopy(self.rng) if isinstance(self.rng, np.random.Generator) else self.rng
+        plan = self._plan(as_rng(fit_seed(gen)), n)
+        return None if plan is None else np.union1d(*plan)
+
+    def _why_every_row(self, n: int) -> str:
+        if self.groupby is not None:
+            return ("its dropout model's sample is stratified by the groupby labels of every "
+                    "cell")
+        return (f"{n} cells are not more than both n_dropout_cells={self.n_dropout_cells} and "
+                f"n_train_cells={self.n_train_cells}")
+
+    def _fit_sample(self, x, ctx: DataContext, rng: np.random.Generator):
+        """The dropout model and the training cells' normalized counts, missing mask and
+        cluster labels when ``x`` holds only the rows ``ctx.sample`` (:meth:`_fit_rows`):
+        the dropout model fitted on its sample's rows (the other cells are assigned when their
+        probabilities are computed, the same vote), the training sample's missing entries and
+        labels from it; ``rng`` advanced as the fit on all cells advances it."""
+        n, sample = ctx.n_obs, np.asarray(ctx.sample)
+        plan = self._plan(copy.deepcopy(rng), n)
+        if plan is None:
+            msg = f"cnn: the fit got a sample of {sample.size} rows but takes none of {n} cells."
+            raise ValueError(msg)
+        drop, cells = plan
+        if not (np.isin(drop, sample).all() and np.isin(cells, sample).all()):
+            # rng=None: _fit_rows drew from other entropy; both samples from the rows given
+            gen = np.random.default_rng(self.posterior_seed_)
+            drop = np.sort(gen.choice(sample, size=drop.size, replace=False))
+            cells = np.sort(gen.choice(sample, size=cells.size, replace=False))
+        dm = self._dropout_model(rng)
+        dm.fit(take_rows(x, np.searchsorted(sample, drop)), rows=drop, n_obs=n)
+        self.dropout_model_ = dm
+        rng.choice(n, size=cells.size, replace=False)  # the training sample's draw: rng moves on
+        logger.info("cnn: training on %d of %d cells (n_train_cells), the dropout model "
+                    "fitted on %d (n_dropout_cells): %d rows read", cells.size, n, drop.size,
+                    sample.size)
+        xt = take_rows(x, np.searchsorted(sample, cells))
+        missing, labels = self._missing_of_rows(xt, cells)
+        self.dropout_prob_, self.labels_, self._fit_counts = None, None, None
+        self.train_cells_ = cells
+        return self._normalized(xt, _norm.library_size(xt)), missing, labels
+
     def _fit(self, x, ctx: DataContext) -> None:
         """Fit the dropout model, choose targets and inputs, and train the subset networks on
         the validated counts ``x`` (``fit(data, layer=...)``: AnnData with raw counts in ``X``
-        or ``layers[layer]``, or a cells x genes count matrix)."""
+        or ``layers[layer]``, or a cells x genes count matrix); ``x`` holds only the rows
+        ``ctx.sample`` when :meth:`_fit_rows` asked for them (:meth:`_fit_sample`)."""
         torch = import_torch()
         train = self._config("train")
         # one integer seed stands for `rng`; the dropout model (re)fitted at transform time
         # starts a fresh generator from it, so it is the same on every call and after load
         self.posterior_seed_ = fit_seed(self.rng)
         rng = as_rng(self.posterior_seed_)
-        n_cells, n_genes = x.shape
-        lib = _norm.library_size(x)
-        xlog = self._normalized(x, lib)
-        prob, labels = self._dropout(x, ctx, rng)
-        missing = self._missing(prob) if prob is not None else self._missing_by_blocks(x, ctx)
-        self.dropout_prob_, self.labels_ = prob, labels
-        # a cache key, not a fingerprint: `posterior` reuses these probabilities only for this
-        # very matrix object (impute and fit_transform pass the one they validated); other
-        # input gets them from the fitted dropout model (the fitted rows keep their clusters:
-        # the same values)
-        self._fit_counts = weakref.ref(x)
-        self.train_cells_ = None
-        if self.n_train_cells is not None and n_cells > int(self.n_train_cells):
-            # networks, targets and inputs learned from a random sample of the cells
-            cells = np.sort(rng.choice(n_cells, size=int(self.n_train_cells), replace=False))
-            logger.info("cnn: training on %d of %d cells (n_train_cells)", cells.size, n_cells)
-            self.train_cells_ = cells
-            xlog, missing = xlog[cells], missing[cells]
-            labels = None if labels is None else labels[cells]
-            n_cells = cells.size
+        n_genes = x.shape[1]
+        if ctx.sample is not None:
+            xlog, missing, labels = self._fit_sample(x, ctx, rng)
+        else:
+            xlog, missing, labels = self._fit_all(x, ctx, rng)
+        n_cells = xlog.shape[0]
 
         with log_task("selecting targets and input genes", logger):
             self.groups_, self.clusters_ = self._select(xlog, missing, labels, rng)
@@ -625,6 +713,31 @@ class CNNImputer(BaseImputer):
                 self.module_, loss_fn, train_idx, val_idx, train, rng, desc="cnn"
             )
         self.module_.generator = None
+
+    def _fit_all(self, x, ctx: DataContext, rng: np.random.Generator):
+        """The dropout model fitted on ``x`` (every cell; a sample of them above
+        ``n_dropout_cells``), then the training cells' normalized counts, missing mask and
+        labels (a sample above ``n_train_cells``)."""
+        n_cells = x.shape[0]
+        lib = _norm.library_size(x)
+        xlog = self._normalized(x, lib)
+        prob, labels = self._dropout(x, ctx, rng)
+        missing = self._missing(prob) if prob is not None else self._missing_by_blocks(x, ctx)
+        self.dropout_prob_, self.labels_ = prob, labels
+        # a cache key, not a fingerprint: `posterior` reuses these probabilities only for this
+        # very matrix object (impute and fit_transform pass the one they validated); other
+        # input gets them from the fitted dropout model (the fitted rows keep their clusters:
+        # the same values)
+        self._fit_counts = weakref.ref(x)
+        self.train_cells_ = None
+        if self.n_train_cells is not None and n_cells > int(self.n_train_cells):
+            # networks, targets and inputs learned from a random sample of the cells
+            cells = np.sort(rng.choice(n_cells, size=int(self.n_train_cells), replace=False))
+            logger.info("cnn: training on %d of %d cells (n_train_cells)", cells.size, n_cells)
+            self.train_cells_ = cells
+            xlog, missing = xlog[cells], missing[cells]
+            labels = None if labels is None else labels[cells]
+        return xlog, missing, labels
 
     def _select(self, xlog, missing: sp.csr_matrix, labels, rng) -> tuple[list[Group], list[str]]:
         cfg = self._config("targets")
