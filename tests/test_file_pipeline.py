@@ -102,7 +102,8 @@ def test_checks_before_any_work(sim_path, tmp_path, monkeypatch):
     ad, path = sim_path
 
     def boom(*a, **k):  # reading the counts is the first expensive step
-        raise AssertionError("read the counts")
+        msg = "read the counts"
+        raise AssertionError(msg)
 
     monkeypatch.setattr(_file, "read_all", boom)
     out = tmp_path / "o.h5ad"
