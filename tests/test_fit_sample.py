@@ -171,9 +171,9 @@ def test_sampled_fit_memory_bounded_by_the_sample(tmp_path, traced_peak, monkeyp
     """40,000 cells x 200 genes (3.2 M counts: 38 MB as validated CSR): ALRA fitted on 300
     sampled cells, blocks of 500 cells. The run never holds all counts: its traced peak stays
     below half of them (the blocks' dense working arrays: 500 x 200 x 8 = 0.8 MB each; the
-    writer's sparse buffer, 2^24 values by default, set to 2^15 here so that it is not what is
+    writer's sparse buffer, 2^22 values by default, set to 2^15 here so that it is not what is
     measured). At density 0.2 (19 MB of counts) the traced peak was 14.6 MB, the all-counts
-    path's (n_fit_cells=None, default buffer) 143 MB."""
+    path's (n_fit_cells=None, buffer 2^24) 143 MB."""
     from screpair._chunks import StoreWriter
 
     monkeypatch.setattr(StoreWriter, "buffer_nnz", 2**15)

@@ -558,8 +558,14 @@ class StoreWriter:
     """
 
     #: stored values of sparse blocks collected before one append to the store (each append
-    #: resizes the on-disk arrays, slow on zarr): at most 128 MB of float32 values + indices
-    buffer_nnz: int = 2**24
+    #: resizes the on-disk arrays, about 45 ms on zarr): 32 MB of float32 values + int32
+    #: indices, plus the block that crosses it and one copy while it is written.
+    #: ``benchmarks/bench_writer_buffer.py``, 10^5 x 2,000 float32 CSR at 17 % (34 M values),
+    #: medians of 3 on the loaded 2-core machine, 2^24 / 2^22 / 2^20 / 2^18: zarr in blocks of
+    #: 10,000 rows 1.84 / 1.57 / 1.89 / 2.11 s, of 1,000 rows 2.31 / 1.61 / 2.61 / 6.08 s
+    #: (h5ad: 11.8-14.4 s for all, gzip dominates); the writer's traced peak 154 / 53-73 / 17-24
+    #: / 15 MB (zarr), 137 / 36-55 / 1-12 / 1 MB (h5ad). 2^22: as fast as 2^24, a third of it
+    buffer_nnz: int = 2**22
 
     def __init__(self, root, n_obs: int, fmt: str, chunk_rows: int):
         self.root, self.n_obs, self.fmt, self.chunk_rows = root, n_obs, fmt, chunk_rows
