@@ -6,11 +6,12 @@ Two parts, each printed as a table (and written as JSON with ``--out``):
 ``--accuracy``
     A Splat simulation (``--acc-cells`` cells x 1,000 genes, 5 groups, about 17 % non-zero)
     smoothed with the PCA fitted on ``--acc-sample`` cells against the PCA on all cells (same
-    rng): the recall of the neighbour sets (mean share of a cell's ``k`` neighbours that are
-    also its neighbours with the full PCA) and the MSE between the two outputs' log1p(CP10k)
-    values (and that MSE over their variance), with the default neighbours (pynndescent above
-    8,192 cells) and with exact ones (``exact_max_cells`` above the cells: the PCA's part
-    alone).
+    rng; and the PCA on all cells with another rng, the scale of what a seed changes): the
+    recall of the neighbour sets (mean share of a cell's ``k`` neighbours that are also its
+    neighbours with the full PCA), the MSE between the outputs' log1p(CP10k) values, the share
+    of neighbours in the cell's group and the MSE against the true means, with exact
+    neighbours (``exact_max_cells`` above the cells: the PCA's part alone) and the default ones
+    (pynndescent above 8,192 cells).
 ``--memory``
     For each ``--shapes`` (cells x genes, e.g. ``20000x1000``) a Splat file written with
     bounded memory (``simulate.splat(out=...)``, cached in ``--data``); then, each in a fresh
@@ -19,9 +20,11 @@ Two parts, each printed as a table (and written as JSON with ``--out``):
     ``--before`` (a git revision of ``src/screpair/methods/knn.py``, loaded beside the current
     one) and the current one (at the default ``n_fit_cells`` and at ``--sample``), and
     ``screpair.impute_file(path, out, KNNImputer(), chunk_rows=...)`` as a whole (counts read,
-    fit, blocks written) with either. It
-    reports the tracemalloc peak (numpy / scipy buffers; not numba's, so not pynndescent's
-    index) and the process's peak RSS (``ru_maxrss``, imports included).
+    fit, blocks written) with either. Neighbours are exact here (``exact_max_cells`` above the
+    cells): pynndescent's first call in a process compiles its numba kernels, about 250 MB of
+    traced allocations whatever the number of cells (measured at 20,000 and 60,000 points),
+    which would hide what kNN itself holds. It reports the tracemalloc peak (numpy / scipy
+    buffers) and the process's peak RSS (``ru_maxrss``, imports included).
 
     python benchmarks/bench_knn_memory.py --accuracy --memory --out knn_memory.json
 """
@@ -44,12 +47,12 @@ import numpy as np
 BEFORE = "5ce6315^"  # the knn.py that held a normalized copy and a full log copy
 
 
-def _splat(n: int, g: int, *, out=None, rng: int = 0):
+def _splat(n: int, g: int, *, out=None, keep: bool = False, rng: int = 0, **params):
     from screpair.simulate import splat
 
     # about 17 % non-zero at 1,000 genes with lib_loc 7.3; the same depth per gene for more genes
     return splat(n, g, lib_loc=7.3 + math.log(g / 1000), group_prob=[0.2] * 5, out=out,
-                 overwrite=out is not None, rng=rng)
+                 keep_intermediates=keep, overwrite=out is not None, rng=rng, **params)
 
 
 def _log1p_cp10k(m):
@@ -58,33 +61,49 @@ def _log1p_cp10k(m):
     return _norm.log_normalize(m, _norm.CP10K)
 
 
-def accuracy(n: int, sample: int, k: int = 15) -> list[dict]:
+def accuracy(n: int, sample: int, k: int = 15, *, de_fac_loc: float | None = None,
+             approximate: bool = True) -> list[dict]:
+    """The PCA on ``sample`` cells against the PCA on all ``n`` (rng 0), and, as the scale of
+    what changes anyway, the PCA on all cells with another seed (rng 1): neighbour-set recall
+    against the all-cells rng-0 neighbours, MSE of the outputs' log1p(CP10k) values against
+    its output, the share of neighbours in the cell's own group and the MSE against the
+    log1p(CP10k) of the true cell means (Splat's ``cell_means``). ``de_fac_loc``: Splat's
+    (default 0.1: groups that barely separate; 1.0: distinct groups)."""
     import scipy.sparse as sp
 
     from screpair.methods.knn import KNNImputer
 
-    x = sp.csr_matrix(_splat(n, 1000).X, dtype=np.float64)
+    sim = _splat(n, 1000, keep=True, **({} if de_fac_loc is None else
+                                        {"de_fac_loc": de_fac_loc}))
+    x = sp.csr_matrix(sim.X, dtype=np.float64)
+    truth = _log1p_cp10k(np.asarray(sim.layers["cell_means"], dtype=np.float64))
+    group = np.asarray(sim.obs["group"])
+    del sim
     print(f"accuracy: {n} cells x 1000 genes, {x.nnz / np.prod(x.shape):.1%} non-zero, "
-          f"PCA sample {sample}", flush=True)
+          f"PCA sample {sample}, de_fac_loc {de_fac_loc or 'default'}", flush=True)
     rows = []
-    for label, exact in (("default neighbours", 8192), ("exact neighbours", n + 1)):
-        outs = {}
-        for cap in (None, sample):
+    for label, exact in (("exact neighbours", n + 1), ("default neighbours", 8192))[
+            :2 if approximate else 1]:
+        fits = {}
+        for name, cap, seed in (("all", None, 0), ("all, rng 1", None, 1),
+                                (f"sample {sample}", sample, 0)):
             t0 = time.perf_counter()
-            est = KNNImputer(k=k, n_fit_cells=cap, exact_max_cells=exact, rng=0)
-            out = est.fit_transform(x)
-            outs[cap] = (est.neighbors_, _log1p_cp10k(out), time.perf_counter() - t0)
-        (nb_all, v_all, t_all), (nb_s, v_s, t_s) = outs[None], outs[sample]
-        recall = float(np.mean([np.intersect1d(a, b).size / k
-                                for a, b in zip(nb_s, nb_all, strict=True)]))
-        mse = float(np.mean((v_s - v_all) ** 2))
-        row = {"neighbours": label, "cells": n, "sample": sample, "recall": recall, "mse": mse,
-               "mse_over_var": mse / float(np.var(v_all)), "seconds_all": t_all,
-               "seconds_sample": t_s}
-        print(f"  {label}: recall {recall:.4f}, MSE of log1p(CP10k) {mse:.3g} "
-              f"({row['mse_over_var']:.3%} of the variance); {t_all:.1f} s all, "
-              f"{t_s:.1f} s sample", flush=True)
-        rows.append(row)
+            est = KNNImputer(k=k, n_fit_cells=cap, exact_max_cells=exact, rng=seed)
+            out = _log1p_cp10k(est.fit_transform(x))
+            fits[name] = (est.neighbors_, out, time.perf_counter() - t0)
+        nb0, v0, _ = fits["all"]
+        for name, (nb, v, sec) in fits.items():
+            row = {"neighbours": label, "fit": name, "cells": n, "de_fac_loc": de_fac_loc,
+                   "seconds": sec,
+                   "recall_vs_all": float(np.mean([np.intersect1d(a, b).size / k
+                                                   for a, b in zip(nb, nb0, strict=True)])),
+                   "mse_vs_all": float(np.mean((v - v0) ** 2)),
+                   "same_group": float(np.mean(group[nb] == group[:, None])),
+                   "mse_vs_truth": float(np.mean((v - truth) ** 2))}
+            print(f"  {label}, {name:12s}: recall {row['recall_vs_all']:.4f}, MSE vs all "
+                  f"{row['mse_vs_all']:.4g}, neighbours in own group {row['same_group']:.4f}, "
+                  f"MSE vs truth {row['mse_vs_truth']:.5f} ({sec:.1f} s)", flush=True)
+            rows.append(row)
     return rows
 
 
@@ -107,7 +126,9 @@ def _measure(case: dict) -> dict:
     if cls is None:
         from screpair.methods.knn import KNNImputer as cls
     params = {} if case.get("n_fit_cells") is None else {"n_fit_cells": case["n_fit_cells"]}
-    est = cls(rng=0, **params)
+    # exact neighbours: pynndescent's first call compiles numba kernels, whose ~250 MB of
+    # traced compile-time allocations (at any number of cells) would hide kNN's own memory
+    est = cls(rng=0, exact_max_cells=case["cells"] + 1, **params)
     path, chunk = case["path"], case["chunk_rows"]
     if case["what"] == "impute_file":  # everything: counts read, fit, blocks written
         import screpair
@@ -177,6 +198,8 @@ def main(argv=None) -> None:
     p.add_argument("--accuracy", action="store_true")
     p.add_argument("--acc-cells", type=int, default=20_000)
     p.add_argument("--acc-sample", type=int, default=5_000)
+    p.add_argument("--acc-de-fac-loc", type=float, nargs="+", default=[0.1, 1.0])
+    p.add_argument("--exact-only", action="store_true", help="accuracy: no pynndescent runs")
     p.add_argument("--memory", action="store_true")
     p.add_argument("--shapes", nargs="+", default=["20000x1000", "50000x2000"])
     p.add_argument("--sample", type=int, default=10_000, help="n_fit_cells of the sampled case")
@@ -191,7 +214,8 @@ def main(argv=None) -> None:
         return
     result = {}
     if args.accuracy:
-        result["accuracy"] = accuracy(args.acc_cells, args.acc_sample)
+        result["accuracy"] = [row for de in args.acc_de_fac_loc for row in accuracy(
+            args.acc_cells, args.acc_sample, de_fac_loc=de, approximate=not args.exact_only)]
     if args.memory:
         result["memory"] = memory(args.shapes, args.data, args.chunk_rows, args.before,
                                   args.sample)

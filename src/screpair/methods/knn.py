@@ -119,7 +119,7 @@ _BLOCK = 1024  # rows per block of the calibration's dense predictions
 #: default ``n_fit_cells``: most cells the PCA axes are fitted on (above: a sample of them)
 N_FIT_CELLS = 50_000
 #: rows per block of the log-normalized rows projected on the sample's PCA axes (a block's
-#: log-normalizing holds about three CSR copies of it: 25 MB at 2,000 genes, 17 % non-zero)
+#: log-normalizing holds a few CSR copies of it: about 8 MB each at 2,000 genes, 17 % non-zero)
 _PROJECT_ROWS = 2048
 
 
@@ -361,8 +361,8 @@ class KNNImputer(BaseImputer):
 
     *Folded weights.* Averaging CP10k profiles rounds each term as ``w * (x * (1e4 / L))``,
     the folded weights as ``(w * (1e4 / L)) * x``: the output differs from averaging a
-    normalized copy (this class before issue 16) by a few ulp (see *Large data* for the measured
-    differences); ``space="log"`` is unchanged bit for bit.
+    normalized copy (this class before issue 16) by a few ulp (measured under *Large data*);
+    ``space="log"`` is unchanged bit for bit.
 
     *Molecular cross-validation* (issue 19, ``benchmarks/mcv_smoothing.py``, rng 0, scored on the
     benchmark's MCV test split, which the method never sees; a 2-core machine shared with a
@@ -392,6 +392,40 @@ class KNNImputer(BaseImputer):
     compiles its numba kernels on first use (about 30 s per process on a 2-core machine). Below
     ``exact_max_cells`` the output is the same as before the implicit-centring PCA (bit for bit
     on pbmc3k, baron and the parity cases).
+
+    *Large data* (issue 16; ``benchmarks/bench_knn_memory.py``, rng 0, a 2-core machine shared
+    with a running benchmark). *No normalized copy*: against the previous implementation, which
+    averaged a normalized copy of the counts, on pbmc3k / baron (k = 15 with 1 and 2 steps,
+    k = 50 with 3) the folded weights change 0.4-2.7 % of the output's entries in their last
+    bits, by at most 7.8e-16 / 7.3e-16 relative (about 3 ulp), zeros unchanged;
+    ``space="log"`` is the same bit for bit. *PCA on a sample* (above ``n_fit_cells``): the
+    axes and centring mean come from the sample, not all cells, and every cell (the sample's
+    own rows included, whose scores are then its PCA scores) is projected on them; the
+    neighbours are searched as before. On a Splat simulation of 20,000 cells x 1,000 genes (5
+    groups, 16 % non-zero, k = 15, exact neighbours), ``n_fit_cells=5000`` against all cells:
+    with distinct groups (``de_fac_loc=1``) 97.8 % of the neighbours are in the cell's group
+    (all cells 97.7 %) and the MSE of the output's log1p(CP10k) against the true means is
+    0.56704 (all cells 0.56692, +0.02 %); with Splat's default groups, which barely separate
+    (36 % of neighbours in the group), 0.58704 against 0.58657 (+0.08 %). The neighbour sets
+    themselves change: recall 15.8 % / 11.4 % of the all-cells sets, MSE between the two
+    outputs' log1p(CP10k) 0.309 / 0.337, but so they do when only the PCA's seed changes
+    (all cells, rng 1: recall 21.8 % / 15.9 %, MSE 0.287 / 0.319): within a group the
+    nearest cells are decided by noise, which any change of the axes reshuffles. With the
+    default (pynndescent) neighbours: recall 11.1 % (rng 1: 15.1 %), against the truth
+    0.58717 (all cells 0.58669). *Memory* (tracemalloc peak, exact neighbours, blocks of 2,000
+    rows; the old implementation loaded from git beside this one): the fit plus the posterior
+    by blocks, on counts held by the caller, at 20,000 x 1,000 (38 MB of float64 CSR counts)
+    77 MB before, 75 MB now (the peak is the PCA's log copy, 2 x the counts; the normalized
+    copy the old fit then kept, 38 MB, is gone), 38 MB with ``n_fit_cells=10000``; at
+    50,000 x 2,000 (205 MB) 410 MB before and now, 82 MB with ``n_fit_cells=10000``;
+    ``screpair.impute_file(path, out, KNNImputer(), chunk_rows=2000)`` as a whole (reading
+    the counts included): 211 -> 170 MB at 20,000 x 1,000, 957 -> 827 MB at 50,000 x 2,000
+    (peak RSS 1,291 -> 1,113 MB). Above ``n_fit_cells`` the fit holds the sample's log values
+    (12 bytes per stored count of the sample, twice while its blocks are stacked), one projection
+    block (:data:`_PROJECT_ROWS` rows), the ``cells x n_pcs`` scores and the neighbours
+    (``cells x k`` int64); a block's posterior holds its rows of ``W^steps`` and its output
+    (sparse, then dense). The counts themselves stay the caller's: on the all-counts path of
+    :func:`screpair.impute_file` they are float64 CSR, 12 bytes per stored count.
     """
 
     name = "knn"
