@@ -66,7 +66,7 @@ def run(name: str, folder, seed: int, magic: bool) -> list[dict]:
 
     add("raw", 1, 0, "-", x, 0.0)
     knn = KNNImputer(k=max(KS), rng=seed).fit(x)
-    norm = knn.normalized_.toarray()
+    norm = _norm.normalize(knn.counts_, _norm.CP10K).toarray()
     for k in KS:
         w = neighbor_matrix(knn.neighbors_, k)
         for space, (fwd, back) in SPACES.items():
