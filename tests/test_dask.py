@@ -224,6 +224,35 @@ def test_gene_stats_on_workers(stores, client, fmt):
     np.testing.assert_array_equal(got.mean, ref.mean)
 
 
+@pytest.mark.parametrize("fmt", ["zarr", "h5ad"])
+def test_row_totals_on_workers(stores, tmp_path, client, fmt):
+    """The sample path's streaming pass (cells and genes with counts, library sizes, per-gene
+    sums of count / library size) by the workers equals the single-process pass bit for bit;
+    and a sampled fit's run takes it on the workers."""
+    from screpair import _chunks
+
+    ad, paths = stores
+    ref = _chunks.TotalsPass(*ad.shape)
+    with _chunks.open_rows(paths[fmt]) as src:
+        for s, _, xb in src.blocks(37):
+            ref.add(s, xb)
+    with distributed.get_task_stream(client) as ts:
+        got = _dask.row_totals(client, paths[fmt], None, ad.n_obs, ad.n_vars, 37)
+    assert _tasks(ts)["totals"] == 2 * 6 + 1  # 6 blocks of 37 (200 cells): read, add; zeros
+    for field in ("lib", "row_nnz", "col_nnz", "norm_sum"):
+        a, b = getattr(ref, field), getattr(got, field)
+        assert a.dtype == b.dtype, field
+        np.testing.assert_array_equal(a, b, err_msg=field)
+    x = np.asarray(ad.X.toarray() if hasattr(ad.X, "toarray") else ad.X, dtype=np.float64)
+    lib = x.sum(1)
+    np.testing.assert_allclose(got.norm_sum, (x[lib > 0] / lib[lib > 0, None]).sum(0),
+                               rtol=1e-12)
+    with distributed.get_task_stream(client) as ts:
+        screpair.impute_file(paths[fmt], tmp_path / "out.zarr", "alra",
+                             chunk_rows=ROWS, progress=False, client=client, n_fit_cells=60)
+    assert _tasks(ts)["totals"] > 0
+
+
 def test_saver_fit_on_workers(stores, tmp_path, client):
     """SAVER's max-correlation and regression batches as tasks: the fitted prior (every
     attribute) and the output layers identical to the fit on this process."""

@@ -207,18 +207,28 @@ def test_interrupted_sampled_run_leaves_no_output(sim300, tmp_path, monkeypatch)
 
 
 def test_alra_sample_close_to_all_cells(sim300):
-    """ALRA fitted on 150 of 290 cells, completed by projection, against the fit on all:
-    the same structure (correlation of the log values > 0.95)."""
+    """ALRA fitted on 150 of 290 cells, completed by projection on the sample's V: on the
+    sample's own rows it is ALRA fitted on those cells alone (the projection a V V^T of a
+    sample row is its rank-k reconstruction up to the randomized SVD's range error); on all
+    rows it differs from the all-cells fit as ALRA on 150 cells differs from ALRA on 290
+    (measured here: log1p r 0.937 vs 0.935; 0.990 on 20,000 cells, see ALRAImputer)."""
     ad, _ = sim300
     x = _kept(ad)
     full = ALRAImputer(rng=0, k=5).fit_transform(x)
     part_est = ALRAImputer(rng=0, k=5, n_fit_cells=150)
     part = part_est.fit_transform(x)
-    assert part_est.lowrank_.us is None and part_est.fit_cells_.size == 150
+    rows = part_est.fit_cells_
+    assert part_est.lowrank_.us is None and rows.size == 150
+    alone = ALRAImputer(rng=0, k=5).fit_transform(x[rows])
     a, b = np.log1p(full), np.log1p(part)
     assert np.all(np.isfinite(b)) and b.min() >= 0
-    r = np.corrcoef(a.ravel(), b.ravel())[0, 1]
-    assert r > 0.95, r
+
+    def r(u, v):
+        return np.corrcoef(u.ravel(), v.ravel())[0, 1]
+
+    assert r(b[rows], np.log1p(alone)) > 0.999
+    assert r(a, b) > 0.9
+    assert abs(r(a, b) - r(a[rows], np.log1p(alone))) < 0.02  # the sample's own variation
     observed = x.toarray() > 0
     assert np.all(part[observed] > 0)  # observed values are kept (restored if thresholded)
 

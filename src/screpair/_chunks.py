@@ -430,6 +430,27 @@ class RowTotals:
         return RowTotals(library_size=self.library_size[cells], norm_sum=self.norm_sum[genes])
 
 
+@dataclass
+class TotalsTerms:
+    """What one validated CSR block adds to a :class:`TotalsPass` (:func:`totals_terms`):
+    its library sizes, stored entries per row and per gene, and its ``norm_sum`` entries
+    ``(gene indices, count / library size)`` in storage order."""
+
+    library_size: np.ndarray
+    row_nnz: np.ndarray
+    col_nnz: np.ndarray
+    entries: tuple[np.ndarray, np.ndarray]
+
+
+def totals_terms(x: sp.csr_matrix) -> TotalsTerms:
+    """The :class:`TotalsTerms` of the validated CSR block ``x``."""
+    per_row = np.diff(x.indptr)
+    lib = library_size(x)
+    return TotalsTerms(library_size=lib, row_nnz=per_row,
+                       col_nnz=np.bincount(x.indices, minlength=x.shape[1]),
+                       entries=(x.indices, x.data / np.repeat(lib, per_row)))
+
+
 class TotalsPass:
     """:class:`RowTotals` of a matrix of ``n_obs`` x ``n_vars`` seen in consecutive row
     blocks (in row order), with each row's and gene's stored-entry count (:func:`nonempty`'s
@@ -444,13 +465,17 @@ class TotalsPass:
 
     def add(self, start: int, x: sp.csr_matrix) -> None:
         """Add the validated CSR block ``x`` of rows ``start:start + x.shape[0]``."""
-        stop = start + x.shape[0]
-        per_row = np.diff(x.indptr)
-        lib = library_size(x)
-        self.lib[start:stop] = lib
-        self.row_nnz[start:stop] = per_row
-        self.col_nnz += np.bincount(x.indices, minlength=x.shape[1])
-        np.add.at(self.norm_sum, x.indices, x.data / np.repeat(lib, per_row))
+        terms = totals_terms(x)
+        self.add_rows(start, terms)
+        np.add.at(self.norm_sum, *terms.entries)
+
+    def add_rows(self, start: int, terms: TotalsTerms) -> None:
+        """Add a block's per-row and per-gene counts (not its ``norm_sum`` entries: a Dask
+        run adds those on its workers, in row order, :func:`screpair.methods._dask.row_totals`)."""
+        stop = start + terms.library_size.size
+        self.lib[start:stop] = terms.library_size
+        self.row_nnz[start:stop] = terms.row_nnz
+        self.col_nnz += terms.col_nnz
 
     @property
     def cells(self) -> np.ndarray:

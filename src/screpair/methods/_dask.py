@@ -16,9 +16,11 @@ parts inside the temporary store, and a second round of tasks copies them into t
 arrays by whole zarr chunks. A failing task, an interrupt or a lost client leaves the old
 output or none; a re-run starts clean (the temporary store of an earlier run is not reused).
 
-Before the posterior, the run's other independent work goes to the workers too: the gene
-statistics pass of ``genes="hvg:N"`` (:func:`gene_stats`: each block read from the input by a
-worker, the per-gene float sums chained in row order) and, while the fit runs inside
+Before the posterior, the run's other independent work goes to the workers too: the streaming
+passes, each block read from the input by a worker and the float sums chained in row order
+(:func:`_chained_pass`): the gene statistics of ``genes="hvg:N"`` (:func:`gene_stats`) and, for
+a fit on a sample of rows, the cells and genes with counts and all cells' totals
+(:func:`row_totals`; the sample's rows are then read by the client, which fits on them); and, while the fit runs inside
 :func:`screpair._parallel.on_cluster`, the fit's block maps (:func:`map_on_cluster`: SAVER's
 gene batches, the dropout model's EM blocks), whose results the fit combines in block order.
 Every value sent to the workers is realigned there (:class:`_Aligned`).
@@ -563,6 +565,37 @@ def _scattered_args(shared: tuple, own: list, scatter, again: bool = False) -> l
     return args
 
 
+def _chained_pass(client, token: str, n_obs: int, spans: list, block_task, block_args: list,
+                  zeros: tuple, add, *, desc: str, progress: bool):
+    """A streaming pass on the workers whose float sums must equal the single-process pass bit
+    for bit: ``block_task(*block_args[b])`` computes block ``b``'s terms (reading the block from
+    the store), all blocks in parallel; a chain of small tasks ``add(prev, terms)`` adds block
+    ``b``'s terms after block ``b - 1``'s, in row order (a sum of per-block partial sums would
+    round differently), each on the worker that holds the block's terms, so only the running
+    sums move between workers. Yields ``(s, e, add's result)`` for each span in row order (the
+    futures are cancelled if the caller stops early or fails)."""
+    terms = [client.submit(block_task, *args, pure=False, key=f"{token}-block-{b}")
+             for b, args in enumerate(block_args)]
+    sums = client.submit(*zeros, pure=False, key=f"{token}-zeros")
+    chain = []
+    for b, t in enumerate(terms):
+        sums = client.submit(add, sums, t, pure=False, key=f"{token}-add-{b}")
+        chain.append(sums)
+    del terms, sums  # the chain holds them: each block's terms are released once added
+    bar = progress_bar(n_obs, desc, progress and len(spans) > 1)
+    try:
+        for b, (s, e) in enumerate(spans):
+            res = chain[b].result()
+            chain[b] = None
+            yield s, e, res
+            bar.update(e - s)
+    except BaseException:
+        client.cancel([f for f in chain if f is not None], force=True)
+        raise
+    finally:
+        bar.close()
+
+
 def gene_stats(client, src: Path, layer: str | None, n_obs: int, n_vars: int, rows: int, *,
                progress: bool = False):
     """:func:`screpair._chunks.gene_stats` of the counts in the store ``src`` (``layer``) by
@@ -571,41 +604,25 @@ def gene_stats(client, src: Path, layer: str | None, n_obs: int, n_vars: int, ro
 
     Each block's task reads and validates its rows and computes its terms
     (:func:`~screpair._chunks.block_stats`: library sizes, detection counts, the normalized
-    entries), in parallel. The per-gene float sums are accumulated entry by entry in row order,
-    as the single-process pass does (a sum of per-block partial sums would round differently):
-    a chain of small tasks adds block ``b``'s entries to the sums after block ``b - 1``'s, each
-    on the worker that holds the block's terms, so only the per-gene sums (three float64
-    vectors) move between workers and the client receives only them, the library sizes and the
+    entries), in parallel; the per-gene float sums are chained in row order
+    (:func:`_chained_pass`), so the client receives only them, the library sizes and the
     detection counts."""
     from .._chunks import finish_gene_stats
 
     token = f"screpair-stats-{uuid.uuid4().hex[:8]}"
     spans = [(s, min(s + rows, n_obs)) for s in range(0, n_obs, rows)]
-    terms = [client.submit(_stats_block, str(Path(src).resolve()), layer, s, e, n_obs,
-                           pure=False, key=f"{token}-block-{b}")
-             for b, (s, e) in enumerate(spans)]
-    sums = client.submit(_stats_zeros, n_vars, pure=False, key=f"{token}-zeros")
-    chain = []
-    for b, t in enumerate(terms):
-        sums = client.submit(_stats_add, sums, t, pure=False, key=f"{token}-add-{b}")
-        chain.append(sums)
-    del terms, sums  # the chain holds them: each block's terms are released once added
+    src = str(Path(src).resolve())
     lib = np.zeros(n_obs)
     n_cells = np.zeros(n_vars, dtype=np.int64)
-    bar = progress_bar(n_obs, "gene statistics (dask)", progress and len(spans) > 1)
-    try:
-        for b, (s, e) in enumerate(spans):
-            acc, lib_b, n_cells_b = chain[b].result()
-            lib[s:e] = lib_b
-            n_cells += n_cells_b
-            chain[b] = None
-            bar.update(e - s)
-    except BaseException:
-        client.cancel([f for f in chain if f is not None], force=True)
-        raise
-    finally:
-        bar.close()
-    return finish_gene_stats(n_obs, lib, n_cells, acc, layer)
+    sums = None
+    for s, e, (running, lib_b, n_cells_b) in _chained_pass(
+            client, token, n_obs, spans, _stats_block,
+            [(src, layer, s, e, n_obs) for s, e in spans], (_stats_zeros, n_vars), _stats_add,
+            desc="gene statistics (dask)", progress=progress):
+        lib[s:e] = lib_b
+        n_cells += n_cells_b
+        sums = running  # after the last block: the sums over all cells
+    return finish_gene_stats(n_obs, lib, n_cells, sums, layer)
 
 
 def _stats_block(src: str, layer: str | None, s: int, e: int, n_obs: int):
@@ -627,6 +644,46 @@ def _stats_add(prev: tuple, terms) -> tuple:
     sums = tuple(np.array(a, copy=True) for a in prev[0])  # aligned copies
     add_block_stats(sums, terms)
     return sums, terms.library_size, terms.n_cells
+
+
+def row_totals(client, src: Path, layer: str | None, n_obs: int, n_vars: int, rows: int, *,
+               progress: bool = False):
+    """The :class:`~screpair._chunks.TotalsPass` of the counts in the store ``src``
+    (``layer``) by blocks of ``rows`` cells on the workers of ``client`` (which cells and
+    genes have counts, all cells' library sizes and per-gene ``norm_sum``): the same numbers,
+    bit for bit, as the single-process pass of :func:`screpair.impute_file`'s fit on a sample
+    of rows. Each block's :class:`~screpair._chunks.TotalsTerms` are computed where it is
+    read; ``norm_sum`` is chained in row order (:func:`_chained_pass`)."""
+    from .._chunks import TotalsPass
+
+    token = f"screpair-totals-{uuid.uuid4().hex[:8]}"
+    spans = [(s, min(s + rows, n_obs)) for s in range(0, n_obs, rows)]
+    src = str(Path(src).resolve())
+    acc = TotalsPass(n_obs, n_vars)
+    for s, _, (norm_sum, terms) in _chained_pass(
+            client, token, n_obs, spans, _totals_block, [(src, layer, s, e) for s, e in spans],
+            (np.zeros, n_vars), _totals_add, desc="counting cells and genes (dask)",
+            progress=progress):
+        acc.add_rows(s, terms)
+        acc.norm_sum = norm_sum
+    return acc
+
+
+def _totals_block(src: str, layer: str | None, s: int, e: int):
+    """Rows ``s:e`` of the store: read, validated, their :class:`~screpair._chunks.TotalsTerms`."""
+    from .._chunks import totals_terms
+
+    x = _read_block(src, layer, s, e)
+    return totals_terms(sp.csr_matrix(x))
+
+
+def _totals_add(prev, terms) -> tuple:
+    """``norm_sum`` after one more block (a copy: ``prev`` may be read again when a task is
+    rerun; the first is the zeros vector, later ones a tuple), and the block's terms without
+    their entries (only the per-row and per-gene counts go to the client)."""
+    norm_sum = np.array(prev if isinstance(prev, np.ndarray) else prev[0], copy=True)
+    np.add.at(norm_sum, *terms.entries)
+    return norm_sum, replace(terms, entries=(np.empty(0, np.int32), np.empty(0)))
 
 
 # ------------------------------------------------------------------------------ test hook

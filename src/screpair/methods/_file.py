@@ -287,7 +287,14 @@ def impute_file(
         job, x = None, None
         why = _fit_path(est, n_obs, extra_layer=other is not None)
         if why is None:  # the fit reads a sample of rows: only those are held
-            job = _sample_job(est, source, rows, names, progress)
+            totals = None
+            if client is not None:  # the streaming pass by the workers, from the store
+                def totals():
+                    from ._dask import row_totals
+
+                    return row_totals(client, src_path, layer, n_obs, n_vars, rows,
+                                      progress=progress)
+            job = _sample_job(est, source, rows, names, progress, totals)
             if job is None:
                 why = (f"{est.name!r} reads every cell: the cells with counts are not more "
                        "than its sample size")
@@ -403,16 +410,21 @@ def _fit_path(est: BaseImputer, n_obs: int, *, extra_layer: bool) -> str | None:
 
 
 def _sample_job(est: BaseImputer, source, rows: int, names: pd.Index,
-                progress: bool) -> _Job | None:
+                progress: bool, totals=None) -> _Job | None:
     """The job of a fit on a sample of rows: one streaming pass over ``source`` (which cells
     and genes have counts, and the :class:`~screpair._chunks.RowTotals` of all cells), then
     the sample's rows alone read and validated (their genes with counts; checked for rounded
     normalized values as :func:`screpair.impute` checks the whole matrix). ``None`` when the
-    cells with counts are too few for a sample (the fit then reads every cell)."""
+    cells with counts are too few for a sample (the fit then reads every cell). ``totals``:
+    a callable returning the pass's :class:`~screpair._chunks.TotalsPass` when another takes
+    it (the workers of a Dask client, :func:`screpair.methods._dask.row_totals`)."""
     n_obs, n_vars = source.shape
-    acc = TotalsPass(n_obs, n_vars)
-    for s, _, xb in source.blocks(rows, progress=progress, desc="counting cells and genes"):
-        acc.add(s, xb)
+    if totals is not None:  # the same pass elsewhere (a Dask cluster's workers)
+        acc = totals()
+    else:
+        acc = TotalsPass(n_obs, n_vars)
+        for s, _, xb in source.blocks(rows, progress=progress, desc="counting cells and genes"):
+            acc.add(s, xb)
     cells, genes = acc.cells, acc.genes
     if not cells.any():
         where = f"layer {source.layer!r}" if source.layer is not None else "the count matrix"
