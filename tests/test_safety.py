@@ -325,9 +325,12 @@ def test_checks_before_reading_the_input(tmp_path, h5ad_path, capsys):
             code = e.code
         _one_error_line(capsys, code, needle)
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"k": "abc"}))
+    cfg.write_text(json.dumps({"n_pcs": "abc"}))
     code = main(["impute", missing, out, "--method", "knn", "--config", str(cfg)])
-    _one_error_line(capsys, code, "parameter 'k' must be an integer, got 'abc'")
+    _one_error_line(capsys, code, "parameter 'n_pcs' must be an integer, got 'abc'")
+    cfg.write_text(json.dumps({"k": "abc"}))  # k may be a string ('mcv'): the method checks it
+    code = main(["impute", missing, out, "--method", "knn", "--config", str(cfg)])
+    _one_error_line(capsys, code, "k must be an integer >= 1 or 'mcv', got 'abc'")
     cfg.write_text(json.dumps({"threshold": 7.5}))
     code = main(["impute", missing, out, "--method", "cnn", "--config", str(cfg)])
     _one_error_line(capsys, code, "threshold")
