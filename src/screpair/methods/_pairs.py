@@ -50,7 +50,14 @@ import scipy.sparse as sp
 from .. import _norm
 from .._logging import get_logger, log_task
 from .._utils import as_rng, to_dense, torch_seed
-from ._base import BaseImputer, DataContext, Posterior, draw_sample, sample_rows
+from ._base import (
+    BaseImputer,
+    DataContext,
+    Posterior,
+    check_sample_size,
+    draw_sample,
+    sample_rows,
+)
 from ._torch import (
     LossOutput,
     TrainConfig,
@@ -363,12 +370,7 @@ class PairImputer(BaseImputer):
         if not float(pcfg.zero_threshold) >= 0:
             msg = f"zero_threshold must be >= 0, got {pcfg.zero_threshold!r}."
             raise ValueError(msg)
-        cap = getattr(self, "n_train_cells", None)
-        if cap is not None and (
-            isinstance(cap, (bool, np.bool_)) or not isinstance(cap, (int, np.integer)) or cap < 10
-        ):
-            msg = f"n_train_cells must be None or an integer >= 10, got {cap!r}."
-            raise ValueError(msg)
+        check_sample_size("n_train_cells", getattr(self, "n_train_cells", None))
 
     def _standardize(self, v: np.ndarray) -> np.ndarray:
         return ((v - self.gene_mean_) / self.gene_scale_).astype(np.float32)

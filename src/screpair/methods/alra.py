@@ -11,7 +11,15 @@ from sklearn.utils.extmath import randomized_svd
 from .. import _norm
 from .._logging import get_logger
 from .._utils import RNGLike, as_rng
-from ._base import BaseImputer, DataContext, Posterior, draw_sample, sample_rows, take_rows
+from ._base import (
+    BaseImputer,
+    DataContext,
+    Posterior,
+    check_sample_size,
+    draw_sample,
+    sample_rows,
+    take_rows,
+)
 
 logger = get_logger(__name__)
 
@@ -351,11 +359,7 @@ class ALRAImputer(BaseImputer):
         self.n_fit_cells = n_fit_cells
 
     def _check_params(self) -> None:
-        cap = self.n_fit_cells
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, np.integer))
-                                or cap < 10):
-            msg = f"n_fit_cells must be None or an integer >= 10, got {cap!r}."
-            raise ValueError(msg)
+        check_sample_size("n_fit_cells", self.n_fit_cells)
 
     def _fit_rows(self, n: int) -> np.ndarray | None:
         """The ``n_fit_cells`` sample of ``n`` cells (drawn first from ``rng``), or ``None``."""

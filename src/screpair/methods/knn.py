@@ -10,7 +10,7 @@ from sklearn.neighbors import NearestNeighbors
 from .. import _norm
 from .._logging import get_logger
 from .._utils import RNGLike, as_rng
-from ._base import BaseImputer, DataContext, Posterior, draw_sample, take_rows
+from ._base import BaseImputer, DataContext, Posterior, check_sample_size, draw_sample, take_rows
 
 logger = get_logger(__name__)
 
@@ -465,11 +465,7 @@ class KNNImputer(BaseImputer):
         if int(self.exact_max_cells) < 0:
             msg = f"exact_max_cells must be >= 0, got {self.exact_max_cells}."
             raise ValueError(msg)
-        cap = self.n_fit_cells
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, np.integer))
-                                or cap < 10):
-            msg = f"n_fit_cells must be None or an integer >= 10, got {cap!r}."
-            raise ValueError(msg)
+        check_sample_size("n_fit_cells", self.n_fit_cells)
 
     def _calibrate(self, x, rng: np.random.Generator, seed: int) -> dict[int, float]:
         from anndata import AnnData
