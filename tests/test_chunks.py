@@ -56,6 +56,33 @@ def test_blocks_equal_in_memory(source):
     assert (_chunks.read_all(src, 9) != x).nnz == 0
 
 
+def test_read_all_compact_holds_the_same_integers(source):
+    src, x = source
+    got = _chunks.read_all(src, 9, compact=True)
+    assert got.dtype == np.uint16 and got.has_sorted_indices
+    assert (got.astype(np.float64) != x).nnz == 0
+    rows = np.arange(2, x.shape[0], 3)
+    part = _chunks.read_all(src, 9, rows=rows, cols=np.arange(4), compact=True)
+    assert part.dtype == np.uint16 and (part.astype(np.float64) != x[rows][:, :4]).nnz == 0
+
+
+@pytest.mark.parametrize(("top", "dtype"), [(65535, np.uint16), (65536, np.float32),
+                                             (2**24, np.float32), (2**24 + 1, np.float64)])
+@pytest.mark.parametrize("subset", [False, True])
+def test_read_all_compact_widens_for_large_counts(top, dtype, subset):
+    """A block whose largest count the type cannot hold exactly widens the whole matrix (the
+    blocks before it included), to the narrowest type that holds it."""
+    rng = np.random.default_rng(0)
+    x = sp.random(40, 6, density=0.5, format="csr", random_state=1,
+                  data_rvs=lambda n: rng.integers(1, 100, n)).astype(np.float64)
+    x[30, 2] = top  # in the 4th block of 9 rows: blocks before it were read as uint16
+    x.sort_indices()
+    kw = {"rows": np.arange(40)} if subset else {}
+    got = _chunks.read_all(_chunks.open_rows(x), 9, compact=True, **kw)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got.toarray().astype(np.float64), x.toarray())
+
+
 def test_gene_stats_match_hvg_dispersion(source):
     src, x = source
     stats = _chunks.gene_stats(src, 13)

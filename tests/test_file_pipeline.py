@@ -53,6 +53,30 @@ def test_equals_in_memory(sim_path, tmp_path, method, fmt):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.h5ad", out.name])
 
 
+@pytest.mark.parametrize("top", [None, 70_000])
+def test_knn_compact_counts_same_output(sim, tmp_path, caplog, top):
+    """knn's fit reads every cell: impute_file holds the counts as uint16 (float32 with a count
+    above 65,535) and its output is the in-memory output bit for bit, set-aside cells and a
+    count too large for uint16 included."""
+    ad = sim.copy()
+    x = ad.X.tolil()
+    x[:5] = 0
+    if top is not None:
+        x[7, 3] = top
+    ad.X = sp.csr_matrix(x)
+    ad.X.eliminate_zeros()
+    path = tmp_path / "in.h5ad"
+    screpair.write(ad, path)
+    params = {"k": 5, "n_pcs": 5, "steps": 2}
+    with pytest.warns(UserWarning, match="5 cell"):
+        ref = screpair.impute(ad, "knn", copy=True, **params).layers["knn"]
+    with caplog.at_level("INFO", logger="screpair"), pytest.warns(UserWarning, match="5 cell"):
+        screpair.impute_file(path, tmp_path / "o.h5ad", "knn", chunk_rows=40, progress=False,
+                             **params)
+    assert "values in the narrowest exact type" in caplog.text
+    np.testing.assert_array_equal(_dense(_read(tmp_path / "o.h5ad").layers["knn"]), _dense(ref))
+
+
 @pytest.mark.parametrize("genes", ["hvg:15", "chosen", ["GENE_UNUSED"]])
 def test_genes_subset(sim_path, tmp_path, genes):
     ad, path = sim_path

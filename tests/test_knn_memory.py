@@ -201,3 +201,26 @@ def test_fit_holds_no_copy_of_the_counts(traced_peak, monkeypatch):
     _, peak = traced_peak(lambda: est._fit_validated(x, data_context(x, x)))
     assert est.fit_cells_.size == 200
     assert peak < 0.75 * copy_bytes, f"peak {peak / 1e6:.1f} MB, a copy {copy_bytes / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+@pytest.mark.parametrize("params", [{}, {"steps": 2}, {"space": "log"}, {"n_fit_cells": 40}])
+def test_compact_counts_same_fit_and_posterior(dtype, params, monkeypatch):
+    """Counts held as uint16 / float32 (``impute_file``'s all-cells read for knn): the same
+    neighbours and the same posterior bit for bit as float64 counts, smoothed by blocks of
+    rows smaller than the posterior's."""
+    monkeypatch.setattr(knn, "_SMOOTH_ROWS", 7)
+    rng = np.random.default_rng(8)
+    x = get_counts(_counts(rng, 100, 40))
+    small = x.astype(dtype)
+    opts = {"k": 6, "n_pcs": 5, "rng": 3, **params}
+    ref = KNNImputer(**opts)._fit_validated(x, data_context(x, x))
+    est = KNNImputer(**opts)._fit_validated(small, data_context(small, small))
+    np.testing.assert_array_equal(est.neighbors_, ref.neighbors_)
+    np.testing.assert_array_equal(est.library_size_, ref.library_size_)
+    for rows in (slice(0, 100), slice(10, 33)):
+        got = smooth_rows(small, est.library_size_, est.neighbors_, rows, **{
+            k: v for k, v in params.items() if k in ("steps", "space")})
+        want = smooth_rows(x, ref.library_size_, ref.neighbors_, rows, **{
+            k: v for k, v in params.items() if k in ("steps", "space")})
+        np.testing.assert_array_equal(got, want)

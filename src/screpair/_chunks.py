@@ -96,10 +96,11 @@ class RowSource:
     def is_sparse(self) -> bool:
         return sp.issparse(self.matrix) or hasattr(self.matrix, "format")
 
-    def nbytes_sparse(self) -> int:
-        """Bytes of the whole matrix as validated float64 CSR (values, int32/64 indices)."""
+    def nbytes_sparse(self, *, compact: bool = False) -> int:
+        """Bytes of the whole matrix as validated float64 CSR (values, int32/64 indices;
+        ``compact``: uint16 values, see :func:`read_all`)."""
         nnz = self.nnz()
-        return int(nnz * (8 + 4) + 8 * (self.n_obs + 1))
+        return int(nnz * ((2 if compact else 8) + 4) + 8 * (self.n_obs + 1))
 
     def nnz(self) -> int:
         """Stored entries (every entry of a dense matrix)."""
@@ -129,7 +130,7 @@ class RowSource:
             for start in starts:
                 stop = min(start + chunk_rows, self.n_obs)
                 block = self.read(start, stop)
-                yield start, stop, (sp.csr_matrix(block) if self.validated
+                yield start, stop, (sp.csr_matrix(block, dtype=np.float64) if self.validated
                                     else check_block(block, self.layer))
                 bar.update(stop - start)
         finally:
@@ -497,17 +498,39 @@ def row_totals(x) -> RowTotals:
     return acc.result()
 
 
+#: the value types :func:`read_all` holds counts in with ``compact=True``, each with the largest
+#: count it holds exactly (every integer up to it), narrowest first
+COMPACT_DTYPES = ((np.dtype(np.uint16), 2**16 - 1), (np.dtype(np.float32), 2**24),
+                  (np.dtype(np.float64), np.inf))
+
+
+def compact_dtype(x: sp.csr_matrix, dtype: np.dtype | None = None) -> np.dtype:
+    """The narrowest of :data:`COMPACT_DTYPES` (no narrower than ``dtype``) that holds every
+    value of the validated counts ``x`` exactly."""
+    top = float(x.data.max()) if x.nnz else 0.0
+    kinds = [d for d, _ in COMPACT_DTYPES]
+    start = 0 if dtype is None else kinds.index(np.dtype(dtype))
+    return next(d for d, most in COMPACT_DTYPES[start:] if top <= most)
+
+
 def read_all(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
              rows: np.ndarray | None = None, cols: np.ndarray | None = None,
-             progress: bool = False) -> sp.csr_matrix:
+             progress: bool = False, compact: bool = False) -> sp.csr_matrix:
     """The validated counts of the cells ``rows`` and genes ``cols`` (default: all) as one
     float64 CSR with sorted indices, read block by block (never densified). The whole matrix is
     then checked as :func:`get_counts` checks it: not all zeros, and not rounded normalized
-    values."""
+    values.
+
+    ``compact=True``: the values are held in the narrowest type that holds every count exactly
+    (:func:`compact_dtype`: uint16 up to 65,535, else float32 up to 2^24, else float64), so
+    6 bytes per stored count instead of 12 with the int32 indices; the values are the same
+    integers. Its users convert the rows they compute with to float64
+    (``m.astype(np.float64, copy=False)``); sums over uint16 are exact (numpy and scipy sum them
+    in 64-bit integers)."""
     if rows is None and cols is None and source.is_sparse:
-        out = _read_all_into(source, chunk_rows, progress)
+        out = _read_all_into(source, chunk_rows, progress, compact)
     else:
-        out = _read_all_stacked(source, chunk_rows, rows, cols, progress)
+        out = _read_all_stacked(source, chunk_rows, rows, cols, progress, compact)
     where = f"layer {source.layer!r}" if source.layer is not None else "the count matrix"
     if not out.nnz or not np.any(out.data):
         msg = f"{where} is all zeros; there is nothing to impute."
@@ -527,17 +550,22 @@ def read_stored(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS):
     return np.concatenate([p.toarray() if sp.issparse(p) else p for p in parts])
 
 
-def _read_all_into(source: RowSource, chunk_rows: int, progress: bool) -> sp.csr_matrix:
+def _read_all_into(source: RowSource, chunk_rows: int, progress: bool,
+                   compact: bool = False) -> sp.csr_matrix:
     """All rows of a sparse source copied block by block into arrays allocated once (the
-    stored entries bound the validated ones), so the whole matrix is never held twice."""
+    stored entries bound the validated ones), so the whole matrix is never held twice
+    (``compact``: the values widened, once, when a block needs a wider type)."""
     n, g = source.shape
     cap = source.nnz()
     idx = np.int32 if max(cap, g) < 2**31 else np.int64
-    data, indices = np.empty(cap, dtype=np.float64), np.empty(cap, dtype=idx)
+    dtype = COMPACT_DTYPES[0][0] if compact else np.dtype(np.float64)
+    data, indices = np.empty(cap, dtype=dtype), np.empty(cap, dtype=idx)
     indptr = np.zeros(n + 1, dtype=idx)
     pos = 0
     for start, stop, x in source.blocks(chunk_rows, progress=progress, desc="reading counts"):
         k = x.nnz
+        if compact and (wider := compact_dtype(x, data.dtype)) != data.dtype:
+            data = data.astype(wider)
         data[pos:pos + k], indices[pos:pos + k] = x.data, x.indices
         indptr[start + 1:stop + 1] = pos + x.indptr[1:]
         pos += k
@@ -546,8 +574,8 @@ def _read_all_into(source: RowSource, chunk_rows: int, progress: bool) -> sp.csr
     return out
 
 
-def _read_all_stacked(source: RowSource, chunk_rows: int, rows, cols,
-                      progress: bool) -> sp.csr_matrix:
+def _read_all_stacked(source: RowSource, chunk_rows: int, rows, cols, progress: bool,
+                      compact: bool = False) -> sp.csr_matrix:
     keep_rows = None
     if rows is not None:
         keep_rows = np.zeros(source.n_obs, dtype=bool)
@@ -558,9 +586,12 @@ def _read_all_stacked(source: RowSource, chunk_rows: int, rows, cols,
             x = x[np.flatnonzero(keep_rows[start:stop])]
         if cols is not None:
             x = x[:, cols]
-        parts.append(sp.csr_matrix(x))
-    out = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
-    out = sp.csr_matrix(out, dtype=np.float64)
+        x = sp.csr_matrix(x)
+        parts.append(x.astype(compact_dtype(x)) if compact else x)
+    dtype = max((p.dtype for p in parts), key=[d for d, _ in COMPACT_DTYPES].index) \
+        if compact else np.dtype(np.float64)
+    out = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr", dtype=dtype)
+    out = sp.csr_matrix(out, dtype=dtype)
     out.sort_indices()
     return out
 

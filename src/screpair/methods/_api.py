@@ -251,8 +251,8 @@ class _Job:
             return self.est.posterior(self.sub)
         if (i0, i1) == (0, self.x.shape[0]):
             return self.est._posterior_validated(self.x, self.ctx)
-        ctx = replace(self.ctx, rows=slice(i0, i1))
-        return self.est._posterior_validated(self.x[i0:i1], ctx)
+        ctx = replace(self.ctx, rows=slice(i0, i1))  # float64 rows of compact counts
+        return self.est._posterior_validated(self.x[i0:i1].astype(np.float64, copy=False), ctx)
 
 
     def block_posterior(self, block, s: int, e: int, i0: int, i1: int) -> Posterior:

@@ -203,6 +203,10 @@ class BaseImputer(BaseEstimator):
     #: the posterior may carry ``var`` / ``dropout_prob`` (``impute`` checks those output slots)
     has_var: ClassVar[bool] = False
     has_dropout_prob: ClassVar[bool] = False
+    #: ``_fit`` and ``_posterior`` take counts held compactly (``read_all(compact=True)``: uint16
+    #: or float32 values), converting the rows they compute with to float64; where the fit reads
+    #: all cells, :func:`screpair.impute_file` then holds them so (6 bytes per stored count)
+    compact_counts: ClassVar[bool] = False
     #: keyword arguments of ``get_counts`` for the data of ``fit`` / ``posterior``
     _fit_checks: ClassVar[dict[str, Any]] = {}
     _posterior_checks: ClassVar[dict[str, Any]] = {"warn_empty": False}

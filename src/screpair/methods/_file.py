@@ -299,10 +299,12 @@ def impute_file(
                 why = (f"{est.name!r} reads every cell: the cells with counts are not more "
                        "than its sample size")
         if job is None:
-            logger.info("fit on all cells' counts, held in memory as sparse CSR (%s): %s",
-                        format_bytes(source.nbytes_sparse()), why)
+            compact = bool(est.compact_counts)
+            logger.info("fit on all cells' counts, held in memory as sparse CSR (%s%s): %s",
+                        format_bytes(source.nbytes_sparse(compact=compact)),
+                        ", values in the narrowest exact type" if compact else "", why)
             with log_task(f"reading '{src_path.name}' by blocks of {rows} cells", logger):
-                x = read_all(source, rows, progress=progress)
+                x = read_all(source, rows, progress=progress, compact=compact)
             layers = {}
             if other is not None:  # read as stored, in memory (the method needs all of it)
                 with other:
@@ -458,10 +460,11 @@ def _check_free(taken: dict, est: BaseImputer, key: str, layer: str | None,
 
 
 def _slices(x, rows: int):
-    """``(start, stop, x[start:stop])`` for consecutive blocks of ``rows`` rows of ``x``."""
+    """``(start, stop, x[start:stop])`` for consecutive blocks of ``rows`` rows of ``x``, as
+    float64 (``x`` may hold its counts compactly: :func:`~screpair._chunks.read_all`)."""
     for s in range(0, x.shape[0], rows):
         e = min(s + rows, x.shape[0])
-        yield s, e, x[s:e]
+        yield s, e, x[s:e].astype(np.float64, copy=False)
 
 
 def _write_blocks(w, job: _Job, blocks, n_obs: int, post_all, key: str, out_cols: np.ndarray,

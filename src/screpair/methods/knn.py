@@ -121,6 +121,8 @@ N_FIT_CELLS = 50_000
 #: rows per block of the log-normalized rows projected on the sample's PCA axes (a block's
 #: log-normalizing holds a few CSR copies of it: about 8 MB each at 2,000 genes, 17 % non-zero)
 _PROJECT_ROWS = 2048
+#: rows of ``W^steps`` smoothed at a time: their neighbours' counts are taken as float64
+_SMOOTH_ROWS = 1024
 
 
 def neighbor_matrix(idx: np.ndarray, k: int | None = None, *,
@@ -179,12 +181,21 @@ def smooth_rows(counts, lib: np.ndarray, idx: np.ndarray, rows, *, steps: int = 
       as averaging all cells' log1p(CPM) values, bit for bit.
     """
     p = walk_rows(idx, rows, steps)
+    out = np.empty((p.shape[0], counts.shape[1]))
+    for r in _row_blocks(p.shape[0], _SMOOTH_ROWS):
+        out[r] = _smooth(p[r], counts, lib, space)
+    return out
+
+
+def _smooth(p: sp.csr_matrix, counts, lib: np.ndarray, space: str) -> np.ndarray:
+    """``p @ V`` (see :func:`smooth_rows`) from the rows of ``counts`` that ``p`` uses, taken as
+    float64 (``counts`` may hold its values compactly): the product with all of ``counts`` would
+    convert all of them to ``p``'s type; ``p_local @ counts[support]`` is the same arithmetic."""
     if space == "counts":
         p.data *= _norm.scale_factors(lib[p.indices], _norm.CP10K)
-        out = p @ counts
-    else:
-        support, p = _local(p)
-        out = p @ _norm.log_normalize(take_rows(counts, support), _norm.CPM, lib=lib[support])
+    support, p = _local(p)
+    v = _float64(take_rows(counts, support))
+    out = p @ (v if space == "counts" else _norm.log_normalize(v, _norm.CPM, lib=lib[support]))
     return out.toarray() if sp.issparse(out) else np.asarray(out)
 
 
@@ -215,7 +226,7 @@ def _neighbors_of(x, k: int, n_pcs: int, *, seed: int, exact_max_cells: int,
     by blocks of :data:`_PROJECT_ROWS` rows; memory is the sample's log values, one block's and
     the ``cells x n_pcs`` scores, never a log copy of all cells."""
     if sample is None or x.shape[1] < 2:
-        lg = _norm.log_normalize(x, _norm.CP10K)
+        lg = _norm.log_normalize(_float64(x), _norm.CP10K)
         n_pcs = max(1, min(int(n_pcs), min(x.shape) - 1))
         if min(x.shape) > 1:
             pcs = centred_pca(lg, n_pcs, seed=seed)
@@ -224,14 +235,20 @@ def _neighbors_of(x, k: int, n_pcs: int, *, seed: int, exact_max_cells: int,
             pcs = lg - lg.mean(axis=0)
     else:
         n_pcs = max(1, min(int(n_pcs), min(sample.size, x.shape[1]) - 1))
-        lg = _stack([_norm.log_normalize(take_rows(x, sample[r]), _norm.CP10K)
+        lg = _stack([_norm.log_normalize(_float64(take_rows(x, sample[r])), _norm.CP10K)
                      for r in _row_blocks(sample.size, _PROJECT_ROWS)])
         mean, components = pca_components(lg, n_pcs, seed=seed)
         del lg
         pcs = np.empty((x.shape[0], components.shape[0]))
         for r in _row_blocks(x.shape[0], _PROJECT_ROWS):
-            pcs[r] = pca_scores(_norm.log_normalize(x[r], _norm.CP10K), mean, components)
+            pcs[r] = pca_scores(_norm.log_normalize(_float64(x[r]), _norm.CP10K), mean,
+                                components)
     return nearest_neighbors(pcs, k, exact_max_cells=exact_max_cells, seed=seed)
+
+
+def _float64(m):
+    """Rows of counts as float64 (no copy when they are)."""
+    return m.astype(np.float64, copy=False)
 
 
 def _dense(m) -> np.ndarray:
@@ -430,6 +447,7 @@ class KNNImputer(BaseImputer):
 
     name = "knn"
     transductive = True
+    compact_counts = True
 
     def __init__(self, *, k: int | str = 15, n_pcs: int = 30, steps: int = 1,
                  space: str = "counts", k_grid=MCV_K_GRID, mcv_loss: str = "mse",
@@ -475,7 +493,7 @@ class KNNImputer(BaseImputer):
         n = x.shape[0]
         ks = sorted({min(int(k), n) for k in self.k_grid})
         train, test = (sp.csr_matrix(half.X, dtype=np.float64) for half in mcv_split(
-            AnnData(X=sp.csr_matrix(x)), train_frac=float(self.mcv_train_frac), rng=rng))
+            AnnData(X=_float64(sp.csr_matrix(x))), train_frac=float(self.mcv_train_frac), rng=rng))
         idx = _neighbors_of(train, max(ks), self.n_pcs, seed=seed,
                             exact_max_cells=int(self.exact_max_cells), sample=self.fit_cells_)
         losses = mcv_losses(train, test, idx, ks, space=self.space, steps=int(self.steps),
