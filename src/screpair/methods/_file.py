@@ -154,9 +154,11 @@ def impute_file(
     the sample, not of the data, and its numbers are those of :func:`screpair.impute` (which
     fits on the same rows of its matrix in memory). Otherwise (fewer cells than the sample
     size; ``knn``, which is transductive and needs every cell; a method with its own
-    public fit or one reading another layer, e.g. cnn's ``dropout_layer``) the method is fitted on the validated counts of
-    all cells, held in memory as one sparse CSR matrix (float64 values: 12 bytes per stored
-    count; never densified by this pipeline). The log says which path was taken and why;
+    public fit or one reading another layer, e.g. cnn's ``dropout_layer``) the method is
+    fitted on the validated counts of all cells, held in memory as one sparse CSR matrix
+    (float64 values: 12 bytes per stored count; for a method with ``compact_counts``, ``knn``,
+    the values in the narrowest type that holds them exactly, uint16 for counts up to 65,535:
+    6 bytes; never densified by this pipeline). The log says which path was taken and why;
     ``uns[key]["fit_cells_read"]`` is the sample's size (``None``: all cells).
 
     Its posterior is then computed block by

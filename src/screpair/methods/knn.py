@@ -356,9 +356,11 @@ class KNNImputer(BaseImputer):
         The sorted rows the PCA axes were fitted on (above ``n_fit_cells`` cells), else
         ``None`` (all cells).
     counts_
-        The validated counts the fit worked on (float64 CSR or ndarray, the matrix that
-        :func:`screpair.impute` and :func:`screpair.impute_file` hold anyway): a reference, not
-        a copy; the posterior averages the neighbours' rows of it.
+        The validated counts the fit worked on (the matrix that :func:`screpair.impute` and
+        :func:`screpair.impute_file` hold anyway: float64 CSR or ndarray, or from
+        ``impute_file`` CSR with uint16 / float32 values, see ``compact_counts``): a
+        reference, not a copy; the posterior averages the neighbours' rows of it, taken as
+        float64 by blocks of :data:`_SMOOTH_ROWS` rows.
     library_size_
         ``(n_cells,)`` the fitted cells' library sizes (row sums of ``counts_``).
 
@@ -442,7 +444,12 @@ class KNNImputer(BaseImputer):
     block (:data:`_PROJECT_ROWS` rows), the ``cells x n_pcs`` scores and the neighbours
     (``cells x k`` int64); a block's posterior holds its rows of ``W^steps`` and its output
     (sparse, then dense). The counts themselves stay the caller's: on the all-counts path of
-    :func:`screpair.impute_file` they are float64 CSR, 12 bytes per stored count.
+    :func:`screpair.impute_file` they are CSR with uint16 values (``compact_counts``; float32
+    if a count exceeds 65,535), 6 bytes per stored count, against 12 for float64: about 2.1 GB
+    at 10^6 cells x 2,000 genes, 17 % non-zero. Each block of :data:`_SMOOTH_ROWS` rows of
+    ``W^steps`` takes its neighbours' rows of them as float64 (a product with the whole
+    compact matrix would convert all of it): the same arithmetic as the product with all
+    float64 counts, bit for bit.
     """
 
     name = "knn"
