@@ -92,6 +92,33 @@ def test_pair_models_repeatable_and_reloaded_bit_identical(cls, ref_and_degraded
         )
 
 
+@pytest.mark.parametrize("name", ["cnn", "dae", "diffusion"])
+def test_train_cells_saved_and_checked(name, ref_and_degraded, tmp_path):
+    """A model fitted on a sample of cells (``n_train_cells``) keeps ``train_cells_`` through a
+    save and load; one fitted on every cell loads ``None``; a damaged entry is one clear error."""
+    if name == "cnn":
+        ad = _cnn_adata()
+        cap, key = 80, "_index.train_cells"
+        est = CNNImputer(threshold=0.3, n_train_cells=cap, rng=0, **CNN_TINY).fit(ad)
+    else:
+        ref, _ = ref_and_degraded
+        cls = DAEImputer if name == "dae" else DiffusionImputer
+        cap, key = 100, "train_cells"
+        est = _pair(cls, 0).set_params(n_train_cells=cap).fit(ref, layer="true_counts")
+    assert est.train_cells_.size == cap
+    est.save(tmp_path / "m")
+    loaded = type(est).load(tmp_path / "m")
+    np.testing.assert_array_equal(loaded.train_cells_, est.train_cells_)
+    state = torch.load(tmp_path / "m" / "weights.pt", weights_only=True)
+    state[key] = state[key].flip(0)
+    torch.save(state, tmp_path / "m" / "weights.pt")
+    with pytest.raises(ValueError, match="weights.pt.*increasing cell indices"):
+        type(est).load(tmp_path / "m")
+    del state[key]  # saved without a sample (all cells, or an earlier release)
+    torch.save(state, tmp_path / "m" / "weights.pt")
+    assert type(est).load(tmp_path / "m").train_cells_ is None
+
+
 def test_int_seed_repair_unchanged_by_fit_seed(ref_and_degraded):
     """An int rng is the saved seed itself, so results of seeded runs stay what they were."""
     ref, _ = ref_and_degraded

@@ -69,8 +69,10 @@ from ._torch import (
     params_json,
     resolve_config,
     resolve_device,
+    rows_entry,
     save_model,
     saved_estimator,
+    saved_rows,
     saved_seed,
     split_cells,
     tensor_entry,
@@ -578,8 +580,8 @@ class PairImputer(BaseImputer):
 
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        """Write ``config.json`` (parameters, version, var_names, seed) and ``weights.pt`` into
-        directory ``path``, atomically (:func:`screpair.methods._torch.save_model`); the loaded
+        """Write ``config.json`` (parameters, version, var_names, seed) and ``weights.pt``
+        (network, gene statistics, ``train_cells_``) into directory ``path``, atomically (:func:`screpair.methods._torch.save_model`); the loaded
         model's output is bit-identical (on the same device)."""
         torch = import_torch()
         self._check_fitted()
@@ -589,6 +591,7 @@ class PairImputer(BaseImputer):
             "gene_mean": torch.from_numpy(self.gene_mean_),
             "gene_scale": torch.from_numpy(self.gene_scale_),
             "clip": torch.from_numpy(np.asarray(self.clip_, dtype=np.float32)),
+            **rows_entry(self.train_cells_),
         }
         extra = {
             "class": type(self).__name__,
@@ -624,6 +627,7 @@ class PairImputer(BaseImputer):
         est.gene_mean_ = tensor_entry(state, "gene_mean", wts_file, shape=(n_hvg,))
         est.gene_scale_ = tensor_entry(state, "gene_scale", wts_file, shape=(n_hvg,))
         est.clip_ = tensor_entry(state, "clip", wts_file, shape=(2, n_hvg))
+        est.train_cells_ = saved_rows(state, "train_cells", wts_file)
         est._set_extra_state(extra)
         est.posterior_seed_ = saved_seed(extra, est.rng, cfg_file)
         torch = import_torch()

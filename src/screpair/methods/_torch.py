@@ -587,6 +587,25 @@ def tensor_entry(state: dict, key: str, file, *, shape: tuple | None = None) -> 
     return arr
 
 
+def saved_rows(state: dict, key: str, file) -> np.ndarray | None:
+    """The optional ``state[key]``: sorted distinct row indices (a fit's sample of cells, e.g.
+    ``train_cells_``) as int64, ``None`` when the model was saved without them (all cells, or
+    a release that did not save them); anything else is a one-line error naming the file."""
+    if key not in state:
+        return None
+    rows = tensor_entry(state, key, file, shape=(None,))
+    if rows.dtype.kind not in "iu" or (rows.size and (rows[0] < 0 or np.any(np.diff(rows) <= 0))):
+        raise model_error(file, f"tensor {key!r} must hold increasing cell indices >= 0")
+    return rows.astype(np.int64)
+
+
+def rows_entry(rows: np.ndarray | None) -> dict:
+    """``{"train_cells": tensor}`` for :func:`save_model`'s state (nothing for ``None``)."""
+    if rows is None:
+        return {}
+    return {"train_cells": import_torch().from_numpy(np.asarray(rows, dtype=np.int64))}
+
+
 # ------------------------------------------------------------------ saved parameters
 
 

@@ -32,8 +32,10 @@ from .._torch import (
     resolve_config,
     resolve_device,
     row_batches,
+    rows_entry,
     save_model,
     saved_estimator,
+    saved_rows,
     saved_seed,
     split_cells,
     tensor_entry,
@@ -963,7 +965,8 @@ class CNNImputer(BaseImputer):
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Write ``config.json`` (parameters, genes, seed, history) and ``weights.pt`` (network,
-        subsets) into directory ``path``, atomically (:func:`screpair.methods._torch.save_model`).
+        subsets, ``train_cells_``) into directory ``path``, atomically
+        (:func:`screpair.methods._torch.save_model`).
 
         The configs are saved resolved, every field explicit (a later change of the defaults
         or the presets does not change what a saved model computes), ``None`` as null, nested
@@ -978,6 +981,7 @@ class CNNImputer(BaseImputer):
         state["_index.inputs"] = torch.as_tensor(self.input_index_)
         state["_index.targets"] = torch.as_tensor(self.target_index_)
         state["_index.cluster"] = torch.as_tensor(self.group_cluster_)
+        state.update({f"_index.{k}": v for k, v in rows_entry(self.train_cells_).items()})
         dropout = None
         if getattr(self, "dropout_model_", None) is not None:
             dropout, arrays = self.dropout_model_.state()
@@ -1022,6 +1026,7 @@ class CNNImputer(BaseImputer):
         inputs = tensor_entry(state, "_index.inputs", wts_file, shape=(None, None))
         targets = tensor_entry(state, "_index.targets", wts_file, shape=(len(inputs), None))
         cluster = tensor_entry(state, "_index.cluster", wts_file, shape=(len(inputs),))
+        train_cells = saved_rows(state, "_index.train_cells", wts_file)
         clusters = extra.get("clusters", [])
         if not isinstance(clusters, list) or not all(isinstance(c, str) for c in clusters):
             raise model_error(cfg_file, "'extra.clusters' must be a list of cluster labels")
@@ -1055,7 +1060,8 @@ class CNNImputer(BaseImputer):
         load_state(est.module_, state, wts_file)
         est.module_.eval()
         est._fit_counts = None
-        est.dropout_prob_, est.labels_, est.train_cells_ = None, None, None
+        est.dropout_prob_, est.labels_ = None, None
+        est.train_cells_ = train_cells
         est.dropout_model_ = None  # saved without one (earlier releases): refitted on the data
         if extra.get("dropout") is not None:
             from ...dropout import DropoutModel
