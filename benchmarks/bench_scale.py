@@ -23,17 +23,39 @@ to it)::
 
     nice python benchmarks/bench_scale.py --data splat --cells 10000,100000 \
         --methods knn,alra,saver --modes chunked --chunk-rows 10000 --scale-md benchmarks/SCALE.md
+
+``--peers scvi`` (splat mode) also runs scVI, the one peer that scales, on the same .h5ad file of
+each size, in a subprocess under ``/usr/bin/time -v`` with ``--peer-python`` (default: this
+python; it needs scvi-tools, and imports screpair from this source tree via ``PYTHONPATH``). The
+job does the same work as ``screpair impute``: read the file (all of it, in memory: scVI's data
+loader reads from an in-memory AnnData), train ``scvi.model.SCVI`` at scvi-tools' defaults on CPU
+(``max_epochs = min(round(20000 / n_cells * 400), 400)``, the default rule of scvi-tools'
+``get_max_epochs_heuristic``; ``--scvi-epochs`` overrides it for quick runs; torch's RNG seeded
+inside ``fork_rng``, as the ``scvi`` peer of :mod:`screpair.evaluate` does), then
+``get_normalized_expression(library_size=1) * L`` for every cell, predicted and written by blocks
+of ``--chunk-rows`` cells to an .h5ad like screpair's output (``X``: the counts, CSR float32;
+``layers["scvi"]``: dense float32). Besides scVI's model it holds the counts (CSR) and one block
+of predictions, never a dense cells x genes copy. Its rows are named ``scVI (peer, E epochs)``;
+``--scale-md`` marks them as peers and adds a table of each screpair method's time and peak RSS
+over scVI's at the same size. ``--methods ''`` runs the peers alone (their rows join those already
+in ``--json``)::
+
+    nice python benchmarks/bench_scale.py --data splat --cells 100000 --methods alra,saver \
+        --modes chunked --chunk-rows 10000 --peers scvi --peer-python /path/to/scvi-env/bin/python \
+        --json benchmarks/scale.json --scale-md benchmarks/SCALE.md
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+SRC = Path(__file__).resolve().parents[1] / "src"
 PBMC = Path("/work/shared/data/pbmc3k_10x/pbmc3k_2700cells_13714genes.h5ad")
 
 
@@ -90,9 +112,52 @@ def make_splat(n_cells: int, n_genes: int, data_dir: Path, seed: int = 0) -> tup
     return path, res
 
 
+def scvi_job(src: Path, dst: Path, *, max_epochs: int | None, chunk_rows: int,
+             seed: int = 0) -> None:
+    """scVI's side of the comparison, run in the peer's python (``--peer-job scvi``): train
+    ``scvi.model.SCVI`` (defaults, CPU; ``max_epochs=None``: scvi-tools' default rule) on the
+    counts of ``src``, then write ``X`` (the counts) and ``layers["scvi"] =
+    get_normalized_expression(library_size=1) * L`` by blocks of ``chunk_rows`` cells to ``dst``,
+    with ``uns["scvi"]["params"]`` (the epochs trained, the seed)."""
+    import anndata
+    import numpy as np
+    import scipy.sparse as sp
+    import scvi
+    import torch
+    from scvi.model._utils import get_max_epochs_heuristic
+
+    from screpair._chunks import stream_store
+    from screpair._norm import library_size
+    from screpair._utils import as_rng, torch_seed
+    from screpair.evaluate._peers import _quiet_scvi
+
+    ad = anndata.read_h5ad(src)
+    ad.X = sp.csr_matrix(ad.X, dtype=np.float32)
+    lib = library_size(ad.X)
+    obs, var = ad.obs.copy(), ad.var.copy()  # before setup_anndata adds its columns
+    epochs = get_max_epochs_heuristic(ad.n_obs) if max_epochs is None else max_epochs
+    with _quiet_scvi(), torch.random.fork_rng():
+        torch.manual_seed(torch_seed(as_rng(seed)))
+        scvi.model.SCVI.setup_anndata(ad)
+        model = scvi.model.SCVI(ad)
+        model.train(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False)
+        with stream_store(dst, obs=obs, var=var, chunk_rows=chunk_rows) as w:
+            w.matrix("X", ad.n_vars)
+            w.matrix("layers/scvi", ad.n_vars, sparse=False)
+            for start in range(0, ad.n_obs, chunk_rows):
+                stop = min(start + chunk_rows, ad.n_obs)
+                rho = model.get_normalized_expression(ad, indices=np.arange(start, stop),
+                                                      library_size=1.0, return_numpy=True)
+                w.append("X", ad.X[start:stop])
+                w.append("layers/scvi", np.asarray(rho) * lib[start:stop, None])
+            w.uns["scvi"] = {"params": {"max_epochs": epochs, "seed": seed}}
+
+
 def write_scale_md(rows: list[dict], path: Path, header: str) -> None:
-    """``rows`` (cells, method, mode, seconds, rss_mb, rc) as a markdown table and a log-log
-    plot (``path`` with .png: cells vs wall seconds and vs peak RSS, one line per method)."""
+    """``rows`` (cells, method, mode, seconds, rss_mb, rc; ``peer`` for a peer's row) as a
+    markdown table (peers marked), a side-by-side table (each screpair method's wall time and peak
+    RSS over each peer's at the same size, where both succeeded) and a log-log plot (``path``
+    with .png: cells vs wall seconds and vs peak RSS, one line per method, peers dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,8 +167,10 @@ def write_scale_md(rows: list[dict], path: Path, header: str) -> None:
              "|---|---|---|---|---|---|"]
     for r in rows:
         status = "" if r["rc"] == 0 else " (failed)"
-        lines.append(f"| {r['cells']:,} | {r['genes']:,} | {r['method']}{status} | "
+        name = f"*{r['method']}*" if r.get("peer") else r["method"]
+        lines.append(f"| {r['cells']:,} | {r['genes']:,} | {name}{status} | "
                      f"{r['seconds']:.1f} | {r['rss_mb']:,.0f} | {r['size_mb']:,.0f} |")
+    side = _side_by_side(rows)
     png = path.with_suffix(".png")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -112,8 +179,9 @@ def write_scale_md(rows: list[dict], path: Path, header: str) -> None:
         if not ok:
             continue
         cells = [r["cells"] for r in ok]
-        axes[0].plot(cells, [r["seconds"] for r in ok], "o-", label=method)
-        axes[1].plot(cells, [r["rss_mb"] for r in ok], "o-", label=method)
+        style = "s--" if ok[0].get("peer") else "o-"
+        axes[0].plot(cells, [r["seconds"] for r in ok], style, label=method)
+        axes[1].plot(cells, [r["rss_mb"] for r in ok], style, label=method)
     for ax, what in zip(axes, ("wall time (s)", "peak RSS (MB)"), strict=True):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -124,13 +192,40 @@ def write_scale_md(rows: list[dict], path: Path, header: str) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
-    path.write_text(f"{header}\n\n" + "\n".join(lines) + f"\n\n![scale]({png.name})\n")
+    text = f"{header}\n\n" + "\n".join(lines) + "\n"
+    if any(r.get("peer") for r in rows):
+        text += "\n*Italic*: a peer, run by this script on the same file (not screpair).\n"
+    if side:
+        text += ("\nSide by side (each screpair method / the peer at the same size; below 1: "
+                 "screpair is faster / smaller):\n\n" + "\n".join(side) + "\n")
+    path.write_text(text + f"\n![scale]({png.name})\n")
 
 
-def run(cmd: list[str]) -> dict:
-    """Run ``cmd`` under /usr/bin/time -v: wall seconds, peak RSS (MB), exit code."""
+def _side_by_side(rows: list[dict]) -> list[str]:
+    """Markdown rows: every successful screpair method's wall time and peak RSS over every
+    successful peer's at the same (cells, genes); no lines without such a pair."""
+    peers = sorted((r for r in rows if r.get("peer") and r["rc"] == 0), key=lambda r: r["cells"])
+    ours = [r for r in rows if not r.get("peer") and r["rc"] == 0
+            and not r["method"].startswith("simulate")]
+    lines = []
+    for q in peers:
+        for r in ours:
+            if (r["cells"], r["genes"]) == (q["cells"], q["genes"]):
+                lines.append(f"| {r['cells']:,} | {r['genes']:,} | {r['method']} | {q['method']} "
+                             f"| {r['seconds'] / q['seconds']:.2f} | "
+                             f"{r['rss_mb'] / q['rss_mb']:.2f} |")
+    if not lines:
+        return []
+    return ["| cells | genes | method | peer | wall / peer's | peak RSS / peer's |",
+            "|---|---|---|---|---|---|", *lines]
+
+
+def run(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v (``env``: its environment, ``None``: this one's): wall
+    seconds, peak RSS (MB), exit code."""
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
+                          env=env)
     wall = time.perf_counter() - start
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     out = {"seconds": wall, "rss_mb": int(rss.group(1)) / 1024 if rss else float("nan"),
@@ -155,7 +250,23 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="append each run's result to this JSON file")
     p.add_argument("--scale-md", default=None,
                    help="write the splat rows (from --json too) as a table and a log-log PNG")
+    p.add_argument("--peers", default="", help="splat mode: peers run on the same files "
+                   "(comma-separated; only 'scvi')")
+    p.add_argument("--peer-python", default=sys.executable,
+                   help="python with the peers' packages (scvi-tools); default: this one")
+    p.add_argument("--scvi-epochs", type=int, default=None,
+                   help="scVI's max_epochs (default: scvi-tools' rule for the number of cells)")
+    p.add_argument("--peer-job", nargs=3, metavar=("PEER", "IN", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.peer_job:  # inside the peer's python, under /usr/bin/time (see _main_splat)
+        peer, src, dst = args.peer_job
+        if peer != "scvi":
+            p.error(f"unknown peer {peer!r}")
+        scvi_job(Path(src), Path(dst), max_epochs=args.scvi_epochs, chunk_rows=args.chunk_rows)
+        return 0
+    peers = [v for v in args.peers.split(",") if v]
+    if any(v != "scvi" for v in peers) or (peers and args.data != "splat"):
+        p.error(f"--peers takes only 'scvi', with --data splat; got {args.peers!r}")
     if args.data == "splat":
         return _main_splat(args)
     data_dir = Path(args.data_dir)
@@ -226,7 +337,7 @@ def _main_splat(args) -> int:
         if sim:
             keep({"cells": n, "genes": g, "method": "simulate (splat, out=)", "size_mb": size,
                   **sim})
-        for method in args.methods.split(","):
+        for method in (v for v in args.methods.split(",") if v):
             for mode in args.modes.split(","):
                 out = data_dir / f"out_splat_{n}_{method}_{mode}.h5ad"
                 cmd = [exe, "impute", str(path), str(out), "--method", method, "--overwrite",
@@ -238,11 +349,38 @@ def _main_splat(args) -> int:
                 out.unlink(missing_ok=True)
                 name = method if mode == "chunked" else f"{method} ({mode})"
                 keep({"cells": n, "genes": g, "method": name, "size_mb": out_mb, **res})
+        for peer in (v for v in args.peers.split(",") if v):
+            keep(_run_peer(peer, path, data_dir / f"out_splat_{n}_{peer}.h5ad", args,
+                           cells=n, genes=g))
     if args.scale_md:
         header = (f"`{' '.join(['python benchmarks/bench_scale.py', *sys.argv[1:]])}`: "
                   f"peak RSS (`/usr/bin/time -v`) and wall time; output = the .h5ad written.")
         write_scale_md(rows, Path(args.scale_md), header)
     return 0
+
+
+def _run_peer(peer: str, path: Path, out: Path, args, *, cells: int, genes: int) -> dict:
+    """One peer's job (``--peer-job``) on ``path`` in ``--peer-python`` under /usr/bin/time:
+    its row (``peer`` set; the epochs trained read back from the output's ``uns``)."""
+    import h5py
+
+    cmd = [args.peer_python, str(Path(__file__).resolve()), "--peer-job", peer, str(path),
+           str(out), "--chunk-rows", str(args.chunk_rows)]
+    if args.scvi_epochs is not None:
+        cmd += ["--scvi-epochs", str(args.scvi_epochs)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(v for v in (str(SRC), env.get("PYTHONPATH")) if v)
+    out.unlink(missing_ok=True)
+    res = run(cmd, env=env)
+    epochs = args.scvi_epochs
+    if out.exists():
+        with h5py.File(out, "r") as f:
+            epochs = int(f["uns/scvi/params/max_epochs"][()])
+    out_mb = out.stat().st_size / 2**20 if out.exists() else float("nan")
+    out.unlink(missing_ok=True)
+    label = "default" if epochs is None else epochs
+    return {"cells": cells, "genes": genes, "method": f"scVI (peer, {label} epochs)",
+            "peer": peer, "size_mb": out_mb, **res}
 
 
 if __name__ == "__main__":
