@@ -28,8 +28,19 @@ CP10K = 1e4
 CPM = 1e6
 
 
+#: rows summed at a time by :func:`library_size` for sparse counts held in a narrow type
+_SUM_ROWS = 16_384
+
+
 def library_size(x) -> np.ndarray:
-    """Total counts per cell (row sums) as a 1-D float64 array."""
+    """Total counts per cell (row sums) as a 1-D float64 array.
+
+    Sparse counts held in a narrow type (uint16 / float32, ``read_all(compact=True)``) are
+    summed as float64 by blocks of rows: a sum over the whole matrix would convert all its
+    values to 64 bits at once; the sums are those of the float64 matrix, bit for bit."""
+    if sp.issparse(x) and x.dtype != np.float64 and x.shape[0] > _SUM_ROWS:
+        return np.concatenate([library_size(x[i:i + _SUM_ROWS].astype(np.float64))
+                               for i in range(0, x.shape[0], _SUM_ROWS)])
     return np.asarray(x.sum(axis=1), dtype=np.float64).ravel()
 
 

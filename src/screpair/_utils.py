@@ -328,7 +328,9 @@ def looks_normalized(x) -> str | None:
             )
     x = sp.csr_matrix(x)  # a copy only for dense input, which is small
     has = np.diff(x.indptr) > 0
-    data = np.where(x.data > 0, x.data, np.inf)  # explicit zeros are not the smallest count
+    data = x.data  # explicit zeros are not the smallest count (a copy only if there are any)
+    if x.nnz and data.min() <= 0:
+        data = np.where(data > 0, data, np.inf)
     mins = np.minimum.reduceat(data, x.indptr[:-1][has]) if has.any() else np.array([])
     nnz = x.nnz
     vmax = float(x.data.max()) if nnz else 0.0
@@ -352,9 +354,15 @@ def _row_nnz(x) -> np.ndarray:
 
 
 def _col_nnz(x) -> np.ndarray:
-    if sp.issparse(x):
-        return np.bincount(x.indices, minlength=x.shape[1]) if x.nnz else np.zeros(x.shape[1], int)
+    if sp.issparse(x):  # by pieces: bincount converts the int32 indices to int64
+        out = np.zeros(x.shape[1], dtype=np.int64)
+        for i in range(0, x.nnz, _BINCOUNT_PIECE):
+            out += np.bincount(x.indices[i:i + _BINCOUNT_PIECE], minlength=x.shape[1])
+        return out
     return (np.asarray(x) != 0).sum(0)
+
+
+_BINCOUNT_PIECE = 2**22
 
 
 def nonempty(x) -> tuple[np.ndarray, np.ndarray]:
