@@ -110,3 +110,21 @@ def test_public_wrappers_share_the_arithmetic():
     np.testing.assert_array_equal(simulate.log_normalize(csr),
                                   _norm.log_normalize(csr).toarray())
     np.testing.assert_array_equal(evaluate.log1p_norm(X), _norm.log_normalize(X, _norm.CPM))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_library_size_of_narrow_counts_by_blocks(dtype, monkeypatch):
+    """Counts held compactly are summed by blocks of rows as float64: the float64 matrix's
+    sums bit for bit; so are the genes' detection counts, bincounted by pieces."""
+    from screpair import _utils
+
+    monkeypatch.setattr(_norm, "_SUM_ROWS", 7)
+    monkeypatch.setattr(_utils, "_BINCOUNT_PIECE", 50)
+    rng = np.random.default_rng(0)
+    x = sp.random(60, 9, density=0.6, format="csr", random_state=2,
+                  data_rvs=lambda n: rng.integers(1, 3000, n)).astype(np.float64)
+    small = x.astype(dtype)
+    lib = _norm.library_size(small)
+    assert lib.dtype == np.float64
+    np.testing.assert_array_equal(lib, np.asarray(x.toarray().sum(1)))
+    np.testing.assert_array_equal(_utils._col_nnz(small), (x.toarray() != 0).sum(0))
