@@ -153,6 +153,12 @@ def case_params(method: str, setting: str, n_obs: int, sample: int) -> tuple[dic
     return params, size
 
 
+def _file_params(params: dict) -> dict:
+    """The method's parameters for ``impute_file``, whose own ``progress`` (its block bar) takes
+    the name of saver's: saver then shows its bar in the chunked path (same numbers)."""
+    return {k: v for k, v in params.items() if k != "progress"}
+
+
 def run_case(dataset: str, path: Path, method: str, setting: str, chunk: int, sample: int,
              tmp: Path) -> list[dict]:
     import anndata
@@ -170,7 +176,7 @@ def run_case(dataset: str, path: Path, method: str, setting: str, chunk: int, sa
         out = tmp / f"{dataset}_{method}_{setting}.h5ad"
         t0 = time.perf_counter()
         record = screpair.impute_file(path, out, method, chunk_rows=chunk, rng=SEED,
-                                      progress=False, overwrite=True, **params)
+                                      progress=False, overwrite=True, **_file_params(params))
         sec_file = time.perf_counter() - t0
     res = anndata.read_h5ad(out)
     rows = []
@@ -178,7 +184,7 @@ def run_case(dataset: str, path: Path, method: str, setting: str, chunk: int, sa
         row = {"dataset": dataset, "method": method, "setting": setting, "layer": layer,
                "sample": size, "fit_cells_read": record.get("fit_cells_read"),
                "n_obs": ad.n_obs, "n_vars": ad.n_vars, "chunk_rows": chunk,
-               "sec_mem": sec_mem, "sec_file": sec_file}
+               "sec_mem": sec_mem, "sec_file": sec_file, "commit": _commit()}
         if layer not in res.layers:
             row["missing"] = "not in the impute_file output"
         else:
@@ -248,7 +254,7 @@ def run_masked(path: Path, method: str, seed: int, sample: int, tmp: Path) -> li
             else:
                 out = tmp / f"masked_{method}_{seed}_{variant}.h5ad"
                 screpair.impute_file(inp, out, method, chunk_rows=500, rng=seed, progress=False,
-                                     overwrite=True, **params)
+                                     overwrite=True, **_file_params(params))
                 lay = anndata.read_h5ad(out).layers[method]
                 imputed = np.clip(lay.toarray() if sp.issparse(lay) else np.asarray(lay), 0, None)
                 out.unlink(missing_ok=True)
@@ -257,7 +263,7 @@ def run_masked(path: Path, method: str, seed: int, sample: int, tmp: Path) -> li
         rows.append({"part": "masked", "method": method, "seed": seed, "variant": variant,
                      "sample": size, "n_obs": task.adata.n_obs, "n_vars": task.adata.n_vars,
                      "mse": float(score["mse"]), "pearson": float(score["pearson"]),
-                     "seconds": sec})
+                     "seconds": sec, "commit": _commit()})
     return rows
 
 
@@ -310,7 +316,9 @@ def report(rows: list[dict], planned: list[tuple], masked_planned: list[tuple], 
         "values; identical: every float32 value equal.",
         "",
         f"- Command: `{args.command}`",
-        f"- Commit: {_commit()}; date: {datetime.date.today().isoformat()}",
+        f"- Commit of this report: {_commit()}; date: {datetime.date.today().isoformat()}; "
+        "rows were run at: " + ", ".join(sorted({r.get("commit", "an earlier commit (not "
+                                                        "recorded)") for r in rows})) + ".",
         f"- Genes: {'all' if args.n_genes <= 0 else f'the {args.n_genes} most-detected of each dataset'}"
         "; machine: 2 cores shared with another benchmark running at normal priority (this "
         "script under `nice -n 19`), so the seconds are slow and only comparable within a row.",
@@ -339,6 +347,10 @@ def report(rows: list[dict], planned: list[tuple], masked_planned: list[tuple], 
             if p[0] == ds and p not in done:
                 lines.append(f"| {p[1]} | {p[2]} | — | — | — | — | — | — | not run | — | — |")
         lines.append("")
+    lines += ["knn's sample (`n_fit_cells`) is that of its PCA axes, drawn inside the fit: knn "
+              "is transductive, so both paths read every cell (`fit cells read`: all) and the "
+              "sample setting exercises the PCA on a sample, not the file path's sample read.",
+              ""]
     bugs = [r for r in parity if verdict(r).startswith("**BUG")]
     same = [r for r in parity if "identical" in r and r["identical"]]
     close = [r for r in parity if "identical" in r and not r["identical"]
