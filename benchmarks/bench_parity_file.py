@@ -448,7 +448,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=HERE / "PARITY.md")
     args = parser.parse_args(argv)
     args.command = "nice -n 19 python benchmarks/bench_parity_file.py " + " ".join(
-        sys.argv[1:] if argv is None else argv)
+        a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only")
     unknown = set(args.methods.split(",")) - set(SAMPLE_PARAMS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}; choose from {sorted(SAMPLE_PARAMS)}")
