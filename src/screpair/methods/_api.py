@@ -151,8 +151,10 @@ def _scatter(block, cells: np.ndarray, genes: np.ndarray, shape: tuple[int, int]
 
 def _subset(x, rows: np.ndarray, cols: np.ndarray):
     """The counts of the cells ``rows`` and genes ``cols``, in the form ``get_counts`` returns
-    (CSR with sorted indices, or a C-ordered ndarray)."""
-    sub = x[rows][:, cols]
+    (CSR with sorted indices, or a C-ordered ndarray); all rows or all columns kept: one copy,
+    not two (at 10^6 cells the counts are GBs)."""
+    sub = x if rows.size == x.shape[0] else x[rows]
+    sub = sub if cols.size == x.shape[1] else sub[:, cols]
     if sp.issparse(sub):
         sub = sp.csr_matrix(sub)
         sub.sort_indices()
