@@ -504,6 +504,12 @@ COMPACT_DTYPES = ((np.dtype(np.uint16), 2**16 - 1), (np.dtype(np.float32), 2**24
                   (np.dtype(np.float64), np.inf))
 
 
+def as_float64(m):
+    """Counts as float64, for computing with rows of counts held compactly (no copy when they
+    are float64 already)."""
+    return m.astype(np.float64, copy=False)
+
+
 def compact_dtype(x: sp.csr_matrix, dtype: np.dtype | None = None) -> np.dtype:
     """The narrowest of :data:`COMPACT_DTYPES` (no narrower than ``dtype``) that holds every
     value of the validated counts ``x`` exactly."""
@@ -524,8 +530,7 @@ def read_all(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
     ``compact=True``: the values are held in the narrowest type that holds every count exactly
     (:func:`compact_dtype`: uint16 up to 65,535, else float32 up to 2^24, else float64), so
     6 bytes per stored count instead of 12 with the int32 indices; the values are the same
-    integers. Its users convert the rows they compute with to float64
-    (``m.astype(np.float64, copy=False)``); sums over uint16 are exact (numpy and scipy sum them
+    integers. Its users convert the rows they compute with to float64 (:func:`as_float64`); sums over uint16 are exact (numpy and scipy sum them
     in 64-bit integers)."""
     if rows is None and cols is None and source.is_sparse:
         out = _read_all_into(source, chunk_rows, progress, compact)
@@ -577,6 +582,7 @@ def _read_all_into(source: RowSource, chunk_rows: int, progress: bool,
 def _read_all_stacked(source: RowSource, chunk_rows: int, rows, cols, progress: bool,
                       compact: bool = False) -> sp.csr_matrix:
     keep_rows = None
+    dtype = COMPACT_DTYPES[0][0] if compact else np.dtype(np.float64)
     if rows is not None:
         keep_rows = np.zeros(source.n_obs, dtype=bool)
         keep_rows[rows] = True
@@ -587,9 +593,10 @@ def _read_all_stacked(source: RowSource, chunk_rows: int, rows, cols, progress: 
         if cols is not None:
             x = x[:, cols]
         x = sp.csr_matrix(x)
-        parts.append(x.astype(compact_dtype(x)) if compact else x)
-    dtype = max((p.dtype for p in parts), key=[d for d, _ in COMPACT_DTYPES].index) \
-        if compact else np.dtype(np.float64)
+        if compact:  # each part in the narrowest type all parts so far need
+            dtype = compact_dtype(x, dtype)
+            x = x.astype(dtype)
+        parts.append(x)
     out = parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr", dtype=dtype)
     out = sp.csr_matrix(out, dtype=dtype)
     out.sort_indices()

@@ -14,7 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
 
-from .._chunks import gene_stats, open_rows
+from .._chunks import as_float64, gene_stats, open_rows
 from .._logging import get_logger, log_task
 from .._utils import (
     RNGLike,
@@ -254,7 +254,7 @@ class _Job:
         if (i0, i1) == (0, self.x.shape[0]):
             return self.est._posterior_validated(self.x, self.ctx)
         ctx = replace(self.ctx, rows=slice(i0, i1))  # float64 rows of compact counts
-        return self.est._posterior_validated(self.x[i0:i1].astype(np.float64, copy=False), ctx)
+        return self.est._posterior_validated(as_float64(self.x[i0:i1]), ctx)
 
 
     def block_posterior(self, block, s: int, e: int, i0: int, i1: int) -> Posterior:

@@ -22,6 +22,7 @@ from anndata import AnnData
 from .._chunks import (
     DEFAULT_CHUNK_ROWS,
     TotalsPass,
+    as_float64,
     check_chunk_rows,
     copy_other_elements,
     element_keys,
@@ -466,7 +467,7 @@ def _slices(x, rows: int):
     float64 (``x`` may hold its counts compactly: :func:`~screpair._chunks.read_all`)."""
     for s in range(0, x.shape[0], rows):
         e = min(s + rows, x.shape[0])
-        yield s, e, x[s:e].astype(np.float64, copy=False)
+        yield s, e, as_float64(x[s:e])
 
 
 def _write_blocks(w, job: _Job, blocks, n_obs: int, post_all, key: str, out_cols: np.ndarray,

@@ -581,8 +581,9 @@ class PairImputer(BaseImputer):
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
         """Write ``config.json`` (parameters, version, var_names, seed) and ``weights.pt``
-        (network, gene statistics, ``train_cells_``) into directory ``path``, atomically (:func:`screpair.methods._torch.save_model`); the loaded
-        model's output is bit-identical (on the same device)."""
+        (network, gene statistics, ``train_cells_``) into directory ``path``, atomically
+        (:func:`screpair.methods._torch.save_model`); the loaded model's output is bit-identical
+        (on the same device)."""
         torch = import_torch()
         self._check_fitted()
         state = {
@@ -591,7 +592,7 @@ class PairImputer(BaseImputer):
             "gene_mean": torch.from_numpy(self.gene_mean_),
             "gene_scale": torch.from_numpy(self.gene_scale_),
             "clip": torch.from_numpy(np.asarray(self.clip_, dtype=np.float32)),
-            **rows_entry(self.train_cells_),
+            **rows_entry("train_cells", self.train_cells_),
         }
         extra = {
             "class": type(self).__name__,

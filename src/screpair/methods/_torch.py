@@ -599,11 +599,12 @@ def saved_rows(state: dict, key: str, file) -> np.ndarray | None:
     return rows.astype(np.int64)
 
 
-def rows_entry(rows: np.ndarray | None) -> dict:
-    """``{"train_cells": tensor}`` for :func:`save_model`'s state (nothing for ``None``)."""
+def rows_entry(key: str, rows: np.ndarray | None) -> dict:
+    """``{key: int64 tensor of rows}`` for :func:`save_model`'s state, read back by
+    :func:`saved_rows` (nothing for ``None``)."""
     if rows is None:
         return {}
-    return {"train_cells": import_torch().from_numpy(np.asarray(rows, dtype=np.int64))}
+    return {key: import_torch().from_numpy(np.asarray(rows, dtype=np.int64))}
 
 
 # ------------------------------------------------------------------ saved parameters

@@ -8,6 +8,7 @@ import scipy.sparse as sp
 from sklearn.neighbors import NearestNeighbors
 
 from .. import _norm
+from .._chunks import as_float64
 from .._logging import get_logger
 from .._utils import RNGLike, as_rng
 from ._base import BaseImputer, DataContext, Posterior, check_sample_size, draw_sample, take_rows
@@ -194,7 +195,7 @@ def _smooth(p: sp.csr_matrix, counts, lib: np.ndarray, space: str) -> np.ndarray
     if space == "counts":
         p.data *= _norm.scale_factors(lib[p.indices], _norm.CP10K)
     support, p = _local(p)
-    v = _float64(take_rows(counts, support))
+    v = as_float64(take_rows(counts, support))
     out = p @ (v if space == "counts" else _norm.log_normalize(v, _norm.CPM, lib=lib[support]))
     return out.toarray() if sp.issparse(out) else np.asarray(out)
 
@@ -226,7 +227,7 @@ def _neighbors_of(x, k: int, n_pcs: int, *, seed: int, exact_max_cells: int,
     by blocks of :data:`_PROJECT_ROWS` rows; memory is the sample's log values, one block's and
     the ``cells x n_pcs`` scores, never a log copy of all cells."""
     if sample is None or x.shape[1] < 2:
-        lg = _norm.log_normalize(_float64(x), _norm.CP10K)
+        lg = _norm.log_normalize(as_float64(x), _norm.CP10K)
         n_pcs = max(1, min(int(n_pcs), min(x.shape) - 1))
         if min(x.shape) > 1:
             pcs = centred_pca(lg, n_pcs, seed=seed)
@@ -235,20 +236,15 @@ def _neighbors_of(x, k: int, n_pcs: int, *, seed: int, exact_max_cells: int,
             pcs = lg - lg.mean(axis=0)
     else:
         n_pcs = max(1, min(int(n_pcs), min(sample.size, x.shape[1]) - 1))
-        lg = _stack([_norm.log_normalize(_float64(take_rows(x, sample[r])), _norm.CP10K)
+        lg = _stack([_norm.log_normalize(as_float64(take_rows(x, sample[r])), _norm.CP10K)
                      for r in _row_blocks(sample.size, _PROJECT_ROWS)])
         mean, components = pca_components(lg, n_pcs, seed=seed)
         del lg
         pcs = np.empty((x.shape[0], components.shape[0]))
         for r in _row_blocks(x.shape[0], _PROJECT_ROWS):
-            pcs[r] = pca_scores(_norm.log_normalize(_float64(x[r]), _norm.CP10K), mean,
+            pcs[r] = pca_scores(_norm.log_normalize(as_float64(x[r]), _norm.CP10K), mean,
                                 components)
     return nearest_neighbors(pcs, k, exact_max_cells=exact_max_cells, seed=seed)
-
-
-def _float64(m):
-    """Rows of counts as float64 (no copy when they are)."""
-    return m.astype(np.float64, copy=False)
 
 
 def _dense(m) -> np.ndarray:
@@ -500,7 +496,7 @@ class KNNImputer(BaseImputer):
         n = x.shape[0]
         ks = sorted({min(int(k), n) for k in self.k_grid})
         train, test = (sp.csr_matrix(half.X, dtype=np.float64) for half in mcv_split(
-            AnnData(X=_float64(sp.csr_matrix(x))), train_frac=float(self.mcv_train_frac), rng=rng))
+            AnnData(X=as_float64(sp.csr_matrix(x))), train_frac=float(self.mcv_train_frac), rng=rng))
         idx = _neighbors_of(train, max(ks), self.n_pcs, seed=seed,
                             exact_max_cells=int(self.exact_max_cells), sample=self.fit_cells_)
         losses = mcv_losses(train, test, idx, ks, space=self.space, steps=int(self.steps),

@@ -981,7 +981,7 @@ class CNNImputer(BaseImputer):
         state["_index.inputs"] = torch.as_tensor(self.input_index_)
         state["_index.targets"] = torch.as_tensor(self.target_index_)
         state["_index.cluster"] = torch.as_tensor(self.group_cluster_)
-        state.update({f"_index.{k}": v for k, v in rows_entry(self.train_cells_).items()})
+        state.update(rows_entry("_index.train_cells", self.train_cells_))
         dropout = None
         if getattr(self, "dropout_model_", None) is not None:
             dropout, arrays = self.dropout_model_.state()
