@@ -12,7 +12,7 @@ import scipy.sparse as sp
 
 import screpair
 from screpair.cli import main
-from screpair.methods import _file
+from screpair.methods import _api, _file
 
 
 def _dense(m):
@@ -75,6 +75,70 @@ def test_knn_compact_counts_same_output(sim, tmp_path, caplog, top):
                              **params)
     assert "values in the narrowest exact type" in caplog.text
     np.testing.assert_array_equal(_dense(_read(tmp_path / "o.h5ad").layers["knn"]), _dense(ref))
+
+
+def test_drop_empty_is_the_subset_sharing_the_values():
+    rng = np.random.default_rng(3)
+    x = sp.random(60, 40, density=0.2, format="csr", random_state=rng, dtype=np.float64)
+    x.data = np.ceil(x.data * 9)
+    x = x.tolil()
+    x[[0, 7, 59]] = 0
+    x[:, [2, 3, 39]] = 0
+    x = sp.csr_matrix(x, dtype=np.uint16)
+    x.eliminate_zeros()
+    x.sort_indices()
+    cells, genes = (np.diff(x.indptr) > 0), np.bincount(x.indices, minlength=40) > 0
+    ref = _api._subset(x, np.flatnonzero(cells), np.flatnonzero(genes))
+    data = x.data
+    got = _api._drop_empty(x, cells, genes)
+    assert got.shape == (57, 37) and got.dtype == np.uint16 and got.has_sorted_indices
+    assert np.shares_memory(got.data, data)  # no copy of the values
+    np.testing.assert_array_equal(got.toarray(), ref.toarray())
+    np.testing.assert_array_equal(got.indices, ref.indices)
+    np.testing.assert_array_equal(got.indptr, ref.indptr)
+
+
+def test_all_cells_fit_holds_the_counts_once(sim, tmp_path, monkeypatch):
+    """knn reads every cell: with cells and genes without counts the job takes the kept ones
+    from the matrix read, sharing its values (no second copy), and the output (layer, X, the
+    hvg:N genes, read from the store again) equals the in-memory output bit for bit."""
+    ad = sim.copy()
+    x = ad.X.tolil()
+    x[3:9] = 0
+    x[:, [0, 11]] = 0
+    ad.X = sp.csr_matrix(x)
+    ad.X.eliminate_zeros()
+    path = tmp_path / "in.h5ad"
+    screpair.write(ad, path)
+    seen = {}
+    read_all, fit = _file.read_all, _api._Job.fit
+
+    def spy_read(*args, **kwargs):
+        seen["read"] = read_all(*args, **kwargs)
+        return seen["read"]
+
+    def spy_fit(job):
+        seen["job"] = job.x
+        return fit(job)
+
+    monkeypatch.setattr(_file, "read_all", spy_read)
+    monkeypatch.setattr(_api._Job, "fit", spy_fit)
+    params = {"k": 5, "n_pcs": 5, "steps": 2}
+    with pytest.warns(UserWarning, match="6 cell"):
+        ref = screpair.impute(ad, "knn", copy=True, genes="hvg:15", **params)
+    with pytest.warns(UserWarning, match="6 cell"):
+        screpair.impute_file(path, tmp_path / "o.h5ad", "knn", genes="hvg:15", chunk_rows=40,
+                             progress=False, **params)
+    assert seen["job"].shape == (ad.n_obs - 6, ad.n_vars - 2)
+    assert np.shares_memory(seen["job"].data, seen["read"].data)
+    back = _read(tmp_path / "o.h5ad")
+    chosen = ad.var_names.isin(back.var_names)
+    assert chosen.sum() == 15
+    screpair.pp.highly_variable_genes(ad, n_top_genes=15)
+    np.testing.assert_array_equal(chosen, ad.var["highly_variable"].to_numpy())
+    np.testing.assert_array_equal(_dense(back.layers["knn"]),
+                                  _dense(ref.layers["knn"])[:, chosen])
+    np.testing.assert_array_equal(back.X.toarray(), ad.X[:, chosen].toarray())
 
 
 @pytest.mark.parametrize("genes", ["hvg:15", "chosen", ["GENE_UNUSED"]])

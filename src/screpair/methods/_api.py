@@ -162,6 +162,28 @@ def _subset(x, rows: np.ndarray, cols: np.ndarray):
     return np.ascontiguousarray(sub)
 
 
+def _drop_empty(x: sp.csr_matrix, cells: np.ndarray, genes: np.ndarray) -> sp.csr_matrix:
+    """The CSR counts ``x`` without the cells ``~cells`` and genes ``~genes``, which hold no
+    stored entry (:func:`~screpair._utils.nonempty`'s masks), sharing ``x``'s values: no entry
+    goes, so only the row pointers shrink and the column indices are renumbered, in place, by
+    pieces. ``x`` is spent (its indices renumbered): for counts the caller owns, such as
+    :func:`~screpair.methods._file.impute_file`'s read, where a copy would hold the counts twice."""
+    indptr = np.concatenate([x.indptr[:1], x.indptr[1:][cells]])
+    if not genes.all():
+        new = (np.cumsum(genes) - 1).astype(x.indices.dtype)
+        for a in range(0, x.nnz, _PIECE):
+            part = x.indices[a:a + _PIECE]
+            np.take(new, part, out=part)  # buffered: safe in place
+    out = sp.csr_matrix((x.data, x.indices, indptr), shape=(int(cells.sum()), int(genes.sum())),
+                        copy=False)
+    out.has_sorted_indices = x.has_sorted_indices  # the renumbering keeps the order
+    return out
+
+
+#: entries renumbered at a time by :func:`_drop_empty`
+_PIECE = 2**22
+
+
 def _restrict(m, mask: np.ndarray, observed=None):
     """The layer ``m`` (cells x all genes) with only the genes ``mask`` kept, as float32: all of
     ``m`` when every gene is kept, else CSR with ``observed`` (or zeros) in the other genes."""
@@ -212,11 +234,21 @@ class _Job:
         return cls(est, x, ctx, cells, genes, rows, sample=sample)
 
     @classmethod
-    def prepare(cls, est: BaseImputer, x, *, obs, var, names, layers: Mapping[str, Any]) -> _Job:
+    def prepare(cls, est: BaseImputer, x, *, obs, var, names, layers: Mapping[str, Any],
+                owned: bool = False) -> _Job:
+        """The job of the validated counts ``x`` of all cells and genes. ``owned``: ``x`` is the
+        caller's to spend (CSR with sorted indices): its cells and genes with counts are then
+        taken without a copy (:func:`_drop_empty`), and ``x`` must not be used afterwards
+        unless the job's counts are ``x`` itself (every cell and gene has counts)."""
         cells, genes = nonempty(x)
         rows, cols = np.flatnonzero(cells), np.flatnonzero(genes)
         full = cells.all() and genes.all()
-        sub_x = x if full else _subset(x, rows, cols)
+        if full:
+            sub_x = x
+        elif owned and sp.isspmatrix_csr(x) and x.has_sorted_indices:
+            sub_x = _drop_empty(x, cells, genes)
+        else:
+            sub_x = _subset(x, rows, cols)
         obs = obs.iloc[rows].copy()
         var = var.iloc[cols].copy()  # methods may read columns (gene_length)
         var.index = names[genes]

@@ -159,7 +159,9 @@ def impute_file(
     fitted on the validated counts of all cells, held in memory as one sparse CSR matrix
     (float64 values: 12 bytes per stored count; for a method with ``compact_counts``, ``knn``,
     the values in the narrowest type that holds them exactly, uint16 for counts up to 65,535:
-    6 bytes; never densified by this pipeline). The log says which path was taken and why;
+    6 bytes; never densified by this pipeline). Its cells and genes without counts are dropped
+    from that matrix in place (no copy: the counts are held once), and the output's ``X`` and
+    the ``hvg:N`` statistics then read the store again. The log says which path was taken and why;
     ``uns[key]["fit_cells_read"]`` is the sample's size (``None``: all cells).
 
     Its posterior is then computed block by
@@ -313,16 +315,18 @@ def impute_file(
                 with other:
                     layers[extra] = read_stored(other, rows)
             job = _Job.prepare(est, x, obs=source.obs, var=source.var, names=names,
-                               layers=layers)
+                               layers=layers, owned=True)
+            if job.x is not x:  # cells or genes without counts: x is spent (held once, in
+                x = None        # the job); the output's X and the gene statistics: the store
         obs = source.obs
     if not (job.cells.all() and job.genes.all()):
         warnings.warn(
             f"{int((~job.cells).sum())} cell(s) and {int((~job.genes).sum())} gene(s) have no "
             "counts; they are set aside and returned unchanged.", UserWarning, stacklevel=2)
-    if client is None and job.sample is None:
+    if client is None and x is not None:
         def stats():
             return gene_stats(open_rows(x, validated=True), rows)
-    elif client is None:  # the fit's sample only in memory: the pass reads the store
+    elif client is None:  # not all counts in memory as read: the pass reads the store
         def stats():
             with open_rows(data, layer) as again:
                 return gene_stats(again, rows, progress=progress)
@@ -358,12 +362,12 @@ def impute_file(
     record = {}
     with stream_store(out, obs=obs, var=out_var, chunk_rows=rows) as w, \
             log_task(f"posterior and writing by blocks of {rows} cells -> '{out}'", logger):
-        if client is None and job.sample is None:
+        if client is None and x is not None:
             _write_blocks(w, job, _slices(x, rows), n_obs, post_all, key, out_cols, rows,
                           progress)
         elif client is None:  # each block read from the store again, validated, imputed
             with open_rows(data, layer) as again:
-                _write_blocks(w, job, again.blocks(rows), n_obs, None, key, out_cols, rows,
+                _write_blocks(w, job, again.blocks(rows), n_obs, post_all, key, out_cols, rows,
                               progress)
         else:
             from ._dask import write_blocks
