@@ -248,6 +248,9 @@ def test_sizes_and_budget():
     assert _file.memory_budget() == int(_file.DEFAULT_MEMORY_FRACTION * _file.total_memory())
     assert _file.default_chunk_rows(20_000, 2**30) == 256
     assert _file.default_chunk_rows(100, 64 * 2**30) == _file.DEFAULT_CHUNK_ROWS
+    # multiples of 256 (the pair methods' prediction batch): 0.1 * 2 GiB / (2,000 * 32) = 3,355
+    assert _file.default_chunk_rows(2_000, 2 * 2**30) == 3_328
+    assert _file.DEFAULT_CHUNK_ROWS % 256 == 0
 
 
 def test_cli_chunked(sim_path, tmp_path, capsys):

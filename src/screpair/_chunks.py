@@ -34,8 +34,12 @@ from ._utils import RAW_LAYER, _layer_matrix, check_not_normalized, get_counts
 logger = get_logger(__name__)
 
 #: cells per block when nothing else is said (about 0.5 GB of float64 CSR at 5% density and
-#: 20,000 genes; dense float32 output blocks of 20,000 genes: 0.8 GB)
-DEFAULT_CHUNK_ROWS = 10_000
+#: 20,000 genes; dense float32 output blocks of 20,000 genes: 0.8 GB); a multiple of
+#: :data:`ROW_MULTIPLE`
+DEFAULT_CHUNK_ROWS = 10_240
+#: default block sizes are multiples of this many cells: the prediction batch of the neural
+#: pair methods (dae, vae, diffusion), which compute a batch that a block splits whole
+ROW_MULTIPLE = 256
 
 
 def store_format(path: str | os.PathLike[str]) -> str | None:

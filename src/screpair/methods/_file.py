@@ -21,6 +21,7 @@ from anndata import AnnData
 
 from .._chunks import (
     DEFAULT_CHUNK_ROWS,
+    ROW_MULTIPLE,
     TotalsPass,
     as_float64,
     check_chunk_rows,
@@ -104,9 +105,23 @@ def in_memory_bytes(n_obs: int, n_vars: int, nnz: int, n_layers: int = 1) -> int
 
 def default_chunk_rows(n_vars: int, budget: int) -> int:
     """Cells per block: one block's dense float64 working arrays (about four of them, over all
-    genes) take :data:`BLOCK_SHARE` of the budget; from 256 to :data:`DEFAULT_CHUNK_ROWS`."""
-    rows = int(BLOCK_SHARE * budget / (max(n_vars, 1) * 8 * 4))
-    return max(256, min(DEFAULT_CHUNK_ROWS, rows))
+    genes) take :data:`BLOCK_SHARE` of the budget; a multiple of
+    :data:`~screpair._chunks.ROW_MULTIPLE` (256) from 256 to :data:`DEFAULT_CHUNK_ROWS`."""
+    rows = int(BLOCK_SHARE * budget / (max(n_vars, 1) * 8 * 4)) // ROW_MULTIPLE * ROW_MULTIPLE
+    return max(ROW_MULTIPLE, min(DEFAULT_CHUNK_ROWS, rows))
+
+
+def _check_batch_rows(est: BaseImputer, rows: int, n_obs: int) -> None:
+    """Warn when blocks of ``rows`` cells (of ``n_obs``) split the prediction batches of ``est`` (the pair
+    methods: ``_predict_batch`` cells), each of which is then computed whole by both blocks
+    that hold part of it: up to ``(ceil(rows / batch) + 1) * batch / rows`` times the work."""
+    batch = getattr(type(est), "_predict_batch", None)
+    if batch and rows % batch and rows < n_obs:
+        extra = (-(-rows // batch) + 1) * batch / rows
+        logger.warning(
+            "chunk_rows=%d is not a multiple of %s's prediction batch of %d cells: a batch split "
+            "by two blocks is computed whole by both (up to %.2fx the prediction work); a "
+            "multiple of %d avoids it", rows, est.name, batch, extra, batch)
 
 
 def format_bytes(n: float) -> str:
@@ -278,6 +293,7 @@ def impute_file(
         _check_free(element_keys(data), est, key, layer, overwrite)  # carried-over slots
         n_obs, n_vars = source.shape
         rows = chunk_rows or default_chunk_rows(n_vars, budget)
+        _check_batch_rows(est, rows, n_obs)
         logger.info(
             "chunked path: %d cells x %d genes in blocks of %d cells; budget %s "
             "(in memory would need about %s)",
