@@ -135,8 +135,9 @@ def test_labels_given_stratified_sample_and_errors(separated):
         dm.probabilities(x[:5])
     with pytest.raises(ValueError, match="not seen in fit"):
         dm.probabilities(x[:2], labels=["Group1", "nope"])
-    with pytest.raises(ValueError, match="n_fit_cells must be None or >= 10"):
-        DropoutModel(n_fit_cells=3).fit(x)
+    for bad in (3, 100.5, True):  # a float or a bool is no number of cells
+        with pytest.raises(ValueError, match="n_fit_cells must be None or an integer >= 10"):
+            DropoutModel(n_fit_cells=bad).fit(x)
 
 
 def test_state_round_trip(separated):
@@ -257,3 +258,5 @@ def test_cnn_samples_and_old_models(sim, tmp_path, posterior_blocks, one_torch_t
     assert out.shape == whole.mean.shape and np.isfinite(out).all()
     with pytest.raises(ValueError, match="n_train_cells must be None or an integer >= 10"):
         CNNImputer(n_train_cells=5).fit(ad, layer="counts")
+    with pytest.raises(ValueError, match="n_dropout_cells must be None or an integer >= 10"):
+        CNNImputer(n_dropout_cells=500.5).fit(ad, layer="counts")

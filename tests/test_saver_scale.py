@@ -75,6 +75,7 @@ def test_fit_memory_follows_the_sample(traced_peak):
     assert peak < 50000 * 300 * 8 / 2, f"peak {peak / 1e6:.1f} MB"
 
 
-def test_n_fit_cells_checked():
-    with pytest.raises(ValueError, match="n_fit_cells"):
-        SaverImputer(n_fit_cells=3).fit(np.ones((20, 5)))
+@pytest.mark.parametrize("bad", [3, 500.5, True])
+def test_n_fit_cells_checked(bad):
+    with pytest.raises(ValueError, match="n_fit_cells must be None or an integer >= 10"):
+        SaverImputer(n_fit_cells=bad).fit(np.ones((20, 5)))

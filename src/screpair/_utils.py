@@ -365,6 +365,15 @@ def _col_nnz(x) -> np.ndarray:
 _BINCOUNT_PIECE = 2**22
 
 
+def check_sample_size(name: str, value) -> None:
+    """Refuse a sample-size parameter (``n_fit_cells``, ``n_train_cells``, ``n_dropout_cells``) that is neither
+    ``None`` nor an integer >= 10 (booleans refused)."""
+    if value is not None and (isinstance(value, bool)
+                              or not isinstance(value, (int, np.integer)) or value < 10):
+        msg = f"{name} must be None or an integer >= 10, got {value!r}."
+        raise ValueError(msg)
+
+
 def nonempty(x) -> tuple[np.ndarray, np.ndarray]:
     """Boolean masks of cells (rows) and genes (columns) that have at least one count."""
     return np.asarray(_row_nnz(x)).ravel() > 0, np.asarray(_col_nnz(x)).ravel() > 0

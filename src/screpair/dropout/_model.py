@@ -39,7 +39,7 @@ import scipy.sparse as sp
 
 from .. import _norm
 from .._logging import get_logger, log_task
-from .._utils import RNGLike, as_rng
+from .._utils import RNGLike, as_rng, check_sample_size
 from ._cluster import ADP_MAX_CELLS, CellProjection, cluster_cells, cluster_draws
 from ._em import _assemble_prob, fit_dropout
 from ._zinb import _assemble, fit_zinb_dropout
@@ -199,9 +199,7 @@ class DropoutModel:
         if self.model not in MODELS:
             msg = f"model must be one of {MODELS}, got {self.model!r}."
             raise ValueError(msg)
-        if self.n_fit_cells is not None and int(self.n_fit_cells) < 10:
-            msg = f"n_fit_cells must be None or >= 10, got {self.n_fit_cells!r}."
-            raise ValueError(msg)
+        check_sample_size("n_fit_cells", self.n_fit_cells)
         if int(self.n_neighbors) < 1:
             msg = f"n_neighbors must be a positive integer, got {self.n_neighbors!r}."
             raise ValueError(msg)

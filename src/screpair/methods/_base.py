@@ -142,15 +142,6 @@ def moved_params_error(cls: type, params: Mapping[str, Any]) -> TypeError | None
     return TypeError(msg)
 
 
-def check_sample_size(name: str, value) -> None:
-    """Refuse a sample-size parameter (``n_fit_cells``, ``n_train_cells``) that is neither
-    ``None`` nor an integer >= 10 (booleans refused)."""
-    if value is not None and (isinstance(value, bool)
-                              or not isinstance(value, (int, np.integer)) or value < 10):
-        msg = f"{name} must be None or an integer >= 10, got {value!r}."
-        raise ValueError(msg)
-
-
 def take_rows(x, rows: np.ndarray):
     """The rows ``rows`` of validated counts ``x``, validated form kept (CSR with sorted
     indices, or a C-ordered ndarray)."""

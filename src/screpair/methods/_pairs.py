@@ -49,12 +49,11 @@ import scipy.sparse as sp
 
 from .. import _norm
 from .._logging import get_logger, log_task
-from .._utils import as_rng, to_dense, torch_seed
+from .._utils import as_rng, check_sample_size, to_dense, torch_seed
 from ._base import (
     BaseImputer,
     DataContext,
     Posterior,
-    check_sample_size,
     draw_sample,
     sample_rows,
 )

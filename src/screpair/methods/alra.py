@@ -10,12 +10,11 @@ from sklearn.utils.extmath import randomized_svd
 
 from .. import _norm
 from .._logging import get_logger
-from .._utils import RNGLike, as_rng
+from .._utils import RNGLike, as_rng, check_sample_size
 from ._base import (
     BaseImputer,
     DataContext,
     Posterior,
-    check_sample_size,
     draw_sample,
     sample_rows,
     take_rows,

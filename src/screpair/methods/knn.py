@@ -10,8 +10,8 @@ from sklearn.neighbors import NearestNeighbors
 from .. import _norm
 from .._chunks import as_float64
 from .._logging import get_logger
-from .._utils import RNGLike, as_rng
-from ._base import BaseImputer, DataContext, Posterior, check_sample_size, draw_sample, take_rows
+from .._utils import RNGLike, as_rng, check_sample_size
+from ._base import BaseImputer, DataContext, Posterior, draw_sample, take_rows
 
 logger = get_logger(__name__)
 

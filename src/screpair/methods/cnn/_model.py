@@ -15,7 +15,7 @@ import scipy.sparse as sp
 
 from ... import _norm
 from ..._logging import get_logger, log_task
-from ..._utils import RNGLike, as_rng, torch_seed
+from ..._utils import RNGLike, as_rng, check_sample_size, torch_seed
 from .._base import BaseImputer, DataContext, Posterior, moved_params_error, take_rows
 from .._torch import (
     LossOutput,
@@ -487,10 +487,7 @@ class CNNImputer(BaseImputer):
                 msg = f"{name} must be a positive integer, got {value!r}."
                 raise ValueError(msg)
         for name in ("n_dropout_cells", "n_train_cells"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or int(value) < 10):
-                msg = f"{name} must be None or an integer >= 10, got {value!r}."
-                raise ValueError(msg)
+            check_sample_size(name, getattr(self, name))
 
     def _normalized(self, x, lib: np.ndarray):
         """``log1p(CPM)`` (``log=False``: CPM) of the counts ``x`` in float32, the network's

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..._logging import get_logger, log_task
 from ..._norm import library_size, size_factors
 from ..._parallel import Shared, map_blocks
-from ..._utils import RNGLike, as_rng
+from ..._utils import RNGLike, as_rng, check_sample_size
 from .._base import BaseImputer, DataContext, Posterior, draw_sample, sample_rows, take_rows
 from . import _lasso
 
@@ -472,14 +472,11 @@ class SaverImputer(BaseImputer):
                 f"lambda_min_ratio must be in (0, 1), got {self.lambda_min_ratio}.",
             ),
             (int(self.batch_size) >= 1, f"batch_size must be >= 1, got {self.batch_size}."),
-            (
-                self.n_fit_cells is None or int(self.n_fit_cells) >= 10,
-                f"n_fit_cells must be None or >= 10, got {self.n_fit_cells}.",
-            ),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+        check_sample_size("n_fit_cells", self.n_fit_cells)
         if not (self.maxcor_cutoff == "auto" or isinstance(self.maxcor_cutoff, (int, float))):
             msg = f"maxcor_cutoff must be 'auto' or a number, got {self.maxcor_cutoff!r}."
             raise ValueError(msg)
