@@ -326,7 +326,9 @@ def test_deg_protocol_reference_scores_itself_perfectly(counts_adata):
     assert task.truth["source"] == "raw"
     res = proto.score(task, task.adata.X.toarray())
     assert res["deg_jaccard"] == pytest.approx(1.0) and res["deg_f1"] == pytest.approx(1.0)
-    assert res["marker_spearman"] == pytest.approx(1.0, abs=1e-12)
+    assert res["lfc_pearson"] == pytest.approx(1.0, abs=1e-12)
+    # the raw reference's per-cell values are the input's own: no marker_spearman
+    assert "marker_spearman" not in res
     assert res["deg_auc"] > 0.9
     flat = proto.score(task, np.ones(task.adata.shape))
     assert flat["deg_f1"] < 0.6
@@ -339,7 +341,28 @@ def test_deg_protocol_uses_simulation_truth():
     assert task.truth["source"] == "true_counts"
     genes = np.flatnonzero(np.isin(sim.var_names, task.adata.var_names))
     truth = sp.csr_matrix(sim.layers["true_counts"])[:, genes].toarray()
-    assert proto.score(task, truth)["deg_jaccard"] == pytest.approx(1.0)
+    res = proto.score(task, truth)
+    assert res["deg_jaccard"] == pytest.approx(1.0)
+    assert res["marker_spearman"] == pytest.approx(1.0, abs=1e-12)  # against the true counts
+    assert res["lfc_pearson"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_lfc_pearson_hand():
+    from screpair.evaluate._protocols import _lfc_pearson
+
+    def table(group, lfc):
+        return pd.DataFrame({"group": group, "gene": np.arange(len(lfc)), "logfc": lfc})
+
+    ref = pd.concat([table("a", [1.0, 2.0, 3.0, 4.0]), table("b", [0.0, 1.0, 0.0, 1.0])])
+    # a: 2x the reference (r = 1) with an infinite fold change left out; b: reversed (r = -1)
+    res = pd.concat([table("a", [2.0, 4.0, 6.0, np.inf]), table("b", [1.0, 0.0, 1.0, 0.0])])
+    assert _lfc_pearson(ref, res) == pytest.approx(0.0, abs=1e-12)
+    # r of a hand-computed case: x = (1, 2, 3), y = (1, 3, 2): r = 0.5
+    ref3, res3 = table("a", [1.0, 2.0, 3.0]), table("a", [1.0, 3.0, 2.0])
+    assert _lfc_pearson(ref3, res3) == pytest.approx(0.5, abs=1e-12)
+    # a group whose fold changes are constant has no r: the mean is over the others
+    res_flat = pd.concat([table("a", [2.0, 4.0, 6.0, 8.0]), table("b", [1.0, 1.0, 1.0, 1.0])])
+    assert _lfc_pearson(ref, res_flat) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_dropout_protocol_oracle(sim):
@@ -579,6 +602,8 @@ def test_deg_protocol_bulk_reference_hand(tmp_path, counts_adata):
     ref = task.truth["ref"]
     up = ref[ref.pval_adj < 0.05]
     assert sorted(zip(up.group, up.gene, strict=True)) == [("g0", 0), ("g1", 1)]
+    res = proto.score(task, task.adata.X.toarray())
+    assert "marker_spearman" not in res and -1.0 <= res["lfc_pearson"] <= 1.0
     lfc = ref[(ref.group == "g0") & (ref.gene == 0)].logfc.iloc[0]
     cpm0 = 400_000 / (sum(g0) + 5) * 1e6
     cpm1 = 100_000 / (sum(g1) + 5) * 1e6

@@ -32,6 +32,7 @@ GREATER_IS_BETTER: dict[str, bool] = {
     "deg_jaccard": True,
     "deg_f1": True,
     "marker_spearman": True,
+    "lfc_pearson": True,
     "gini_rmse": False,
     "gini_pearson": True,
     "dropout_pr_auc": True,

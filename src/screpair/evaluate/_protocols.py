@@ -215,8 +215,9 @@ def _deg_agreement(
     groups; ``ref_log`` / ``pred_log`` the matching log-normalised matrices. Per group of ``ref``:
     ``deg_jaccard`` / ``deg_f1`` of the method's and the reference's top-``k`` genes by score;
     ``marker_spearman``: mean Spearman r across cells of reference vs method values of the union
-    of every group's top-10 reference genes. With ``alpha``, also ``deg_auc``: ROC AUC of the
-    method's scores for the reference DEGs (``pval_adj < alpha`` and ``logfc > 0``).
+    of every group's top-10 reference genes (not scored without per-cell reference values:
+    ``ref_log=None``). With ``alpha``, also ``deg_auc``: ROC AUC of the method's scores for the
+    reference DEGs (``pval_adj < alpha`` and ``logfc > 0``).
     """
     aucs, jac, f1s, markers = [], [], [], set()
     for g, r in ref.groupby("group", sort=False):
@@ -234,8 +235,26 @@ def _deg_agreement(
         out["deg_auc"] = float(np.nanmean(aucs)) if np.isfinite(aucs).any() else float("nan")
     out["deg_jaccard"] = float(np.mean(jac))
     out["deg_f1"] = float(np.mean(f1s))
-    out["marker_spearman"] = M.marker_spearman(ref_log, pred_log, sorted(markers))
+    if ref_log is not None:
+        out["marker_spearman"] = M.marker_spearman(ref_log, pred_log, sorted(markers))
     return out
+
+
+def _lfc_pearson(ref: pd.DataFrame, res: pd.DataFrame) -> float:
+    """Mean over the groups of ``ref`` of the Pearson r, across genes, between the method's and
+    the reference's log2 fold changes (``logfc`` of :func:`~screpair.evaluate.rank_genes`
+    tables over the same genes; genes with a non-finite value in either left out; a group
+    whose fold changes are constant in either table: nan)."""
+    rs = []
+    for g, r in ref.groupby("group", sort=False):
+        both = r[["gene", "logfc"]].merge(res.loc[res["group"] == g, ["gene", "logfc"]],
+                                          on="gene", suffixes=("_ref", "_res"))
+        a, b = both["logfc_ref"].to_numpy(float), both["logfc_res"].to_numpy(float)
+        ok = np.isfinite(a) & np.isfinite(b)
+        a, b = a[ok], b[ok]
+        rs.append(float(np.corrcoef(a, b)[0, 1]) if a.size > 1 and a.std() > 0 and b.std() > 0
+                  else float("nan"))
+    return float(np.nanmean(rs)) if np.isfinite(rs).any() else float("nan")
 
 
 class _Labelled(Protocol):
@@ -324,8 +343,12 @@ class DEG(_Labelled):
     counts (then the scores measure how much a method preserves the raw DE signal, not
     accuracy). Reference DEGs of a group: ``pval_adj < alpha`` and ``logfc > 0``. Per group, ``deg_auc`` is the ROC AUC of the method's scores for the reference
     set, ``deg_jaccard`` / ``deg_f1`` compare the top-``k`` genes of the method and of the
-    reference; ``marker_spearman`` is the mean Spearman r across cells between reference and
-    method ``log1p(CP10k)`` of the top-10 reference markers of every group. Averaged over groups.
+    reference; ``lfc_pearson`` is the Pearson r across genes of the method's and the
+    reference's log2 fold changes (the cnnImpute paper's fold-change agreement with bulk);
+    ``marker_spearman`` is the mean Spearman r across cells between reference and method
+    ``log1p(CP10k)`` of the top-10 reference markers of every group, scored only against a
+    simulation's true counts: with a bulk or the raw reference those values would be the
+    input's own, which rewards changing nothing. Averaged over groups.
     """
 
     name = "deg"
@@ -372,8 +395,8 @@ class DEG(_Labelled):
             cells, _ = _nonempty_index(sub.X)
             if cells.size < sub.n_obs:
                 sub, y = sub[cells].copy(), y[cells]
-            ref_log = self._log(sub.X)
-            return Task(sub, {"labels": y, "ref": ref, "ref_log": ref_log, "source": "bulk"})
+            # no per-cell values in a bulk table: no marker_spearman (see the class docstring)
+            return Task(sub, {"labels": y, "ref": ref, "ref_log": None, "source": "bulk"})
         if "true_counts" in adata.layers:
             ref_x = sp.csr_matrix(adata.layers["true_counts"])[rows][:, genes]
             source = "true_counts"
@@ -381,13 +404,16 @@ class DEG(_Labelled):
             ref_x, source = sub.X, "raw"
         ref_log = self._log(ref_x)
         ref = M.rank_genes(ref_log, y, method=self.test)
-        return Task(sub, {"labels": y, "ref": ref, "ref_log": ref_log, "source": source})
+        return Task(sub, {"labels": y, "ref": ref, "source": source,
+                          "ref_log": ref_log if source == "true_counts" else None})
 
     def score(self, task: Task, imputed, posterior=None) -> dict[str, float]:
         y, ref = task.truth["labels"], task.truth["ref"]
         pred_log = self._log(imputed)
         res = M.rank_genes(pred_log, y, method=self.test)
-        return _deg_agreement(ref, res, task.truth["ref_log"], pred_log, k=self.k, alpha=self.alpha)
+        out = _deg_agreement(ref, res, task.truth["ref_log"], pred_log, k=self.k, alpha=self.alpha)
+        out["lfc_pearson"] = _lfc_pearson(ref, res)
+        return out
 
 
 # --------------------------------------------------------------------------- simulations
