@@ -577,13 +577,25 @@ def test_smfish_protocol_hand(tmp_path):
     ad.var_names = ["A", "B"]
     proto = ev.get_protocol("smfish", fish_path=str(path))
     task = proto.prepare(ad, rng=0)
-    assert [(c, g) for c, g, _ in task.truth["pairs"]] == [("x", "A"), ("x", "B"), ("y", "A")]
-    np.testing.assert_allclose([v for *_, v in task.truth["pairs"]], [0.75, 0.0, 0.25], rtol=1e-12)
+    assert [p[:2] for p in task.truth["pairs"]] == [("x", "A"), ("x", "B"), ("y", "A")]
+    np.testing.assert_allclose([p[2] for p in task.truth["pairs"]], [0.75, 0.0, 0.25], rtol=1e-12)
+    # FISH (mean, CV, Fano): [0, 0, 0, 4] -> (1, sqrt 3, 3); [1, 1, 1, 1] -> (1, 0, 0);
+    # [1, 3] -> (2, 0.5, 0.5)
+    np.testing.assert_allclose([p[3] for p in task.truth["pairs"]],
+                               [(1, np.sqrt(3), 3), (1, 0, 0), (2, 0.5, 0.5)], rtol=1e-12)
     # library-normalised: x cells are identical (Gini 0, 0); y cells: A = 2/4, 6/8 -> [0.5, 0.75]
     res = proto.score(task, x)
     g_y = ev.gini([0.5, 0.75])
     expected = np.sqrt(((0 - 0.75) ** 2 + 0.0 + (g_y - 0.25) ** 2) / 3)
     assert res["gini_rmse"] == pytest.approx(expected, rel=1e-12)
+    # single-cell, at median library size 6: x A [1] * 4 -> (1, 0, 0), x B [5] * 4 -> (5, 0, 0),
+    # y A [3, 4.5] -> (3.75, 0.2, 0.15)
+    assert res["cv_rmse"] == pytest.approx(np.sqrt((3 + 0 + 0.3**2) / 3), rel=1e-12)
+    assert res["cv_pearson"] == pytest.approx(
+        np.corrcoef([0, 0, 0.2], [np.sqrt(3), 0, 0.5])[0, 1], rel=1e-12)
+    assert res["mean_pearson"] == pytest.approx(
+        np.corrcoef(np.log10([1, 5, 3.75]), np.log10([1, 1, 2]))[0, 1], rel=1e-12)
+    assert np.isnan(res["fano_pearson"])  # one pair with both Fano factors > 0: no r
 
 
 def test_deg_protocol_bulk_reference_hand(tmp_path, counts_adata):

@@ -35,6 +35,10 @@ GREATER_IS_BETTER: dict[str, bool] = {
     "lfc_pearson": True,
     "gini_rmse": False,
     "gini_pearson": True,
+    "mean_pearson": True,
+    "cv_rmse": False,
+    "cv_pearson": True,
+    "fano_pearson": True,
     "dropout_pr_auc": True,
     "dropout_f1": True,
     "dropout_ece": False,
@@ -434,6 +438,39 @@ def gini_agreement(gini_sc: np.ndarray, gini_fish: np.ndarray) -> dict[str, floa
         return {"gini_rmse": float("nan"), "gini_pearson": float("nan")}
     r = float(np.corrcoef(a, b)[0, 1]) if a.size > 1 and np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
     return {"gini_rmse": float(np.sqrt(np.mean((a - b) ** 2))), "gini_pearson": r}
+
+
+def gene_moments(x) -> tuple[float, float, float]:
+    """Mean, coefficient of variation ``sd / mean`` and Fano factor ``var / mean`` of one gene's
+    values across cells (population variance, ``ddof=0``); CV and Fano NaN when the mean is 0."""
+    v = np.asarray(x, dtype=np.float64).ravel()
+    mean = float(v.mean()) if v.size else float("nan")
+    if not mean > 0:
+        return mean, float("nan"), float("nan")
+    var = float(v.var())
+    return mean, float(np.sqrt(var) / mean), var / mean
+
+
+def moment_agreement(sc: np.ndarray, fish: np.ndarray) -> dict[str, float]:
+    """Agreement of per-gene moments (rows: :func:`gene_moments` of each (condition, gene)) of
+    scRNA-seq and smFISH: ``mean_pearson`` and ``fano_pearson``, Pearson r of the log10 means and
+    log10 Fano factors (both depend on each assay's units, so only their correlation across genes
+    is compared), ``cv_pearson`` and ``cv_rmse`` of the CVs (unitless). Pairs with a non-finite
+    value (for the logs: a non-positive one) left out of each score."""
+    sc, fish = np.asarray(sc, float), np.asarray(fish, float)
+    out = {}
+    for j, name, log in ((0, "mean", True), (1, "cv", False), (2, "fano", True)):
+        a, b = sc[:, j], fish[:, j]
+        ok = np.isfinite(a) & np.isfinite(b)
+        if log:
+            ok &= (a > 0) & (b > 0)
+        a, b = (np.log10(a[ok]), np.log10(b[ok])) if log else (a[ok], b[ok])
+        out[f"{name}_pearson"] = (float(np.corrcoef(a, b)[0, 1])
+                                  if a.size > 1 and np.ptp(a) > 0 and np.ptp(b) > 0
+                                  else float("nan"))
+        if name == "cv":
+            out["cv_rmse"] = float(np.sqrt(np.mean((a - b) ** 2))) if a.size else float("nan")
+    return out
 
 
 def dropout_detection(prob, observed, true_counts, *, threshold: float = 0.5) -> dict[str, float]:

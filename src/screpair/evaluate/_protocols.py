@@ -656,7 +656,9 @@ class Smfish(Protocol):
     values, library-normalised (``x / L * median(L)``, ``L`` the output's row sums), is compared
     with the Gini coefficient of the smFISH counts of that condition (per-cell mRNA counts,
     normalised by cell area ``count / area * median(area)`` when ``fish_normalize="area"``):
-    ``gini_rmse`` and ``gini_pearson`` over the (condition, gene) pairs.
+    ``gini_rmse`` and ``gini_pearson`` over the (condition, gene) pairs; likewise the per-gene
+    mean, CV and Fano factor (:func:`~screpair.evaluate.moment_agreement`: ``mean_pearson``,
+    ``cv_pearson``, ``cv_rmse``, ``fano_pearson``).
 
     Parameters
     ----------
@@ -698,7 +700,8 @@ class Smfish(Protocol):
         pairs = []
         for (c, g), block in fish.groupby(["condition", "gene"], sort=True):
             if c in set(cond) and g in sub.var_names:
-                pairs.append((str(c), str(g), M.gini(block["value"].to_numpy())))
+                v = block["value"].to_numpy()
+                pairs.append((str(c), str(g), M.gini(v), M.gene_moments(v)))
         if not pairs:
             msg = "no smFISH (condition, gene) pair matches the data's conditions and genes."
             raise ValueError(msg)
@@ -710,11 +713,15 @@ class Smfish(Protocol):
         norm = x / np.where(lib == 0, 1, lib)[:, None] * np.median(lib)
         names = task.adata.var_names
         cond = task.truth["conditions"]
-        sc_g, fish_g = [], []
-        for c, g, fish_gini in task.truth["pairs"]:
-            sc_g.append(M.gini(norm[cond == c, names.get_loc(g)]))
+        sc_g, fish_g, sc_m, fish_m = [], [], [], []
+        for c, g, fish_gini, fish_moments in task.truth["pairs"]:
+            v = norm[cond == c, names.get_loc(g)]
+            sc_g.append(M.gini(v))
             fish_g.append(fish_gini)
-        return M.gini_agreement(np.array(sc_g), np.array(fish_g))
+            sc_m.append(M.gene_moments(v))
+            fish_m.append(fish_moments)
+        return {**M.gini_agreement(np.array(sc_g), np.array(fish_g)),
+                **M.moment_agreement(np.array(sc_m), np.array(fish_m))}
 
 
 # --------------------------------------------------------------------------- downsample
