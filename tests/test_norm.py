@@ -119,7 +119,7 @@ def test_library_size_of_narrow_counts_by_blocks(dtype, monkeypatch):
     from screpair import _utils
 
     monkeypatch.setattr(_norm, "_SUM_ROWS", 7)
-    monkeypatch.setattr(_utils, "_BINCOUNT_PIECE", 50)
+    monkeypatch.setattr(_utils, "NNZ_PIECE", 50)
     rng = np.random.default_rng(0)
     x = sp.random(60, 9, density=0.6, format="csr", random_state=2,
                   data_rvs=lambda n: rng.integers(1, 3000, n)).astype(np.float64)

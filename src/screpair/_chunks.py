@@ -534,8 +534,8 @@ def read_all(source: RowSource, chunk_rows: int = DEFAULT_CHUNK_ROWS, *,
     ``compact=True``: the values are held in the narrowest type that holds every count exactly
     (:func:`compact_dtype`: uint16 up to 65,535, else float32 up to 2^24, else float64), so
     6 bytes per stored count instead of 12 with the int32 indices; the values are the same
-    integers. Its users convert the rows they compute with to float64 (:func:`as_float64`); sums over uint16 are exact (numpy and scipy sum them
-    in 64-bit integers)."""
+    integers. Its users convert the rows they compute with to float64 (:func:`as_float64`);
+    sums over uint16 are exact (numpy and scipy sum them in 64-bit integers)."""
     if rows is None and cols is None and source.is_sparse:
         out = _read_all_into(source, chunk_rows, progress, compact)
     else:

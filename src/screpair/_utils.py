@@ -356,18 +356,20 @@ def _row_nnz(x) -> np.ndarray:
 def _col_nnz(x) -> np.ndarray:
     if sp.issparse(x):  # by pieces: bincount converts the int32 indices to int64
         out = np.zeros(x.shape[1], dtype=np.int64)
-        for i in range(0, x.nnz, _BINCOUNT_PIECE):
-            out += np.bincount(x.indices[i:i + _BINCOUNT_PIECE], minlength=x.shape[1])
+        for i in range(0, x.nnz, NNZ_PIECE):
+            out += np.bincount(x.indices[i:i + NNZ_PIECE], minlength=x.shape[1])
         return out
     return (np.asarray(x) != 0).sum(0)
 
 
-_BINCOUNT_PIECE = 2**22
+#: stored entries handled at a time by passes over all of a matrix's entries (their 64-bit
+#: temporaries bounded by the piece, not the matrix): ``_col_nnz``, ``methods._api._drop_empty``
+NNZ_PIECE = 2**22
 
 
 def check_sample_size(name: str, value) -> None:
-    """Refuse a sample-size parameter (``n_fit_cells``, ``n_train_cells``, ``n_dropout_cells``) that is neither
-    ``None`` nor an integer >= 10 (booleans refused)."""
+    """Refuse a sample-size parameter (``n_fit_cells``, ``n_train_cells``, ``n_dropout_cells``)
+    that is neither ``None`` nor an integer >= 10 (booleans refused)."""
     if value is not None and (isinstance(value, bool)
                               or not isinstance(value, (int, np.integer)) or value < 10):
         msg = f"{name} must be None or an integer >= 10, got {value!r}."

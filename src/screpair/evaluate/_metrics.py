@@ -104,10 +104,16 @@ def mse_masked(truth, pred, mask) -> float:
 
 def pearson_masked(truth, pred, mask) -> float:
     """Pearson correlation of ``truth`` and ``pred`` over the masked entries (NaN if constant)."""
-    t, p = _masked_values(truth, pred, mask)
-    if t.size < 2 or np.ptp(t) == 0 or np.ptp(p) == 0:
+    return pearson_r(*_masked_values(truth, pred, mask))
+
+
+def pearson_r(a, b) -> float:
+    """Pearson correlation of two 1-D arrays; NaN with fewer than two values or either
+    constant."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return float("nan")
-    return float(np.corrcoef(t, p)[0, 1])
+    return float(np.corrcoef(a, b)[0, 1])
 
 
 def masked_accuracy(true_counts, pred_counts, mask, lib: np.ndarray) -> dict[str, float]:
@@ -431,13 +437,19 @@ def gini_agreement(gini_sc: np.ndarray, gini_fish: np.ndarray) -> dict[str, floa
     Returns ``{"gini_rmse": sqrt(mean((g_sc - g_fish)^2)), "gini_pearson": corr(g_sc, g_fish)}``
     over genes with both values finite (SAVER's smFISH comparison).
     """
-    a, b = np.asarray(gini_sc, float), np.asarray(gini_fish, float)
+    rmse, r = _rmse_pearson(gini_sc, gini_fish)
+    return {"gini_rmse": rmse, "gini_pearson": r}
+
+
+def _rmse_pearson(a, b) -> tuple[float, float]:
+    """RMSE and Pearson r (:func:`pearson_r`) of the pairs of ``a`` and ``b`` with both values
+    finite; NaN for both when there is none."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     ok = np.isfinite(a) & np.isfinite(b)
     a, b = a[ok], b[ok]
     if a.size == 0:
-        return {"gini_rmse": float("nan"), "gini_pearson": float("nan")}
-    r = float(np.corrcoef(a, b)[0, 1]) if a.size > 1 and np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
-    return {"gini_rmse": float(np.sqrt(np.mean((a - b) ** 2))), "gini_pearson": r}
+        return float("nan"), float("nan")
+    return float(np.sqrt(np.mean((a - b) ** 2))), pearson_r(a, b)
 
 
 def gene_moments(x) -> tuple[float, float, float]:
@@ -457,19 +469,13 @@ def moment_agreement(sc: np.ndarray, fish: np.ndarray) -> dict[str, float]:
     log10 Fano factors (both depend on each assay's units, so only their correlation across genes
     is compared), ``cv_pearson`` and ``cv_rmse`` of the CVs (unitless). Pairs with a non-finite
     value (for the logs: a non-positive one) left out of each score."""
-    sc, fish = np.asarray(sc, float), np.asarray(fish, float)
+    sc, fish = np.asarray(sc, dtype=np.float64), np.asarray(fish, dtype=np.float64)
     out = {}
-    for j, name, log in ((0, "mean", True), (1, "cv", False), (2, "fano", True)):
+    for j, name in ((0, "mean"), (2, "fano")):
         a, b = sc[:, j], fish[:, j]
-        ok = np.isfinite(a) & np.isfinite(b)
-        if log:
-            ok &= (a > 0) & (b > 0)
-        a, b = (np.log10(a[ok]), np.log10(b[ok])) if log else (a[ok], b[ok])
-        out[f"{name}_pearson"] = (float(np.corrcoef(a, b)[0, 1])
-                                  if a.size > 1 and np.ptp(a) > 0 and np.ptp(b) > 0
-                                  else float("nan"))
-        if name == "cv":
-            out["cv_rmse"] = float(np.sqrt(np.mean((a - b) ** 2))) if a.size else float("nan")
+        ok = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
+        out[f"{name}_pearson"] = pearson_r(np.log10(a[ok]), np.log10(b[ok]))
+    out["cv_rmse"], out["cv_pearson"] = _rmse_pearson(sc[:, 1], fish[:, 1])
     return out
 
 

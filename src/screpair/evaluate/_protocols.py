@@ -251,9 +251,7 @@ def _lfc_pearson(ref: pd.DataFrame, res: pd.DataFrame) -> float:
                                           on="gene", suffixes=("_ref", "_res"))
         a, b = both["logfc_ref"].to_numpy(float), both["logfc_res"].to_numpy(float)
         ok = np.isfinite(a) & np.isfinite(b)
-        a, b = a[ok], b[ok]
-        rs.append(float(np.corrcoef(a, b)[0, 1]) if a.size > 1 and a.std() > 0 and b.std() > 0
-                  else float("nan"))
+        rs.append(M.pearson_r(a[ok], b[ok]))
     return float(np.nanmean(rs)) if np.isfinite(rs).any() else float("nan")
 
 

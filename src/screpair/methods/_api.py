@@ -17,6 +17,7 @@ from anndata import AnnData
 from .._chunks import as_float64, gene_stats, open_rows
 from .._logging import get_logger, log_task
 from .._utils import (
+    NNZ_PIECE,
     RNGLike,
     check_output_keys,
     get_counts,
@@ -171,17 +172,13 @@ def _drop_empty(x: sp.csr_matrix, cells: np.ndarray, genes: np.ndarray) -> sp.cs
     indptr = np.concatenate([x.indptr[:1], x.indptr[1:][cells]])
     if not genes.all():
         new = (np.cumsum(genes) - 1).astype(x.indices.dtype)
-        for a in range(0, x.nnz, _PIECE):
-            part = x.indices[a:a + _PIECE]
+        for a in range(0, x.nnz, NNZ_PIECE):
+            part = x.indices[a:a + NNZ_PIECE]
             np.take(new, part, out=part)  # buffered: safe in place
     out = sp.csr_matrix((x.data, x.indices, indptr), shape=(int(cells.sum()), int(genes.sum())),
                         copy=False)
     out.has_sorted_indices = x.has_sorted_indices  # the renumbering keeps the order
     return out
-
-
-#: entries renumbered at a time by :func:`_drop_empty`
-_PIECE = 2**22
 
 
 def _restrict(m, mask: np.ndarray, observed=None):

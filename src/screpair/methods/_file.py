@@ -112,9 +112,10 @@ def default_chunk_rows(n_vars: int, budget: int) -> int:
 
 
 def _check_batch_rows(est: BaseImputer, rows: int, n_obs: int) -> None:
-    """Warn when blocks of ``rows`` cells (of ``n_obs``) split the prediction batches of ``est`` (the pair
-    methods: ``_predict_batch`` cells), each of which is then computed whole by both blocks
-    that hold part of it: up to ``(ceil(rows / batch) + 1) * batch / rows`` times the work."""
+    """Warn when blocks of ``rows`` cells (of ``n_obs``) split the prediction batches of ``est``
+    (the pair methods: ``_predict_batch`` cells), each of which is then computed whole by both
+    blocks that hold part of it: up to ``(ceil(rows / batch) + 1) * batch / rows`` times the
+    work."""
     batch = getattr(type(est), "_predict_batch", None)
     if batch and rows % batch and rows < n_obs:
         extra = (-(-rows // batch) + 1) * batch / rows
