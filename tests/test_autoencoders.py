@@ -203,6 +203,8 @@ def test_heap_reuse_serves_large_buffers_from_the_heap(monkeypatch):
         ("min_delta", -0.1, "a number in [0, 1)"),
         ("max_seconds", 0, "None or a number > 0"),
         ("warmup_epochs", "2", "an integer >= 0"),
+        ("epoch_size", 0, "None or an integer >= 1"),
+        ("epoch_size", 2.5, "None or an integer >= 1"),
     ],
 )
 def test_train_config_ranges_checked(field, value, words, tmp_path, capsys):
@@ -232,3 +234,46 @@ def test_train_config_integral_floats_become_ints():
     cfg = TrainConfig(n_epochs=5.0, batch_size=np.int64(32), patience=2.0)
     assert (cfg.n_epochs, cfg.batch_size, cfg.patience) == (5, 32, 2)
     assert all(type(v) is int for v in (cfg.n_epochs, cfg.batch_size, cfg.patience))
+
+
+def _epochs_seen(n_rows: int, epoch_size, n_epochs: int, batch_size: int = 4):
+    """The training rows :func:`train_loop` hands ``loss_fn``, one list per epoch."""
+    import torch
+
+    from screpair.methods._torch import LossOutput, train_loop
+
+    module = torch.nn.Linear(1, 1)
+    seen: list[list[int]] = []
+
+    def loss_fn(rows, training):
+        if training:
+            if not seen or len(seen[-1]) == min(epoch_size or n_rows, n_rows):
+                seen.append([])
+            seen[-1].extend(int(r) for r in rows)
+        return LossOutput(loss=(module.weight**2).sum())
+
+    cfg = TrainConfig(n_epochs=n_epochs, batch_size=batch_size, patience=0, progress=False,
+                      epoch_size=epoch_size)
+    hist = train_loop(module, loss_fn, np.arange(n_rows), np.array([], dtype=int), cfg,
+                      np.random.default_rng(3))
+    assert len(hist) == n_epochs
+    return seen
+
+
+def test_epoch_size_cycles_through_every_row():
+    """``TrainConfig.epoch_size``: each epoch takes the next ``epoch_size`` rows of a shuffled
+    pass over all training rows, so 30 rows in epochs of 10 are each seen once in epochs 1-3
+    and again once in 4-6 (a new shuffle); with 25 the pass runs out inside epoch 2 and a new
+    one continues it. ``None`` or a size of at least the rows: the batches of no cap, bit for
+    bit (the same draws from ``rng``)."""
+    seen = _epochs_seen(30, 10, 6)
+    assert [len(e) for e in seen] == [10] * 6
+    first, second = sum(seen[:3], []), sum(seen[3:], [])
+    assert sorted(first) == list(range(30)) == sorted(second)
+    assert first != second  # reshuffled
+    assert first != list(range(30))  # shuffled at all
+    seen = _epochs_seen(30, 25, 2)
+    assert [len(e) for e in seen] == [25, 25]
+    assert sorted(seen[0] + seen[1][:5]) == list(range(30))  # the first pass, then a new one
+    assert len(set(seen[1][5:])) == 20
+    assert _epochs_seen(30, 30, 3) == _epochs_seen(30, None, 3) == _epochs_seen(30, 99, 3)

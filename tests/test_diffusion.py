@@ -440,6 +440,25 @@ def test_training_options_checked():
             _tiny(module={**TINY.__dict__, **module})._check_params()
 
 
+def test_default_epoch_size_and_its_override(ref_and_degraded):
+    """diffusion's default training takes at most ``EPOCH_PAIRS`` pairs per epoch (issue 16); a
+    dict keeps that cap, a ``TrainConfig`` is used as given; the other pair methods have none.
+    A fit capped below its pairs trains epochs of exactly that many pairs and saves the cap."""
+    from screpair.methods.autoencoder import DAEImputer
+    from screpair.methods.diffusion._model import EPOCH_PAIRS
+
+    assert EPOCH_PAIRS == 16_384 and TrainConfig().epoch_size is None
+    assert DiffusionImputer()._train_cfg() == TrainConfig(epoch_size=EPOCH_PAIRS)
+    assert DiffusionImputer(train={"n_epochs": 3})._train_cfg().epoch_size == EPOCH_PAIRS
+    assert DiffusionImputer(train=TrainConfig(n_epochs=3))._train_cfg().epoch_size is None
+    assert DAEImputer()._train_cfg().epoch_size is None
+    ref, _ = ref_and_degraded
+    train = TrainConfig(n_epochs=2, batch_size=16, patience=0, progress=False, epoch_size=32)
+    est = _tiny(train=train).fit(ref, layer="true_counts")
+    assert len(est.history_) == 2 and est._train_cfg().epoch_size == 32
+    assert est.get_params()["train"].epoch_size == 32
+
+
 @pytest.mark.parametrize(("n_genes", "expected"), [(5000, 500), (4001, 401), (2000, 250), (30, 250)])
 def test_automatic_patch_size(n_genes, expected):
     """``patch_size=None``: at most MAX_TOKENS (10) tokens, patches of at least 250 genes."""

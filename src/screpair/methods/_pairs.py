@@ -298,6 +298,8 @@ class PairImputer(BaseImputer):
     """
 
     _configs: ClassVar[dict[str, type]] = {"pairs": PairConfig, "train": TrainConfig}
+    #: the estimator's defaults of some configs (the config class's own defaults otherwise)
+    _config_defaults: ClassVar[dict[str, Any]] = {}
     #: cells per prediction batch (a divisor of :data:`SEED_BLOCK`)
     _predict_batch: ClassVar[int] = 256
     uses_reference: ClassVar[bool] = True
@@ -343,10 +345,11 @@ class PairImputer(BaseImputer):
 
     # ---- helpers -----------------------------------------------------------------------------
     def _config(self, name: str):
-        """The ``name`` config (:func:`screpair.methods._torch.resolve_config`): the config
-        class's defaults when ``None``; a dict (e.g. from a CLI config file) replaces those
-        fields of the defaults."""
-        return resolve_config(self._configs[name], getattr(self, name), name=name)
+        """The ``name`` config (:func:`screpair.methods._torch.resolve_config`): the
+        estimator's defaults (``_config_defaults``, else the config class's) when ``None``; a
+        dict (e.g. from a CLI config file) replaces those fields of the defaults."""
+        return resolve_config(self._configs[name], getattr(self, name), name=name,
+                              default=self._config_defaults.get(name))
 
     def _pairs_cfg(self) -> PairConfig:
         return self._config("pairs")

@@ -76,7 +76,7 @@ class TrainConfig:
     Attributes
     ----------
     n_epochs
-        Maximum number of passes over the training cells.
+        Maximum number of epochs: passes over the training rows, or of ``epoch_size`` rows.
     batch_size
         Cells per minibatch.
     lr
@@ -101,6 +101,12 @@ class TrainConfig:
     min_delta
         Early stopping on a *relative* improvement: an epoch counts as better only when the
         monitored loss falls below ``best * (1 - min_delta)``; ``0``: any decrease counts.
+    epoch_size
+        Most training rows per epoch (``None``: every one). With more rows than this, each
+        epoch takes the next ``epoch_size`` rows of a shuffled pass over all of them (a new
+        shuffle when a pass runs out), so successive epochs cover every row equally often and
+        an epoch's cost no longer grows with the data; the validation rows are all scored at
+        every epoch. With fewer rows it changes nothing (the same batches, bit for bit).
     """
 
     n_epochs: int = 100
@@ -114,6 +120,7 @@ class TrainConfig:
     max_seconds: float | None = None
     warmup_epochs: int = 0
     min_delta: float = 0.0
+    epoch_size: int | None = None
 
     def __post_init__(self) -> None:
         """Range checks, one line each (a config from a file or the CLI is checked here too)."""
@@ -129,6 +136,8 @@ class TrainConfig:
         }
         if self.max_seconds is not None:
             checks["max_seconds"] = (self.max_seconds, False, 0, None, "None or a number > 0")
+        if self.epoch_size is not None:
+            checks["epoch_size"] = (self.epoch_size, True, 1, None, "None or an integer >= 1")
         for name, (value, integer, low, high, what) in checks.items():
             ok = isinstance(value, numbers.Real) and not isinstance(value, bool | np.bool_)
             if ok:
@@ -188,6 +197,30 @@ def split_cells(n: int, val_frac: float, rng: np.random.Generator) -> tuple[np.n
     perm = rng.permutation(n)
     n_val = int(round(n * val_frac)) if n >= 10 else 0
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _epoch_rows(
+    train_idx: np.ndarray, batch_size: int, epoch_size: int | None, rng: np.random.Generator
+) -> Callable[[], Iterator[np.ndarray]]:
+    """The batches of each epoch of :func:`train_loop`, one call per epoch: all of
+    ``train_idx`` shuffled (:func:`row_batches`), or above ``epoch_size`` rows the next
+    ``epoch_size`` rows of a shuffled pass over them (``TrainConfig.epoch_size``)."""
+    if epoch_size is None or epoch_size >= len(train_idx):
+        return lambda: row_batches(train_idx, batch_size, rng)
+    state = {"order": rng.permutation(train_idx), "pos": 0}
+
+    def take() -> Iterator[np.ndarray]:
+        parts, need = [], int(epoch_size)
+        while need:
+            if state["pos"] == len(state["order"]):  # the pass ran out: a new shuffle
+                state["order"], state["pos"] = rng.permutation(train_idx), 0
+            part = state["order"][state["pos"] : state["pos"] + need]
+            state["pos"] += len(part)
+            need -= len(part)
+            parts.append(part)
+        return row_batches(np.concatenate(parts), batch_size)
+
+    return take
 
 
 def row_batches(
@@ -283,7 +316,8 @@ def train_loop(
     rows = []
     bar = tqdm(range(config.n_epochs), desc=desc, disable=not config.progress, leave=False)
     start = time.perf_counter()
-    n_steps = -(-len(train_idx) // config.batch_size)
+    next_rows = _epoch_rows(train_idx, config.batch_size, config.epoch_size, rng)
+    n_steps = -(-min(len(train_idx), config.epoch_size or len(train_idx)) // config.batch_size)
     warmup, step = config.warmup_epochs * n_steps, 0
     with heap_reuse():
         for epoch in bar:
@@ -291,7 +325,7 @@ def train_loop(
                 on_epoch(epoch)
             module.train()
             tot, n = 0.0, 0
-            for b in row_batches(train_idx, config.batch_size, rng):
+            for b in next_rows():
                 if step < warmup:
                     for group in opt.param_groups:
                         group["lr"] = config.lr * (step + 1) / warmup
