@@ -210,6 +210,8 @@ def test_make_method_quiet_turns_off_epoch_bars():
         "progress": False,
     }
     assert ev.make_method("knn", progress=False).get_params() == ev.make_method("knn").get_params()
+    quiet = ev.make_method("diffusion", progress=False)._config("train")  # keeps its epoch cap
+    assert quiet == TrainConfig(epoch_size=16_384, progress=False)
 
 
 def test_make_method_quiet_keeps_cnn_preset_training():

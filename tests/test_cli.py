@@ -44,6 +44,29 @@ def test_impute_csv_round_trip(tmp_path, h5ad_path):
     np.testing.assert_allclose(back.X.toarray(), ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_quiet_silences_the_methods_own_bars(tmp_path, h5ad_path, capsys, chunked):
+    """``-q`` (``impute_file(progress=False)`` by name too): no bar on stderr, SAVER's gene
+    batches and the training epochs included; without it SAVER's bar is there. A training
+    setting from the config file is kept (the epochs), only ``progress`` goes."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"train": {"n_epochs": 1}}))
+    extra = ["--chunk-rows", "16"] if chunked else []
+    for method, opts in (("saver", []), ("dae", ["--config", str(cfg)])):
+        out = tmp_path / f"{method}.h5ad"
+        assert main(["impute", str(h5ad_path), str(out), "--method", method, "-q", *opts,
+                     *extra]) == 0
+        assert capsys.readouterr().err == "", method
+    assert anndata.read_h5ad(out).uns["dae"]["params"]["train"]["n_epochs"] == 1
+    assert main(["impute", str(h5ad_path), str(tmp_path / "v.h5ad"), "--method", "saver",
+                 *extra]) == 0
+    assert "SAVER regression" in capsys.readouterr().err
+    src = tmp_path / "in.h5ad"
+    rec = screpair.impute_file(src, tmp_path / "f.h5ad", "saver", chunk_rows=16, progress=False)
+    err = capsys.readouterr().err  # the log lines of the last main() call's level, no bar
+    assert rec["method"] == "saver" and "SAVER regression" not in err and "it/s]" not in err
+
+
 def test_config_file_and_seed(tmp_path, h5ad_path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"k": 5, "n_pcs": 3}))

@@ -235,9 +235,11 @@ def _cmd_impute(args) -> int:
     params = _load_config(args.config)
     import screpair
 
-    from .methods import make_estimator
+    from .methods._api import make_estimator, quiet_estimator
 
     est = make_estimator(args.method, rng=args.seed, **params)  # checks name and parameters
+    if args.quiet:  # -q: no bars at all, the method's own (epochs, SAVER's batches) included
+        quiet_estimator(est, params)
     _set_trust(args)
     genes = _genes_arg(args.genes)
     if args.chunk_rows is not None and args.chunk_rows < 1:

@@ -103,7 +103,7 @@ def make_method(name: str, *, rng: int = 0, params: Mapping | None = None,
     ``magic``, ``scvi``) or any name in the screpair method registry. ``progress=False`` turns off the
     method's own progress bars (``progress`` parameter or ``train`` settings) unless ``params``
     sets them."""
-    from ..methods import make_estimator
+    from ..methods._api import make_estimator, quiet_estimator
 
     params = dict(params or {})
     if name in PEERS:
@@ -111,28 +111,8 @@ def make_method(name: str, *, rng: int = 0, params: Mapping | None = None,
         return PEERS[name](**params)
     est = make_estimator(name, rng=rng, **params)
     if not progress:
-        _quiet(est, params)
+        quiet_estimator(est, params)
     return est
-
-
-def _quiet(est, params: Mapping) -> None:
-    """Switch off an estimator's epoch bars where the user did not ask for them.
-
-    A ``train`` config given as a dict updates the method's own default (for cnn: its preset's
-    training settings), so only ``progress`` changes.
-    """
-    import dataclasses
-
-    own = est.get_params(deep=False)
-    if "progress" in own and "progress" not in params:
-        est.set_params(progress=False)
-    if "train" not in own:
-        return
-    train = own["train"]
-    if dataclasses.is_dataclass(train):
-        est.set_params(train=dataclasses.replace(train, progress=False))
-    elif train is None or (isinstance(train, Mapping) and "progress" not in train):
-        est.set_params(train={**(train or {}), "progress": False})
 
 
 def run_method(name: str, adata: AnnData, *, rng: int = 0, params: Mapping | None = None,

@@ -7,7 +7,7 @@ import time
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, is_dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -70,6 +70,27 @@ def make_estimator(method: str | BaseImputer, *, rng: RNGLike = 0, **params) -> 
     if check is not None:  # ranges and combinations, before any data are read
         check()
     return est
+
+
+def quiet_estimator(est: BaseImputer, params: Mapping | None = None) -> None:
+    """Switch off an estimator's own progress bars (a ``progress`` parameter: SAVER's gene
+    batches; ``train`` settings: the epochs of the neural methods) where ``params``, the
+    parameters it was built with, did not ask for them.
+
+    A ``train`` config given as a dict updates the method's own default (for cnn: its preset's
+    training settings; for diffusion: its epoch cap), so only ``progress`` changes.
+    """
+    params = params or {}
+    own = est.get_params(deep=False)
+    if "progress" in own and "progress" not in params:
+        est.set_params(progress=False)
+    if "train" not in own:
+        return
+    train = own["train"]
+    if is_dataclass(train):
+        est.set_params(train=replace(train, progress=False))
+    elif train is None or (isinstance(train, Mapping) and "progress" not in train):
+        est.set_params(train={**(train or {}), "progress": False})
 
 
 #: seeds are stored in ``uns`` (HDF5 int64) and saved models: keep them in range

@@ -45,7 +45,7 @@ from .._utils import (
     jsonable,
     var_names,
 )
-from ._api import _Job, _scatter, make_estimator
+from ._api import _Job, _scatter, make_estimator, quiet_estimator
 from ._base import BaseImputer
 from ._genes import check_genes, parse_genes, select_genes
 
@@ -233,7 +233,9 @@ def impute_file(
     overwrite
         Replace an existing output.
     progress
-        A progress bar over the blocks (cells/s).
+        A progress bar over the blocks (cells/s). ``False`` also turns off the method's own
+        bars (SAVER's gene batches, training epochs) unless ``params`` set them, when
+        ``method`` is a name (an estimator passed in keeps its settings).
     transpose
         Text input only (read into memory first): as :func:`screpair.read`.
     client
@@ -269,6 +271,8 @@ def impute_file(
     budget = memory_budget(max_memory)
     spec = parse_genes(genes)
     est = make_estimator(method, rng=rng, **params)
+    if not progress and isinstance(method, str):  # an estimator passed in keeps its settings
+        quiet_estimator(est, params)
     key = key_added or est.name
     for k in (key, f"{key}_var"):
         check_layer_name(k, "key_added")
