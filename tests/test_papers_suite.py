@@ -194,6 +194,41 @@ def test_benchmark_resumes_finished_jobs(tmp_path, monkeypatch):
     assert len(calls) == 1
 
 
+def test_resume_reads_only_the_datasets_it_needs(tmp_path):
+    """Datasets given as callables (the suite's simulations) or paths are made / read when a
+    job first needs them: a resumed run whose jobs on one dataset all finished never makes it,
+    and one read dataset is held at a time. A missing path is refused before any work."""
+    import screpair
+    from screpair import evaluate as ev
+    from screpair.evaluate._benchmark import _load_datasets
+
+    made = []
+
+    def make(seed):
+        def f():
+            made.append(seed)
+            return screpair.simulate.splat(n_obs=60, n_vars=50, rng=seed)
+        return f
+
+    path = tmp_path / "p.h5ad"
+    screpair.simulate.splat(n_obs=50, n_vars=40, rng=2).write_h5ad(path)
+    data = {"a": make(0), "b": make(1), "p": path}
+    args = (["gene_mean"], ["masked"], [0], tmp_path / "run")
+    first = ev.run_benchmark(data, *args, plots=False, progress=False)
+    assert made == [0, 1] and set(first["dataset"]) == {"a", "b", "p"}
+    journal = pd.read_csv(tmp_path / "run" / "jobs.csv")
+    journal[journal["dataset"] != "b"].to_csv(tmp_path / "run" / "jobs.csv", index=False)
+    made.clear()
+    again = ev.run_benchmark(data, *args, plots=False, progress=False, resume=True)
+    assert made == [1] and len(again) == len(first)
+    lazy = _load_datasets({"a": make(0), "p": path})
+    assert lazy["p"] is lazy["p"] and lazy["a"].n_obs == 60 and made == [1, 0]
+    lazy["a"]
+    assert made == [1, 0]  # held, not made again
+    with pytest.raises(FileNotFoundError, match="dataset not found"):
+        ev.run_benchmark({"x": tmp_path / "none.h5ad"}, *args, plots=False, progress=False)
+
+
 def test_suites_defined_and_checked(tmp_path):
     from screpair.evaluate import SUITES, _suites
 

@@ -137,14 +137,42 @@ def run_method(name: str, adata: AnnData, *, rng: int = 0, params: Mapping | Non
 
 
 # --------------------------------------------------------------------------- datasets
-def _load_datasets(datasets) -> dict[str, AnnData]:
+class _Datasets(Mapping):
+    """The benchmark's datasets by name, each read (a path) or made (a callable: a simulation)
+    when a job first needs it, so a resumed run whose jobs on a dataset all finished never reads
+    it. One read dataset is held at a time (jobs come ordered by dataset); AnnData given in
+    memory are held as given. Missing files are refused when it is built, before any work."""
+
+    def __init__(self, sources: dict):
+        for v in sources.values():
+            if isinstance(v, (str, os.PathLike)) and not Path(v).exists():
+                msg = f"dataset not found: {v}"
+                raise FileNotFoundError(msg)
+        self._sources, self._held = sources, (None, None)
+
+    def __getitem__(self, name: str) -> AnnData:
+        src = self._sources[name]
+        if isinstance(src, AnnData):
+            return src
+        if self._held[0] != name:
+            self._held = (None, None)  # the previous one released before the next is read
+            self._held = (name, src() if callable(src) else _read(src))
+        return self._held[1]
+
+    def __iter__(self):
+        return iter(self._sources)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+
+def _load_datasets(datasets) -> _Datasets:
+    """``datasets`` (an AnnData, a path, a list of paths, or a mapping of names to AnnData,
+    paths or callables returning an AnnData) as a :class:`_Datasets` by name."""
     if isinstance(datasets, AnnData):
-        return {"data": datasets}
+        return _Datasets({"data": datasets})
     if isinstance(datasets, Mapping):
-        out = {}
-        for k, v in datasets.items():
-            out[str(k)] = v if isinstance(v, AnnData) else _read(v)
-        return out
+        return _Datasets({str(k): v for k, v in datasets.items()})
     if isinstance(datasets, (str, os.PathLike)):
         datasets = [datasets]
     out = {}
@@ -152,8 +180,8 @@ def _load_datasets(datasets) -> dict[str, AnnData]:
         name = Path(p).name
         for suffix in (".h5ad", ".gz"):
             name = name.removesuffix(suffix)
-        out[name] = _read(p)
-    return out
+        out[name] = p
+    return _Datasets(out)
 
 
 def _read(path) -> AnnData:
@@ -296,7 +324,10 @@ def run_benchmark(
     Parameters
     ----------
     datasets
-        ``.h5ad`` paths, a mapping ``name -> AnnData | path``, or one AnnData. Raw counts in ``X``.
+        ``.h5ad`` paths, a mapping ``name -> AnnData | path | callable`` (a callable returns
+        the AnnData, e.g. a simulation), or one AnnData. Raw counts in ``X``. Paths are
+        checked at once; each dataset is read (or made) when a job first needs it, so a resumed
+        run does not read the datasets whose jobs all finished.
     methods
         Method names: any registered screpair method (:func:`screpair.available_methods`) or a
         peer/baseline: ``raw``, ``gene_mean``, ``cqn``, ``magic``, ``scvi``. A method that

@@ -12,6 +12,7 @@ time from what the runs have recorded so far with :func:`report_suite` (CLI ``--
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -129,14 +130,16 @@ SUITES: dict[str, Suite] = {
 
 
 def _dataset(name: str, data_dir: Path):
+    """The dataset ``name`` as :func:`run_benchmark` takes it: a path, or a callable making it
+    (read or made only when a job needs it: a resumed run skips the finished runs' datasets)."""
     if name == "demo":
         from .. import datasets
 
-        return datasets.demo()
+        return datasets.demo
     if name == SPLAT:
         from .. import simulate
 
-        return simulate.splat(preset="cnnimpute", rng=0)
+        return functools.partial(simulate.splat, preset="cnnimpute", rng=0)
     return data_dir / _FILES[name]
 
 
