@@ -438,7 +438,8 @@ def test_mixture_blocks_equal_whole_cluster(sim):
     vals = _em._scimpute_log(x, _norm.library_size(x))
     for c in range(fit.clusters.size):
         rows = np.flatnonzero(fit.cell_cluster == c)
-        whole = _em._fit_cluster(vals[rows], max_iter=100, tol=0.5)
+        values, unit_len, mult = _em._cluster_units(vals[rows])  # the whole cluster's EM
+        whole = _em.fit_mixture(values, unit_len, mult=mult, max_iter=100, tol=0.5)
         fitted = np.isin(whole.status, [0, 1])  # converged / max_iter (others: later codes)
         assert fitted.sum() > 50
         for name in ("eta", "alpha", "beta", "mu", "sigma"):

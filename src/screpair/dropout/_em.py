@@ -619,12 +619,6 @@ def _zero_logit(eta, alpha, beta, mu, sigma) -> np.ndarray:
 _EM_BLOCK = 131_072
 
 
-def _fit_cluster(vals: sp.csr_matrix, *, max_iter: int, tol: float) -> MixtureFit:
-    """EM for every gene of one cluster: each gene's zeros become one entry with a multiplicity."""
-    values, unit_len, mult = _cluster_units(vals)
-    return fit_mixture(values, unit_len, mult=mult, max_iter=max_iter, tol=tol)
-
-
 def _cluster_unit_len(vals: sp.csr_matrix, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Entries of every gene's unit in the cluster of the cells ``rows`` (its non-zero values,
     plus one for its zeros when it has any) and its zeros."""
@@ -659,7 +653,7 @@ def _cluster_block_task(vals: sp.csr_matrix, em: tuple, block: tuple) -> Mixture
     """The EM of one cluster x gene block ``(cluster, rows, lo, hi)``: the units (genes)
     ``lo:hi`` of the cluster of the cells ``rows``, fitted as :func:`fit_mixture` fits that
     block of the whole cluster (the same :func:`_fit_block` on the same entries), so the
-    blocks together give :func:`_fit_cluster`'s result bit for bit. A gene's unit depends on
+    blocks together give ``fit_mixture(*_cluster_units(cluster))``'s result bit for bit. A gene's unit depends on
     its own column only, so the units of the block's genes are built from those columns alone
     (not from the whole cluster, once per block)."""
     max_iter, tol = em
