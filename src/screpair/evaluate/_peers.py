@@ -287,4 +287,5 @@ class ScviImputer(_Precomputed):
                         enable_progress_bar=False)
             rho = np.asarray(model.get_normalized_expression(ad, library_size=1.0,
                                                               return_numpy=True), dtype=np.float64)
-        self.imputed_ = rho * lib[:, None]
+        rho *= lib[:, None]  # in place: one dense float64 copy, not two (same values)
+        self.imputed_ = rho
