@@ -598,7 +598,7 @@ def test_models_saved_before_presets_load_with_paper_settings(tmp_path):
     for section in ("module", "train", "targets"):
         flat.update(meta["config"][section])
     for k in ("preset", "pooling", "min_frac_cells", "warmup_epochs", "min_delta",
-              "weight_decay", "max_seconds"):
+              "weight_decay", "max_seconds", "epoch_size"):
         flat.pop(k)
     meta["config"] = flat
     cfg_file.write_text(json.dumps(meta))  # as written by screpair before issue 18
