@@ -19,7 +19,9 @@ bounded memory (3 groups, ``lib_loc=8``: about 2,500 counts per cell and 17% non
 genes; its own time and peak RSS are a row of the table), then each method runs
 ``screpair impute --chunk-rows N`` on it (default mode ``chunked``). ``--json`` keeps the rows,
 ``--scale-md`` writes the table and a log-log plot (cells vs seconds and vs peak RSS, a PNG next
-to it)::
+to it; in a file that has the lines ``<!-- bench_scale table -->`` and ``<!-- /bench_scale
+table -->`` only what lies between them, so notes written around it stay; ``--report-only``
+rewrites it from ``--json`` without running anything)::
 
     nice python benchmarks/bench_scale.py --data splat --cells 10000,100000 \
         --methods knn,alra,saver --modes chunked --chunk-rows 10000 --scale-md benchmarks/SCALE.md
@@ -198,7 +200,17 @@ def write_scale_md(rows: list[dict], path: Path, header: str) -> None:
     if side:
         text += ("\nSide by side (each screpair method / the peer at the same size; below 1: "
                  "screpair is faster / smaller):\n\n" + "\n".join(side) + "\n")
-    path.write_text(text + f"\n![scale]({png.name})\n")
+    text += f"\n![scale]({png.name})\n"
+    old = path.read_text() if path.exists() else ""
+    if TABLE_START in old and TABLE_END in old:  # keep the notes around the generated block
+        head, rest = old.split(TABLE_START, 1)
+        text = f"{head}{TABLE_START}\n{text}{TABLE_END}{rest.split(TABLE_END, 1)[1]}"
+    path.write_text(text)
+
+
+#: ``--scale-md`` rewrites only what lies between these lines when the file has them (the
+#: notes written around the table stay)
+TABLE_START, TABLE_END = "<!-- bench_scale table -->", "<!-- /bench_scale table -->"
 
 
 def _side_by_side(rows: list[dict]) -> list[str]:
@@ -256,8 +268,19 @@ def main(argv=None) -> int:
                    help="python with the peers' packages (scvi-tools); default: this one")
     p.add_argument("--scvi-epochs", type=int, default=None,
                    help="scVI's max_epochs (default: scvi-tools' rule for the number of cells)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write --scale-md from the rows of --json")
     p.add_argument("--peer-job", nargs=3, metavar=("PEER", "IN", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.report_only:
+        import json
+
+        if not (args.json and args.scale_md):
+            p.error("--report-only needs --json and --scale-md")
+        header = (f"`python benchmarks/bench_scale.py --data splat ...` rows of `{args.json}`: "
+                  "peak RSS (`/usr/bin/time -v`) and wall time; output = the .h5ad written.")
+        write_scale_md(json.loads(Path(args.json).read_text()), Path(args.scale_md), header)
+        return 0
     if args.peer_job:  # inside the peer's python, under /usr/bin/time (see _main_splat)
         peer, src, dst = args.peer_job
         if peer != "scvi":
