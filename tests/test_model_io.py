@@ -240,7 +240,9 @@ def test_old_flat_cnn_config_loads_into_nested_configs(saved, tmp_path):
     ref = cls.load(saved["cnn"][1])
 
     def flatten(meta):
-        meta["config"] = {**_flat(meta["config"]), "groupby": "None", "cluster_kwargs": "None"}
+        flat = _flat(meta["config"])
+        flat.pop("epoch_size")  # added to TrainConfig long after the flat layout
+        meta["config"] = {**flat, "groupby": "None", "cluster_kwargs": "None"}
 
     _edit(d, flatten)
     cfg = json.loads((d / "config.json").read_text())["config"]
