@@ -165,13 +165,16 @@ def write_scale_md(rows: list[dict], path: Path, header: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["| cells | genes | method | wall (s) | peak RSS (MB) | output (MB) |",
-             "|---|---|---|---|---|---|"]
+    when = any("commit" in r for r in rows)  # rows measured at different commits say which
+    lines = ["| cells | genes | method | wall (s) | peak RSS (MB) | output (MB) |"
+             + (" commit, date |" if when else ""), "|---|---|---|---|---|---|"
+             + ("---|" if when else "")]
     for r in rows:
         status = "" if r["rc"] == 0 else " (failed)"
         name = f"*{r['method']}*" if r.get("peer") else r["method"]
         lines.append(f"| {r['cells']:,} | {r['genes']:,} | {name}{status} | "
-                     f"{r['seconds']:.1f} | {r['rss_mb']:,.0f} | {r['size_mb']:,.0f} |")
+                     f"{r['seconds']:.1f} | {r['rss_mb']:,.0f} | {r['size_mb']:,.0f} |"
+                     + (f" {r.get('commit', '')} |" if when else ""))
     side = _side_by_side(rows)
     png = path.with_suffix(".png")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
@@ -345,7 +348,11 @@ def _main_splat(args) -> int:
     store = Path(args.json) if args.json else None
     rows = json.loads(store.read_text()) if store is not None and store.exists() else []
 
+    head = subprocess.run(["git", "-C", str(SRC), "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True).stdout.strip() or "unknown commit"
+
     def keep(row):
+        row["commit"] = f"{head}, {time.strftime('%d %B %Y', time.gmtime())}"
         rows[:] = [r for r in rows if (r["cells"], r["genes"], r["method"]) !=
                    (row["cells"], row["genes"], row["method"])] + [row]
         if store is not None:
