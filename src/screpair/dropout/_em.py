@@ -653,9 +653,9 @@ def _cluster_block_task(vals: sp.csr_matrix, em: tuple, block: tuple) -> Mixture
     """The EM of one cluster x gene block ``(cluster, rows, lo, hi)``: the units (genes)
     ``lo:hi`` of the cluster of the cells ``rows``, fitted as :func:`fit_mixture` fits that
     block of the whole cluster (the same :func:`_fit_block` on the same entries), so the
-    blocks together give ``fit_mixture(*_cluster_units(cluster))``'s result bit for bit. A gene's unit depends on
-    its own column only, so the units of the block's genes are built from those columns alone
-    (not from the whole cluster, once per block)."""
+    blocks together give ``fit_mixture(*_cluster_units(cluster))``'s result bit for bit. A
+    gene's unit depends on its own column only, so the units of the block's genes are built
+    from those columns alone (not from the whole cluster, once per block)."""
     max_iter, tol = em
     _, rows, lo, hi = block
     values, unit_len, mult = _cluster_units(vals[rows][:, lo:hi])
