@@ -5,8 +5,8 @@
   :func:`entropy`, :func:`silhouette`, :func:`rank_genes`, :func:`deg_auc`, :func:`top_k`,
   :func:`jaccard`, :func:`f1`, :func:`marker_spearman`, :func:`gini`, :func:`gini_agreement`,
   :func:`gene_moments`, :func:`moment_agreement`, :func:`dropout_detection`,
-  :func:`dropout_calibration`, :func:`dropout_ece`, :func:`zeros_imputed`, :func:`expression_recovery`, :func:`cosine_cell`,
-  :func:`downsample_recovery`;
+  :func:`dropout_calibration`, :func:`dropout_ece`, :func:`zeros_imputed`,
+  :func:`expression_recovery`, :func:`cosine_cell`, :func:`downsample_recovery`;
 - protocols: :class:`Masked`, :class:`MCV`, :class:`Clustering`, :class:`DEG`, :class:`Dropout`,
   :class:`Degrade`, :class:`DegradeReference`, :class:`Smfish`, :class:`Downsample`
   (:func:`get_protocol` by name);
