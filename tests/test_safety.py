@@ -247,6 +247,30 @@ def test_raw_counts_pass_the_normalized_check():
     assert "library sizes are nearly constant" in looks_normalized(cpm)
 
 
+def test_counts_scaled_to_the_median_library_size_are_refused():
+    """old: scanpy's normalize_total default (median target) then rounding passed as counts."""
+    from screpair._utils import _skipped_count_fraction, looks_normalized
+
+    # hand case: 30 cells with 25 ones, 10 threes and no two (the 2 skipped), 30 raw cells
+    cell_scaled = [1] * 25 + [3] * 10 + [5] * 4
+    cell_raw = [1] * 25 + [2] * 12 + [3] * 8 + [4] * 5
+    rows = [cell_scaled] * 30 + [cell_raw] * 30
+    x = sp.csr_matrix(np.array([r + [0] * (60 - len(r)) for r in rows], dtype=float))
+    assert _skipped_count_fraction(x) == 0.5
+    assert _skipped_count_fraction(x[30:]) == 0.0
+    assert _skipped_count_fraction(x[:19]) is None  # too few cells to judge
+    shallow = x.copy()
+    shallow.data[:] = np.minimum(shallow.data, 1)
+    assert _skipped_count_fraction(shallow) is None  # no value has 20 neighbours
+    demo = sp.csr_matrix(screpair.datasets.demo().X, dtype=float)
+    lib = np.asarray(demo.sum(1)).ravel()
+    scaled = sp.csr_matrix(sp.diags(np.median(lib) / lib) @ demo)
+    scaled.data = np.round(scaled.data)
+    scaled.eliminate_zeros()
+    assert looks_normalized(demo) is None
+    assert "small count is skipped" in looks_normalized(scaled)
+
+
 def test_benchmark_fails_when_jobs_fail_and_on_unknown_keys(tmp_path, capsys):
     """old: exit 0 when every job failed; misspelled config keys silently ignored."""
     data = tmp_path / "d.h5ad"
