@@ -352,7 +352,8 @@ def _main_splat(args) -> int:
                           capture_output=True, text=True).stdout.strip() or "unknown commit"
 
     def keep(row):
-        row["commit"] = f"{head}, {time.strftime('%d %B %Y', time.gmtime())}"
+        now = time.gmtime()
+        row["commit"] = f"{head}, {now.tm_mday} {time.strftime('%B %Y', now)}"
         rows[:] = [r for r in rows if (r["cells"], r["genes"], r["method"]) !=
                    (row["cells"], row["genes"], row["method"])] + [row]
         if store is not None:
