@@ -235,6 +235,14 @@ def _side_by_side(rows: list[dict]) -> list[str]:
             "|---|---|---|---|---|---|", *lines]
 
 
+def _block_args(mode: str, chunk_rows: int) -> list[str]:
+    """``screpair impute`` options of ``mode``: in memory, or blocks of ``chunk_rows`` cells (0:
+    none given, so screpair picks them for the genes and its memory budget)."""
+    if mode == "memory":
+        return ["--max-memory", "1T"]
+    return ["--chunk-rows", str(chunk_rows)] if chunk_rows else []
+
+
 def run(cmd: list[str], env: dict | None = None) -> dict:
     """Run ``cmd`` under /usr/bin/time -v (``env``: its environment, ``None``: this one's): wall
     seconds, peak RSS (MB), exit code."""
@@ -256,7 +264,9 @@ def main(argv=None) -> int:
     p.add_argument("--cells", default="10000,50000", help="comma-separated numbers of cells")
     p.add_argument("--methods", default="alra", help="comma-separated methods")
     p.add_argument("--modes", default="memory,chunked,chunked_hvg")
-    p.add_argument("--chunk-rows", type=int, default=5000)
+    p.add_argument("--chunk-rows", type=int, default=5000,
+                   help="cells per block of the chunked modes; 0: screpair's default for the "
+                   "number of genes and the memory budget (the CLI without --chunk-rows)")
     p.add_argument("--data-dir", default="/tmp/screpair_scale")
     p.add_argument("--out", default=None, help="also write the table to this file")
     p.add_argument("--data", choices=["pbmc", "splat"], default="pbmc",
@@ -309,10 +319,7 @@ def main(argv=None) -> int:
                 out = data_dir / f"out_{n}_{method}_{mode}.h5ad"
                 cmd = [exe, "impute", str(path), str(out), "--method", method, "--overwrite",
                        "-q"]
-                if mode == "memory":
-                    cmd += ["--max-memory", "1T"]
-                else:
-                    cmd += ["--chunk-rows", str(args.chunk_rows)]
+                cmd += _block_args(mode, args.chunk_rows)
                 if mode == "chunked_hvg":
                     cmd += ["--genes", "hvg:2000"]
                 res = run(cmd)
@@ -373,13 +380,13 @@ def _main_splat(args) -> int:
                 out = data_dir / f"out_splat_{n}_{method}_{mode}.h5ad"
                 cmd = [exe, "impute", str(path), str(out), "--method", method, "--overwrite",
                        "-q"]
-                cmd += (["--max-memory", "1T"] if mode == "memory"
-                        else ["--chunk-rows", str(args.chunk_rows)])
+                cmd += _block_args(mode, args.chunk_rows)
                 res = run(cmd)
                 out_mb = out.stat().st_size / 2**20 if out.exists() else float("nan")
                 out.unlink(missing_ok=True)
                 name = method if mode == "chunked" else f"{method} ({mode})"
-                keep({"cells": n, "genes": g, "method": name, "size_mb": out_mb, **res})
+                keep({"cells": n, "genes": g, "method": name, "size_mb": out_mb,
+                      "chunk_rows": args.chunk_rows or "default", **res})
         for peer in (v for v in args.peers.split(",") if v):
             keep(_run_peer(peer, path, data_dir / f"out_splat_{n}_{peer}.h5ad", args,
                            cells=n, genes=g))
@@ -396,7 +403,7 @@ def _run_peer(peer: str, path: Path, out: Path, args, *, cells: int, genes: int)
     import h5py
 
     cmd = [args.peer_python, str(Path(__file__).resolve()), "--peer-job", peer, str(path),
-           str(out), "--chunk-rows", str(args.chunk_rows)]
+           str(out), "--chunk-rows", str(args.chunk_rows or 10_000)]
     if args.scvi_epochs is not None:
         cmd += ["--scvi-epochs", str(args.scvi_epochs)]
     env = dict(os.environ)
