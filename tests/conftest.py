@@ -45,6 +45,22 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def sparse_counts():
+    """``f(rng, n, g, density=0.2) -> csr_matrix``: ``n x g`` random counts (1-19 at a fraction
+    ``density`` of the entries), every cell with at least one count, indices sorted."""
+
+    def make(rng, n, g, density=0.2):
+        x = sp.random(n, g, density=density, format="lil", random_state=rng,
+                      data_rvs=lambda m: rng.integers(1, 20, m)).astype(np.float64)
+        x[np.arange(n), rng.integers(0, g, n)] = 1.0
+        x = sp.csr_matrix(x)
+        x.sort_indices()
+        return x
+
+    return make
+
+
+@pytest.fixture
 def posterior_rows():
     """``f(est, x, rows) -> Posterior``: a fitted estimator's posterior of the row block ``rows``
     (a slice) of the matrix ``x``, as the chunked pipeline asks for it (``DataContext.rows``)."""

@@ -12,15 +12,6 @@ from screpair.methods import alra
 from screpair.methods.alra import ALRAImputer, _ColumnQuantile, alra_core, alra_fit
 
 
-def _counts(rng, n, g, density=0.2):
-    x = sp.random(n, g, density=density, format="lil", random_state=rng,
-                  data_rvs=lambda m: rng.integers(1, 20, m)).astype(np.float64)
-    x[np.arange(n), rng.integers(0, g, n)] = 1.0  # every cell has a count
-    x = sp.csr_matrix(x)
-    x.sort_indices()
-    return x
-
-
 def _blocky(rng, n, g, n_groups=3):
     """Counts of ``n_groups`` cell groups, each expressing only its own genes: ALRA's
     thresholded output is about one third non-zero."""
@@ -68,9 +59,9 @@ def _ref_alra(a, k, q, seed):
     return sc
 
 
-def test_blocks_match_the_whole_column_computation(array_type):
+def test_blocks_match_the_whole_column_computation(array_type, sparse_counts):
     rng = np.random.default_rng(0)
-    a = _norm.log_normalize(array_type(_counts(rng, 300, 80).toarray()))
+    a = _norm.log_normalize(array_type(sparse_counts(rng, 300, 80).toarray()))
     seed = int(np.random.default_rng(0).integers(2**31))
     want = _ref_alra(a, 4, 0.01, seed)
     one = alra_core(a, 4, quantile_prob=0.01, rng=0)  # one block: the same arithmetic
@@ -110,31 +101,31 @@ def test_sparse_input_gives_sparse_output_with_the_dense_values(monkeypatch):
     assert not ALRAImputer().fit(x.toarray()).sparse_output_  # dense input: dense output
 
 
-def test_mostly_non_zero_output_stays_dense():
+def test_mostly_non_zero_output_stays_dense(sparse_counts):
     """Above half non-zero values CSR would be larger than dense float32: dense output."""
     rng = np.random.default_rng(5)
-    x = _counts(rng, 150, 60, density=0.6)
+    x = sparse_counts(rng, 150, 60, density=0.6)
     est = ALRAImputer(k=3).fit(x)
     assert est.lowrank_.density > 0.5 and not est.sparse_output_
     assert isinstance(est.posterior(x).mean, np.ndarray)
 
 
 @pytest.mark.filterwarnings("ignore:.*have no counts:UserWarning")
-def test_fit_never_densifies_cells_by_genes(monkeypatch, posterior_rows, traced_peak):
+def test_fit_never_densifies_cells_by_genes(monkeypatch, posterior_rows, traced_peak, sparse_counts):
     """1,000 cells x 20,000 genes at 0.3 % density (dense: 160 MB): with 8 MB low-rank blocks,
     choosing the rank, the fit and a 50-row posterior stay far below the dense size."""
     monkeypatch.setattr(alra, "_BLOCK_ENTRIES", 2**20)
     rng = np.random.default_rng(2)
-    x = _counts(rng, 1000, 20000, density=0.003)
+    x = sparse_counts(rng, 1000, 20000, density=0.003)
     est = ALRAImputer(max_k=40)
     block, peak = traced_peak(lambda: posterior_rows(est.fit(x), x, slice(0, 50)).mean)
     assert block.shape == (50, 20000)
     assert peak < 1000 * 20000 * 8 / 4, f"peak {peak / 1e6:.0f} MB"
 
 
-def test_fit_attributes_are_factors_not_the_completed_matrix():
+def test_fit_attributes_are_factors_not_the_completed_matrix(sparse_counts):
     rng = np.random.default_rng(3)
-    x = _counts(rng, 100, 40)
+    x = sparse_counts(rng, 100, 40)
     est = ALRAImputer(k=2).fit(x)
     f = est.lowrank_
     assert f.us.shape == (100, 2) and f.vt.shape == (2, 40)

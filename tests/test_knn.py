@@ -5,34 +5,24 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
 from sklearn.decomposition import TruncatedSVD
 
 from screpair.methods.knn import KNNImputer, centred_pca, nearest_neighbors
 
 
-def _counts(rng, n, g, density=0.2):
-    x = sp.random(n, g, density=density, format="lil", random_state=rng,
-                  data_rvs=lambda m: rng.integers(1, 20, m)).astype(np.float64)
-    x[np.arange(n), rng.integers(0, g, n)] = 1.0  # every cell has a count
-    x = sp.csr_matrix(x)
-    x.sort_indices()
-    return x
-
-
 @pytest.mark.parametrize("shape", [(60, 200), (200, 40)])  # transposed / direct range finder
-def test_centred_pca_matches_truncated_svd_of_centred_matrix(array_type, shape):
+def test_centred_pca_matches_truncated_svd_of_centred_matrix(array_type, shape, sparse_counts):
     rng = np.random.default_rng(0)
-    x = _counts(rng, *shape)
+    x = sparse_counts(rng, *shape)
     dense = x.toarray()
     want = TruncatedSVD(8, random_state=3).fit_transform(dense - dense.mean(0))
     got = centred_pca(array_type(dense), 8, seed=3)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
 
 
-def test_posterior_by_row_blocks_equals_all_rows(array_type, posterior_blocks):
+def test_posterior_by_row_blocks_equals_all_rows(array_type, posterior_blocks, sparse_counts):
     rng = np.random.default_rng(1)
-    x = array_type(_counts(rng, 90, 50).toarray())
+    x = array_type(sparse_counts(rng, 90, 50).toarray())
     est = KNNImputer(k=5, n_pcs=6).fit(x)
     whole = est.posterior(x).mean
     blocks = [p.mean for p in posterior_blocks(est, x, 32)]
@@ -53,11 +43,11 @@ def test_hand_checked_neighbourhoods():
 
 
 @pytest.mark.filterwarnings("ignore:.*have no counts:UserWarning")
-def test_fit_never_densifies_cells_by_genes(posterior_rows, traced_peak):
+def test_fit_never_densifies_cells_by_genes(posterior_rows, traced_peak, sparse_counts):
     """1,000 cells x 20,000 genes at 0.3 % density: the dense matrix would be 160 MB, the
     sparse one is 0.7 MB; fitting (PCA, neighbours) and a 50-row posterior stay far below."""
     rng = np.random.default_rng(2)
-    x = _counts(rng, 1000, 20000, density=0.003)
+    x = sparse_counts(rng, 1000, 20000, density=0.003)
     est = KNNImputer(k=10, n_pcs=20)
     block, peak = traced_peak(lambda: posterior_rows(est.fit(x), x, slice(0, 50)).mean)
     assert block.shape == (50, 20000)
