@@ -221,14 +221,21 @@ def test_old_none_strings_still_load(saved, tmp_path):
     assert cls.load(d).groupby is None
 
 
+#: the fields of cnn's module, train and targets configs that the flat layout held (frozen: a
+#: field added to a config later is not in an old file, and loads with its default)
+_FLAT_FIELDS = ("n_filters", "kernel_size", "n_hidden", "dropout", "pooling", "n_epochs",
+                "batch_size", "lr", "patience", "val_frac", "device", "progress",
+                "warmup_epochs", "min_delta", "subset_size", "min_subsets", "n_top",
+                "max_missing_frac", "n_ensemble", "min_frac_cells")
+
+
 def _flat(config: dict) -> dict:
-    """A nested cnn config as screpair wrote it before nested configs: every field flat, the
-    configs' fields that cnn did not have (weight_decay, max_seconds) left out."""
-    flat = {k: v for k, v in config.items() if k not in ("module", "train", "targets")}
-    for section in ("module", "train", "targets"):
-        flat.update(config[section])
-    for k in ("weight_decay", "max_seconds"):
-        flat.pop(k)
+    """A nested cnn config as screpair wrote it before nested configs: the fields of
+    :data:`_FLAT_FIELDS` at the top level, beside cnn's own parameters."""
+    sections = ("module", "train", "targets")
+    flat = {k: v for k, v in config.items() if k not in sections}
+    for section in sections:
+        flat.update({k: v for k, v in config[section].items() if k in _FLAT_FIELDS})
     return flat
 
 
@@ -240,9 +247,7 @@ def test_old_flat_cnn_config_loads_into_nested_configs(saved, tmp_path):
     ref = cls.load(saved["cnn"][1])
 
     def flatten(meta):
-        flat = _flat(meta["config"])
-        flat.pop("epoch_size")  # added to TrainConfig long after the flat layout
-        meta["config"] = {**flat, "groupby": "None", "cluster_kwargs": "None"}
+        meta["config"] = {**_flat(meta["config"]), "groupby": "None", "cluster_kwargs": "None"}
 
     _edit(d, flatten)
     cfg = json.loads((d / "config.json").read_text())["config"]
