@@ -156,43 +156,68 @@ def scvi_job(src: Path, dst: Path, *, max_epochs: int | None, chunk_rows: int,
 
 
 def write_scale_md(rows: list[dict], path: Path, header: str) -> None:
-    """``rows`` (cells, method, mode, seconds, rss_mb, rc; ``peer`` for a peer's row) as a
-    markdown table (peers marked), a side-by-side table (each screpair method's wall time and peak
-    RSS over each peer's at the same size, where both succeeded) and a log-log plot (``path``
-    with .png: cells vs wall seconds and vs peak RSS, one line per method, peers dashed)."""
+    """``rows`` (cells, genes, method, seconds, rss_mb, rc; ``chunk_rows``: the cells per block;
+    ``peer`` for a peer's row) as a markdown table (peers marked), a side-by-side table (each
+    screpair method's wall time and peak RSS over each peer's at the same size, where both
+    succeeded) and a log-log plot (``path`` with .png: cells vs wall seconds and vs peak RSS at
+    the most common gene count, one line per method, peers dashed; below, when some number of
+    cells was also run with other gene counts, genes vs the same at that number of cells)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     when = any("commit" in r for r in rows)  # rows measured at different commits say which
-    lines = ["| cells | genes | method | wall (s) | peak RSS (MB) | output (MB) |"
-             + (" commit, date |" if when else ""), "|---|---|---|---|---|---|"
+    lines = ["| cells | genes | method | block (cells) | wall (s) | peak RSS (MB) | output (MB) |"
+             + (" commit, date |" if when else ""), "|---|---|---|---|---|---|---|"
              + ("---|" if when else "")]
     for r in rows:
         status = "" if r["rc"] == 0 else " (failed)"
         name = f"*{r['method']}*" if r.get("peer") else r["method"]
-        lines.append(f"| {r['cells']:,} | {r['genes']:,} | {name}{status} | "
+        block = r.get("chunk_rows")
+        block = f"{block:,}" if isinstance(block, int) else (block or "-")
+        lines.append(f"| {r['cells']:,} | {r['genes']:,} | {name}{status} | {block} | "
                      f"{r['seconds']:.1f} | {r['rss_mb']:,.0f} | {r['size_mb']:,.0f} |"
                      + (f" {r.get('commit', '')} |" if when else ""))
     side = _side_by_side(rows)
     png = path.with_suffix(".png")
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for method in dict.fromkeys(r["method"] for r in rows):
+    # top: cells vs time / memory at the most common gene count; bottom (when some size was
+    # also run with other gene counts): genes vs time / memory at that size
+    genes = [r["genes"] for r in rows]
+    main_genes = max(set(genes), key=genes.count)
+    wide = {r["cells"] for r in rows if r["genes"] != main_genes}
+    fig, grid = plt.subplots(2 if wide else 1, 2, figsize=(9, 7.2 if wide else 3.6),
+                             squeeze=False)
+    axes = grid[0]
+    for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
         ok = sorted((r for r in rows if r["method"] == method and r["rc"] == 0),
-                    key=lambda r: r["cells"])
-        if not ok:
-            continue
-        cells = [r["cells"] for r in ok]
-        style = "s--" if ok[0].get("peer") else "o-"
-        axes[0].plot(cells, [r["seconds"] for r in ok], style, label=method)
-        axes[1].plot(cells, [r["rss_mb"] for r in ok], style, label=method)
-    for ax, what in zip(axes, ("wall time (s)", "peak RSS (MB)"), strict=True):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("cells")
-        ax.set_ylabel(what)
-        ax.grid(True, which="both", alpha=0.3)
+                    key=lambda r: (r["cells"], r["genes"]))
+        style = "s--" if ok and ok[0].get("peer") else "o-"
+        series = [(grid[0], "cells", [r for r in ok if r["genes"] == main_genes])]
+        if wide:
+            series.append((grid[1], "genes", [r for r in ok if r["cells"] in wide]))
+        for row_axes, x, sel in series:
+            if not sel:
+                continue
+            for ax, y in zip(row_axes, ("seconds", "rss_mb"), strict=True):
+                ax.plot([r[x] for r in sel], [r[y] for r in sel], style, color=f"C{i % 10}",
+                        label=method)
+    titles = [f"{main_genes:,} genes"]
+    if wide:
+        titles.append(f"{', '.join(f'{n:,}' for n in sorted(wide))} cells")
+    for row_axes, xlabel, title in zip(grid, ("cells", "genes"), titles, strict=False):
+        for ax, what in zip(row_axes, ("wall time (s)", "peak RSS (MB)"), strict=True):
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(what)
+            ax.set_title(title, fontsize=9)
+            ax.grid(True, which="both", alpha=0.3)
+            if xlabel == "genes":  # the gene counts run, as plain numbers
+                ticks = sorted({r["genes"] for r in rows if r["cells"] in wide})
+                ax.set_xticks(ticks, [f"{g:,}" for g in ticks])
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -383,10 +408,11 @@ def _main_splat(args) -> int:
                 cmd += _block_args(mode, args.chunk_rows)
                 res = run(cmd)
                 out_mb = out.stat().st_size / 2**20 if out.exists() else float("nan")
+                block = _blocks_used(out, method) if mode != "memory" else None
                 out.unlink(missing_ok=True)
                 name = method if mode == "chunked" else f"{method} ({mode})"
                 keep({"cells": n, "genes": g, "method": name, "size_mb": out_mb,
-                      "chunk_rows": args.chunk_rows or "default", **res})
+                      "chunk_rows": block, **res})
         for peer in (v for v in args.peers.split(",") if v):
             keep(_run_peer(peer, path, data_dir / f"out_splat_{n}_{peer}.h5ad", args,
                            cells=n, genes=g))
@@ -395,6 +421,16 @@ def _main_splat(args) -> int:
                   f"peak RSS (`/usr/bin/time -v`) and wall time; output = the .h5ad written.")
         write_scale_md(rows, Path(args.scale_md), header)
     return 0
+
+
+def _blocks_used(out: Path, key: str) -> int | None:
+    """The cells per block that ``screpair impute`` recorded in ``out`` (``uns[key]``)."""
+    import h5py
+
+    if not out.exists():
+        return None
+    with h5py.File(out, "r") as f:
+        return int(f[f"uns/{key}/chunk_rows"][()]) if f"uns/{key}/chunk_rows" in f else None
 
 
 def _run_peer(peer: str, path: Path, out: Path, args, *, cells: int, genes: int) -> dict:
