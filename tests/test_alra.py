@@ -133,3 +133,39 @@ def test_fit_attributes_are_factors_not_the_completed_matrix(sparse_counts):
     assert not hasattr(est, "completed_")
     direct = alra_fit(_norm.log_normalize(x), 2, rng=0)
     np.testing.assert_array_equal(direct.threshold, f.threshold)
+
+
+def _groups_with_a_rare_gene(rng, n=300, g=40):
+    """Poisson counts of 3 cell groups; the last gene seen in two cells only (3 and 1 counts)."""
+    lab = rng.integers(0, 3, n)
+    x = rng.poisson(rng.gamma(1.0, 2.0, (3, g))[lab]).astype(np.float64)
+    x[:, -1] = 0.0
+    x[[3, 7], -1] = [3.0, 1.0]
+    x[x.sum(1) == 0, 0] = 1.0
+    return x
+
+
+def test_cap_bounds_each_gene_by_its_largest_observed_value():
+    """cap: the completed log values are ALRA's, each gene's capped at its largest observed log
+    value (exactly min(ALRA, column max)); without it ALRA exceeds that max in several genes."""
+    x = _groups_with_a_rare_gene(np.random.default_rng(0))
+    a = _norm.log_normalize(x)
+    rows = slice(0, x.shape[0])
+    plain = alra_fit(a, 3, rng=0).complete(a, rows)
+    capped = alra_fit(a, 3, rng=0, cap=True).complete(a, rows)
+    top = a.max(axis=0)
+    assert (plain > top).any(axis=0).sum() >= 3  # the case exercises the cap
+    np.testing.assert_array_equal(capped, np.minimum(plain, top))
+    # the imputer (default cap="observed") returns the capped values on the count scale
+    lib = x.sum(1, keepdims=True)
+    out = ALRAImputer(k=3, rng=0).fit(x).transform(x)
+    np.testing.assert_allclose(np.log1p(np.asarray(out) * 1e4 / lib), capped, rtol=1e-9,
+                               atol=1e-12)
+    ref = ALRAImputer(k=3, cap=None, rng=0).fit(x).transform(x)
+    np.testing.assert_allclose(np.log1p(np.asarray(ref) * 1e4 / lib), plain, rtol=1e-9,
+                               atol=1e-12)
+
+
+def test_cap_is_checked_before_the_fit():
+    with pytest.raises(ValueError, match="cap must be 'observed' or None"):
+        ALRAImputer(cap="max").fit(np.ones((5, 4)))
