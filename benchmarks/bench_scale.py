@@ -203,6 +203,7 @@ def write_scale_md(rows: list[dict], path: Path, header: str) -> None:
             for ax, y in zip(row_axes, ("seconds", "rss_mb"), strict=True):
                 ax.plot([r[x] for r in sel], [r[y] for r in sel], style, color=f"C{i % 10}",
                         label=method)
+    gene_ticks = sorted({r["genes"] for r in rows if r["cells"] in wide})
     titles = [f"{main_genes:,} genes"]
     if wide:
         titles.append(f"{', '.join(f'{n:,}' for n in sorted(wide))} cells")
@@ -215,8 +216,7 @@ def write_scale_md(rows: list[dict], path: Path, header: str) -> None:
             ax.set_title(title, fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
             if xlabel == "genes":  # the gene counts run, as plain numbers
-                ticks = sorted({r["genes"] for r in rows if r["cells"] in wide})
-                ax.set_xticks(ticks, [f"{g:,}" for g in ticks])
+                ax.set_xticks(gene_ticks, [f"{g:,}" for g in gene_ticks])
                 ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0].legend(fontsize=8)
     fig.tight_layout()

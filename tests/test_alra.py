@@ -111,7 +111,8 @@ def test_mostly_non_zero_output_stays_dense(sparse_counts):
 
 
 @pytest.mark.filterwarnings("ignore:.*have no counts:UserWarning")
-def test_fit_never_densifies_cells_by_genes(monkeypatch, posterior_rows, traced_peak, sparse_counts):
+def test_fit_never_densifies_cells_by_genes(monkeypatch, posterior_rows, traced_peak,
+                                            sparse_counts):
     """1,000 cells x 20,000 genes at 0.3 % density (dense: 160 MB): with 8 MB low-rank blocks,
     choosing the rank, the fit and a 50-row posterior stay far below the dense size."""
     monkeypatch.setattr(alra, "_BLOCK_ENTRIES", 2**20)

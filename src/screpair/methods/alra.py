@@ -362,11 +362,11 @@ class ALRAImputer(BaseImputer):
     ``"observed"``): worm MCV MSE 1.069 -> 1.135, Poisson 0.421 (was -4.2e5), Poisson (MCV
     order) 0.038 (was 6.4e5); human kidney MCV Poisson 2.81 -> 1.74, MSE 1.419 -> 1.448; on the
     other seven MCV datasets MSE -0.4 to +0.3 %, both Poisson losses 0.4-4.5 % lower but for
-    Islam's Open Problems Poisson (2.5 % higher); masked
-    protocol on eight datasets: MSE and Pearson r within 0.2 % (kidney MSE 23.45 -> 23.41,
-    the others the same to 3 digits); downsample (pbmc3k, baron, soumillon, bladder): gene-wise r -0.3 to -1.3 %,
-    cell-wise r +0.1 to +0.7 %, correlation-matrix error the same or lower. The largest
-    completed count on pbmc3k's MCV input: 23,154 -> 1,024.
+    Islam's Open Problems Poisson (2.5 % higher); masked protocol on eight datasets: MSE and
+    Pearson r within 0.2 % (kidney MSE 23.45 -> 23.41, the others the same to 3 digits);
+    downsample (pbmc3k, baron, soumillon, bladder): gene-wise r -0.3 to -1.3 %, cell-wise r
+    +0.1 to +0.7 %, correlation-matrix error the same or lower. The largest completed count
+    on pbmc3k's MCV input: 23,154 -> 1,024.
 
     *Large data* (issue 16). Above ``n_fit_cells`` cells the fit reads only the sample
     (:func:`screpair.impute_file` reads only those rows from the file): the ``n x k`` factor
