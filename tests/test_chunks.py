@@ -83,6 +83,70 @@ def test_read_all_compact_widens_for_large_counts(top, dtype, subset):
     np.testing.assert_array_equal(got.toarray().astype(np.float64), x.toarray())
 
 
+def test_counts_file_reads_back_the_blocks(source, tmp_path):
+    """The counts written block by block into a CountsFile read back as the validated float64
+    CSR (consecutive rows, any sorted rows, restricted to the cells and genes with counts), with
+    uint16 values and indices; closing it removes the file and reading then says why."""
+    src, x = source
+    f = _chunks.CountsFile(tmp_path, *x.shape)
+    for start, _, block in src.blocks(9):
+        f.add(start, block)
+    f.finish()
+    assert f.dtype == np.uint16 and f.index_dtype == np.uint16 and f.nnz == x.nnz
+    for got, want in ((f[0:x.shape[0]], x), (f[4:17], x[4:17]), (f[5:5], x[5:5]),
+                      (f.take_rows(np.array([0, 3, 10, x.shape[0] - 1])),
+                       x[[0, 3, 10, x.shape[0] - 1]])):
+        assert got.dtype == np.float64 and got.has_sorted_indices
+        assert got.shape == want.shape and (got != want).nnz == 0
+        np.testing.assert_array_equal(got.indices, sp.csr_matrix(want).indices)
+    cells = np.diff(x.indptr) > 0
+    genes = np.bincount(x.indices, minlength=x.shape[1]) > 0
+    genes[1] = False  # a gene with counts left out: its entries are dropped, columns renumbered
+    kept = f.take(cells, genes)
+    want = x[np.flatnonzero(cells)][:, np.flatnonzero(genes)]
+    assert kept.shape == want.shape and not cells.all()
+    assert (kept[0:want.shape[0]] != want).nnz == 0
+    assert (kept.take_rows(np.array([1, 4])) != want[[1, 4]]).nnz == 0
+    f.close()
+    assert not any(tmp_path.glob(".screpair-counts-*"))
+    with pytest.raises(RuntimeError, match="removed when the run that wrote it ended"):
+        kept[0:2]
+
+
+@pytest.mark.parametrize(("top", "dtype"), [(65536, np.float32), (2**24 + 1, np.float64)])
+def test_counts_file_widens_for_large_counts(top, dtype, tmp_path):
+    """A block with a count uint16 cannot hold rewrites the values written so far, once, in
+    the narrowest type that holds it; more genes than uint16 indices take int32 indices."""
+    rng = np.random.default_rng(0)
+    x = sp.random(40, 70_000, density=0.001, format="csr", random_state=1,
+                  data_rvs=lambda n: rng.integers(1, 100, n)).astype(np.float64).tolil()
+    x[30, 69_999] = top
+    x = sp.csr_matrix(x)
+    f = _chunks.CountsFile(tmp_path, *x.shape)
+    for start in range(0, 40, 9):
+        f.add(start, x[start:start + 9])
+    f.finish()
+    assert f.dtype == dtype and f.index_dtype == np.int32
+    assert (f[0:40] != x).nnz == 0
+    with pytest.raises(ValueError, match="expected row 40"):
+        f.add(3, x[3:4])
+
+
+def test_row_totals_by_blocks_equal_one_pass(monkeypatch):
+    """row_totals of a matrix in memory, taken by views of a few stored values each, equals
+    the pass over the matrix as one block, bit for bit (dense input too)."""
+    x = sp.random(57, 30, density=0.3, format="csr", random_state=1)
+    x.data = np.ceil(x.data * 50)
+    acc = _chunks.TotalsPass(*x.shape)
+    acc.add(0, x)
+    monkeypatch.setattr(_chunks, "_TOTALS_NNZ", 7)
+    for m in (x, x.toarray(), x[:0]):
+        got = _chunks.row_totals(m)
+        want = acc.result() if m.shape[0] else _chunks.RowTotals(np.zeros(0), np.zeros(30))
+        np.testing.assert_array_equal(got.library_size, want.library_size)
+        np.testing.assert_array_equal(got.norm_sum, want.norm_sum)
+
+
 def test_gene_stats_match_hvg_dispersion(source):
     src, x = source
     stats = _chunks.gene_stats(src, 13)

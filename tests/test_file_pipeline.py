@@ -142,6 +142,59 @@ def test_all_cells_fit_holds_the_counts_once(sim, tmp_path, monkeypatch):
     np.testing.assert_array_equal(back.X.toarray(), ad.X[:, chosen].toarray())
 
 
+@pytest.mark.parametrize("params", [{"steps": 2}, {"space": "log"}, {"k": "mcv"}])
+def test_knn_above_n_fit_cells_reads_the_counts_from_a_file(sim, tmp_path, caplog, monkeypatch,
+                                                            params):
+    """Above ``n_fit_cells`` knn's fit reads a sample and every cell's counts from a temporary
+    file written during the streaming pass (not held in memory): the output equals the
+    in-memory output bit for bit, with set-aside cells and genes, a count above uint16 and
+    ``hvg:N`` genes; the file is gone afterwards, and the fit never holds all counts."""
+    ad = sim.copy()
+    x = ad.X.tolil()
+    x[3:9] = 0
+    x[:, [0, 11]] = 0
+    x[20, 5] = 70_000
+    ad.X = sp.csr_matrix(x)
+    ad.X.eliminate_zeros()
+    path = tmp_path / "in.h5ad"
+    screpair.write(ad, path)
+    opts = {"k": 5, "n_pcs": 5, "n_fit_cells": 60, "k_grid": (3, 6), **params}
+    with pytest.warns(UserWarning, match="6 cell"):
+        ref = screpair.impute(ad, "knn", copy=True, genes="hvg:15", **opts)
+    read_all, seen = _file.read_all, []
+
+    def spy_read(*args, **kwargs):
+        seen.append(read_all(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(_file, "read_all", spy_read)
+    with caplog.at_level("INFO", logger="screpair"), pytest.warns(UserWarning, match="6 cell"):
+        rec = screpair.impute_file(path, tmp_path / "o.h5ad", "knn", genes="hvg:15",
+                                   chunk_rows=32, progress=False, **opts)
+    assert "every cell's counts go to a temporary file" in caplog.text
+    assert [m.shape[0] for m in seen] == [60] and rec["fit_cells_read"] == 60  # the sample
+    back = _read(tmp_path / "o.h5ad")
+    chosen = ad.var_names.isin(back.var_names)
+    np.testing.assert_array_equal(_dense(back.layers["knn"]),
+                                  _dense(ref.layers["knn"])[:, chosen])
+    np.testing.assert_array_equal(back.X.toarray(), ad.X[:, chosen].toarray())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad", "o.h5ad"]
+
+
+def test_knn_counts_file_removed_on_interrupt(sim_path, tmp_path, monkeypatch):
+    """An error or Ctrl-C during the posterior leaves neither an output nor the counts file."""
+    _, path = sim_path
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_file, "_write_blocks", stop)
+    with pytest.raises(KeyboardInterrupt):
+        screpair.impute_file(path, tmp_path / "o.h5ad", "knn", progress=False, k=5, n_pcs=5,
+                             n_fit_cells=50)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
+
+
 @pytest.mark.parametrize("genes", ["hvg:15", "chosen", ["GENE_UNUSED"]])
 def test_genes_subset(sim_path, tmp_path, genes):
     ad, path = sim_path

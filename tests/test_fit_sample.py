@@ -158,13 +158,22 @@ def test_the_fit_receives_only_the_sample(sim300, tmp_path, monkeypatch):
     np.testing.assert_array_equal(totals.norm_sum, totals_m.norm_sum)
 
 
-def test_knn_keeps_the_all_counts_path(sim300, tmp_path, caplog):
+def test_knn_all_counts_path_up_to_n_fit_cells(sim300, tmp_path, caplog):
+    """knn up to ``n_fit_cells``: all counts in memory; above: its PCA sample, and every cell's
+    counts in a temporary file next to the output (removed at the end)."""
     _, path = sim300
     with caplog.at_level("INFO", logger="screpair"):
         rec = screpair.impute_file(path, tmp_path / "o.zarr", "knn", chunk_rows=64,
                                    progress=False, k=5, n_pcs=5)
     assert rec["fit_cells_read"] is None
-    assert "fit on all cells' counts" in caplog.text and "takes no sample" in caplog.text
+    assert "fit on all cells' counts" in caplog.text and "not more than its sample" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="screpair"):
+        rec = screpair.impute_file(path, tmp_path / "s.zarr", "knn", chunk_rows=64,
+                                   progress=False, k=5, n_pcs=5, n_fit_cells=100)
+    assert rec["fit_cells_read"] == 100 and "fit on all cells' counts" not in caplog.text
+    assert f"temporary file, read back by rows: {tmp_path}" in caplog.text
+    assert not any(tmp_path.glob(".screpair-counts-*"))
 
 
 def test_sampled_fit_memory_bounded_by_the_sample(tmp_path, traced_peak, monkeypatch):

@@ -16,6 +16,7 @@ result is the same, bit for bit, as the in-memory computation on CSR counts.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -494,11 +495,27 @@ class TotalsPass:
         return RowTotals(library_size=self.lib, norm_sum=self.norm_sum)
 
 
+#: stored values per block of :func:`row_totals` (its temporaries: 16 bytes per value)
+_TOTALS_NNZ = 2**17
+
+
 def row_totals(x) -> RowTotals:
-    """The :class:`RowTotals` of validated counts ``x`` (CSR or ndarray) held in memory."""
-    x = sp.csr_matrix(x)
+    """The :class:`RowTotals` of validated counts ``x`` (CSR or ndarray) held in memory, taken
+    by blocks of rows (CSR: views of about :data:`_TOTALS_NNZ` stored values; the same sums
+    as in one block, bit for bit), so the pass holds no copy of ``x``."""
     acc = TotalsPass(*x.shape)
-    acc.add(0, x)
+    n = x.shape[0]
+    if not sp.issparse(x):
+        for start in range(0, n, DEFAULT_CHUNK_ROWS):
+            acc.add(start, sp.csr_matrix(x[start:start + DEFAULT_CHUNK_ROWS]))
+        return acc.result()
+    x = sp.csr_matrix(x)
+    cuts = np.searchsorted(x.indptr, np.arange(0, x.nnz, _TOTALS_NNZ), side="right") - 1
+    bounds = np.unique(np.concatenate([cuts, [n]]))
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        a, b = x.indptr[s], x.indptr[e]
+        acc.add(int(s), sp.csr_matrix((x.data[a:b], x.indices[a:b], x.indptr[s:e + 1] - a),
+                                      shape=(int(e - s), x.shape[1]), copy=False))
     return acc.result()
 
 
@@ -605,6 +622,163 @@ def _read_all_stacked(source: RowSource, chunk_rows: int, rows, cols, progress: 
     out = sp.csr_matrix(out, dtype=dtype)
     out.sort_indices()
     return out
+
+
+class CountsFile:
+    """Validated counts of ``n_obs`` x ``n_vars`` cells held in a temporary file on disk, read
+    back by rows: the all-cells counts of a fit that reads a sample but averages any cell's
+    counts later (``BaseImputer.reads_all_counts``: knn), which :func:`screpair.impute_file`
+    writes during its streaming pass instead of holding them in memory.
+
+    The file holds the CSR values and column indices of the consecutive blocks :meth:`add`
+    gets (values in the narrowest exact type, :func:`compact_dtype`, widened once in place when
+    a block needs it; indices uint16 up to 65,536 genes, else int32), uncompressed; the row
+    pointers (8 bytes per cell) stay in memory. :meth:`take` restricts it to the cells and
+    genes with counts (no copy); rows come back as float64 CSR with sorted indices, the
+    validated form: :meth:`rows` (consecutive rows, ``x[a:b]``, one read) and
+    :meth:`take_rows` (any sorted rows, gathered from a read-only memory map made for that
+    call and dropped after it, so the pages read do not stay in the process's memory). Memory:
+    the row pointers and the rows asked for; the file (``6``-``8`` bytes per stored count)
+    lives in ``directory`` until :meth:`close`.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], n_obs: int, n_vars: int):
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix=".screpair-counts-", dir=directory))
+        self.n_obs, self.n_vars = int(n_obs), int(n_vars)
+        self.index_dtype = np.dtype(np.uint16 if n_vars <= 2**16 else np.int32)
+        self.dtype = COMPACT_DTYPES[0][0]
+        self.indptr = np.zeros(self.n_obs + 1, dtype=np.int64)
+        self._files = {"data": open(self.dir / "data.bin", "wb"),  # noqa: SIM115 (closed
+                       "indices": open(self.dir / "indices.bin", "wb")}  # by finish / close)
+        self._next = 0
+        self._cells: np.ndarray | None = None  # file rows of the kept cells (None: all)
+        self._cols: np.ndarray | None = None  # file column -> kept column, -1 (None: all)
+        self.shape = (self.n_obs, self.n_vars)
+
+    def add(self, start: int, x: sp.csr_matrix) -> None:
+        """Append the validated CSR block ``x`` of rows ``start:start + x.shape[0]`` (blocks
+        in row order)."""
+        if start != self._next or x.shape[1] != self.n_vars:
+            msg = f"block of shape {x.shape} at row {start}: expected row {self._next}."
+            raise ValueError(msg)
+        wider = compact_dtype(x, self.dtype)
+        if wider != self.dtype:
+            self._widen(wider)
+        stop = start + x.shape[0]
+        self.indptr[start + 1:stop + 1] = self.indptr[start] + x.indptr[1:]
+        self._files["data"].write(x.data.astype(self.dtype).tobytes())
+        self._files["indices"].write(x.indices.astype(self.index_dtype).tobytes())
+        self._next = stop
+
+    def _widen(self, dtype: np.dtype) -> None:
+        """Rewrite the values written so far as ``dtype``, by pieces."""
+        old = self._files["data"]
+        old.close()
+        src, dst = self.dir / "data.bin", self.dir / "data.wide"
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            while piece := f.read(self.dtype.itemsize * 2**22):
+                g.write(np.frombuffer(piece, dtype=self.dtype).astype(dtype).tobytes())
+        os.replace(dst, src)
+        self._files["data"] = open(src, "ab")  # noqa: SIM115 (closed by finish / close)
+        self.dtype = np.dtype(dtype)
+
+    def finish(self) -> CountsFile:
+        """Close the file for writing once every row was added; the counts are then read."""
+        if self._next != self.n_obs:
+            msg = f"{self._next} of {self.n_obs} rows were added."
+            raise ValueError(msg)
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+        return self
+
+    def take(self, cells: np.ndarray, genes: np.ndarray) -> CountsFile:
+        """The same file seen as the cells and genes of these masks only (the file's row and
+        column numbers mapped to the kept ones; no copy)."""
+        view = copy.copy(self)
+        if not cells.all():
+            view._cells = np.flatnonzero(cells)
+        if not genes.all():
+            view._cols = np.full(self.n_vars, -1, dtype=np.int64)
+            view._cols[genes] = np.arange(int(genes.sum()))
+        view.shape = (int(cells.sum()), int(genes.sum()))
+        return view
+
+    @property
+    def nnz(self) -> int:
+        return int(self.indptr[-1])
+
+    def _check_open(self) -> None:
+        if self._files or not (self.dir / "data.bin").exists():
+            msg = ("these counts are not readable: their temporary file is still being "
+                   "written, or was removed when the run that wrote it ended; fit again.")
+            raise RuntimeError(msg)
+
+    def rows(self, start: int, stop: int) -> sp.csr_matrix:
+        """Rows ``start:stop`` (kept rows) as float64 CSR with sorted indices."""
+        if self._cells is not None:
+            return self.take_rows(np.arange(start, stop))
+        self._check_open()
+        a, b = int(self.indptr[start]), int(self.indptr[stop])
+        data = np.fromfile(self.dir / "data.bin", dtype=self.dtype, count=b - a,
+                           offset=a * self.dtype.itemsize)
+        indices = np.fromfile(self.dir / "indices.bin", dtype=self.index_dtype, count=b - a,
+                              offset=a * self.index_dtype.itemsize)
+        return self._csr(data, indices, self.indptr[start:stop + 1] - a)
+
+    def take_rows(self, rows: np.ndarray) -> sp.csr_matrix:
+        """The kept rows ``rows`` (sorted) as float64 CSR with sorted indices."""
+        self._check_open()
+        file_rows = np.asarray(rows, dtype=np.int64)
+        if self._cells is not None:
+            file_rows = self._cells[file_rows]
+        starts, lens = self.indptr[file_rows], np.diff(self.indptr)[file_rows]
+        indptr = np.zeros(file_rows.size + 1, dtype=np.int64)
+        np.cumsum(lens, out=indptr[1:])
+        pos = np.repeat(starts - indptr[:-1], lens) + np.arange(indptr[-1])
+        out = []
+        for name, dtype in (("data", self.dtype), ("indices", self.index_dtype)):
+            if self.nnz == 0:
+                out.append(np.zeros(0, dtype=dtype))
+                continue
+            mm = np.memmap(self.dir / f"{name}.bin", dtype=dtype, mode="r", shape=(self.nnz,))
+            out.append(np.array(mm[pos]))
+            del mm  # unmapped: the pages read leave this process's resident memory
+        return self._csr(out[0], out[1], indptr)
+
+    def __getitem__(self, key):
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            msg = "a CountsFile is read by slices of consecutive rows or by take_rows."
+            raise TypeError(msg)
+        start, stop, _ = key.indices(self.shape[0])
+        return self.rows(start, max(start, stop))
+
+    def _csr(self, data, indices, indptr) -> sp.csr_matrix:
+        indices = indices.astype(np.int32 if self.n_vars < 2**31 else np.int64)
+        if self._cols is not None:  # the kept genes only, renumbered (sorted order kept)
+            cols = self._cols[indices]
+            keep = cols >= 0
+            n_rows = indptr.size - 1
+            per_row = np.bincount(np.repeat(np.arange(n_rows), np.diff(indptr))[keep],
+                                  minlength=n_rows)
+            indptr = np.zeros_like(indptr)
+            np.cumsum(per_row, out=indptr[1:])
+            data, indices = data[keep], cols[keep].astype(indices.dtype)
+        out = sp.csr_matrix((data.astype(np.float64), indices, indptr),
+                            shape=(indptr.size - 1, self.shape[1]))
+        out.has_sorted_indices = True  # every block added was
+        return out
+
+    def close(self) -> None:
+        """Remove the file (the counts are not readable afterwards)."""
+        import shutil
+
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------- writing

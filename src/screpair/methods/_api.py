@@ -237,18 +237,20 @@ class _Job:
 
     @classmethod
     def from_sample(cls, est: BaseImputer, x, sample: np.ndarray, totals, *, cells: np.ndarray,
-                    genes: np.ndarray, obs, var, names) -> _Job:
+                    genes: np.ndarray, obs, var, names, counts=None) -> _Job:
         """The job of a template estimator whose fit reads only the kept cells ``sample``
         (:meth:`BaseImputer._fit_rows`), ``x`` their validated counts of the kept genes and
         ``totals`` the :class:`~screpair._chunks.RowTotals` of all kept cells: the context is
-        the one :meth:`prepare` builds, plus ``sample`` and ``totals``, so the fit is the one
+        the one :meth:`prepare` builds, plus ``sample``, ``totals`` and ``counts`` (all kept
+        cells' counts read by rows, for ``reads_all_counts``), so the fit is the one
         ``prepare``'s job makes from all counts in memory."""
         rows, cols = np.flatnonzero(cells), np.flatnonzero(genes)
         obs = obs.iloc[rows].copy()
         var = var.iloc[cols].copy()
         var.index = names[genes]
         ctx = DataContext(var_names=var.index, obs=obs, var=var, layers={}, n_obs=rows.size,
-                          rows=slice(0, rows.size), sample=sample, totals=totals)
+                          rows=slice(0, rows.size), sample=sample, totals=totals,
+                          counts=counts)
         return cls(est, x, ctx, cells, genes, rows, sample=sample)
 
     @classmethod
@@ -288,7 +290,7 @@ class _Job:
         if self.ctx is not None:
             self.est._fit_validated(self.x, self.ctx)
             if self.sample is not None:  # the posterior's contexts: blocks of all kept cells
-                self.ctx = replace(self.ctx, sample=None, totals=None)
+                self.ctx = replace(self.ctx, sample=None, totals=None, counts=None)
         else:  # an estimator with its own public fit / posterior validates an AnnData itself
             self.est.fit(self.sub)
         return self

@@ -70,6 +70,11 @@ class DataContext:
         With ``sample``: the :class:`screpair._chunks.RowTotals` of all ``n_obs`` cells
         (library sizes; per-gene sums of the library-normalized counts), from a streaming pass
         (:func:`screpair.impute_file`) or from the whole matrix in memory, the same numbers.
+    counts
+        With ``sample``, for a method with ``reads_all_counts``: the validated counts of all
+        ``n_obs`` cells, read by rows (``counts[a:b]``, :func:`take_rows`): the whole matrix
+        in memory, or from :func:`screpair.impute_file` a
+        :class:`screpair._chunks.CountsFile` on disk. ``None`` otherwise.
     """
 
     var_names: pd.Index
@@ -81,6 +86,7 @@ class DataContext:
     named: bool = True
     sample: np.ndarray | None = None
     totals: Any = None
+    counts: Any = None
 
 
 def data_context(data: Data, x) -> DataContext:
@@ -144,7 +150,9 @@ def moved_params_error(cls: type, params: Mapping[str, Any]) -> TypeError | None
 
 def take_rows(x, rows: np.ndarray):
     """The rows ``rows`` of validated counts ``x``, validated form kept (CSR with sorted
-    indices, or a C-ordered ndarray)."""
+    indices, or a C-ordered ndarray; from a :class:`screpair._chunks.CountsFile`: CSR)."""
+    if hasattr(x, "take_rows"):  # a CountsFile
+        return x.take_rows(rows)
     if sp.issparse(x):
         sub = sp.csr_matrix(x[rows])
         sub.sort_indices()
@@ -169,7 +177,8 @@ class BaseImputer(BaseEstimator):
         methods, ``n_obs_``). ``x`` holds every cell of the data set (``ctx.n_obs``), unless
         the method's ``_fit_rows(n)`` asked for a sample of rows: ``x`` then holds only those
         (``ctx.sample``), and ``ctx.totals`` the library sizes and gene sums of all cells;
-        :func:`screpair.impute_file` then reads only those rows from the file.
+        :func:`screpair.impute_file` then reads only those rows from the file (and, for a
+        method with ``reads_all_counts``, gives every cell's counts as ``ctx.counts``).
     ``_posterior(x, ctx) -> Posterior``
         The same kind of ``x``: the rows ``ctx.rows`` of a data set of ``ctx.n_obs`` cells with
         the fitted genes. :func:`screpair.impute` calls it once with all rows;
@@ -198,6 +207,10 @@ class BaseImputer(BaseEstimator):
     #: or float32 values), converting the rows they compute with to float64; where the fit reads
     #: all cells, :func:`screpair.impute_file` then holds them so (6 bytes per stored count)
     compact_counts: ClassVar[bool] = False
+    #: a fit on a sample (``_fit_rows``) that still reads any cell's counts, from ``ctx.counts``
+    #: (knn averages neighbours' counts): :func:`screpair.impute_file` then keeps all cells'
+    #: counts in a temporary file (:class:`screpair._chunks.CountsFile`), not in memory
+    reads_all_counts: ClassVar[bool] = False
     #: keyword arguments of ``get_counts`` for the data of ``fit`` / ``posterior``
     _fit_checks: ClassVar[dict[str, Any]] = {}
     _posterior_checks: ClassVar[dict[str, Any]] = {"warn_empty": False}
@@ -293,7 +306,8 @@ class BaseImputer(BaseEstimator):
             if rows is not None:
                 from .._chunks import row_totals
 
-                ctx = replace(ctx, sample=rows, totals=row_totals(x))
+                ctx = replace(ctx, sample=rows, totals=row_totals(x),
+                              counts=x if self.reads_all_counts else None)
                 x = take_rows(x, rows)
         self._fit(x, ctx)
         self.var_names_ = ctx.var_names

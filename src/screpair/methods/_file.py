@@ -22,6 +22,7 @@ from anndata import AnnData
 from .._chunks import (
     DEFAULT_CHUNK_ROWS,
     ROW_MULTIPLE,
+    CountsFile,
     TotalsPass,
     as_float64,
     check_chunk_rows,
@@ -289,148 +290,157 @@ def impute_file(
     if store_format(src_path) and transpose is not None:
         msg = "transpose= applies to text input only."
         raise ValueError(msg)
-    data = src_path if store_format(src_path) else read(src_path, transpose=transpose)
-    source = open_rows(data, layer)
-    with source, contextlib.ExitStack() as stack:
-        names = _names(source.var)
-        var = source.var.set_axis(names)
-        spec = check_genes(spec, var, names)
-        _check_free(element_keys(data), est, key, layer, overwrite)  # carried-over slots
-        n_obs, n_vars = source.shape
-        rows = chunk_rows or default_chunk_rows(n_vars, budget)
-        _check_batch_rows(est, rows, n_obs)
-        logger.info(
-            "chunked path: %d cells x %d genes in blocks of %d cells; budget %s "
-            "(in memory would need about %s)",
-            n_obs, n_vars, rows, format_bytes(budget),
-            format_bytes(in_memory_bytes(n_obs, n_vars, source.nnz())))
-        other = None if extra is None else open_rows(data, extra)  # exists? before the work
-        if other is not None:
-            stack.callback(other.close)
-        if other is not None and other.shape != source.shape:
-            msg = f"layer {extra!r} has shape {other.shape}, the counts {source.shape}."
-            raise ValueError(msg)
-        job, x = None, None
-        why = _fit_path(est, n_obs, extra_layer=other is not None)
-        if why is None:  # the fit reads a sample of rows: only those are held
-            totals = None
-            if client is not None:  # the streaming pass by the workers, from the store
-                def totals():
-                    from ._dask import row_totals
+    # the temporary counts file of a fit that reads a sample but every cell's counts (knn)
+    # is removed at the end, an error or Ctrl-C included
+    with contextlib.ExitStack() as cleanup:
+        data = src_path if store_format(src_path) else read(src_path, transpose=transpose)
+        source = open_rows(data, layer)
+        with source, contextlib.ExitStack() as stack:
+            names = _names(source.var)
+            var = source.var.set_axis(names)
+            spec = check_genes(spec, var, names)
+            _check_free(element_keys(data), est, key, layer, overwrite)  # carried-over slots
+            n_obs, n_vars = source.shape
+            rows = chunk_rows or default_chunk_rows(n_vars, budget)
+            _check_batch_rows(est, rows, n_obs)
+            logger.info(
+                "chunked path: %d cells x %d genes in blocks of %d cells; budget %s "
+                "(in memory would need about %s)",
+                n_obs, n_vars, rows, format_bytes(budget),
+                format_bytes(in_memory_bytes(n_obs, n_vars, source.nnz())))
+            other = None if extra is None else open_rows(data, extra)  # exists? before the work
+            if other is not None:
+                stack.callback(other.close)
+            if other is not None and other.shape != source.shape:
+                msg = f"layer {extra!r} has shape {other.shape}, the counts {source.shape}."
+                raise ValueError(msg)
+            job, x = None, None
+            why = _fit_path(est, n_obs, extra_layer=other is not None,
+                            client=client is not None)
+            if why is None:  # the fit reads a sample of rows: only those are held
+                totals = None
+                if client is not None:  # the streaming pass by the workers, from the store
+                    def totals():
+                        from ._dask import row_totals
 
-                    return row_totals(client, src_path, layer, n_obs, n_vars, rows,
-                                      progress=progress)
-            job = _sample_job(est, source, rows, names, progress, totals)
+                        return row_totals(client, src_path, layer, n_obs, n_vars, rows,
+                                          progress=progress)
+                job = _sample_job(est, source, rows, names, progress, totals,
+                                  spill=(out.parent, cleanup))
+                if job is None:
+                    why = (f"{est.name!r} reads every cell: the cells with counts are not more "
+                           "than its sample size")
             if job is None:
-                why = (f"{est.name!r} reads every cell: the cells with counts are not more "
-                       "than its sample size")
-        if job is None:
-            compact = bool(est.compact_counts)
-            logger.info("fit on all cells' counts, held in memory as sparse CSR (%s%s): %s",
-                        format_bytes(source.nbytes_sparse(compact=compact)),
-                        ", values in the narrowest exact type" if compact else "", why)
-            with log_task(f"reading '{src_path.name}' by blocks of {rows} cells", logger):
-                x = read_all(source, rows, progress=progress, compact=compact)
-            layers = {}
-            if other is not None:  # read as stored, in memory (the method needs all of it)
-                with other:
-                    layers[extra] = read_stored(other, rows)
-            job = _Job.prepare(est, x, obs=source.obs, var=source.var, names=names,
-                               layers=layers, owned=True)
-            if job.x is not x:  # cells or genes without counts: x is spent (held once, in
-                x = None        # the job); the output's X and the gene statistics: the store
-        obs = source.obs
-    if not (job.cells.all() and job.genes.all()):
-        warnings.warn(
-            f"{int((~job.cells).sum())} cell(s) and {int((~job.genes).sum())} gene(s) have no "
-            "counts; they are set aside and returned unchanged.", UserWarning, stacklevel=2)
-    if client is None and x is not None:
-        def stats():
-            return gene_stats(open_rows(x, validated=True), rows)
-    elif client is None:  # not all counts in memory as read: the pass reads the store
-        def stats():
-            with open_rows(data, layer) as again:
-                return gene_stats(again, rows, progress=progress)
-    else:  # the same pass by the workers, each reading its blocks from the store
-        def stats():
-            from ._dask import gene_stats as dask_gene_stats
-
-            return dask_gene_stats(client, src_path, layer, n_obs, n_vars, rows,
-                                   progress=progress)
-    with log_task("selecting the output genes", logger):
-        mask = select_genes(spec, var, names, stats)
-    out_cols = np.flatnonzero(mask)
-
-    start = time.perf_counter()
-    n_sub, g_sub = job.x.shape
-    mapper = None
-    if client is not None:
-        from ._dask import map_on_cluster as mapper
-    with log_task(f"fitting {est.name!r} on {n_sub} cells x {g_sub} genes", logger), \
-            on_cluster(client, mapper):  # the fit's block maps on the workers (a client given)
-        job.fit()
-    post_all = None
-    if not job.by_rows:
-        logger.warning(
-            "%s: the posterior needs all cells at once (posterior_by_rows is False); it is "
-            "computed in one piece and only written by blocks: memory not bounded by chunk_rows",
-            est.name)
-        with log_task(f"posterior of {est.name!r} for all cells", logger):
-            post_all = job.posterior()
-
-    out_var = source.var.iloc[out_cols].copy()
-    out_var.index = names[out_cols]
-    record = {}
-    with stream_store(out, obs=obs, var=out_var, chunk_rows=rows) as w, \
-            log_task(f"posterior and writing by blocks of {rows} cells -> '{out}'", logger):
+                compact = bool(est.compact_counts)
+                logger.info("fit on all cells' counts, held in memory as sparse CSR (%s%s): %s",
+                            format_bytes(source.nbytes_sparse(compact=compact)),
+                            ", values in the narrowest exact type" if compact else "", why)
+                with log_task(f"reading '{src_path.name}' by blocks of {rows} cells", logger):
+                    x = read_all(source, rows, progress=progress, compact=compact)
+                layers = {}
+                if other is not None:  # read as stored, in memory (the method needs all of it)
+                    with other:
+                        layers[extra] = read_stored(other, rows)
+                job = _Job.prepare(est, x, obs=source.obs, var=source.var, names=names,
+                                   layers=layers, owned=True)
+                if job.x is not x:  # cells or genes without counts: x is spent (held once, in
+                    x = None        # the job); the output's X and the gene statistics: the store
+            obs = source.obs
+        if not (job.cells.all() and job.genes.all()):
+            warnings.warn(
+                f"{int((~job.cells).sum())} cell(s) and {int((~job.genes).sum())} gene(s) have no "
+                "counts; they are set aside and returned unchanged.", UserWarning, stacklevel=2)
         if client is None and x is not None:
-            _write_blocks(w, job, _slices(x, rows), n_obs, post_all, key, out_cols, rows,
-                          progress)
-        elif client is None:  # each block read from the store again, validated, imputed
-            with open_rows(data, layer) as again:
-                _write_blocks(w, job, again.blocks(rows), n_obs, post_all, key, out_cols, rows,
-                              progress)
-        else:
-            from ._dask import write_blocks
+            def stats():
+                return gene_stats(open_rows(x, validated=True), rows)
+        elif client is None:  # not all counts in memory as read: the pass reads the store
+            def stats():
+                with open_rows(data, layer) as again:
+                    return gene_stats(again, rows, progress=progress)
+        else:  # the same pass by the workers, each reading its blocks from the store
+            def stats():
+                from ._dask import gene_stats as dask_gene_stats
 
-            dask_info = write_blocks(client, w, job, src_path, layer, key, out_cols, rows,
-                                     progress)
-        seconds = time.perf_counter() - start
-        record = {
-            "method": est.name,
-            "params": jsonable(est.get_params(deep=False)),
-            "layer": jsonable(layer),
-            "version": __version__,
-            "seconds": float(seconds),
-            "n_cells_set_aside": int((~job.cells).sum()),
-            "n_genes_set_aside": int((~job.genes).sum()),
-            "chunk_rows": int(rows),
-            "posterior_by_rows": bool(job.by_rows),
-            "fit_cells_read": None if job.sample is None else int(job.sample.size),
-            "input": str(src_path),
-        }
+                return dask_gene_stats(client, src_path, layer, n_obs, n_vars, rows,
+                                       progress=progress)
+        with log_task("selecting the output genes", logger):
+            mask = select_genes(spec, var, names, stats)
+        out_cols = np.flatnonzero(mask)
+
+        start = time.perf_counter()
+        n_sub, g_sub = job.x.shape
+        mapper = None
         if client is not None:
-            record["dask"] = dask_info
-        if spec is not None:
-            record["genes"] = spec.text
-            record["n_genes_imputed"] = int(mask.sum())
-        w.uns[key] = record
-        copy_other_elements(data, w, cols=None if len(out_cols) == n_vars else out_cols,
-                            skip_layers=w.layer_names(), skip_uns={key}, chunk_rows=rows,
-                            progress=progress)
-    logger.info("impute_file: %d cells x %d genes -> '%s' (%.1f s in all)", n_obs, len(out_cols),
-                out, time.perf_counter() - start_all)
-    return record
+            from ._dask import map_on_cluster as mapper
+        with log_task(f"fitting {est.name!r} on {n_sub} cells x {g_sub} genes", logger), \
+                on_cluster(client, mapper):  # the fit's block maps on the workers (a client given)
+            job.fit()
+        post_all = None
+        if not job.by_rows:
+            logger.warning(
+                "%s: the posterior needs all cells at once (posterior_by_rows is False); it is "
+                "computed in one piece and only written by blocks: memory not bounded by chunk_rows",
+                est.name)
+            with log_task(f"posterior of {est.name!r} for all cells", logger):
+                post_all = job.posterior()
+
+        out_var = source.var.iloc[out_cols].copy()
+        out_var.index = names[out_cols]
+        record = {}
+        with stream_store(out, obs=obs, var=out_var, chunk_rows=rows) as w, \
+                log_task(f"posterior and writing by blocks of {rows} cells -> '{out}'", logger):
+            if client is None and x is not None:
+                _write_blocks(w, job, _slices(x, rows), n_obs, post_all, key, out_cols, rows,
+                              progress)
+            elif client is None:  # each block read from the store again, validated, imputed
+                with open_rows(data, layer) as again:
+                    _write_blocks(w, job, again.blocks(rows), n_obs, post_all, key, out_cols, rows,
+                                  progress)
+            else:
+                from ._dask import write_blocks
+
+                dask_info = write_blocks(client, w, job, src_path, layer, key, out_cols, rows,
+                                         progress)
+            seconds = time.perf_counter() - start
+            record = {
+                "method": est.name,
+                "params": jsonable(est.get_params(deep=False)),
+                "layer": jsonable(layer),
+                "version": __version__,
+                "seconds": float(seconds),
+                "n_cells_set_aside": int((~job.cells).sum()),
+                "n_genes_set_aside": int((~job.genes).sum()),
+                "chunk_rows": int(rows),
+                "posterior_by_rows": bool(job.by_rows),
+                "fit_cells_read": None if job.sample is None else int(job.sample.size),
+                "input": str(src_path),
+            }
+            if client is not None:
+                record["dask"] = dask_info
+            if spec is not None:
+                record["genes"] = spec.text
+                record["n_genes_imputed"] = int(mask.sum())
+            w.uns[key] = record
+            copy_other_elements(data, w, cols=None if len(out_cols) == n_vars else out_cols,
+                                skip_layers=w.layer_names(), skip_uns={key}, chunk_rows=rows,
+                                progress=progress)
+        logger.info("impute_file: %d cells x %d genes -> '%s' (%.1f s in all)", n_obs, len(out_cols),
+                    out, time.perf_counter() - start_all)
+        return record
 
 
-def _fit_path(est: BaseImputer, n_obs: int, *, extra_layer: bool) -> str | None:
+def _fit_path(est: BaseImputer, n_obs: int, *, extra_layer: bool,
+              client: bool = False) -> str | None:
     """``None`` when the fit of ``est`` on ``n_obs`` cells reads only a sample of them
     (:meth:`BaseImputer._fit_rows`), which :func:`impute_file` then reads alone; else why the
-    fit needs all cells' counts in memory."""
+    fit needs all cells' counts in memory. ``client``: a Dask client runs the posterior."""
     if not est._is_template():
         return f"{est.name!r} validates and fits an AnnData itself (its own public fit)"
     if extra_layer:
         return f"{est.name!r} reads the layer {est.dropout_layer!r} of every cell"
+    if client and est.reads_all_counts:
+        return (f"{est.name!r} averages any cell's counts, which the Dask workers of its "
+                "posterior get from memory")
     if type(est)._fit_rows is BaseImputer._fit_rows:
         return (f"{est.name!r} fits on every cell (it takes no sample of rows"
                 f"{'; transductive' if est.transductive else ''})")
@@ -440,21 +450,33 @@ def _fit_path(est: BaseImputer, n_obs: int, *, extra_layer: bool) -> str | None:
 
 
 def _sample_job(est: BaseImputer, source, rows: int, names: pd.Index,
-                progress: bool, totals=None) -> _Job | None:
+                progress: bool, totals=None, spill=None) -> _Job | None:
     """The job of a fit on a sample of rows: one streaming pass over ``source`` (which cells
     and genes have counts, and the :class:`~screpair._chunks.RowTotals` of all cells), then
     the sample's rows alone read and validated (their genes with counts; checked for rounded
     normalized values as :func:`screpair.impute` checks the whole matrix). ``None`` when the
     cells with counts are too few for a sample (the fit then reads every cell). ``totals``:
     a callable returning the pass's :class:`~screpair._chunks.TotalsPass` when another takes
-    it (the workers of a Dask client, :func:`screpair.methods._dask.row_totals`)."""
+    it (the workers of a Dask client, :func:`screpair.methods._dask.row_totals`).
+
+    For a method with ``reads_all_counts`` (knn) the pass also writes every block into a
+    :class:`~screpair._chunks.CountsFile` in the folder ``spill[0]`` (the output's), closed
+    (removed) by the ``contextlib.ExitStack`` ``spill[1]``; the fit gets it as ``ctx.counts``."""
     n_obs, n_vars = source.shape
+    counts = None
     if totals is not None:  # the same pass elsewhere (a Dask cluster's workers)
         acc = totals()
     else:
         acc = TotalsPass(n_obs, n_vars)
+        if est.reads_all_counts and est._fit_rows(n_obs) is not None:
+            counts = CountsFile(spill[0], n_obs, n_vars)
+            spill[1].callback(counts.close)
+            logger.info("every cell's counts go to a temporary file, read back by rows: %s "
+                        "(removed at the end)", counts.dir)
         for s, _, xb in source.blocks(rows, progress=progress, desc="counting cells and genes"):
             acc.add(s, xb)
+            if counts is not None:
+                counts.add(s, xb)
     cells, genes = acc.cells, acc.genes
     if not cells.any():
         where = f"layer {source.layer!r}" if source.layer is not None else "the count matrix"
@@ -463,6 +485,8 @@ def _sample_job(est: BaseImputer, source, rows: int, names: pd.Index,
     kept = np.flatnonzero(cells)
     sample = est._fit_rows(kept.size)
     if sample is None:
+        if counts is not None:
+            counts.close()
         return None
     logger.info("fit on a sample of rows: %s reads %d of the %d cells with counts, read "
                 "again from the store (the posterior reads every block again)", est.name,
@@ -471,7 +495,8 @@ def _sample_job(est: BaseImputer, source, rows: int, names: pd.Index,
         x = read_all(source, rows, rows=kept[sample], cols=np.flatnonzero(genes),
                      progress=progress)
     return _Job.from_sample(est, x, sample, acc.result().take(cells, genes), cells=cells,
-                            genes=genes, obs=source.obs, var=source.var, names=names)
+                            genes=genes, obs=source.obs, var=source.var, names=names,
+                            counts=None if counts is None else counts.finish().take(cells, genes))
 
 
 def _check_free(taken: dict, est: BaseImputer, key: str, layer: str | None,

@@ -11,7 +11,14 @@ from .. import _norm
 from .._chunks import as_float64
 from .._logging import get_logger
 from .._utils import RNGLike, as_rng, check_sample_size
-from ._base import BaseImputer, DataContext, Posterior, draw_sample, take_rows
+from ._base import (
+    BaseImputer,
+    DataContext,
+    Posterior,
+    draw_sample,
+    sample_rows,
+    take_rows,
+)
 
 logger = get_logger(__name__)
 
@@ -219,13 +226,15 @@ def _stack(blocks: list):
 
 
 def _neighbors_of(x, k: int, n_pcs: int, *, seed: int, exact_max_cells: int,
-                  sample: np.ndarray | None = None) -> np.ndarray:
+                  sample: np.ndarray | None = None, sample_counts=None) -> np.ndarray:
     """Each cell's ``k`` nearest cells in the centred PCA of log1p(CP10k) of ``x``.
 
     ``sample`` (sorted rows of ``x``): the PCA axes and centring mean are fitted on those rows
-    only and every cell's scores are the projection of its log1p(CP10k) row on them, computed
-    by blocks of :data:`_PROJECT_ROWS` rows; memory is the sample's log values, one block's and
-    the ``cells x n_pcs`` scores, never a log copy of all cells."""
+    only (their counts ``sample_counts`` when given, else taken from ``x``) and every cell's
+    scores are the projection of its log1p(CP10k) row on them, computed by blocks of
+    :data:`_PROJECT_ROWS` rows (``x`` may be a :class:`screpair._chunks.CountsFile`); memory
+    is the sample's log values, one block's and the ``cells x n_pcs`` scores, never a log copy
+    of all cells."""
     if sample is None or x.shape[1] < 2:
         lg = _norm.log_normalize(as_float64(x), _norm.CP10K)
         n_pcs = max(1, min(int(n_pcs), min(x.shape) - 1))
@@ -236,7 +245,10 @@ def _neighbors_of(x, k: int, n_pcs: int, *, seed: int, exact_max_cells: int,
             pcs = lg - lg.mean(axis=0)
     else:
         n_pcs = max(1, min(int(n_pcs), min(sample.size, x.shape[1]) - 1))
-        lg = _stack([_norm.log_normalize(as_float64(take_rows(x, sample[r])), _norm.CP10K)
+        def rows(r):
+            return take_rows(x, sample[r]) if sample_counts is None else sample_counts[r]
+
+        lg = _stack([_norm.log_normalize(as_float64(rows(r)), _norm.CP10K)
                      for r in _row_blocks(sample.size, _PROJECT_ROWS)])
         mean, components = pca_components(lg, n_pcs, seed=seed)
         del lg
@@ -451,6 +463,7 @@ class KNNImputer(BaseImputer):
     name = "knn"
     transductive = True
     compact_counts = True
+    reads_all_counts = True
 
     def __init__(self, *, k: int | str = 15, n_pcs: int = 30, steps: int = 1,
                  space: str = "counts", k_grid=MCV_K_GRID, mcv_loss: str = "mse",
@@ -495,8 +508,9 @@ class KNNImputer(BaseImputer):
 
         n = x.shape[0]
         ks = sorted({min(int(k), n) for k in self.k_grid})
+        whole = x[0:n] if hasattr(x, "take_rows") else sp.csr_matrix(x)  # a CountsFile: read
         train, test = (sp.csr_matrix(half.X, dtype=np.float64) for half in mcv_split(
-            AnnData(X=as_float64(sp.csr_matrix(x))), train_frac=float(self.mcv_train_frac), rng=rng))
+            AnnData(X=as_float64(whole)), train_frac=float(self.mcv_train_frac), rng=rng))
         idx = _neighbors_of(train, max(ks), self.n_pcs, seed=seed,
                             exact_max_cells=int(self.exact_max_cells), sample=self.fit_cells_)
         losses = mcv_losses(train, test, idx, ks, space=self.space, steps=int(self.steps),
@@ -505,25 +519,38 @@ class KNNImputer(BaseImputer):
                     ", ".join(f"k={k}: {v:.4g}" for k, v in losses.items()))
         return losses
 
+    def _fit_rows(self, n: int) -> np.ndarray | None:
+        """The ``n_fit_cells`` sample of ``n`` cells (drawn first from ``rng``) the PCA axes
+        are fitted on, or ``None``; every cell's counts still come as ``ctx.counts``."""
+        return sample_rows(self.rng, n, self.n_fit_cells)
+
     def _fit(self, x, ctx: DataContext) -> None:
         rng = as_rng(self.rng)
+        n = ctx.n_obs
         # drawn first, and only above n_fit_cells: below it rng and the output are as before
-        self.fit_cells_ = draw_sample(rng, x.shape[0], self.n_fit_cells, ctx)
+        self.fit_cells_ = draw_sample(rng, n, self.n_fit_cells, ctx)
+        counts, sample_counts = x, None
+        if ctx.sample is not None:  # x: the sample's rows; every cell's: ctx.counts
+            if ctx.counts is None:
+                msg = "KNNImputer: a fit on a sample of rows needs every cell's ctx.counts."
+                raise ValueError(msg)
+            counts, sample_counts = ctx.counts, x
         if self.fit_cells_ is not None:
             logger.info("kNN: PCA axes fitted on %d of %d cells (n_fit_cells); every cell "
-                        "projected on them", self.fit_cells_.size, x.shape[0])
+                        "projected on them", self.fit_cells_.size, n)
         seed = int(rng.integers(2**31))
         if self.k == "mcv":
-            self.mcv_losses_ = self._calibrate(x, rng, seed)
+            self.mcv_losses_ = self._calibrate(counts, rng, seed)
             self.k_ = min(self.mcv_losses_, key=self.mcv_losses_.get)
         else:
             self.mcv_losses_ = None
-            self.k_ = min(int(self.k), x.shape[0])
-        self.neighbors_ = _neighbors_of(x, self.k_, self.n_pcs, seed=seed,
+            self.k_ = min(int(self.k), n)
+        self.neighbors_ = _neighbors_of(counts, self.k_, self.n_pcs, seed=seed,
                                         exact_max_cells=int(self.exact_max_cells),
-                                        sample=self.fit_cells_)
-        self.counts_ = x  # a reference: the posterior averages rows of it
-        self.library_size_ = _norm.library_size(x)
+                                        sample=self.fit_cells_, sample_counts=sample_counts)
+        self.counts_ = counts  # a reference: the posterior averages rows of it
+        self.library_size_ = (_norm.library_size(x) if ctx.sample is None
+                              else ctx.totals.library_size)
 
     def _posterior(self, x, ctx: DataContext) -> Posterior:
         # the block's rows of W^steps only: never W, a cells x k x genes array or a normalized
